@@ -1,0 +1,12 @@
+// Python module molrg_ext._C. Importing it loads this shared library, which registers the
+// torch.ops.molrg.* operators; the module itself only reports how the library was built.
+#include <pybind11/pybind11.h>
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "molrg_ext native operators (registered as torch.ops.molrg.*)";
+#ifdef MOLRG_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+}

@@ -1,0 +1,84 @@
+// Input validation shared by the CPU and CUDA bindings. Every message names the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <vector>
+
+namespace molrg {
+
+inline void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                       const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device());
+}
+
+inline void check_contig(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* op,
+                        const char* name) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+}
+
+inline void check_finite(const at::Tensor& t, const char* op, const char* name) {
+  if (t.numel() == 0) return;
+  TORCH_CHECK(at::isfinite(t).all().item<bool>(), op, ": ", name,
+              " contains NaN or Inf values");
+}
+
+// Sizes of a denoiser call; dims converted to int32 for the kernels.
+struct DaeSizes {
+  int64_t P, B, n, K, dm;
+  std::vector<int32_t> dims;
+};
+
+inline DaeSizes check_dae_xU(const at::Tensor& x, const at::Tensor& U, at::IntArrayRef dims,
+                             const char* op) {
+  check_float(x, op, "x");
+  check_like(U, x, op, "U", "x");
+  TORCH_CHECK(x.dim() == 3, op, ": x must be [P, B, n], got shape ", x.sizes());
+  TORCH_CHECK(U.dim() == 4, op, ": U must be [P, K, n, dmax], got shape ", U.sizes());
+  check_contig(x, op, "x");
+  check_contig(U, op, "U");
+  DaeSizes s{x.size(0), x.size(1), x.size(2), U.size(1), U.size(3), {}};
+  TORCH_CHECK(U.size(0) == s.P, op, ": U has ", U.size(0), " instances but x has ", s.P);
+  TORCH_CHECK(U.size(2) == s.n, op, ": U has n = ", U.size(2), " rows but x has n = ", s.n);
+  TORCH_CHECK(s.K > 0, op, ": U must hold at least one subspace (K = 0)");
+  TORCH_CHECK(s.dm > 0, op, ": U must have at least one column (dmax = 0)");
+  TORCH_CHECK((int64_t)dims.size() == s.K, op, ": dims must have K = ", s.K, " entries, got ",
+              dims.size());
+  s.dims.resize(s.K);
+  for (int64_t k = 0; k < s.K; ++k) {
+    TORCH_CHECK(dims[k] >= 1 && dims[k] <= s.dm, op, ": dims[", k, "] = ", dims[k],
+                " must be in [1, dmax = ", s.dm, "]");
+    TORCH_CHECK(dims[k] <= s.n, op, ": dims[", k, "] = ", dims[k], " exceeds n = ", s.n);
+    s.dims[k] = static_cast<int32_t>(dims[k]);
+  }
+  TORCH_CHECK(s.n <= INT32_MAX && s.dm <= INT32_MAX && s.K <= INT32_MAX, op,
+              ": sizes too large");
+  return s;
+}
+
+inline void check_dae_scales(const at::Tensor& c, const at::Tensor& phi, const DaeSizes& s,
+                             const at::Tensor& x, const char* op) {
+  check_like(c, x, op, "c", "x");
+  check_like(phi, x, op, "phi", "x");
+  check_shape(c, {s.P, s.B}, op, "c");
+  check_shape(phi, {s.P, s.B}, op, "phi");
+  check_contig(c, op, "c");
+  check_contig(phi, op, "phi");
+}
+
+}  // namespace molrg

@@ -1,0 +1,199 @@
+// CPU implementation of molrg::subspace_dae, subspace_dae_backward and hard_assign.
+// The math is in kernels/subspace_dae.h; this file validates, allocates and parallelises over
+// samples with at::parallel_for. Backward keeps one dU accumulator per thread and reduces once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../kernels/subspace_dae.h"
+
+namespace molrg {
+namespace {
+
+using namespace molrg::kernels;
+
+constexpr const char* kFwd = "subspace_dae";
+constexpr const char* kBwd = "subspace_dae_backward";
+
+// Samples per parallel chunk: enough work (~64k multiply-adds) to amortise scheduling.
+int64_t grain_for(const DaeSizes& s) {
+  const int64_t per_sample = std::max<int64_t>(1, s.n * s.K * s.dm);
+  return std::max<int64_t>(1, 65536 / per_sample);
+}
+
+void check_bias_values(const at::Tensor& bias, const char* op) {
+  if (bias.numel() == 0) return;
+  // -inf is a valid bias (pi_k = 0); NaN, +inf and rows with every entry -inf are not.
+  TORCH_CHECK(!(at::isnan(bias) | at::isposinf(bias)).any().item<bool>(), op,
+              ": bias contains NaN or +Inf values");
+  TORCH_CHECK(!at::isneginf(bias).all(-1).any().item<bool>(), op,
+              ": bias is -Inf for every subspace of some sample");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
+    const at::Tensor& x, const at::Tensor& U, const at::Tensor& c, const at::Tensor& phi,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& assign,
+    at::IntArrayRef dims, int64_t mode) {
+  TORCH_CHECK(mode == kSoft || mode == kHard, kFwd, ": mode must be 0 (soft) or 1 (hard), got ",
+              mode);
+  DaeSizes s = check_dae_xU(x, U, dims, kFwd);
+  check_dae_scales(c, phi, s, x, kFwd);
+  check_finite(c, kFwd, "c");
+  check_finite(phi, kFwd, "phi");
+  if (bias) {
+    check_like(*bias, x, kFwd, "bias", "x");
+    check_shape(*bias, {s.P, s.B, s.K}, kFwd, "bias");
+    check_contig(*bias, kFwd, "bias");
+    check_bias_values(*bias, kFwd);
+  }
+  if (assign) {
+    TORCH_CHECK(mode == kHard, kFwd, ": assign is only used in hard mode");
+    TORCH_CHECK(assign->scalar_type() == at::kLong, kFwd, ": assign must be int64, got ",
+                assign->scalar_type());
+    TORCH_CHECK(assign->device() == x.device(), kFwd, ": assign is on ", assign->device(),
+                " but x is on ", x.device());
+    check_shape(*assign, {s.P, s.B}, kFwd, "assign");
+    check_contig(*assign, kFwd, "assign");
+    if (assign->numel() > 0) {
+      TORCH_CHECK(assign->min().item<int64_t>() >= 0 && assign->max().item<int64_t>() < s.K,
+                  kFwd, ": assign values must be in [0, K = ", s.K, ")");
+    }
+  }
+
+  auto y = at::empty_like(x);
+  auto proj = at::empty({s.P, s.B, s.K, s.dm}, x.options());
+  auto w = at::empty({s.P, s.B, s.K}, x.options());
+  const int64_t total = s.P * s.B;
+  if (total == 0) return {y, proj, w};
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* Up = U.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const scalar_t* php = phi.data_ptr<scalar_t>();
+    const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    const int64_t* ap = assign ? assign->data_ptr<int64_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* pp = proj.data_ptr<scalar_t>();
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
+    const int32_t* dp = s.dims.data();
+    at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> sq(K);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t p = idx / s.B;
+        const int k0 = ap ? (int)ap[idx] : -1;
+        dae_forward_sample<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, cp[idx],
+                                     php[idx], bp ? bp + idx * K : nullptr, (int)mode, k0,
+                                     pp + idx * K * dm, wp + idx * K, yp + idx * n, sq.data());
+      }
+    });
+  });
+  return {y, proj, w};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_dae_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& U, const at::Tensor& c,
+    const at::Tensor& phi, const at::Tensor& proj, const at::Tensor& w, at::IntArrayRef dims,
+    int64_t mode, bool need_dx, bool need_dU) {
+  TORCH_CHECK(mode == kSoft || mode == kHard, kBwd, ": mode must be 0 (soft) or 1 (hard), got ",
+              mode);
+  DaeSizes s = check_dae_xU(x, U, dims, kBwd);
+  check_dae_scales(c, phi, s, x, kBwd);
+  check_like(grad_y, x, kBwd, "grad_y", "x");
+  check_shape(grad_y, x.sizes(), kBwd, "grad_y");
+  check_contig(grad_y, kBwd, "grad_y");
+  check_like(proj, x, kBwd, "proj", "x");
+  check_shape(proj, {s.P, s.B, s.K, s.dm}, kBwd, "proj");
+  check_contig(proj, kBwd, "proj");
+  check_like(w, x, kBwd, "w", "x");
+  check_shape(w, {s.P, s.B, s.K}, kBwd, "w");
+  check_contig(w, kBwd, "w");
+
+  auto dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  auto dU = need_dU ? at::zeros_like(U) : at::empty({0}, x.options());
+  auto dc = at::empty({s.P, s.B}, x.options());
+  auto dphi = at::empty({s.P, s.B}, x.options());
+  auto dbias = at::empty({s.P, s.B, s.K}, x.options());
+  const int64_t total = s.P * s.B;
+  if (total == 0) return {dx, dU, dc, dphi, dbias};
+
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t usize = s.K * s.n * s.dm;
+  // Per-thread accumulators for every instance: thread t owns acc[t].
+  at::Tensor acc;
+  if (need_dU) acc = at::zeros({nthreads, s.P, usize}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_backward_cpu", [&] {
+    const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* Up = U.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const scalar_t* php = phi.data_ptr<scalar_t>();
+    const scalar_t* pp = proj.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dcp = dc.data_ptr<scalar_t>();
+    scalar_t* dphip = dphi.data_ptr<scalar_t>();
+    scalar_t* dbp = dbias.data_ptr<scalar_t>();
+    scalar_t* accp = need_dU ? acc.data_ptr<scalar_t>() : nullptr;
+    const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
+    const int32_t* dp = s.dims.data();
+    at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> r(K * dm), dP(K * dm);
+      scalar_t* my_acc = accp ? accp + at::get_thread_num() * s.P * usize : nullptr;
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t p = idx / s.B;
+        const scalar_t* Ui = Up + p * usize;
+        const scalar_t* pk = pp + idx * K * dm;
+        const scalar_t* wk = wp + idx * K;
+        dae_backward_sample<scalar_t>(gp + idx * n, Ui, pk, wk, cp[idx], php[idx], K, n, dm, dp,
+                                      (int)mode, r.data(), dP.data(), dbp + idx * K,
+                                      dxp ? dxp + idx * n : nullptr, dcp + idx, dphip + idx);
+        if (my_acc)
+          dae_accumulate_dU<scalar_t>(xp + idx * n, gp + idx * n, pk, wk, dP.data(), cp[idx], K,
+                                      n, dm, dp, my_acc + p * usize);
+      }
+    });
+  });
+  if (need_dU) dU.copy_(acc.sum(0).view(U.sizes()));
+  return {dx, dU, dc, dphi, dbias};
+}
+
+at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArrayRef dims) {
+  DaeSizes s = check_dae_xU(x, U, dims, "hard_assign");
+  auto out = at::empty({s.P, s.B}, x.options().dtype(at::kLong));
+  const int64_t total = s.P * s.B;
+  if (total == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hard_assign_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* Up = U.data_ptr<scalar_t>();
+    int64_t* op = out.data_ptr<int64_t>();
+    const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
+    const int32_t* dp = s.dims.data();
+    at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> proj(K * dm), sq(K);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t p = idx / s.B;
+        dae_project<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, proj.data(),
+                              sq.data());
+        op[idx] = dae_argmax<scalar_t>(sq.data(), K);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(molrg, CPU, m) {
+  m.impl("subspace_dae", &subspace_dae_cpu);
+  m.impl("subspace_dae_backward", &subspace_dae_backward_cpu);
+  m.impl("hard_assign", &hard_assign_cpu);
+}
+
+}  // namespace molrg

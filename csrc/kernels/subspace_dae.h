@@ -1,0 +1,190 @@
+// Per-sample math of the multi-subspace denoiser (SPEC section 3, paper eqs. (9), (16), (17)).
+//
+// Layout (one problem instance): U is [K, n, dm] row-major (U_k = U + k*n*dm, an n x dm matrix
+// whose first dims[k] columns are used), x and y are [n], proj is [K, dm] (P_k = U_k^T x, padded
+// entries set to zero), w is [K].
+//
+//   soft:  logit_k = phi ||P_k||^2 + beta_k,  w = softmax(logit)  (max-subtracted)
+//   hard:  w = onehot(k0),  k0 = argmax_k ||P_k||^2 (ties -> lowest k) or given
+//   y = c sum_k w_k U_k P_k
+//
+// Backward for one sample, with g = dL/dy, r_k = U_k^T g, h_k = c <r_k, P_k>:
+//   dlogit_k = w_k (h_k - sum_j w_j h_j)           (0 in hard mode)
+//   dP_k     = c w_k r_k + 2 phi dlogit_k P_k
+//   dx       = sum_k U_k dP_k
+//   dU_k    += x dP_k^T + g (c w_k P_k)^T
+//   dbias_k  = dlogit_k,  dphi = sum_k dlogit_k ||P_k||^2,  dc = sum_k w_k <r_k, P_k>
+// A component with w_k == 0 contributes nothing to y or to any gradient, so it is skipped.
+#pragma once
+
+#include "common.h"
+
+namespace molrg::kernels {
+
+enum DaeMode : int { kSoft = 0, kHard = 1 };
+
+// P_k = U_k^T x for every k; sq[k] = ||P_k||^2.
+template <typename T>
+MOLRG_HD void dae_project(const T* x, const T* U, int K, int n, int dm, const int32_t* dims,
+                          T* proj, T* sq) {
+  for (int k = 0; k < K; ++k) {
+    T* pk = proj + (int64_t)k * dm;
+    for (int j = 0; j < dm; ++j) pk[j] = T(0);
+    const int dk = dims[k];
+    const T* Uk = U + (int64_t)k * n * dm;
+    for (int i = 0; i < n; ++i) {
+      const T xi = x[i];
+      const T* row = Uk + (int64_t)i * dm;
+      for (int j = 0; j < dk; ++j) pk[j] += row[j] * xi;
+    }
+    T s = T(0);
+    for (int j = 0; j < dk; ++j) s += pk[j] * pk[j];
+    sq[k] = s;
+  }
+}
+
+// Index of the largest sq; ties go to the lowest index.
+template <typename T>
+MOLRG_HD int dae_argmax(const T* sq, int K) {
+  int best = 0;
+  for (int k = 1; k < K; ++k)
+    if (sq[k] > sq[best]) best = k;
+  return best;
+}
+
+// Mixture weights from the squared projection norms. bias may be null (all zeros).
+template <typename T>
+MOLRG_HD void dae_weights(const T* sq, const T* bias, T phi, int K, int mode, int k0, T* w) {
+  if (mode == kHard) {
+    for (int k = 0; k < K; ++k) w[k] = k == k0 ? T(1) : T(0);
+    return;
+  }
+  T mx = -INFINITY;
+  for (int k = 0; k < K; ++k) {
+    w[k] = phi * sq[k] + (bias ? bias[k] : T(0));
+    mx = m_max(mx, w[k]);
+  }
+  T total = T(0);
+  for (int k = 0; k < K; ++k) {
+    w[k] = m_exp(w[k] - mx);
+    total += w[k];
+  }
+  const T inv = T(1) / total;
+  for (int k = 0; k < K; ++k) w[k] *= inv;
+}
+
+// y = c sum_k w_k U_k P_k.
+template <typename T>
+MOLRG_HD void dae_reconstruct(const T* U, const T* proj, const T* w, T c, int K, int n, int dm,
+                              const int32_t* dims, T* y) {
+  for (int i = 0; i < n; ++i) y[i] = T(0);
+  for (int k = 0; k < K; ++k) {
+    if (w[k] == T(0)) continue;
+    const int dk = dims[k];
+    const T* Uk = U + (int64_t)k * n * dm;
+    const T* pk = proj + (int64_t)k * dm;
+    const T scale = c * w[k];
+    for (int i = 0; i < n; ++i) {
+      const T* row = Uk + (int64_t)i * dm;
+      T dot = T(0);
+      for (int j = 0; j < dk; ++j) dot += row[j] * pk[j];
+      y[i] += scale * dot;
+    }
+  }
+}
+
+// Full forward of one sample. sq is scratch of size K. k0 < 0 means "take the argmax of sq".
+template <typename T>
+MOLRG_HD void dae_forward_sample(const T* x, const T* U, int K, int n, int dm,
+                                 const int32_t* dims, T c, T phi, const T* bias, int mode, int k0,
+                                 T* proj, T* w, T* y, T* sq) {
+  dae_project(x, U, K, n, dm, dims, proj, sq);
+  if (mode == kHard && k0 < 0) k0 = dae_argmax(sq, K);
+  dae_weights(sq, bias, phi, K, mode, k0, w);
+  dae_reconstruct(U, proj, w, c, K, n, dm, dims, y);
+}
+
+// Backward of one sample up to (and excluding) dU. r is scratch [K*dm]; dP [K*dm], dlogit [K]
+// are outputs; dx [n] is written when non-null.
+template <typename T>
+MOLRG_HD void dae_backward_sample(const T* g, const T* U, const T* proj, const T* w, T c, T phi,
+                                  int K, int n, int dm, const int32_t* dims, int mode, T* r,
+                                  T* dP, T* dlogit, T* dx, T* dc, T* dphi) {
+  // r_k = U_k^T g and <r_k, P_k>
+  T hbar = T(0);
+  T dc_acc = T(0);
+  for (int k = 0; k < K; ++k) {
+    T* rk = r + (int64_t)k * dm;
+    const int dk = dims[k];
+    for (int j = 0; j < dm; ++j) rk[j] = T(0);
+    dlogit[k] = T(0);  // holds <r_k, P_k> until the second pass
+    if (w[k] == T(0)) continue;
+    const T* Uk = U + (int64_t)k * n * dm;
+    for (int i = 0; i < n; ++i) {
+      const T gi = g[i];
+      const T* row = Uk + (int64_t)i * dm;
+      for (int j = 0; j < dk; ++j) rk[j] += row[j] * gi;
+    }
+    const T* pk = proj + (int64_t)k * dm;
+    T rp = T(0);
+    for (int j = 0; j < dk; ++j) rp += rk[j] * pk[j];
+    dlogit[k] = rp;
+    dc_acc += w[k] * rp;
+    hbar += w[k] * c * rp;
+  }
+  *dc = dc_acc;
+  T dphi_acc = T(0);
+  for (int k = 0; k < K; ++k) {
+    const T* pk = proj + (int64_t)k * dm;
+    T* dpk = dP + (int64_t)k * dm;
+    const T* rk = r + (int64_t)k * dm;
+    const int dk = dims[k];
+    T dl = T(0);
+    if (mode == kSoft && w[k] != T(0)) dl = w[k] * (c * dlogit[k] - hbar);
+    dlogit[k] = dl;
+    T sq = T(0);
+    for (int j = 0; j < dk; ++j) sq += pk[j] * pk[j];
+    dphi_acc += dl * sq;
+    const T a = c * w[k];
+    const T b = T(2) * phi * dl;
+    for (int j = 0; j < dm; ++j) dpk[j] = j < dk ? a * rk[j] + b * pk[j] : T(0);
+  }
+  *dphi = dphi_acc;
+  if (dx) {
+    for (int i = 0; i < n; ++i) dx[i] = T(0);
+    for (int k = 0; k < K; ++k) {
+      if (w[k] == T(0)) continue;
+      const int dk = dims[k];
+      const T* Uk = U + (int64_t)k * n * dm;
+      const T* dpk = dP + (int64_t)k * dm;
+      for (int i = 0; i < n; ++i) {
+        const T* row = Uk + (int64_t)i * dm;
+        T dot = T(0);
+        for (int j = 0; j < dk; ++j) dot += row[j] * dpk[j];
+        dx[i] += dot;
+      }
+    }
+  }
+}
+
+// dU_k += x dP_k^T + g (c w_k P_k)^T for one sample.
+template <typename T>
+MOLRG_HD void dae_accumulate_dU(const T* x, const T* g, const T* proj, const T* w, const T* dP,
+                                T c, int K, int n, int dm, const int32_t* dims, T* dU) {
+  for (int k = 0; k < K; ++k) {
+    if (w[k] == T(0)) continue;
+    const int dk = dims[k];
+    const T a = c * w[k];
+    const T* pk = proj + (int64_t)k * dm;
+    const T* dpk = dP + (int64_t)k * dm;
+    T* dUk = dU + (int64_t)k * n * dm;
+    for (int i = 0; i < n; ++i) {
+      const T xi = x[i];
+      const T gi = a * g[i];
+      T* row = dUk + (int64_t)i * dm;
+      for (int j = 0; j < dk; ++j) row[j] += xi * dpk[j] + gi * pk[j];
+    }
+  }
+}
+
+}  // namespace molrg::kernels

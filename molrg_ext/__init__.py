@@ -1,0 +1,23 @@
+"""molrg_ext: fused PyTorch ops and tools for diffusion models on mixtures of low-rank Gaussians.
+
+Importing the package registers the ``torch.ops.molrg.*`` operators (CPU always, CUDA when built
+with it) together with their autograd and fake kernels.
+"""
+from . import _C
+from . import reference
+from .ops import hard_assign, subspace_dae
+from .posterior import posterior_mean_coefficients
+from .modules import SubspaceDAE, random_orthonormal
+
+__version__ = "0.1.0"
+built_with_cuda: bool = bool(_C.built_with_cuda)
+
+__all__ = [
+    "subspace_dae",
+    "hard_assign",
+    "posterior_mean_coefficients",
+    "SubspaceDAE",
+    "random_orthonormal",
+    "reference",
+    "built_with_cuda",
+]

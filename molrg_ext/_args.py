@@ -1,0 +1,165 @@
+"""Argument normalisation for the subspace-denoiser family.
+
+Turns the user-facing forms (``x`` [B, n] or [P, B, n], ``U`` [K, n, dmax] or [P, K, n, dmax],
+scalar or broadcastable ``c``/``phi``/``bias``/``assign``, ``dims`` as a list or tensor) into the
+canonical contiguous shapes the ``torch.ops.molrg`` kernels take. Every error names the argument.
+The fused op wrappers and the pure-PyTorch reference both use it, so they accept the same inputs.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+MODES = {"soft": 0, "hard": 1}
+
+
+class DaeArgs(NamedTuple):
+    x: torch.Tensor  # [P, B, n]
+    U: torch.Tensor  # [P, K, n, dmax]
+    c: torch.Tensor  # [P, B]
+    phi: torch.Tensor  # [P, B]
+    bias: Optional[torch.Tensor]  # [P, B, K]
+    assign: Optional[torch.Tensor]  # [P, B] int64
+    dims: list[int]
+    mode: int
+    batched: bool  # x had a leading instance dimension
+
+
+def parse_mode(mode: str, where: str = "subspace_dae") -> int:
+    if mode not in MODES:
+        raise ValueError(f"{where}: mode must be one of {sorted(MODES)}, got {mode!r}")
+    return MODES[mode]
+
+
+def parse_dims(dims, K: int, dmax: int, n: int, where: str = "subspace_dae") -> list[int]:
+    """dims as K ints with 1 <= d_k <= min(dmax, n); None means every subspace uses dmax."""
+    if K == 0:
+        raise ValueError(f"{where}: U must hold at least one subspace (K = 0)")
+    if dims is None:
+        out = [int(dmax)] * K
+    else:
+        if isinstance(dims, torch.Tensor):
+            if dims.is_floating_point() or dims.is_complex():
+                raise TypeError(f"{where}: dims must hold integers, got dtype {dims.dtype}")
+            dims = dims.tolist()
+        try:
+            out = [int(d) for d in dims]
+        except TypeError as e:
+            raise TypeError(f"{where}: dims must be a sequence of K ints, got {dims!r}") from e
+        if len(out) != K:
+            raise ValueError(f"{where}: dims must have K = {K} entries, got {len(out)}")
+    for k, d in enumerate(out):
+        if not 1 <= d <= dmax:
+            raise ValueError(f"{where}: dims[{k}] = {d} must be in [1, dmax = {dmax}]")
+        if d > n:
+            raise ValueError(f"{where}: dims[{k}] = {d} exceeds the ambient dimension n = {n}")
+    return out
+
+
+def _check_tensor(t, name: str, where: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _as_float(v, like: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """Python numbers become tensors of x's dtype/device; tensors must already match."""
+    if isinstance(v, torch.Tensor):
+        if v.device != like.device:
+            raise ValueError(f"{where}: {name} is on {v.device} but x is on {like.device}")
+        if v.dtype != like.dtype:
+            raise TypeError(f"{where}: {name} has dtype {v.dtype} but x has dtype {like.dtype}")
+        return v
+    if isinstance(v, (int, float)):
+        return torch.tensor(float(v), dtype=like.dtype, device=like.device)
+    raise TypeError(f"{where}: {name} must be a number or a tensor, got {type(v).__name__}")
+
+
+def _broadcast(t: torch.Tensor, shape: Sequence[int], name: str, where: str) -> torch.Tensor:
+    try:
+        return torch.broadcast_to(t, tuple(shape))
+    except RuntimeError as e:
+        raise ValueError(
+            f"{where}: {name} of shape {tuple(t.shape)} does not broadcast to {tuple(shape)}"
+        ) from e
+
+
+def prepare_dae_args(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    c: Union[float, torch.Tensor],
+    phi: Union[float, torch.Tensor],
+    bias: Optional[torch.Tensor] = None,
+    dims=None,
+    mode: str = "soft",
+    assign: Optional[torch.Tensor] = None,
+    where: str = "subspace_dae",
+) -> DaeArgs:
+    _check_tensor(x, "x", where)
+    _check_tensor(U, "U", where)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{where}: x must be float32 or float64, got {x.dtype}")
+    if U.dtype != x.dtype:
+        raise TypeError(f"{where}: U has dtype {U.dtype} but x has dtype {x.dtype}")
+    if U.device != x.device:
+        raise ValueError(f"{where}: U is on {U.device} but x is on {x.device}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{where}: x must be [B, n] or [P, B, n], got shape {tuple(x.shape)}")
+    if U.dim() not in (3, 4):
+        raise ValueError(
+            f"{where}: U must be [K, n, dmax] or [P, K, n, dmax], got shape {tuple(U.shape)}"
+        )
+    mode_i = parse_mode(mode, where)
+    batched = x.dim() == 3
+    if not batched:
+        if U.dim() == 4:
+            raise ValueError(
+                f"{where}: U has an instance dimension (shape {tuple(U.shape)}) but x is [B, n]; "
+                "pass x as [P, B, n]"
+            )
+        x3, U4 = x.unsqueeze(0), U.unsqueeze(0)
+    else:
+        x3 = x
+        U4 = U.unsqueeze(0) if U.dim() == 3 else U
+        if U4.shape[0] not in (1, x3.shape[0]):
+            raise ValueError(
+                f"{where}: U has {U4.shape[0]} instances but x has {x3.shape[0]}"
+            )
+        U4 = U4.expand(x3.shape[0], *U4.shape[1:])
+    P, B, n = x3.shape
+    K, n_u, dmax = U4.shape[1:]
+    if n_u != n:
+        raise ValueError(f"{where}: U has n = {n_u} rows but x has n = {n}")
+    if dmax == 0:
+        raise ValueError(f"{where}: U must have at least one column (dmax = 0)")
+    dims_l = parse_dims(dims, K, dmax, n, where)
+
+    def per_sample(v, name, trailing=()):
+        # [B, ...] forms are given for unbatched x; broadcast there, then add the P axis.
+        if batched:
+            return _broadcast(v, (P, B, *trailing), name, where)
+        return _broadcast(v, (B, *trailing), name, where).unsqueeze(0)
+
+    c2 = per_sample(_as_float(c, x, "c", where), "c").contiguous()
+    phi2 = per_sample(_as_float(phi, x, "phi", where), "phi").contiguous()
+    bias3 = None
+    if bias is not None:
+        bias3 = per_sample(_as_float(bias, x, "bias", where), "bias", (K,)).contiguous()
+    assign2 = None
+    if assign is not None:
+        if mode_i != MODES["hard"]:
+            raise ValueError(f"{where}: assign is only used with mode='hard'")
+        _check_tensor(assign, "assign", where)
+        if assign.dtype != torch.int64:
+            raise TypeError(f"{where}: assign must be int64, got {assign.dtype}")
+        if assign.device != x.device:
+            raise ValueError(f"{where}: assign is on {assign.device} but x is on {x.device}")
+        assign2 = per_sample(assign, "assign").contiguous()
+    return DaeArgs(
+        x3.contiguous(), U4.contiguous(), c2, phi2, bias3, assign2, dims_l, mode_i, batched
+    )
+
+
+def restore(y: torch.Tensor, a: DaeArgs) -> torch.Tensor:
+    return y if a.batched else y.squeeze(0)

@@ -1,0 +1,114 @@
+"""Python interface of the fused subspace-denoiser ops (``torch.ops.molrg.*``).
+
+Autograd and fake (meta) kernels are registered here, so the ops work with ``torch.autograd``,
+``torch.compile(fullgraph=True)`` and ``torch.library.opcheck``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the shared library that registers torch.ops.molrg.*)
+from ._args import prepare_dae_args, restore, parse_dims
+
+__all__ = ["subspace_dae", "hard_assign"]
+
+
+# ----------------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("molrg::subspace_dae")
+def _subspace_dae_fake(x, U, c, phi, bias, assign, dims, mode):
+    P, B, n = x.shape
+    K, dm = U.shape[1], U.shape[3]
+    return x.new_empty((P, B, n)), x.new_empty((P, B, K, dm)), x.new_empty((P, B, K))
+
+
+@torch.library.register_fake("molrg::subspace_dae_backward")
+def _subspace_dae_backward_fake(grad_y, x, U, c, phi, proj, w, dims, mode, need_dx, need_dU):
+    P, B, _ = x.shape
+    K = U.shape[1]
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    dU = U.new_empty(U.shape) if need_dU else x.new_empty((0,))
+    return dx, dU, x.new_empty((P, B)), x.new_empty((P, B)), x.new_empty((P, B, K))
+
+
+@torch.library.register_fake("molrg::hard_assign")
+def _hard_assign_fake(x, U, dims):
+    return x.new_empty(x.shape[:2], dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, U, c, phi, bias, assign, dims, mode = inputs
+    _, proj, w = output
+    ctx.save_for_backward(x, U, c, phi, proj, w)
+    ctx.dims, ctx.mode, ctx.has_bias = dims, mode, bias is not None
+    # proj and w are saved intermediates: gradients flow through y only.
+    ctx.mark_non_differentiable(proj, w)
+
+
+def _backward(ctx, grad_y, _grad_proj, _grad_w):
+    x, U, c, phi, proj, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_y is None:
+        return (None,) * 8
+    dx, dU, dc, dphi, dbias = torch.ops.molrg.subspace_dae_backward(
+        grad_y.contiguous(), x, U, c, phi, proj, w, ctx.dims, ctx.mode, need[0], need[1]
+    )
+    return (
+        dx if need[0] else None,
+        dU if need[1] else None,
+        dc if need[2] else None,
+        dphi if need[3] else None,
+        dbias if (ctx.has_bias and need[4]) else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("molrg::subspace_dae", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------ public API
+def subspace_dae(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    c,
+    phi,
+    bias: Optional[torch.Tensor] = None,
+    dims=None,
+    mode: str = "soft",
+    assign: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Multi-subspace denoiser ``y = c * sum_k w_k U_k U_k^T x`` (paper eqs. (9) and (16)).
+
+    Args:
+        x: ``[B, n]`` or ``[P, B, n]`` noisy samples (float32 or float64).
+        U: ``[K, n, dmax]`` or ``[P, K, n, dmax]`` subspace bases; columns past ``dims[k]`` are
+            ignored. A 3-D ``U`` with a 3-D ``x`` is shared by all P instances.
+        c: output scale, a number or a tensor broadcastable to ``[B]`` (``[P, B]``).
+        phi: soft-max sharpness, same forms as ``c``.
+        bias: optional logit bias broadcastable to ``[B, K]`` (``[P, B, K]``), e.g. ``log pi_k``.
+        dims: the K subspace dimensions d_k (list, tuple or int tensor); default all ``dmax``.
+        mode: ``"soft"`` (soft-max weights, eq. (9)) or ``"hard"`` (one-hot weights, eq. (16)).
+        assign: hard mode only, the component of each sample (int64, broadcastable to ``[B]``),
+            e.g. :func:`hard_assign` of the clean samples (eq. (17)); default ``argmax_k ||U_k^T x||``.
+
+    Returns:
+        ``y`` with the shape of ``x``. Differentiable w.r.t. ``x``, ``U``, ``c``, ``phi``, ``bias``.
+    """
+    a = prepare_dae_args(x, U, c, phi, bias, dims, mode, assign)
+    y, _, _ = torch.ops.molrg.subspace_dae(a.x, a.U, a.c, a.phi, a.bias, a.assign, a.dims, a.mode)
+    return restore(y, a)
+
+
+def hard_assign(x0: torch.Tensor, U: torch.Tensor, dims=None) -> torch.Tensor:
+    """``argmax_k ||U_k^T x0||`` per sample (ties go to the lowest k), eq. (17). Not differentiable.
+
+    ``x0`` is ``[B, n]`` or ``[P, B, n]``; ``U`` as in :func:`subspace_dae`. Returns int64 ``[B]``
+    or ``[P, B]``.
+    """
+    a = prepare_dae_args(x0, U, 0.0, 0.0, dims=dims, where="hard_assign")
+    out = torch.ops.molrg.hard_assign(a.x, a.U, a.dims)
+    return restore(out, a)

@@ -1,0 +1,83 @@
+"""Exact posterior-mean coefficients of the MoLRG model (Lemma 1, Proposition 1).
+
+For x_t = s x_0 + gamma eps with x_0 ~ sum_k pi_k N(0, U_k U_k^T) (orthonormal U_k, dims d_k),
+``E[x_0 | x_t] = c sum_k w_k U_k U_k^T x_t`` with ``w = softmax(phi ||U_k^T x_t||^2 + beta_k)`` and
+
+    c = s / (s^2 + gamma^2),   phi = s^2 / (2 gamma^2 (s^2 + gamma^2)),
+    beta_k = log pi_k - (d_k / 2) log((s^2 + gamma^2) / gamma^2).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["posterior_mean_coefficients"]
+
+Number = Union[float, int, torch.Tensor]
+
+
+def _as_tensor(v: Number, name: str, dtype=None, device=None) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        if not v.is_floating_point():
+            v = v.to(dtype or torch.get_default_dtype())
+        return v
+    if isinstance(v, (int, float)):
+        return torch.tensor(float(v), dtype=dtype or torch.float64, device=device)
+    raise TypeError(f"posterior_mean_coefficients: {name} must be a number or a tensor")
+
+
+def posterior_mean_coefficients(
+    s: Number,
+    gamma: Number,
+    dims: Optional[Sequence[int]] = None,
+    pi: Optional[Union[Sequence[float], torch.Tensor]] = None,
+):
+    """Return ``(c, phi, bias)`` so that ``subspace_dae(x_t, U*, c, phi, bias, dims)`` is
+    ``E[x_0 | x_t]`` under the MoLRG model.
+
+    ``s`` and ``gamma`` are numbers or tensors (broadcast together, e.g. one noise level per
+    sample). ``bias`` has shape ``broadcast(s, gamma).shape + (K,)``; it is ``None`` when neither
+    ``dims`` nor ``pi`` is given (equal dims and weights: every logit gets the same shift).
+    """
+    ref = s if isinstance(s, torch.Tensor) else gamma if isinstance(gamma, torch.Tensor) else None
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+    device = ref.device if ref is not None else None
+    s_t = _as_tensor(s, "s", dtype, device)
+    g_t = _as_tensor(gamma, "gamma", dtype, device)
+    s_t, g_t = torch.broadcast_tensors(s_t, g_t)
+    if not torch.isfinite(s_t).all() or not (s_t > 0).all():
+        raise ValueError("posterior_mean_coefficients: s must be finite and > 0")
+    if not torch.isfinite(g_t).all() or not (g_t > 0).all():
+        raise ValueError("posterior_mean_coefficients: gamma must be finite and > 0")
+    s2, g2 = s_t * s_t, g_t * g_t
+    c = s_t / (s2 + g2)
+    phi = s2 / (2.0 * g2 * (s2 + g2))
+    if dims is None and pi is None:
+        return c, phi, None
+    if pi is not None:
+        pi_t = torch.as_tensor(pi, dtype=s_t.dtype, device=s_t.device)
+        if pi_t.dim() != 1 or pi_t.numel() == 0:
+            raise ValueError("posterior_mean_coefficients: pi must be a 1-D sequence of K weights")
+        if (pi_t < 0).any() or not torch.isfinite(pi_t).all():
+            raise ValueError("posterior_mean_coefficients: pi must be finite and >= 0")
+        pi_t = pi_t / pi_t.sum()
+        K = pi_t.numel()
+    if dims is not None:
+        d_t = torch.as_tensor(list(dims), dtype=s_t.dtype, device=s_t.device)
+        if pi is not None and d_t.numel() != K:
+            raise ValueError(
+                f"posterior_mean_coefficients: dims has {d_t.numel()} entries but pi has {K}"
+            )
+        K = d_t.numel()
+        if K == 0:
+            raise ValueError("posterior_mean_coefficients: dims is empty (K = 0)")
+    if pi is None:
+        pi_t = torch.full((K,), 1.0 / K, dtype=s_t.dtype, device=s_t.device)
+    log_ratio = torch.log1p(s2 / g2)[..., None]  # log((s^2 + gamma^2) / gamma^2)
+    bias = torch.log(pi_t)
+    if dims is not None:
+        bias = bias - 0.5 * d_t * log_ratio
+    else:
+        bias = bias.expand(*s_t.shape, K)
+    return c, phi, bias
