@@ -1,0 +1,58 @@
+"""The ``molrg`` command line: one sub-command per experiment of the papers.
+
+Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
+modules are imported only when their command runs, so ``molrg --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("molrg_ext.experiments.demo", "train a subspace denoiser on MoLRG data (quick)"),
+    "phase-transition": (
+        "molrg_ext.experiments.phase_transition",
+        "Fig. 4 / Fig. 8: success rate of SVD, K-subspaces and SGD vs (N_k, d)",
+    ),
+    "rank-vs-snr": (
+        "molrg_ext.experiments.rank_vs_snr",
+        "Fig. 3(b) / 7(a): Jacobian rank of denoisers along EDM sampling trajectories",
+    ),
+    "gl-score": ("molrg_ext.experiments.gl_score", "Fig. 5(a): GL score vs N_k / d_k"),
+    "edit": ("molrg_ext.experiments.edit", "Section 4.2: edit x_t along Jacobian singular vectors"),
+    "hidden-gaussian": (
+        "molrg_ext.experiments.hidden_gaussian",
+        "seed 003: distances to Gaussian / optimal / posterior-mean denoisers, linearity",
+    ),
+    "bench": ("molrg_ext.experiments.bench", "benchmark the fused ops against PyTorch peers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="molrg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
+        parser.print_help()
+        return 0
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"molrg {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

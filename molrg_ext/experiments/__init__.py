@@ -1,0 +1,1 @@
+"""Experiment drivers behind the ``molrg`` CLI (one module per command)."""

@@ -1,0 +1,1 @@
+"""Trainers: subspace denoisers (Algorithm 1, :mod:`.subspace`) and network denoisers (:mod:`.network`)."""
