@@ -3,6 +3,8 @@
 Importing the package registers the ``torch.ops.molrg.*`` operators (CPU always, CUDA when built
 with it) together with their autograd and fake kernels.
 """
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+
 from . import _C
 from . import reference
 from .ops import hard_assign, subspace_dae
