@@ -34,7 +34,9 @@ class Levels(NamedTuple):
         t = torch.stack([self.s, self.gamma, self.lam, self.c, self.phi], dim=1)
         return t.to(dtype=dtype or t.dtype, device=device).contiguous()
 
-    def __len__(self) -> int:  # number of levels, not of fields
+    @property
+    def L(self) -> int:
+        """Number of noise levels."""
         return int(self.s.shape[0])
 
 
@@ -164,10 +166,10 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
     table = levels.table(X.dtype, X.device)
     bias = None
     if levels.bias is not None:
-        if levels.bias.shape != (len(levels), K):
+        if levels.bias.shape != (levels.L, K):
             raise ValueError(
                 f"train_step: levels.bias has shape {tuple(levels.bias.shape)}, expected "
-                f"[L, K] = [{len(levels)}, {K}]"
+                f"[L, K] = [{levels.L}, {K}]"
             )
         bias = levels.bias.to(dtype=X.dtype, device=X.device).contiguous()
     if lr is not None:
