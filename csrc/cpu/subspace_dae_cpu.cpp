@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
   check_contig(w, kBwd, "w");
 
   auto dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
-  auto dU = need_dU ? at::empty_like(U) : at::empty({0}, x.options());
+  auto dU = need_dU ? at::zeros_like(U) : at::empty({0}, x.options());
   auto dc = at::empty({s.P, s.B}, x.options());
   auto dphi = at::empty({s.P, s.B}, x.options());
   auto dbias = at::empty({s.P, s.B, s.K}, x.options());
