@@ -1,6 +1,7 @@
 """The packed (transposed-basis, vectorised) CPU denoiser kernels against the reference.
 
-Covers the paths the fast kernels add: sample counts that are not multiples of the parallel
+Covers the paths the fast kernels add (packed per-sample kernels for small bases, batched GEMMs
+for bases beyond 64 KiB): sample counts that are not multiples of the parallel
 grain or the SIMD width, n = 1, K = 1, heterogeneous dims with padded columns, float64
 (gradcheck), P large enough for the per-instance gradient path and P = 1 for the per-thread
 accumulators, and the sharp soft-max (phi = 1e8) where some weights are exactly zero.
@@ -28,6 +29,8 @@ CASES = [
     (6, 257, 48, [6, 6]),  # P >= 2 threads: per-instance dU path
     (1, 4099, 9, [2]),  # K = 1, several parallel chunks
     (3, 0, 5, [2, 2]),  # empty batch
+    (2, 37, 700, [12, 20, 5]),  # large panel (> 64 KiB): batched-GEMM path, padded columns
+    (1, 0, 700, [20, 20, 20]),  # large panel, empty batch
 ]
 
 
