@@ -74,7 +74,7 @@ def test_sharp_softmax_has_exact_zero_weights():
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_gradcheck_packed_path(mode):
     g = torch.Generator().manual_seed(1)
-    P, B, n, dims = 5, 9, 10, [3, 1]
+    P, B, n, dims = 4, 4, 6, [3, 1]
     x = torch.randn(P, B, n, generator=g, dtype=torch.float64, requires_grad=True)
     U = torch.randn(P, 2, n, 3, generator=g, dtype=torch.float64, requires_grad=True)
     c = torch.rand(P, B, generator=g, dtype=torch.float64).requires_grad_()
