@@ -143,10 +143,11 @@ class NetworkTrainer:
             for be, bm in zip(self.ema.buffers(), self.model.buffers()):
                 be.copy_(bm)
         self.step += 1
-        self.history["loss"].append(float(loss))
+        loss = float(loss.detach())
+        self.history["loss"].append(loss)
         self.history["grad_norm"].append(float(gnorm))
         self.history["kimg"].append(self.kimg)
-        return float(loss)
+        return loss
 
     def train(self, steps: int, progress: bool = False, save_every: Optional[int] = None,
               callback=None) -> dict:
