@@ -8,6 +8,13 @@ from . import reference
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients
 from .modules import SubspaceDAE, random_orthonormal
+from .jacobian import (
+    dae_jacobian_spectrum,
+    jacobian_directions,
+    jacobian_rank,
+    jacobian_spectrum,
+    numerical_rank,
+)
 
 __version__ = "0.1.0"
 built_with_cuda: bool = bool(_C.built_with_cuda)
@@ -20,4 +27,9 @@ __all__ = [
     "random_orthonormal",
     "reference",
     "built_with_cuda",
+    "dae_jacobian_spectrum",
+    "numerical_rank",
+    "jacobian_spectrum",
+    "jacobian_rank",
+    "jacobian_directions",
 ]
