@@ -16,6 +16,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from .schedules import EDM
+
 __all__ = ["Trajectory", "default_sigma_steps", "heun_sample", "ddim_sample"]
 
 
@@ -30,26 +32,12 @@ class Trajectory(NamedTuple):
 
 def default_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
                         rho: float = 7.0, dtype=torch.float64) -> torch.Tensor:
-    """The EDM sampling grid (``molrg_ext.schedules.EDM.sigma_steps``), decreasing, length
-    ``num_steps``."""
-    if int(num_steps) < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    try:
-        from .schedules import EDM  # noqa: WPS433 (optional until the schedules module lands)
-    except ImportError:
-        EDM = None
-    if EDM is not None and hasattr(EDM, "sigma_steps"):
-        try:
-            out = EDM(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).sigma_steps(int(num_steps))
-            return torch.as_tensor(out, dtype=dtype)
-        except TypeError:
-            pass
-    i = torch.arange(int(num_steps), dtype=torch.float64)
-    n1 = max(int(num_steps) - 1, 1)
-    s = (sigma_max ** (1 / rho) + i / n1 * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return s.to(dtype)
+    """The EDM sampling grid (``molrg_ext.schedules.EDM.sigma_steps``): ``num_steps`` decreasing
+    levels, without the trailing 0."""
+    if int(num_steps) < 2:
+        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+    grid = EDM(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).sigma_steps(int(num_steps), dtype=dtype)
+    return grid[:-1]  # without the final 0, which the samplers append
 
 
 def _prepare(noise, sigmas, num_steps, where):
@@ -62,6 +50,8 @@ def _prepare(noise, sigmas, num_steps, where):
     if sigmas is None:
         sigmas = default_sigma_steps(num_steps)
     sigmas = torch.as_tensor(sigmas, dtype=noise.dtype, device=noise.device).reshape(-1)
+    if sigmas.numel() > 1 and sigmas[-1] == 0:
+        sigmas = sigmas[:-1]  # a grid given with its final 0 (EDM.sigma_steps)
     if sigmas.numel() < 1 or not torch.isfinite(sigmas).all() or not (sigmas > 0).all():
         raise ValueError(f"{where}: sigmas must be a non-empty 1-D list of finite levels > 0")
     if sigmas.numel() > 1 and not (sigmas[1:] < sigmas[:-1]).all():
@@ -80,7 +70,8 @@ def _call(denoiser, x, sigma):
 def heun_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.Tensor] = None,
                 num_steps: int = 18, return_trajectory: bool = False, progress: bool = False):
     """EDM Heun sampler. ``denoiser(x, sigma[B]) -> x0_hat``; ``noise`` standard normal [B, ...];
-    ``sigmas`` decreasing levels (default ``default_sigma_steps(num_steps)``). Returns the samples,
+    ``sigmas`` decreasing levels > 0, optionally ending in 0 (default
+    ``default_sigma_steps(num_steps)``). Returns the samples,
     or a :class:`Trajectory` when ``return_trajectory``."""
     t = _prepare(noise, sigmas, num_steps, "heun_sample")
     x = noise * t[0]
