@@ -5,7 +5,7 @@ import torch
 from scipy.spatial.distance import cdist
 from sklearn.metrics.pairwise import cosine_similarity
 
-from molrg_ext.experiments._common import molrg_samples
+from molrg_ext.data import sample_molrg
 from molrg_ext.metrics import (copy_detection_score, gl_score, max_cosine_similarity,
                                nearest_neighbor_distances, nn_distance_sum)
 
@@ -30,9 +30,9 @@ def test_duplicates_have_zero_self_distance():
 
 def test_gl_score_fresh_samples_near_one_copies_near_zero():
     n, dims, N = 48, [4, 4], 600
-    train, U, _ = molrg_samples(n, dims, 40, seed=1)
-    ref, _, _ = molrg_samples(n, dims, N, seed=2, U=U)
-    fresh, _, _ = molrg_samples(n, dims, N, seed=3, U=U)
+    data = sample_molrg(n, dims, N=40, seed=1)
+    train = data.X[0]
+    ref, fresh = data.sample(N, seed=2)[0][0], data.sample(N, seed=3)[0][0]
     assert gl_score(fresh, ref, chunk=128) == pytest.approx(1.0, abs=0.1)
     # a memorising generator: N outputs drawn from 40 training points (with tiny jitter)
     idx = torch.randint(0, 40, (N,), generator=torch.Generator().manual_seed(4))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from molrg_ext import SubspaceDAE, random_orthonormal
+from molrg_ext.schedules import EDM
 from molrg_ext.sampling import ddim_sample, default_sigma_steps, heun_sample
 
 DT = torch.float64
@@ -130,4 +131,6 @@ def test_sampler_bad_inputs():
     with pytest.raises(ValueError, match="scales"):
         ddim_sample(m, z, default_sigma_steps(5), scales=torch.ones(3))
     with pytest.raises(ValueError, match="num_steps"):
-        default_sigma_steps(0)
+        default_sigma_steps(1)
+    # a grid with its trailing 0 (EDM.sigma_steps) is accepted and gives the same result
+    torch.testing.assert_close(heun_sample(m, z, EDM().sigma_steps(6)), heun_sample(m, z, num_steps=6))
