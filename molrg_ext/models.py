@@ -38,7 +38,7 @@ def sigma_vector(sigma, batch: int, like: torch.Tensor, where: str = "denoiser")
     if s.dim() > 1 or (s.dim() == 1 and s.numel() not in (1, batch)):
         raise ValueError(f"{where}: sigma must be a scalar or have shape [{batch}], got {tuple(s.shape)}")
     # values are checked eagerly; inside torch.func transforms (vmap/jacrev) they cannot be read
-    if not torch._C._functorch.is_functorch_wrapped_tensor(s) and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(s):
         if not torch.isfinite(s).all() or not (s > 0).all():
             raise ValueError(f"{where}: sigma must be finite and > 0")
     return s.reshape(-1).expand(batch)

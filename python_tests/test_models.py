@@ -179,3 +179,29 @@ def test_trainer_bad_arguments():
         NetworkTrainer(m, data, noise="uniform")
     with pytest.raises(ValueError, match="weighting"):
         NetworkTrainer(m, data, weighting="snr")
+
+
+def test_denoiser_compiles_fullgraph():
+    torch.manual_seed(0)
+    den = make_unet_denoiser((3, 4, 4), model_channels=8)
+    nn.init.normal_(den.net.conv_out.weight, std=0.1)
+    x = torch.randn(4, 48)
+    sigma = torch.tensor([0.1, 0.5, 1.0, 3.0])
+    compiled = torch.compile(den, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, sigma), den(x, sigma))
+
+
+def test_trainer_schedule_noise_levels():
+    from molrg_ext.schedules import VE
+
+    data, _ = _toy_data()
+    sched = VE(sigma_min=0.01, sigma_max=5.0)
+    tr = NetworkTrainer(make_mlp_denoiser(12, hidden=8, depth=1), data, noise=sched, t_min=1e-3, seed=0)
+    s = tr.sample_sigma(4000)
+    lo, hi = float(sched.sigma(torch.tensor(1e-3))), float(sched.sigma(torch.tensor(1.0)))
+    assert s.min() >= lo * (1 - 1e-6) and s.max() <= hi * (1 + 1e-6)
+    # t is uniform, so the median level is sigma(t = 0.5005)
+    assert float(s.median()) == pytest.approx(float(sched.sigma(torch.tensor(0.5005))), rel=0.1)
+    # the log-normal default follows ln sigma ~ N(-1.2, 1.2^2)
+    ln = torch.log(NetworkTrainer(make_mlp_denoiser(12, hidden=8, depth=1), data, seed=1).sample_sigma(20000))
+    assert float(ln.mean()) == pytest.approx(-1.2, abs=0.05) and float(ln.std()) == pytest.approx(1.2, abs=0.05)

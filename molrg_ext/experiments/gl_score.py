@@ -24,7 +24,7 @@ from ..train.network import NetworkTrainer
 from ._common import read_json, seed_everything, write_json
 
 PRESETS = {
-    "quick": dict(dims=[3, 4, 5, 6], ratios=[2, 10, 40], steps=600, batch=64, lr=1e-3, gen=400,
+    "quick": dict(dims=[3, 4, 5, 6], ratios=[2, 10, 40], steps=300, batch=64, lr=1e-3, gen=300,
                   channels=16),
     "paper": dict(dims=[3, 4, 5, 6], ratios=[5, 10, 20, 40, 60, 80, 120], steps=10000, batch=64,
                   lr=1e-3, gen=2000, channels=64),
