@@ -8,6 +8,8 @@ from . import reference
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients
 from .modules import SubspaceDAE, random_orthonormal
+from . import hidden_gaussian
+from .hidden_gaussian import GaussianDenoiser, OptimalDenoiser, optimal_denoiser
 
 __version__ = "0.1.0"
 built_with_cuda: bool = bool(_C.built_with_cuda)
@@ -20,4 +22,8 @@ __all__ = [
     "random_orthonormal",
     "reference",
     "built_with_cuda",
+    "hidden_gaussian",
+    "optimal_denoiser",
+    "OptimalDenoiser",
+    "GaussianDenoiser",
 ]
