@@ -14,6 +14,7 @@ re-exported here so that ``molrg_ext.hidden_gaussian`` is the one entry point fo
 """
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -93,12 +94,16 @@ def _per_query(v: Number, name: str, like: torch.Tensor, B: int) -> torch.Tensor
             raise ValueError(
                 f"{where}: {name} of shape {tuple(v.shape)} does not broadcast to the batch ({B},)"
             ) from e
+        # Value check in eager mode only (data-dependent); the kernel checks again when compiled.
+        if not torch.compiler.is_compiling() and B > 0:
+            if not bool((torch.isfinite(v) & (v > 0)).all()):
+                raise ValueError(f"{where}: {name} must be finite and > 0")
     elif isinstance(v, (int, float)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{where}: {name} must be finite and > 0, got {v}")
         v = torch.full((B,), float(v), dtype=like.dtype, device=like.device)
     else:
         raise TypeError(f"{where}: {name} must be a number or a tensor, got {type(v).__name__}")
-    if B > 0 and not (torch.isfinite(v).all() and (v > 0).all()):
-        raise ValueError(f"{where}: {name} must be finite and > 0")
     return v.contiguous()
 
 
