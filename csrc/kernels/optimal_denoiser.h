@@ -11,15 +11,41 @@
 
 namespace molrg::kernels {
 
+// Eight independent partial sums: lets the compiler keep them in one SIMD register (strict IEEE
+// order forbids it to reassociate a single running sum) and hides the add latency.
+constexpr int kLanes = 8;
+
 // Logit of training point X_i (row of length n) for query x.
 template <typename T>
 MOLRG_HD T od_logit(const T* x, const T* Xi, int64_t n, T s, T inv2g2) {
-  T d2 = T(0);
-  for (int64_t k = 0; k < n; ++k) {
-    const T diff = x[k] - s * Xi[k];
-    d2 += diff * diff;
+  T acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int u = 0; u < kLanes; ++u) {
+      const T diff = x[k + u] - s * Xi[k + u];
+      acc[u] += diff * diff;
+    }
   }
+  for (int u = 0; k < n; ++k, ++u) {
+    const T diff = x[k] - s * Xi[k];
+    acc[u] += diff * diff;
+  }
+  T d2 = T(0);
+  for (int u = 0; u < kLanes; ++u) d2 += acc[u];
   return -d2 * inv2g2;
+}
+
+// <a, b> over n entries with kLanes partial sums.
+template <typename T>
+MOLRG_HD T od_dot(const T* a, const T* b, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int u = 0; u < kLanes; ++u) acc[u] += a[k + u] * b[k + u];
+  for (int u = 0; k < n; ++k, ++u) acc[u] += a[k] * b[k];
+  T out = T(0);
+  for (int u = 0; u < kLanes; ++u) out += acc[u];
+  return out;
 }
 
 // Forward for one query. x, y: n; X: N x n row-major; buf: blk scratch logits.
@@ -75,8 +101,7 @@ MOLRG_HD void od_backward_query(const T* g, const T* x, const T* X, int64_t N, i
     const T* Xi = X + i * n;
     const T w = m_exp(od_logit(x, Xi, n, s, inv2g2) - lse);
     if (w == T(0)) continue;
-    T gx = T(0);
-    for (int64_t k = 0; k < n; ++k) gx += g[k] * Xi[k];
+    const T gx = od_dot(g, Xi, n);
     const T coef = w * (gx - gy);
     for (int64_t k = 0; k < n; ++k) dx[k] += coef * (Xi[k] - y[k]);
   }
