@@ -18,6 +18,8 @@ from .jacobian import (
     jacobian_spectrum,
     numerical_rank,
 )
+from . import hidden_gaussian
+from .hidden_gaussian import GaussianDenoiser, OptimalDenoiser, optimal_denoiser
 
 __version__ = "0.1.0"
 built_with_cuda: bool = bool(_C.built_with_cuda)
@@ -39,4 +41,8 @@ __all__ = [
     "jacobian_spectrum",
     "jacobian_rank",
     "jacobian_directions",
+    "hidden_gaussian",
+    "optimal_denoiser",
+    "OptimalDenoiser",
+    "GaussianDenoiser",
 ]

@@ -6,6 +6,7 @@ from .generation import (
     nearest_neighbor_distances,
     nn_distance_sum,
 )
+from .linearity import edm_sigma_grid, linearity_score
 from .recovery import clustering_accuracy, recovery_success, subspace_distance
 
 __all__ = [
@@ -17,4 +18,6 @@ __all__ = [
     "max_cosine_similarity",
     "nearest_neighbor_distances",
     "nn_distance_sum",
+    "linearity_score",
+    "edm_sigma_grid",
 ]
