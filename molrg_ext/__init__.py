@@ -8,6 +8,7 @@ from . import reference
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients
 from .modules import SubspaceDAE, random_orthonormal
+from .train_step import Levels, make_levels, philox_draws, train_step
 
 __version__ = "0.1.0"
 built_with_cuda: bool = bool(_C.built_with_cuda)
@@ -19,5 +20,9 @@ __all__ = [
     "SubspaceDAE",
     "random_orthonormal",
     "reference",
+    "train_step",
+    "make_levels",
+    "philox_draws",
+    "Levels",
     "built_with_cuda",
 ]

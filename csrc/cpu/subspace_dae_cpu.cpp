@@ -1,6 +1,9 @@
 // CPU implementation of molrg::subspace_dae, subspace_dae_backward and hard_assign.
-// The math is in kernels/subspace_dae.h; this file validates, allocates and parallelises over
-// samples with at::parallel_for. Backward keeps one dU accumulator per thread and reduces once.
+// The math is in kernels/subspace_dae_packed.h (same formulas as kernels/subspace_dae.h on a
+// transposed basis layout): each call packs U once to Ut [P, K, dm, n] so every inner loop is a
+// unit-stride, vectorised dot product or axpy over n with the packed panel in cache. Samples are
+// split with at::parallel_for; backward keeps one packed dU accumulator per thread (or writes
+// instance gradients directly when there are enough instances) and reduces once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,7 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../kernels/subspace_dae.h"
+#include "../kernels/subspace_dae_packed.h"
 
 namespace molrg {
 namespace {
@@ -70,9 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
   const int64_t total = s.P * s.B;
   if (total == 0) return {y, proj, w};
 
+  auto Ut = U.transpose(2, 3).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* Up = U.data_ptr<scalar_t>();
+    const scalar_t* Up = Ut.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
     const scalar_t* php = phi.data_ptr<scalar_t>();
     const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
@@ -87,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t p = idx / s.B;
         const int k0 = ap ? (int)ap[idx] : -1;
-        dae_forward_sample<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, cp[idx],
+        pk_forward_sample<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, cp[idx],
                                      php[idx], bp ? bp + idx * K : nullptr, (int)mode, k0,
                                      pp + idx * K * dm, wp + idx * K, yp + idx * n, sq.data());
       }
@@ -115,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
   check_contig(w, kBwd, "w");
 
   auto dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
-  auto dU = need_dU ? at::zeros_like(U) : at::empty({0}, x.options());
+  auto dU = need_dU ? at::empty_like(U) : at::empty({0}, x.options());
   auto dc = at::empty({s.P, s.B}, x.options());
   auto dphi = at::empty({s.P, s.B}, x.options());
   auto dbias = at::empty({s.P, s.B, s.K}, x.options());
@@ -124,14 +128,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
 
   const int64_t nthreads = at::get_num_threads();
   const int64_t usize = s.K * s.n * s.dm;
-  // Per-thread accumulators for every instance: thread t owns acc[t].
+  auto Ut = U.transpose(2, 3).contiguous();  // packed [P, K, dm, n]
+  // Enough instances: a thread owns whole instances and accumulates their dU directly.
+  // Otherwise one packed accumulator per thread for every instance, summed once.
+  const bool by_instance = s.P >= 2 * nthreads;
   at::Tensor acc;
-  if (need_dU) acc = at::zeros({nthreads, s.P, usize}, x.options());
+  if (need_dU) acc = at::zeros({by_instance ? int64_t(1) : nthreads, s.P, s.K, s.dm, s.n},
+                               x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_backward_cpu", [&] {
     const scalar_t* gp = grad_y.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* Up = U.data_ptr<scalar_t>();
+    const scalar_t* Up = Ut.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
     const scalar_t* php = phi.data_ptr<scalar_t>();
     const scalar_t* pp = proj.data_ptr<scalar_t>();
@@ -143,24 +151,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     scalar_t* accp = need_dU ? acc.data_ptr<scalar_t>() : nullptr;
     const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
     const int32_t* dp = s.dims.data();
-    at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
+    auto run = [&](int64_t begin, int64_t end, scalar_t* my_acc) {
       std::vector<scalar_t> r(K * dm), dP(K * dm);
-      scalar_t* my_acc = accp ? accp + at::get_thread_num() * s.P * usize : nullptr;
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t p = idx / s.B;
-        const scalar_t* Ui = Up + p * usize;
-        const scalar_t* pk = pp + idx * K * dm;
-        const scalar_t* wk = wp + idx * K;
-        dae_backward_sample<scalar_t>(gp + idx * n, Ui, pk, wk, cp[idx], php[idx], K, n, dm, dp,
-                                      (int)mode, r.data(), dP.data(), dbp + idx * K,
-                                      dxp ? dxp + idx * n : nullptr, dcp + idx, dphip + idx);
-        if (my_acc)
-          dae_accumulate_dU<scalar_t>(xp + idx * n, gp + idx * n, pk, wk, dP.data(), cp[idx], K,
-                                      n, dm, dp, my_acc + p * usize);
+        pk_backward_sample<scalar_t>(gp + idx * n, xp + idx * n, Up + p * usize,
+                                     pp + idx * K * dm, wp + idx * K, cp[idx], php[idx], K, n,
+                                     dm, dp, (int)mode, r.data(), dP.data(), dbp + idx * K,
+                                     dxp ? dxp + idx * n : nullptr, dcp + idx, dphip + idx,
+                                     my_acc ? my_acc + p * usize : nullptr);
       }
-    });
+    };
+    if (by_instance) {
+      at::parallel_for(0, s.P, 1, [&](int64_t pb, int64_t pe) {
+        run(pb * s.B, pe * s.B, accp);
+      });
+    } else {
+      at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
+        run(begin, end, accp ? accp + at::get_thread_num() * s.P * usize : nullptr);
+      });
+    }
   });
-  if (need_dU) dU.copy_(acc.sum(0).view(U.sizes()));
+  if (need_dU) {
+    auto packed = by_instance ? acc.select(0, 0) : acc.sum(0);
+    dU.copy_(packed.transpose(2, 3));
+  }
   return {dx, dU, dc, dphi, dbias};
 }
 
@@ -169,9 +184,10 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
   auto out = at::empty({s.P, s.B}, x.options().dtype(at::kLong));
   const int64_t total = s.P * s.B;
   if (total == 0) return out;
+  auto Ut = U.transpose(2, 3).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hard_assign_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* Up = U.data_ptr<scalar_t>();
+    const scalar_t* Up = Ut.data_ptr<scalar_t>();
     int64_t* op = out.data_ptr<int64_t>();
     const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
     const int32_t* dp = s.dims.data();
@@ -179,7 +195,7 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
       std::vector<scalar_t> proj(K * dm), sq(K);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t p = idx / s.B;
-        dae_project<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, proj.data(),
+        pk_project<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, proj.data(),
                               sq.data());
         op[idx] = dae_argmax<scalar_t>(sq.data(), K);
       }
