@@ -9,6 +9,13 @@ from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients
 from .modules import SubspaceDAE, random_orthonormal
 from .train_step import Levels, make_levels, philox_draws, train_step
+from .jacobian import (
+    dae_jacobian_spectrum,
+    jacobian_directions,
+    jacobian_rank,
+    jacobian_spectrum,
+    numerical_rank,
+)
 
 __version__ = "0.1.0"
 built_with_cuda: bool = bool(_C.built_with_cuda)
@@ -25,4 +32,9 @@ __all__ = [
     "philox_draws",
     "Levels",
     "built_with_cuda",
+    "dae_jacobian_spectrum",
+    "numerical_rank",
+    "jacobian_spectrum",
+    "jacobian_rank",
+    "jacobian_directions",
 ]
