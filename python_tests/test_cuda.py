@@ -270,3 +270,39 @@ def test_cuda_errors_name_the_argument():
         torch.ops.molrg.subspace_dae(x, U, c, phi, torch.full((1, 4, 2), math.nan, device="cuda"),
                                      None, dims, 0)
 
+
+
+def _levels(L, K, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = 0.5 + 0.5 * torch.rand(L, generator=g, dtype=torch.float64)
+    gamma = 0.05 + torch.rand(L, generator=g, dtype=torch.float64)
+    lam = 0.5 + torch.rand(L, generator=g, dtype=torch.float64)
+    c = s / (s**2 + gamma**2)
+    phi = s**2 / (2 * gamma**2 * (s**2 + gamma**2))
+    table = torch.stack([s, gamma, lam, c, phi], 1).to(dtype)
+    bias = torch.randn(L, K, generator=g, dtype=torch.float64).to(dtype)
+    return table, bias
+
+
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", [0, 1])
+def test_train_step_cuda_matches_cpu_same_seed(dtype, mode):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::train_step", "CUDA"):
+        pytest.skip("no train_step CUDA kernel in this build")
+    dims = [3, 2]
+    X, U, _, _, _ = _problem(3, 40, 21, dims, 3, dtype, seed=10, bias=False)  # X: 40 samples
+    table, bias = _levels(16, 2, dtype, seed=11)
+    lb = bias if mode == 0 else None
+    args = (dims, 64, 1234, 7, mode)
+    loss_c, grad_c = torch.ops.molrg.train_step(X, U, table, lb, *args)
+    loss_g, grad_g = torch.ops.molrg.train_step(X.cuda(), U.cuda(), table.cuda(),
+                                                _to(lb, "cuda"), *args)
+    # Same Philox integers; normals differ from the CPU only by libm vs CUDA-math rounding.
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(loss_g.cpu(), loss_c, **tol)
+    torch.testing.assert_close(grad_g.cpu(), grad_c, **tol)
+    # another step draws other numbers
+    loss_other, _ = torch.ops.molrg.train_step(X.cuda(), U.cuda(), table.cuda(), _to(lb, "cuda"),
+                                               dims, 64, 1234, 8, mode)
+    assert not torch.allclose(loss_other, loss_g)

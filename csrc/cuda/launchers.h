@@ -40,4 +40,19 @@ template <typename T>
 cudaError_t launch_hard_assign(const T* x, const T* U, const int32_t* dims, int64_t P, int64_t B,
                                int n, int K, int dm, int64_t* out, cudaStream_t stream);
 
+// Fused training step (csrc/cuda/train_step.cu): X [P,N,n]; U [P,K,n,dm]; levels [L,5] =
+// (s, gamma, lambda, c, phi); level_bias [L,K] or null. Writes slot_loss [P,M] (lambda ||y - x0||^2
+// per slot) and dU [P,K,n,dm] (gradient of the mean slot loss; zeroed here). Draws from the
+// Philox stream of kernels/philox.h, the same numbers as the CPU op for the same seed and step.
+template <typename T>
+cudaError_t launch_train_step(const T* X, int64_t N, const T* U, const T* levels,
+                              const T* level_bias, int64_t L, const int32_t* dims, int64_t P,
+                              int64_t M, int n, int K, int dm, int mode, uint64_t seed,
+                              uint32_t step, T* slot_loss, T* dU, cudaStream_t stream);
+
+// Shared memory one warp of the train_step kernel needs, and the most a block may use.
+template <typename T>
+int64_t train_step_smem_bytes(int n, int K, int dm);
+int64_t train_step_max_smem_bytes();
+
 }  // namespace molrg::cuda
