@@ -256,6 +256,7 @@ def run(dae_shapes=None, train_shapes=None, peers=("eager", "compile"), modes=("
         rows.append(_row(kind, shape, mode, times, medians, flops))
     _print(rows, peak)
     if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         meta = {"machine": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(), "peak_gflops_fp32": peak,
                 "loadavg": os.getloadavg(), "torch": torch.__version__,
@@ -300,7 +301,7 @@ def add_arguments(p):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--modes", default="soft", help="denoiser modes, comma separated")
-    p.add_argument("--out", default="bench_results.json", help="JSON output path")
+    p.add_argument("--out", default="results/bench.json", help="JSON output path")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--shapes", default=None,
                    help="denoiser shapes as n,K,d,B;n,K,d,B (default: the built-in list)")
