@@ -30,9 +30,9 @@ jacobian_kernel(const T* __restrict__ x, const T* __restrict__ U, const T* __res
                 const int32_t* __restrict__ dims, const int32_t* __restrict__ offs, int64_t P,
                 int64_t B, int n, int K, int dm, int r, int D, int mode, T* __restrict__ svals,
                 T* __restrict__ vecs, T* __restrict__ work, int64_t work_per,
-                int32_t* __restrict__ order, int* __restrict__ failed) {
+                int32_t* __restrict__ order, int* __restrict__ failed, int64_t workers) {
   const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  const int64_t workers = (int64_t)gridDim.x * blockDim.x;
+  if (t >= workers) return;  // the last block may be partial: no scratch slice past `workers`
   T* my_work = work + t * work_per;
   int32_t* my_order = order + t * r;
   for (int64_t idx = t; idx < P * B; idx += workers) {
@@ -52,9 +52,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 sym_eig_kernel(T* __restrict__ A, int64_t total, int m, T* __restrict__ evals,
                T* __restrict__ evecs, T* __restrict__ work, int64_t work_per,
-               int32_t* __restrict__ order, int* __restrict__ failed) {
+               int32_t* __restrict__ order, int* __restrict__ failed, int64_t workers) {
   const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  const int64_t workers = (int64_t)gridDim.x * blockDim.x;
+  if (t >= workers) return;  // the last block may be partial: no scratch slice past `workers`
   const int64_t mm = (int64_t)m * m;
   T* lam = work + t * work_per;
   T* e = lam + m;
@@ -105,7 +105,7 @@ cudaError_t launch_dae_jacobian_spectrum(const T* x, const T* U, const T* R, con
   const int64_t work_per = dae_jacobian_work(K, dm, r, vecs != nullptr);
   jacobian_kernel<T><<<blocks_for(workers), kThreads, 0, stream>>>(
       x, U, R, S, c, phi, bias, assign, dims, offs, P, B, n, K, dm, r, D, mode, svals, vecs,
-      work, work_per, order, failed);
+      work, work_per, order, failed, workers);
   return cudaGetLastError();
 }
 
@@ -115,7 +115,8 @@ cudaError_t launch_sym_eig(T* A, int64_t total, int m, T* evals, T* evecs, T* wo
   if (total == 0 || m == 0) return cudaSuccess;
   const int64_t workers = workers_for(total);
   sym_eig_kernel<T><<<blocks_for(workers), kThreads, 0, stream>>>(
-      A, total, m, evals, evecs, work, sym_eig_work_per(m, evecs != nullptr), order, failed);
+      A, total, m, evals, evecs, work, sym_eig_work_per(m, evecs != nullptr), order, failed,
+      workers);
   return cudaGetLastError();
 }
 

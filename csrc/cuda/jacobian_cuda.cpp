@@ -62,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor> dae_jacobian_spectrum_cuda(
     S.select(1, k).copy_(at::matmul(Rk, Rk.transpose(1, 2)));
   }
   const int64_t workers = cuda::jacobian_workers(total);
-  auto work = at::empty({workers * cuda::jacobian_work_per((int)s.K, (int)s.dm, (int)r, vectors)}, x.options());
+  const int64_t work_per = cuda::jacobian_work_per((int)s.K, (int)s.dm, (int)r, vectors);
+  auto work = at::empty({workers * work_per}, x.options());
   auto order = at::empty({workers * r}, x.options().dtype(at::kInt));
   auto failed = at::zeros({1}, x.options().dtype(at::kInt));
   auto d_dims = int32_on(s.dims, x);

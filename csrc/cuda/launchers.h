@@ -56,8 +56,9 @@ int64_t train_step_smem_bytes(int n, int K, int dm);
 int64_t train_step_max_smem_bytes();
 
 // Jacobian spectrum (csrc/cuda/jacobian.cu), one thread per sample / matrix. The workspace holds
-// jacobian_workers(total) slices: work of dae_jacobian_work(K, dm, r, vectors) (kernels/
-// jacobian.h, = jacobian_work_per) or sym_eig_work_per(m, vectors) elements, and order of r (m) int32 each.
+// jacobian_workers(total) slices: work of jacobian_work_per(K, dm, r, vectors) (that is
+// dae_jacobian_work of kernels/jacobian.h) or sym_eig_work_per(m, vectors) elements, and order
+// of r (m) int32 each.
 // *failed (device int, zeroed by the caller) becomes 1 if some eigensolve did not converge.
 constexpr int64_t kJacobianMaxWorkers = 65536;
 int64_t jacobian_workers(int64_t total);
