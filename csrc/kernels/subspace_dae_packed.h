@@ -75,25 +75,18 @@ MOLRG_HD void pk_forward_sample(const T* x, const T* Ut, int K, int n, int dm,
   pk_reconstruct(Ut, proj, w, c, K, n, dm, dims, y);
 }
 
-// Backward of one sample: writes dP [K*dm], dlogit [K], dc, dphi, dx (if non-null), and
-// accumulates dUt [K, dm, n] (if non-null). r is scratch [K*dm].
+// From r_k = U_k^T g (r [K*dm], padding ignored), proj and w: dlogit [K], dP [K*dm] (padding 0),
+// dc and dphi of one sample. Components with w_k == 0 get dP_k = 0.
 template <typename T>
-MOLRG_HD void pk_backward_sample(const T* __restrict__ g, const T* __restrict__ x,
-                                 const T* __restrict__ Ut, const T* __restrict__ proj,
-                                 const T* __restrict__ w, T c, T phi, int K, int n, int dm,
-                                 const int32_t* dims, int mode, T* __restrict__ r,
-                                 T* __restrict__ dP, T* __restrict__ dlogit, T* __restrict__ dx,
-                                 T* dc, T* dphi, T* __restrict__ dUt) {
+MOLRG_HD void dae_dP_from_r(const T* __restrict__ r, const T* __restrict__ proj,
+                            const T* __restrict__ w, T c, T phi, int K, int dm,
+                            const int32_t* dims, int mode, T* __restrict__ dP,
+                            T* __restrict__ dlogit, T* dc, T* dphi) {
   T hbar = T(0), dc_acc = T(0);
   for (int k = 0; k < K; ++k) {
-    const int dk = dims[k];
     T rp = T(0);
-    for (int j = 0; j < dm; ++j) {
-      T v = T(0);
-      if (j < dk && w[k] != T(0)) v = pk_dot(Ut + ((int64_t)k * dm + j) * n, g, n);
-      r[k * dm + j] = v;
-      rp += v * proj[k * dm + j];
-    }
+    if (w[k] != T(0))
+      for (int j = 0; j < dims[k]; ++j) rp += r[k * dm + j] * proj[k * dm + j];
     dlogit[k] = rp;  // <r_k, P_k> until the second pass
     dc_acc += w[k] * rp;
     hbar += w[k] * c * rp;
@@ -110,9 +103,26 @@ MOLRG_HD void pk_backward_sample(const T* __restrict__ g, const T* __restrict__ 
     dphi_acc += dl * sq;
     const T a = c * w[k];
     const T b = T(2) * phi * dl;
-    for (int j = 0; j < dm; ++j) dP[k * dm + j] = j < dk ? a * r[k * dm + j] + b * proj[k * dm + j] : T(0);
+    for (int j = 0; j < dm; ++j)
+      dP[k * dm + j] = (j < dk && w[k] != T(0)) ? a * r[k * dm + j] + b * proj[k * dm + j] : T(0);
   }
   *dphi = dphi_acc;
+}
+
+// Backward of one sample: writes dP [K*dm], dlogit [K], dc, dphi, dx (if non-null), and
+// accumulates dUt [K, dm, n] (if non-null). r is scratch [K*dm].
+template <typename T>
+MOLRG_HD void pk_backward_sample(const T* __restrict__ g, const T* __restrict__ x,
+                                 const T* __restrict__ Ut, const T* __restrict__ proj,
+                                 const T* __restrict__ w, T c, T phi, int K, int n, int dm,
+                                 const int32_t* dims, int mode, T* __restrict__ r,
+                                 T* __restrict__ dP, T* __restrict__ dlogit, T* __restrict__ dx,
+                                 T* dc, T* dphi, T* __restrict__ dUt) {
+  for (int k = 0; k < K; ++k)
+    for (int j = 0; j < dm; ++j)
+      r[k * dm + j] = (j < dims[k] && w[k] != T(0))
+                          ? pk_dot(Ut + ((int64_t)k * dm + j) * n, g, n) : T(0);
+  dae_dP_from_r(r, proj, w, c, phi, K, dm, dims, mode, dP, dlogit, dc, dphi);
   if (dx) {
     MOLRG_SIMD
     for (int i = 0; i < n; ++i) dx[i] = T(0);
