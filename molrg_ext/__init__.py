@@ -3,6 +3,8 @@
 Importing the package registers the ``torch.ops.molrg.*`` operators (CPU always, CUDA when built
 with it) together with their autograd and fake kernels.
 """
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+
 from . import _C
 from . import reference
 from .ops import hard_assign, subspace_dae
@@ -16,6 +18,8 @@ from .jacobian import (
     jacobian_spectrum,
     numerical_rank,
 )
+from . import hidden_gaussian
+from .hidden_gaussian import GaussianDenoiser, OptimalDenoiser, optimal_denoiser
 
 __version__ = "0.1.0"
 built_with_cuda: bool = bool(_C.built_with_cuda)
@@ -37,4 +41,8 @@ __all__ = [
     "jacobian_spectrum",
     "jacobian_rank",
     "jacobian_directions",
+    "hidden_gaussian",
+    "optimal_denoiser",
+    "OptimalDenoiser",
+    "GaussianDenoiser",
 ]

@@ -1,0 +1,322 @@
+"""``molrg hidden-gaussian``: the memorisation-to-generalisation picture of seed 003.
+
+For each data set (MoLRG samples, scikit-learn digits) and each training-set size N, a small
+network denoiser (EDM preconditioning and loss) is trained on N samples. Across the EDM noise grid
+we then measure the RMSE between its outputs and those of
+
+* the Gaussian denoiser of the training set (eq. (6)),
+* the empirical optimal (multi-delta) denoiser of the training set (eq. (5)),
+* the posterior-mean denoiser of the MoLRG (the true data model for MoLRG data; for digits a
+  MoLRG fitted to all 1797 images: one uncentred top-d PCA basis per digit class),
+
+on noisy training samples x_0 + sigma eps, and its linearity score (eq. (11)). Small N should
+track the multi-delta denoiser (memorisation, low linearity), large N the Gaussian / MoLRG ones.
+
+Outputs in ``--out``: one JSON per (data set, N) under ``runs/`` (finished runs are skipped on
+restart), ``hidden_gaussian.json`` (all results) and ``hidden_gaussian.png``.
+
+The network is a small MLP defined here (issue 8's models/trainer were not available when this
+was written); swap in another denoiser through :func:`train_denoiser`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+PRESETS = {
+    "quick": dict(sizes=[16, 128, 1024], steps=600, hidden=128, batch=128, n_eval=200,
+                  n_sigmas=10, n_pairs=100),
+    "full": dict(sizes=[8, 32, 128, 512, 1024, 1536], steps=8000, hidden=512, batch=256,
+                 n_eval=500, n_sigmas=18, n_pairs=100),
+}
+
+
+# ------------------------------------------------------------------------------------------ data
+def molrg_data(N: int, n: int, K: int, d: int, seed: int):
+    """N MoLRG samples (K mutually orthogonal d-dim subspaces of R^n, uniform weights) and U*."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, K * d, generator=g, dtype=torch.float64))
+    U = Q.T.reshape(K, d, n).transpose(1, 2).contiguous()  # [K, n, d]
+    k = torch.randint(0, K, (N,), generator=g)
+    a = torch.randn(N, d, generator=g, dtype=torch.float64)
+    X = torch.einsum("bnd,bd->bn", U[k], a)
+    return X.float(), U.float()
+
+
+def digits_data():
+    """scikit-learn digits scaled to [-1, 1] (float32 [1797, 64]) and labels."""
+    from sklearn.datasets import load_digits
+
+    ds = load_digits()
+    X = torch.tensor(ds.data, dtype=torch.float32) / 8.0 - 1.0
+    return X, torch.tensor(ds.target)
+
+
+def fitted_molrg_bases(X: torch.Tensor, labels: torch.Tensor, d: int) -> torch.Tensor:
+    """One uncentred top-d PCA basis per class: U [K, n, d]."""
+    bases = []
+    for c in labels.unique().tolist():
+        Xc = X[labels == c].double()
+        U, _, _ = torch.linalg.svd(Xc.T, full_matrices=False)
+        bases.append(U[:, :d])
+    return torch.stack(bases).float()
+
+
+# --------------------------------------------------------------------------------------- network
+class MLPDenoiser(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, log(sigma) / 4) (EDM preconditioning)."""
+
+    def __init__(self, n: int, hidden: int, sigma_data: float, n_freq: int = 16):
+        super().__init__()
+        self.sigma_data = float(sigma_data)
+        self.register_buffer("freq", torch.arange(1, n_freq + 1, dtype=torch.float32))
+        self.net = nn.Sequential(
+            nn.Linear(n + 2 * n_freq, hidden), nn.SiLU(),
+            nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, n),
+        )
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1)
+        sigma = sigma.expand(x.shape[0], 1)
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data / torch.sqrt(sigma**2 + sd2)
+        c_in = 1.0 / torch.sqrt(sigma**2 + sd2)
+        emb = torch.log(sigma) / 4.0 * self.freq
+        h = torch.cat([c_in * x, torch.sin(emb), torch.cos(emb)], 1)
+        return c_skip * x + c_out * self.net(h)
+
+
+def train_denoiser(X: torch.Tensor, steps: int, hidden: int, batch: int, seed: int,
+                   progress=None) -> MLPDenoiser:
+    """EDM training (log-normal sigma, P_mean = -1.2, P_std = 1.2, EDM loss weight), Adam."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    sigma_data = float(X.std())
+    model = MLPDenoiser(X.shape[1], hidden, sigma_data)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        idx = torch.randint(0, X.shape[0], (batch,), generator=g)
+        x0 = X[idx]
+        sigma = torch.exp(-1.2 + 1.2 * torch.randn(batch, 1, generator=g))
+        x = x0 + sigma * torch.randn(x0.shape, generator=g)
+        w = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+        loss = (w * (model(x, sigma) - x0) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress.update(1)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------- evaluation
+@dataclass
+class RunConfig:
+    dataset: str
+    N: int
+    steps: int
+    hidden: int
+    batch: int
+    n_eval: int
+    n_sigmas: int
+    n_pairs: int
+    seed: int
+    molrg_n: int
+    molrg_K: int
+    molrg_d: int
+    digits_d: int
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+@torch.no_grad()
+def evaluate(net, X_train, posterior, sigmas, n_eval, n_pairs, seed):
+    from ..hidden_gaussian import GaussianDenoiser, OptimalDenoiser, linearity_score
+
+    gauss = GaussianDenoiser.fit(X_train)
+    optimal = OptimalDenoiser(X_train)
+    g = torch.Generator().manual_seed(seed + 1)
+    out = {k: [] for k in ("sigma", "rmse_gaussian", "rmse_optimal", "rmse_posterior",
+                           "rmse_optimal_vs_gaussian")}
+    for s in sigmas:
+        idx = torch.randint(0, X_train.shape[0], (n_eval,), generator=g)
+        x = X_train[idx] + s * torch.randn(n_eval, X_train.shape[1], generator=g)
+        y = net(x, s)
+        y_opt = optimal(x, s)
+        y_g = gauss(x, s)
+        out["sigma"].append(float(s))
+        out["rmse_gaussian"].append(_rmse(y, y_g))
+        out["rmse_optimal"].append(_rmse(y, y_opt))
+        out["rmse_posterior"].append(_rmse(y, posterior(x, s)))
+        out["rmse_optimal_vs_gaussian"].append(_rmse(y_opt, y_g))
+    gl = torch.Generator().manual_seed(seed + 2)
+    out["linearity"] = linearity_score(net, X_train, sigmas, n_pairs, generator=gl).tolist()
+    gl = torch.Generator().manual_seed(seed + 2)
+    out["linearity_optimal"] = linearity_score(optimal, X_train, sigmas, n_pairs,
+                                               generator=gl).tolist()
+    return out
+
+
+def run_one(cfg: RunConfig, progress=None) -> dict:
+    from ..modules import SubspaceDAE
+
+    seed = cfg.seed * 1000003 + cfg.N * 31 + (0 if cfg.dataset == "molrg" else 17)
+    if cfg.dataset == "molrg":
+        X, U = molrg_data(cfg.N, cfg.molrg_n, cfg.molrg_K, cfg.molrg_d, cfg.seed)
+        post = SubspaceDAE(cfg.molrg_n, [cfg.molrg_d] * cfg.molrg_K, U=U)
+    elif cfg.dataset == "digits":
+        Xall, labels = digits_data()
+        if cfg.N > Xall.shape[0]:
+            raise ValueError(f"hidden-gaussian: digits has {Xall.shape[0]} images, N = {cfg.N}")
+        perm = torch.randperm(Xall.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+        X = Xall[perm[: cfg.N]]
+        U = fitted_molrg_bases(Xall, labels, cfg.digits_d)
+        pi = torch.bincount(labels).double()
+        post = SubspaceDAE(X.shape[1], [cfg.digits_d] * U.shape[0], U=U, pi=pi.tolist())
+    else:
+        raise ValueError(f"hidden-gaussian: unknown dataset {cfg.dataset!r}")
+    post.eval()
+    net = train_denoiser(X, cfg.steps, cfg.hidden, cfg.batch, seed, progress)
+    from ..metrics.linearity import edm_sigma_grid
+
+    sigmas = edm_sigma_grid(cfg.n_sigmas).tolist()
+    res = evaluate(net, X, lambda x, s: post(x, s).detach(), sigmas, cfg.n_eval, cfg.n_pairs,
+                   seed)
+    return {"config": asdict(cfg), "key": cfg.key(), **res}
+
+
+# ------------------------------------------------------------------------------------- plotting
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["config"]["dataset"] for r in results})
+    cols = [("rmse_gaussian", "RMSE to Gaussian denoiser"),
+            ("rmse_optimal", "RMSE to multi-delta (optimal) denoiser"),
+            ("rmse_posterior", "RMSE to MoLRG posterior mean"),
+            ("linearity", "linearity score")]
+    fig, axes = plt.subplots(len(datasets), len(cols), figsize=(4.2 * len(cols),
+                                                                 3.4 * len(datasets)),
+                             squeeze=False)
+    for i, ds in enumerate(datasets):
+        rs = sorted((r for r in results if r["config"]["dataset"] == ds),
+                    key=lambda r: r["config"]["N"])
+        cmap = plt.get_cmap("viridis")
+        for j, (key, title) in enumerate(cols):
+            ax = axes[i, j]
+            for m, r in enumerate(rs):
+                ax.plot(r["sigma"], r[key], "o-", ms=3, color=cmap(m / max(1, len(rs) - 1)),
+                        label=f"N={r['config']['N']}")
+                if key == "linearity":
+                    ax.plot(r["sigma"], r["linearity_optimal"], ":", color=cmap(
+                        m / max(1, len(rs) - 1)))
+            ax.set_xscale("log")
+            ax.set_xlabel("sigma")
+            ax.set_title(f"{ds}: {title}", fontsize=9)
+            if j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle("Network denoisers vs Gaussian / multi-delta / MoLRG denoisers "
+                 "(dotted: linearity of the multi-delta denoiser)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--out", default="results/hidden_gaussian", help="output folder")
+    p.add_argument("--datasets", default="molrg,digits", help="comma list: molrg, digits")
+    p.add_argument("--sizes", default=None, help="comma list of training-set sizes N")
+    p.add_argument("--steps", type=int, default=None, help="training steps per network")
+    p.add_argument("--hidden", type=int, default=None, help="MLP width")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--molrg-n", type=int, default=16)
+    p.add_argument("--molrg-K", type=int, default=2)
+    p.add_argument("--molrg-d", type=int, default=3)
+    p.add_argument("--digits-d", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise SystemExit(f"hidden-gaussian: {name} must be a comma list of ints") from e
+    if not vals or any(v < 1 for v in vals):
+        raise SystemExit(f"hidden-gaussian: {name} must hold positive ints")
+    return vals
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    torch.set_num_threads(max(1, args.threads))
+    pre = dict(PRESETS[args.preset])
+    if args.sizes:
+        pre["sizes"] = _ints(args.sizes, "--sizes")
+    if args.steps is not None:
+        pre["steps"] = args.steps
+    if args.hidden is not None:
+        pre["hidden"] = args.hidden
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    for d in datasets:
+        if d not in ("molrg", "digits"):
+            raise SystemExit(f"hidden-gaussian: unknown dataset {d!r} (molrg, digits)")
+    if args.molrg_K * args.molrg_d > args.molrg_n:
+        raise SystemExit("hidden-gaussian: need molrg_K * molrg_d <= molrg_n")
+    cfgs = [RunConfig(ds, N, pre["steps"], pre["hidden"], pre["batch"], pre["n_eval"],
+                      pre["n_sigmas"], pre["n_pairs"], args.seed, args.molrg_n, args.molrg_K,
+                      args.molrg_d, args.digits_d)
+            for ds in datasets for N in pre["sizes"]]
+    run_dir = os.path.join(args.out, "runs")
+    os.makedirs(run_dir, exist_ok=True)
+    results, todo = [], []
+    for c in cfgs:
+        path = os.path.join(run_dir, f"{c.dataset}_N{c.N}_{c.key()}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
+        else:
+            todo.append((c, path))
+    if len(todo) < len(cfgs):
+        print(f"hidden-gaussian: {len(cfgs) - len(todo)} finished runs found in {run_dir}")
+    with tqdm(total=sum(c.steps for c, _ in todo), desc="training", unit="step") as bar:
+        for c, path in todo:
+            bar.set_postfix(dataset=c.dataset, N=c.N)
+            res = run_one(c, bar)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=1)
+            os.replace(tmp, path)
+            results.append(res)
+    with open(os.path.join(args.out, "hidden_gaussian.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, os.path.join(args.out, "hidden_gaussian.png"))
+    for r in sorted(results, key=lambda r: (r["config"]["dataset"], r["config"]["N"])):
+        mid = min(range(len(r["sigma"])), key=lambda i: abs(math.log(r["sigma"][i] / 0.5)))
+        print(f"{r['config']['dataset']:>6} N={r['config']['N']:>5}  sigma={r['sigma'][mid]:.3f}: "
+              f"rmse gauss {r['rmse_gaussian'][mid]:.3f}  optimal {r['rmse_optimal'][mid]:.3f}  "
+              f"posterior {r['rmse_posterior'][mid]:.3f}  LS {r['linearity'][mid]:.3f}")
+    print(f"wrote {args.out}/hidden_gaussian.json and hidden_gaussian.png")
+    return 0

@@ -1,0 +1,184 @@
+"""Tools of seed 003 (Li, Dai, Qu, *hidden Gaussian structure*): the empirical optimal
+(multi-delta) denoiser, eq. (5), as the fused op ``torch.ops.molrg.optimal_denoiser``.
+
+For x_t = s x_0 + s sigma eps with x_0 uniform over the training points X_i,
+
+    D(x_t) = E[x_0 | x_t] = sum_i softmax_i(-||x_t - s X_i||^2 / (2 gamma^2)) X_i,  gamma = s sigma.
+
+The kernel streams over the training set with an online soft-max (no B x N matrix) and saves only
+the output and one log-sum-exp per query; the gradient w.r.t. ``x_t`` is
+``(s / gamma^2) Cov_w(X) grad`` (the posterior covariance, as Tweedie's formula says).
+
+The Gaussian denoiser, linearity score and linear distillation live in their own modules and are
+re-exported here so that ``molrg_ext.hidden_gaussian`` is the one entry point for seed 003.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import nn
+
+from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
+from .gaussian_denoiser import GaussianDenoiser
+from .linear_distill import LinearDenoiser, linear_distill
+from .metrics.linearity import linearity_score
+
+__all__ = [
+    "optimal_denoiser",
+    "OptimalDenoiser",
+    "GaussianDenoiser",
+    "linearity_score",
+    "linear_distill",
+    "LinearDenoiser",
+]
+
+Number = Union[float, int, torch.Tensor]
+_DEFAULT_BLOCK = 256
+
+
+# ----------------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("molrg::optimal_denoiser")
+def _optimal_denoiser_fake(x, X, s, gamma, block):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+
+
+@torch.library.register_fake("molrg::optimal_denoiser_backward")
+def _optimal_denoiser_backward_fake(grad_y, x, X, s, gamma, y, lse):
+    return x.new_empty(x.shape)
+
+
+# --------------------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, X, s, gamma, _block = inputs
+    y, lse = output
+    ctx.save_for_backward(x, X, s, gamma, y, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_y, _grad_lse):
+    need = ctx.needs_input_grad
+    if any(need[1:4]):
+        raise RuntimeError(
+            "optimal_denoiser: gradients are implemented w.r.t. x only; detach X, s and gamma"
+        )
+    if grad_y is None or not need[0]:
+        return None, None, None, None, None
+    x, X, s, gamma, y, lse = ctx.saved_tensors
+    dx = torch.ops.molrg.optimal_denoiser_backward(grad_y.contiguous(), x, X, s, gamma, y, lse)
+    return dx, None, None, None, None
+
+
+torch.library.register_autograd(
+    "molrg::optimal_denoiser", _backward, setup_context=_setup_context
+)
+
+
+# ------------------------------------------------------------------------------------ public API
+def _per_query(v: Number, name: str, like: torch.Tensor, B: int) -> torch.Tensor:
+    where = "optimal_denoiser"
+    if isinstance(v, torch.Tensor):
+        if v.device != like.device:
+            raise ValueError(f"{where}: {name} is on {v.device} but x_t is on {like.device}")
+        if not v.is_floating_point():
+            v = v.to(like.dtype)
+        if v.requires_grad:
+            raise ValueError(f"{where}: gradients w.r.t. {name} are not supported; detach it")
+        v = v.to(like.dtype)
+        if v.dim() > 1:
+            v = v.reshape(-1) if v.numel() == B else v
+        try:
+            v = torch.broadcast_to(v, (B,))
+        except RuntimeError as e:
+            raise ValueError(
+                f"{where}: {name} of shape {tuple(v.shape)} does not broadcast to the batch ({B},)"
+            ) from e
+        # Value check in eager mode only (data-dependent); the kernel checks again when compiled.
+        if not torch.compiler.is_compiling() and B > 0:
+            if not bool((torch.isfinite(v) & (v > 0)).all()):
+                raise ValueError(f"{where}: {name} must be finite and > 0")
+    elif isinstance(v, (int, float)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{where}: {name} must be finite and > 0, got {v}")
+        v = torch.full((B,), float(v), dtype=like.dtype, device=like.device)
+    else:
+        raise TypeError(f"{where}: {name} must be a number or a tensor, got {type(v).__name__}")
+    return v.contiguous()
+
+
+def optimal_denoiser(
+    x_t: torch.Tensor,
+    X_train: torch.Tensor,
+    sigma: Number,
+    s: Number = 1.0,
+    *,
+    block: int = _DEFAULT_BLOCK,
+) -> torch.Tensor:
+    """Empirical optimal denoiser ``E[x_0 | x_t]`` for x_0 uniform over ``X_train`` (eq. (5)).
+
+    Args:
+        x_t: ``[B, *shape]`` noisy queries, float32 or float64.
+        X_train: ``[N, *shape]`` training points (same dtype and device). Not differentiated.
+        sigma: noise level (number or tensor broadcastable to ``[B]``); x_t = s (x_0 + sigma eps).
+        s: signal scale (1 for VE / EDM), same forms as ``sigma``.
+        block: training points per streamed block of the kernel.
+
+    Returns:
+        ``[B, *shape]``; differentiable w.r.t. ``x_t``.
+    """
+    where = "optimal_denoiser"
+    for name, t in (("x_t", x_t), ("X_train", X_train)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x_t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{where}: x_t must be float32 or float64, got {x_t.dtype}")
+    if X_train.dtype != x_t.dtype:
+        raise TypeError(f"{where}: X_train has dtype {X_train.dtype} but x_t has {x_t.dtype}")
+    if X_train.device != x_t.device:
+        raise ValueError(f"{where}: X_train is on {X_train.device} but x_t is on {x_t.device}")
+    if x_t.dim() < 2:
+        raise ValueError(f"{where}: x_t must be [B, *shape], got shape {tuple(x_t.shape)}")
+    if X_train.dim() < 2:
+        raise ValueError(f"{where}: X_train must be [N, *shape], got shape {tuple(X_train.shape)}")
+    if tuple(X_train.shape[1:]) != tuple(x_t.shape[1:]):
+        raise ValueError(
+            f"{where}: X_train samples have shape {tuple(X_train.shape[1:])} but x_t samples "
+            f"have shape {tuple(x_t.shape[1:])}"
+        )
+    if X_train.shape[0] == 0:
+        raise ValueError(f"{where}: X_train is empty (N = 0)")
+    if x_t.shape[0] == 0:
+        raise ValueError(f"{where}: x_t is an empty batch (B = 0)")
+    if X_train.requires_grad:
+        raise ValueError(f"{where}: gradients w.r.t. X_train are not supported; detach it")
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"{where}: block must be a positive int, got {block!r}")
+    B = x_t.shape[0]
+    s_t = _per_query(s, "s", x_t, B)
+    g_t = s_t * _per_query(sigma, "sigma", x_t, B)
+    x2 = x_t.reshape(B, -1).contiguous()
+    X2 = X_train.reshape(X_train.shape[0], -1).contiguous()
+    y, _ = torch.ops.molrg.optimal_denoiser(x2, X2, s_t, g_t, block)
+    return y.reshape(x_t.shape)
+
+
+class OptimalDenoiser(nn.Module):
+    """The multi-delta optimal denoiser of a fixed training set: ``forward(x, sigma)``.
+
+    ``X_train`` is stored as a (non-trainable) buffer; ``s`` is the signal scale (1 for EDM).
+    """
+
+    def __init__(self, X_train: torch.Tensor, s: float = 1.0, block: int = _DEFAULT_BLOCK):
+        super().__init__()
+        if not isinstance(X_train, torch.Tensor) or X_train.dim() < 2 or X_train.shape[0] == 0:
+            raise ValueError("OptimalDenoiser: X_train must be a non-empty [N, *shape] tensor")
+        self.register_buffer("X_train", X_train.detach().contiguous())
+        self.s = float(s)
+        self.block = int(block)
+
+    def forward(self, x: torch.Tensor, sigma: Number) -> torch.Tensor:
+        return optimal_denoiser(x, self.X_train, sigma, self.s, block=self.block)
+
+    def extra_repr(self) -> str:
+        return f"N={self.X_train.shape[0]}, sample_shape={tuple(self.X_train.shape[1:])}, s={self.s}"

@@ -1,0 +1,372 @@
+"""Tests of the seed-003 tools: optimal (multi-delta) denoiser op, Gaussian denoiser and its
+closed-form trajectory, linearity score, linear distillation."""
+import math
+
+import pytest
+import torch
+
+import molrg_ext
+from molrg_ext import subspace_dae
+from molrg_ext.hidden_gaussian import (
+    GaussianDenoiser,
+    OptimalDenoiser,
+    linear_distill,
+    linearity_score,
+    optimal_denoiser,
+)
+from molrg_ext.metrics.linearity import edm_sigma_grid
+from molrg_ext.modules import random_orthonormal
+
+
+def direct_optimal(x, X, sigma, s=1.0):
+    """Independent reference: dense soft-max over all training points (eq. (5))."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1)
+    s = torch.as_tensor(s, dtype=x.dtype).reshape(-1, 1)
+    d2 = ((x[:, None, :] - s[..., None] * X[None]) ** 2).sum(-1)
+    return torch.softmax(-d2 / (2 * (s * sigma) ** 2), dim=1) @ X
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------ optimal denoiser op
+@pytest.mark.parametrize("block", [1, 7, 64, 1000])
+@pytest.mark.parametrize("sigma", [0.05, 0.6, 5.0])
+def test_optimal_matches_direct_softmax_float64(block, sigma):
+    g = gen(1)
+    X = torch.randn(157, 9, generator=g, dtype=torch.float64)
+    x = X[torch.randint(0, 157, (11,), generator=g)] + sigma * torch.randn(11, 9, generator=g,
+                                                                             dtype=torch.float64)
+    y = optimal_denoiser(x, X, sigma, block=block)
+    torch.testing.assert_close(y, direct_optimal(x, X, sigma), rtol=1e-12, atol=1e-12)
+
+
+def test_optimal_per_sample_sigma_and_scale():
+    g = gen(2)
+    X = torch.randn(80, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([0.1, 0.3, 1.0, 2.0, 4.0, 9.0], dtype=torch.float64)
+    s = torch.tensor([1.0, 0.9, 0.7, 0.5, 0.3, 0.1], dtype=torch.float64)
+    torch.testing.assert_close(optimal_denoiser(x, X, sigma, s), direct_optimal(x, X, sigma, s),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_optimal_float32_close_to_float64():
+    g = gen(3)
+    X = torch.randn(500, 48, generator=g, dtype=torch.float64)
+    x = torch.randn(20, 48, generator=g, dtype=torch.float64) * 3
+    y64 = direct_optimal(x, X, 3.0)
+    y32 = optimal_denoiser(x.float(), X.float(), 3.0)
+    torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_optimal_returns_training_points_at_small_noise(dtype):
+    """Memorisation: at sigma = 0.002 (the EDM minimum) D(x_t) is the nearest training point,
+    even in float32 where exp(-d^2 / 2 sigma^2) underflows for every other point."""
+    g = gen(4)
+    X = torch.randn(200, 48, generator=g).to(dtype)
+    idx = torch.randint(0, 200, (16,), generator=g)
+    x = X[idx] + 0.002 * torch.randn(16, 48, generator=g).to(dtype)
+    y = optimal_denoiser(x, X, 0.002)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, X[idx], rtol=0, atol=1e-6)
+
+
+def test_optimal_large_noise_gives_training_mean():
+    g = gen(5)
+    X = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    y = optimal_denoiser(x, X, 1e4)
+    torch.testing.assert_close(y, X.mean(0).expand(3, 4), rtol=0, atol=1e-5)
+
+
+def test_optimal_gradcheck_float64():
+    g = gen(6)
+    X = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor([0.4, 0.8, 1.0, 1.5, 3.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: optimal_denoiser(z, X, sigma, 0.8, block=9), (x,))
+
+
+def test_optimal_gradient_is_posterior_covariance():
+    """Tweedie: dD/dx = (s / gamma^2) Cov_w(X); check the vector-Jacobian product directly."""
+    g = gen(7)
+    X = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    sigma, s = 0.9, 1.2
+    y = optimal_denoiser(x, X, sigma, s)
+    v = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(y, x, v)
+    w = torch.softmax(-((x.detach() - s * X) ** 2).sum(1) / (2 * (s * sigma) ** 2), 0)
+    mean = w @ X
+    cov = (X - mean).T @ (w[:, None] * (X - mean))
+    torch.testing.assert_close(dx, (s / (s * sigma) ** 2) * v @ cov, rtol=1e-10, atol=1e-12)
+
+
+def test_optimal_opcheck():
+    g = gen(8)
+    for dtype in (torch.float32, torch.float64):
+        X = torch.randn(33, 5, generator=g).to(dtype)
+        x = torch.randn(4, 5, generator=g).to(dtype).requires_grad_()
+        s = torch.full((4,), 1.0, dtype=dtype)
+        gamma = torch.tensor([0.5, 1.0, 2.0, 0.7], dtype=dtype)
+        torch.library.opcheck(torch.ops.molrg.optimal_denoiser.default, (x, X, s, gamma, 8))
+        y, lse = torch.ops.molrg.optimal_denoiser(x.detach(), X, s, gamma, 8)
+        torch.library.opcheck(
+            torch.ops.molrg.optimal_denoiser_backward.default,
+            (torch.randn_like(y), x.detach(), X, s, gamma, y, lse),
+        )
+
+
+def test_optimal_lse_is_logsumexp():
+    g = gen(9)
+    X = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    gamma = torch.full((4,), 0.3, dtype=torch.float64)
+    _, lse = torch.ops.molrg.optimal_denoiser(x, X, torch.ones(4, dtype=torch.float64), gamma, 7)
+    ref = torch.logsumexp(-((x[:, None] - X[None]) ** 2).sum(-1) / (2 * 0.09), 1)
+    torch.testing.assert_close(lse, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_optimal_torch_compile_roundtrip():
+    torch._dynamo.reset()
+    g = gen(10)
+    X = torch.randn(60, 8, generator=g)
+    x = torch.randn(7, 8, generator=g, requires_grad=True)
+
+    def f(z):
+        return optimal_denoiser(z, X, 0.5).square().sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out_e = f(x)
+    (gx_e,) = torch.autograd.grad(out_e, x)
+    out_c = cf(x)
+    (gx_c,) = torch.autograd.grad(out_c, x)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(gx_c, gx_e)
+
+
+def test_optimal_module_image_shapes():
+    g = gen(11)
+    X = torch.randn(20, 1, 4, 4, generator=g, dtype=torch.float64)
+    mod = OptimalDenoiser(X)
+    x = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = mod(x, 0.7)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.reshape(3, 16), direct_optimal(x.reshape(3, 16),
+                                                                X.reshape(20, 16), 0.7))
+
+
+def test_optimal_bad_inputs():
+    X = torch.randn(10, 4)
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="X_train"):
+        optimal_denoiser(x, X.double(), 1.0)
+    with pytest.raises(TypeError, match="x_t"):
+        optimal_denoiser(x.half(), X.half(), 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        optimal_denoiser(x, torch.randn(10, 5), 1.0)
+    with pytest.raises(ValueError, match="N = 0"):
+        optimal_denoiser(x, X[:0], 1.0)
+    with pytest.raises(ValueError, match="B = 0"):
+        optimal_denoiser(x[:0], X, 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        optimal_denoiser(x, X, 0.0)
+    with pytest.raises(ValueError, match="sigma"):
+        optimal_denoiser(x, X, float("nan"))
+    with pytest.raises(ValueError, match="sigma"):
+        optimal_denoiser(x, X, torch.ones(2))
+    with pytest.raises(ValueError, match="s must"):
+        optimal_denoiser(x, X, 1.0, s=-1.0)
+    with pytest.raises(ValueError, match="block"):
+        optimal_denoiser(x, X, 1.0, block=0)
+    with pytest.raises(ValueError, match="X_train"):
+        optimal_denoiser(x, X.clone().requires_grad_(), 1.0)
+    with pytest.raises(RuntimeError, match="x contains NaN"):
+        optimal_denoiser(torch.full((3, 4), float("nan")), X, 1.0)
+    with pytest.raises(RuntimeError, match="X contains NaN"):
+        optimal_denoiser(x, torch.full((10, 4), float("inf")), 1.0)
+    one = torch.ones(3)
+    with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
+        torch.ops.molrg.optimal_denoiser(x, X, one, torch.zeros(3), 4)
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.molrg.optimal_denoiser(x[None], X, one, one, 4)
+    with pytest.raises(RuntimeError, match="s must have shape"):
+        torch.ops.molrg.optimal_denoiser(x, X, torch.ones(4), one, 4)
+    # Gradients w.r.t. the training set are not implemented: a clear error, not a silent None.
+    Xg = X.clone().requires_grad_()
+    y, _ = torch.ops.molrg.optimal_denoiser(x, Xg, one, one, 4)
+    with pytest.raises(RuntimeError, match="w.r.t. x only"):
+        y.sum().backward()
+
+
+# ----------------------------------------------------------------------------- Gaussian denoiser
+def test_gaussian_fit_moments():
+    g = gen(12)
+    X = torch.randn(300, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g,
+                                                                             dtype=torch.float64)
+    X = X + torch.arange(5.0, dtype=torch.float64)
+    G = GaussianDenoiser.fit(X)
+    torch.testing.assert_close(G.mu, X.mean(0))
+    cov = torch.cov(X.T, correction=0)
+    torch.testing.assert_close(G.U @ torch.diag(G.lam) @ G.U.T, cov)
+    assert (G.lam[:-1] >= G.lam[1:]).all()
+    # zero noise is the identity on the data's support (full rank here)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(G(x, 0.0), x)
+    # large noise collapses to the mean
+    torch.testing.assert_close(G(x, 1e6), G.mu.expand(4, 5), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.5, 2.0, 40.0])
+def test_gaussian_equals_subspace_dae_k1(sigma):
+    """N(0, U U^T) is the MoLRG with K = 1: D_G must equal subspace_dae with c = 1/(1+sigma^2)."""
+    g = gen(13)
+    n, d = 12, 3
+    U = random_orthonormal(n, d, generator=g, dtype=torch.float64)
+    G = GaussianDenoiser.from_moments(torch.zeros(n, dtype=torch.float64), U @ U.T)
+    x = torch.randn(9, n, generator=g, dtype=torch.float64) * 2
+    c = 1.0 / (1.0 + sigma**2)
+    ref = subspace_dae(x, U[None], c, 0.0)
+    torch.testing.assert_close(G(x, sigma), ref, rtol=1e-10, atol=1e-12)
+    # and it is the exact posterior mean from the MoLRG coefficients (Lemma 1, K = 1)
+    dae = molrg_ext.SubspaceDAE(n, [d], U=U[None], dtype=torch.float64)
+    torch.testing.assert_close(G(x, sigma), dae(x, sigma), rtol=1e-10, atol=1e-12)
+
+
+def _heun(D, x, sigmas):
+    """EDM probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma, Heun (Karras Alg. 1)."""
+    out = [x]
+    for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
+        d0 = (x - D(x, s0)) / s0
+        x1 = x + (s1 - s0) * d0
+        if s1 > 0:
+            d1 = (x1 - D(x1, s1)) / s1
+            x1 = x + (s1 - s0) * 0.5 * (d0 + d1)
+        x = x1
+        out.append(x)
+    return torch.stack(out)
+
+
+def test_gaussian_trajectory_matches_heun():
+    g = gen(14)
+    n = 6
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    cov = A @ torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5, 0.0, 0.0], dtype=torch.float64)) @ A.T
+    mu = torch.randn(n, generator=g, dtype=torch.float64)
+    G = GaussianDenoiser.from_moments(mu, cov)  # rank-deficient on purpose
+    sigmas = edm_sigma_grid(400).tolist()
+    x_T = mu + 80.0 * torch.randn(5, n, generator=g, dtype=torch.float64)
+    num = _heun(G, x_T, sigmas)
+    closed = G.trajectory(x_T, 80.0, sigmas)
+    err = (num - closed).abs().max() / x_T.abs().max()
+    assert err < 1e-4, err
+    # last Heun step is Euler to 0.002; the end point at sigma=0 follows from the formula
+    torch.testing.assert_close(G.sample(x_T, 80.0), G.trajectory(x_T, 80.0, [0.0])[0])
+    # the sample lies in mu + range(cov): zero-eigenvalue directions (numerically ~1e-15, so
+    # shrunk by sqrt(1e-15 / 80^2)) vanish at sigma = 0, while the support keeps O(1) values
+    resid = (G.sample(x_T, 80.0) - mu) @ G.U[:, 4:]
+    assert resid.abs().max() < 1e-6 * x_T.abs().max()
+    assert ((G.sample(x_T, 80.0) - mu) @ G.U[:, :4]).abs().max() > 0.1
+
+
+def test_gaussian_bad_inputs():
+    G = GaussianDenoiser.fit(torch.randn(20, 3))
+    with pytest.raises(TypeError, match="dtype"):
+        G(torch.randn(2, 3, dtype=torch.float64), 1.0)
+    with pytest.raises(ValueError, match="3 entries"):
+        G(torch.randn(2, 4), 1.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        G(torch.randn(0, 3), 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        G(torch.randn(2, 3), -1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        G(torch.randn(2, 3), torch.ones(3))
+    with pytest.raises(ValueError, match="NaN"):
+        GaussianDenoiser.fit(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="non-empty"):
+        GaussianDenoiser.fit(torch.randn(0, 3))
+    with pytest.raises(ValueError, match="symmetric"):
+        GaussianDenoiser.from_moments(torch.zeros(2), torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="sigma_T"):
+        G.trajectory(torch.randn(2, 3), 0.0, [1.0])
+
+
+# ---------------------------------------------------------------------------- linearity score
+def test_linearity_score_is_one_for_linear_denoisers():
+    g = gen(15)
+    n = 8
+    X = torch.randn(50, n, generator=g, dtype=torch.float64)
+    W = torch.randn(n, n, generator=g, dtype=torch.float64)
+    ls = linearity_score(lambda x, s: x @ W.T / (1 + s), X, n_pairs=20, generator=gen(0))
+    torch.testing.assert_close(ls, torch.ones(10, dtype=torch.float64), rtol=0, atol=1e-12)
+    G = GaussianDenoiser.from_moments(torch.zeros(n, dtype=torch.float64), torch.cov(X.T))
+    torch.testing.assert_close(linearity_score(G, X, [0.1, 1.0, 10.0], n_pairs=20),
+                               torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_linearity_score_detects_memorisation():
+    """The multi-delta denoiser of a small training set is far from linear at intermediate noise
+    (it snaps to training points) and nearly linear at very large noise (it returns the mean)."""
+    g = gen(16)
+    X = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    D = OptimalDenoiser(X)
+    ls = linearity_score(D, X, [0.3, 1e4], n_pairs=50, generator=gen(1))
+    assert ls[0] < 0.9, ls
+    assert ls[1] > 0.999, ls
+
+
+def test_linearity_score_reproducible_and_bad_inputs():
+    X = torch.randn(30, 4)
+    f = lambda x, s: torch.tanh(x)  # noqa: E731
+    a = linearity_score(f, X, [1.0, 2.0], generator=gen(3))
+    b = linearity_score(f, X, [1.0, 2.0], generator=gen(3))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sigmas"):
+        linearity_score(f, X, [0.0])
+    with pytest.raises(ValueError, match="X0"):
+        linearity_score(f, X[:0], [1.0])
+    with pytest.raises(ValueError, match="n_pairs"):
+        linearity_score(f, X, [1.0], n_pairs=0)
+
+
+def test_edm_sigma_grid_matches_paper_levels():
+    paper = [80.0, 42.415, 21.108, 9.723, 4.06, 1.501, 0.469, 0.116, 0.020, 0.002]
+    grid = edm_sigma_grid(10)
+    for a, b in zip(grid.tolist(), paper):
+        # the paper prints the levels truncated to 3 decimals (4.066 -> 4.06)
+        assert abs(a - b) <= 2e-3 * b + 1e-3, (a, b)
+
+
+# ------------------------------------------------------------------------- linear distillation
+def test_linear_distill_recovers_affine_denoiser_exactly():
+    g = gen(17)
+    n = 7
+    X = torch.randn(40, n, generator=g, dtype=torch.float64) * 2 + 1
+    G = GaussianDenoiser.fit(X)
+    sig = [0.05, 1.0, 20.0]
+    L = linear_distill(G, X, sig, generator=gen(5))
+    for j, s in enumerate(sig):
+        W, b = G.matrix(s)
+        torch.testing.assert_close(L.W[j], W, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(L.b[j], b, rtol=1e-8, atol=1e-8)
+        x = torch.randn(3, n, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(L(x, s), G(x, s), rtol=1e-8, atol=1e-8)
+
+
+def test_linear_distill_of_mean_denoiser_and_bad_inputs():
+    X = torch.randn(30, 3, dtype=torch.float64)
+    L = linear_distill(lambda x, s: torch.zeros_like(x) + 2.0, X, [1.0], generator=gen(0))
+    torch.testing.assert_close(L.W[0], torch.zeros(3, 3, dtype=torch.float64), atol=1e-10,
+                               rtol=0)
+    torch.testing.assert_close(L.b[0], torch.full((3,), 2.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not one of"):
+        L(X, 2.0)
+    with pytest.raises(ValueError, match="n_samples"):
+        linear_distill(lambda x, s: x, X, [1.0], n_samples=3)
+    with pytest.raises(ValueError, match="sigmas"):
+        linear_distill(lambda x, s: x, X, [])
+    with pytest.raises(ValueError, match="shape"):
+        linear_distill(lambda x, s: x[:, :2], X, [1.0])
