@@ -76,6 +76,17 @@ def sgd_settings(preset: str, K: int, Nk: int, init: str | None) -> dict:
     return cfg
 
 
+# K-subspaces: first restart from the spectral initialisation, 9 random restarts, best (18) kept
+BASELINE_SETTINGS = {"svd": {}, "kss": {"n_init": 10, "init": "spectral"},
+                     "ensc": {"alpha": 1e-3, "l1_ratio": 0.9}}
+
+
+def expected_settings(method: str, preset: str, K: int, Nk: int, init) -> dict:
+    if method.startswith("sgd"):
+        return sgd_settings(preset, K, Nk, init)
+    return dict(BASELINE_SETTINGS[method])
+
+
 def run_cell(K: int, method: str, d: int, Nk: int, instances: int, noise: float, preset: str,
              init: str | None, seed: int) -> dict:
     """Solve one grid cell; returns the record written to its JSON file."""
@@ -104,9 +115,11 @@ def run_cell(K: int, method: str, d: int, Nk: int, instances: int, noise: float,
         extra = {"settings": {**cfg, "engine": engine}, "steps_run": tr.n_steps_,
                  "final_loss": tr.history_["loss"][-1].tolist()}
     else:
+        cfg = BASELINE_SETTINGS[method]
         est = {"svd": lambda: PCASubspace(d),
-               "kss": lambda: KSubspaces(K, d, n_init=10, init="random", seed=cell_seed),
-               "ensc": lambda: EnSC(K, d, seed=cell_seed)}[method]()
+               "kss": lambda: KSubspaces(K, d, seed=cell_seed, **cfg),
+               "ensc": lambda: EnSC(K, d, seed=cell_seed, **cfg)}[method]()
+        extra = {"settings": dict(cfg)}
         U = torch.stack([est.fit(data.X[p]).bases_ for p in range(instances)])
     dist = subspace_distance(U, data.bases, [d] * K)
     ok = recovery_success(dist)
@@ -138,6 +151,8 @@ def run_grid(out: Path, K: int, method: str, ds: list, Ns: list, instances: int 
                 rec = json.loads(path.read_text())
                 same = (rec.get("instances"), rec.get("noise"), rec.get("preset"),
                         rec.get("seed")) == (instances, noise, preset, seed)
+                have = {k: v for k, v in rec.get("settings", {}).items() if k != "engine"}
+                same = same and have == expected_settings(method, preset, K, Nk, init)
                 rec = rec if same else None
             except (json.JSONDecodeError, OSError):
                 rec = None
