@@ -39,7 +39,10 @@ def run(args) -> int:
     data = sample_molrg(args.n, [args.d] * args.K, counts=[args.Nk] * args.K,
                         instances=args.instances, seed=args.seed)
     t0 = time.perf_counter()
-    tr = SubspaceTrainer(args.K, args.d, mode="hard", init=args.init, lr=args.lr,
+    import molrg_ext
+
+    engine = "fused" if hasattr(molrg_ext, "train_step") else "autograd"
+    tr = SubspaceTrainer(args.K, args.d, mode="hard", init=args.init, lr=args.lr, engine=engine,
                          batch=args.batch, steps=args.steps, seed=args.seed, tol=1e-3,
                          check_every=20, progress=True)
     tr.fit(data.X, data.bases)

@@ -79,8 +79,10 @@ class SubspaceTrainer:
         init: ``"paper"`` (eq. (48), needs ``U_true`` in :meth:`fit`) or ``"random"``.
         init_scale: the 0.2 of eq. (48).
         seed: seeds initialisation, sampling of (i, t) and the noise.
-        engine: ``"autograd"`` (``molrg_ext.subspace_dae`` + autograd) or ``"fused"``
-            (``molrg_ext.train_step``: noise drawn inside the kernel; needs that op).
+        engine: ``"autograd"`` (``molrg_ext.subspace_dae`` + autograd, torch RNG) or
+            ``"fused"`` (``molrg_ext.train_step``: loss and dL/dU in one call, (i, t, eps) drawn
+            inside the kernel from Philox keyed by ``(seed, step)``). Both compute the same
+            loss (6); their random streams differ, so results agree in distribution only.
         tol: early stop when, for every instance, the projectors ``U_k U_k^T`` moved less than
             ``tol`` (Frobenius, summed over k) over the last ``check_every`` steps; ``None``
             disables it.
@@ -188,7 +190,7 @@ class SubspaceTrainer:
 
         loss, grad = molrg_ext.train_step(X, U.detach(), self.dims, levels_obj, self.batch,
                                           self.seed, step, mode=self.mode)
-        return loss, grad
+        return loss, grad.clone()
 
     # ---------------------------------------------------------------------------------- fit
     def fit(self, X: torch.Tensor, U_true: Optional[torch.Tensor] = None) -> "SubspaceTrainer":
@@ -204,11 +206,11 @@ class SubspaceTrainer:
         if self.engine == "fused":
             import molrg_ext
 
-            if not hasattr(molrg_ext, "train_step"):
+            if not (hasattr(molrg_ext, "train_step") and hasattr(molrg_ext, "make_levels")):
                 raise RuntimeError(
                     "SubspaceTrainer: engine='fused' needs molrg_ext.train_step (the fused "
                     "training-step op), which this build does not provide; use engine='autograd'")
-            levels_obj = molrg_ext.train_step.make_levels(self.schedule, L=self.levels)
+            levels_obj = molrg_ext.make_levels(self.schedule, L=self.levels, dims=self.dims)
         table = self._coeff_table(X.dtype)
         mask = _mask(self.dims, max(self.dims), X.dtype)
         losses, gnorms = [], []

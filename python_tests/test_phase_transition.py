@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import torch
+
+from molrg_ext import cli
+from molrg_ext.experiments.phase_transition import parse_range, run_cell
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def test_cli_tiny_grid_writes_outputs_and_resumes(tmp_path, capsys):
+    argv = ["phase-transition", "--K", "1", "--method", "svd", "--d", "2:3", "--N", "1:4",
+            "--instances", "4", "--out", str(tmp_path), "--total"]
+    assert cli.main(argv) == 0
+    for name in ("K1_svd.csv", "K1_svd.png", "K1_svd_total.png", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    cells = sorted((tmp_path / "cells").glob("*.json"))
+    assert len(cells) == 8
+    for f in cells:
+        rec = json.loads(f.read_text())
+        # noise-free K = 1: SVD recovers every instance iff N >= d (Theorem 1 / 2)
+        assert rec["success_rate"] == (1.0 if rec["N_k"] >= rec["d"] else 0.0), rec
+    assert json.loads((tmp_path / "summary.json").read_text())["K1_svd"]["computed_cells"] == 8
+    mtimes = {f: f.stat().st_mtime_ns for f in cells}
+    assert cli.main(argv) == 0  # resume: nothing recomputed
+    assert json.loads((tmp_path / "summary.json").read_text())["K1_svd"]["computed_cells"] == 0
+    assert {f: f.stat().st_mtime_ns for f in cells} == mtimes
+    rows = (tmp_path / "K1_svd.csv").read_text().strip().splitlines()
+    assert len(rows) == 9 and rows[0].startswith("K,method,d,N_k,success_rate")
+
+
+def test_changed_settings_recompute(tmp_path):
+    base = ["phase-transition", "--K", "1", "--d", "2", "--N", "2", "--instances", "2",
+            "--out", str(tmp_path)]
+    cli.main(base)
+    cli.main(base[:-4] + ["--instances", "3", "--out", str(tmp_path)])
+    rec = json.loads((tmp_path / "cells" / "K1_svd_d2_N2.json").read_text())
+    assert rec["instances"] == 3 and len(rec["distances"]) == 3
+
+
+def test_sgd_quick_agrees_with_svd_on_small_cells():
+    torch.set_num_threads(1)
+    for d, N in ((2, 6), (3, 2)):
+        svd = run_cell(1, "svd", d, N, 5, 0.0, "quick", None, 0)
+        sgd = run_cell(1, "sgd-hard", d, N, 5, 0.0, "quick", None, 0)
+        assert abs(svd["success_rate"] - sgd["success_rate"]) <= 0.2, (d, N, svd, sgd)
+
+
+def test_kss_cell_k2():
+    torch.set_num_threads(1)
+    assert run_cell(2, "kss", 3, 8, 5, 0.0, "quick", None, 0)["success_rate"] >= 0.8
+    assert run_cell(2, "kss", 4, 2, 5, 0.0, "quick", None, 0)["success_rate"] == 0.0
+
+
+def test_bad_arguments():
+    assert parse_range("2:8") == list(range(2, 9))
+    assert parse_range("2:8:3") == [2, 5, 8] and parse_range("3,5") == [3, 5]
+    import argparse
+
+    for bad in ("a:b", "0:3", "2:8:0", "1:2:3:4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_range(bad)
+    with pytest.raises(SystemExit):
+        cli.main(["phase-transition", "--K", "2", "--method", "svd", "--d", "2", "--N", "2"])
+    with pytest.raises(SystemExit):
+        cli.main(["phase-transition", "--method", "pca"])

@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+import molrg_ext
+from molrg_ext.data import sample_molrg
+from molrg_ext.metrics import recovery_success, subspace_distance
+from molrg_ext.ops import subspace_dae
+from molrg_ext.posterior import posterior_mean_coefficients
+from molrg_ext.schedules import VP
+from molrg_ext.train import SubspaceTrainer
+from molrg_ext.train.subspace import paper_init, retract
+
+QUICK = dict(lr=0.5, batch=96, steps=250, tol=1e-3, check_every=20)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def rate(tr, data):
+    return recovery_success(subspace_distance(tr.U_, data.bases, data.dims)).double().mean().item()
+
+
+def test_k1_sgd_phase_transition_agrees_with_svd():
+    d = 3
+    good = sample_molrg(48, [d], counts=[8], instances=6, seed=0)
+    bad = sample_molrg(48, [d], counts=[2], instances=6, seed=1)
+    tr = SubspaceTrainer(1, d, init="random", seed=0, **QUICK)
+    assert rate(tr.fit(good.X), good) >= 5 / 6
+    assert rate(tr.fit(bad.X), bad) == 0.0
+
+
+def test_k2_hard_sgd_succeeds_at_2d_and_fails_at_half_d():
+    d = 4
+    good = sample_molrg(48, [d, d], counts=[2 * d, 2 * d], instances=6, seed=2)
+    bad = sample_molrg(48, [d, d], counts=[d // 2, d // 2], instances=6, seed=3)
+    tr = SubspaceTrainer(2, d, mode="hard", init="paper", seed=0, **QUICK)
+    assert rate(tr.fit(good.X, good.bases), good) >= 4 / 6
+    assert rate(tr.fit(bad.X, bad.bases), bad) == 0.0
+    h = tr.history_
+    assert h["loss"].shape == h["grad_norm"].shape == (tr.n_steps_, 6)
+
+
+def test_training_decreases_loss_keeps_orthonormal_and_is_seeded():
+    data = sample_molrg(20, [2, 3], counts=[10, 10], instances=3, seed=4, dtype=torch.float64)
+    kw = dict(mode="soft", init="random", optimizer="adam", lr=0.05, batch=64, steps=60,
+              tol=None, seed=5)
+    a = SubspaceTrainer(2, [2, 3], **kw).fit(data.X)
+    b = SubspaceTrainer(2, [2, 3], **kw).fit(data.X)
+    assert torch.equal(a.U_, b.U_)
+    assert a.U_.shape == (3, 2, 20, 3) and torch.all(a.U_[:, 0, :, 2] == 0)
+    for k, d in enumerate([2, 3]):
+        G = a.U_[:, k, :, :d].transpose(-1, -2) @ a.U_[:, k, :, :d]
+        assert torch.allclose(G, torch.eye(d, dtype=torch.float64).expand(3, d, d), atol=1e-10)
+    loss = a.history_["loss"]
+    assert loss[-20:].mean() < loss[:5].mean()
+
+
+def test_autograd_loss_matches_direct_formula():
+    data = sample_molrg(10, [2, 2], counts=[4, 4], instances=2, seed=6, dtype=torch.float64)
+    tr = SubspaceTrainer(2, 2, mode="hard", init="random", batch=7, steps=1)
+    U = retract(torch.randn(2, 2, 10, 2, dtype=torch.float64), [2, 2])
+    table = tr._coeff_table(torch.float64)
+    loss = tr._loss_autograd(data.X, U, torch.Generator().manual_seed(9), table)
+    g = torch.Generator().manual_seed(9)  # replay the same draws by hand
+    idx = torch.randint(8, (2, 7), generator=g)
+    lev = torch.randint(64, (2, 7), generator=g)
+    eps = torch.randn(2, 7, 10, generator=g, dtype=torch.float64)
+    t, s, sig, lam = VP().levels(64)
+    expect = torch.zeros(2, dtype=torch.float64)
+    for p in range(2):
+        for m in range(7):
+            x0 = data.X[p, idx[p, m]]
+            sl, gl = s[lev[p, m]], s[lev[p, m]] * sig[lev[p, m]]
+            c = sl / (sl**2 + gl**2)
+            k = int(torch.argmax(torch.stack([(U[p, j].T @ x0).norm() for j in range(2)])))
+            y = c * U[p, k] @ (U[p, k].T @ (sl * x0 + gl * eps[p, m]))
+            expect[p] += lam[lev[p, m]] * (y - x0).pow(2).sum() / 7
+    assert torch.allclose(loss, expect, rtol=1e-12)
+
+
+def test_paper_init_is_orthonormal_perturbation():
+    data = sample_molrg(48, [3, 3], counts=[3, 3], instances=4, seed=7, dtype=torch.float64)
+    U0 = paper_init(data.bases, [3, 3], 0.2, torch.Generator().manual_seed(0))
+    G = U0.transpose(-1, -2) @ U0
+    assert torch.allclose(G, torch.eye(3, dtype=torch.float64).expand_as(G), atol=1e-12)
+    dist = subspace_distance(U0, data.bases)
+    assert torch.all(dist > 0.05) and torch.all(dist < 1.0)
+    assert torch.all(subspace_distance(paper_init(data.bases, [3, 3], 0.0), data.bases) < 1e-12)
+
+
+def test_polar_retraction_is_nearest_orthonormal():
+    A = torch.randn(2, 1, 6, 3, dtype=torch.float64)
+    Q = retract(A, [3], "polar")
+    a, s, bh = torch.linalg.svd(A[:, 0], full_matrices=False)
+    assert torch.allclose(Q[:, 0], a @ bh)
+    assert torch.allclose(retract(A, [3], "qr")[:, 0] @ retract(A, [3], "qr")[:, 0].transpose(-1, -2),
+                          Q[:, 0] @ Q[:, 0].transpose(-1, -2), atol=1e-12)  # same span
+
+
+def test_fused_engine_learns_like_autograd():
+    if not hasattr(molrg_ext, "train_step"):
+        with pytest.raises(RuntimeError, match="train_step"):
+            SubspaceTrainer(1, 2, init="random", engine="fused").fit(torch.randn(1, 5, 8))
+        return
+    good = sample_molrg(48, [3], counts=[8], instances=6, seed=0)
+    tr = SubspaceTrainer(1, 3, init="random", seed=0, engine="fused", **QUICK).fit(good.X)
+    assert rate(tr, good) >= 5 / 6
+
+
+def test_bad_input():
+    X = torch.randn(2, 10, 8)
+    with pytest.raises(ValueError, match="U_true"):
+        SubspaceTrainer(2, 2, init="paper").fit(X)
+    with pytest.raises(ValueError, match="NaN"):
+        SubspaceTrainer(1, 2, init="random").fit(X * float("nan"))
+    with pytest.raises(ValueError, match="exceeds the ambient"):
+        SubspaceTrainer(1, 9, init="random").fit(X)
+    with pytest.raises(ValueError, match="empty"):
+        SubspaceTrainer(1, 2, init="random").fit(X[:, :0])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        SubspaceTrainer(1, 2, init="random").fit(X.long())
+    with pytest.raises(ValueError, match="U_true must be"):
+        SubspaceTrainer(2, 2).fit(X, torch.randn(2, 3, 8, 2))
+    for kw, msg in ((dict(mode="max"), "mode"), (dict(optimizer="lbfgs"), "optimizer"),
+                    (dict(retraction="cayley"), "retraction"), (dict(init="zeros"), "init"),
+                    (dict(engine="cuda"), "engine"), (dict(lr=-1.0), "lr"),
+                    (dict(batch=0), "batch"), (dict(schedule="cosine"), "unknown schedule")):
+        with pytest.raises(ValueError, match=msg):
+            SubspaceTrainer(1, 2, **kw)
+    with pytest.raises(ValueError, match="K must"):
+        SubspaceTrainer(0, [])
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        SubspaceTrainer(1, 2, init="random", retraction=None, lr=1e30, steps=5,
+                        tol=None).fit(X * 1e10)
