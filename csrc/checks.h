@@ -81,4 +81,33 @@ inline void check_dae_scales(const at::Tensor& c, const at::Tensor& phi, const D
   check_contig(phi, op, "phi");
 }
 
+// Optional logit bias [P,B,K]: -inf is valid (pi_k = 0); NaN, +inf and all -inf rows are not.
+inline void check_dae_bias(const at::Tensor& bias, const DaeSizes& s, const at::Tensor& x,
+                           const char* op) {
+  check_like(bias, x, op, "bias", "x");
+  check_shape(bias, {s.P, s.B, s.K}, op, "bias");
+  check_contig(bias, op, "bias");
+  if (bias.numel() == 0) return;
+  TORCH_CHECK(!(at::isnan(bias) | at::isposinf(bias)).any().item<bool>(), op,
+              ": bias contains NaN or +Inf values");
+  TORCH_CHECK(!at::isneginf(bias).all(-1).any().item<bool>(), op,
+              ": bias is -Inf for every subspace of some sample");
+}
+
+// Optional hard-mode assignment [P,B] int64 with values in [0, K).
+inline void check_dae_assign(const at::Tensor& assign, int64_t mode, const DaeSizes& s,
+                             const at::Tensor& x, const char* op) {
+  TORCH_CHECK(mode == 1, op, ": assign is only used in hard mode");
+  TORCH_CHECK(assign.scalar_type() == at::kLong, op, ": assign must be int64, got ",
+              assign.scalar_type());
+  TORCH_CHECK(assign.device() == x.device(), op, ": assign is on ", assign.device(),
+              " but x is on ", x.device());
+  check_shape(assign, {s.P, s.B}, op, "assign");
+  check_contig(assign, op, "assign");
+  if (assign.numel() > 0) {
+    TORCH_CHECK(assign.min().item<int64_t>() >= 0 && assign.max().item<int64_t>() < s.K, op,
+                ": assign values must be in [0, K = ", s.K, ")");
+  }
+}
+
 }  // namespace molrg

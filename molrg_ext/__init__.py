@@ -3,11 +3,21 @@
 Importing the package registers the ``torch.ops.molrg.*`` operators (CPU always, CUDA when built
 with it) together with their autograd and fake kernels.
 """
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+
 from . import _C
 from . import reference
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients
 from .modules import SubspaceDAE, random_orthonormal
+from .train_step import Levels, make_levels, philox_draws, train_step
+from .jacobian import (
+    dae_jacobian_spectrum,
+    jacobian_directions,
+    jacobian_rank,
+    jacobian_spectrum,
+    numerical_rank,
+)
 from . import hidden_gaussian
 from .hidden_gaussian import GaussianDenoiser, OptimalDenoiser, optimal_denoiser
 
@@ -21,7 +31,16 @@ __all__ = [
     "SubspaceDAE",
     "random_orthonormal",
     "reference",
+    "train_step",
+    "make_levels",
+    "philox_draws",
+    "Levels",
     "built_with_cuda",
+    "dae_jacobian_spectrum",
+    "numerical_rank",
+    "jacobian_spectrum",
+    "jacobian_rank",
+    "jacobian_directions",
     "hidden_gaussian",
     "optimal_denoiser",
     "OptimalDenoiser",

@@ -19,7 +19,7 @@ def random_orthonormal(n: int, d: int, *batch: int, generator=None, dtype=torch.
     g = torch.randn(*batch, n, d, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    return q.to(dtype=dtype, device=device)
+    return q.to(dtype=dtype, device=device).contiguous()
 
 
 class SubspaceDAE(nn.Module):

@@ -1,6 +1,9 @@
 // CPU implementation of molrg::subspace_dae, subspace_dae_backward and hard_assign.
-// The math is in kernels/subspace_dae.h; this file validates, allocates and parallelises over
-// samples with at::parallel_for. Backward keeps one dU accumulator per thread and reduces once.
+// The math is in kernels/subspace_dae_packed.h (same formulas as kernels/subspace_dae.h on a
+// transposed basis layout): each call packs U once to Ut [P, K, dm, n] so every inner loop is a
+// unit-stride, vectorised dot product or axpy over n with the packed panel in cache. Samples are
+// split with at::parallel_for; backward keeps one packed dU accumulator per thread (or writes
+// instance gradients directly when there are enough instances) and reduces once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,7 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../kernels/subspace_dae.h"
+#include "../kernels/subspace_dae_packed.h"
 
 namespace molrg {
 namespace {
@@ -32,6 +35,111 @@ void check_bias_values(const at::Tensor& bias, const char* op) {
               ": bias contains NaN or +Inf values");
   TORCH_CHECK(!at::isneginf(bias).all(-1).any().item<bool>(), op,
               ": bias is -Inf for every subspace of some sample");
+}
+
+// Large panels (U of one instance beyond ~64 KiB, e.g. n = 3072, K d = 400) do not stay in cache
+// while samples stream past, so the per-sample kernels would re-read U from memory for every
+// sample. There the projections, reconstructions and gradient contractions run as batched GEMMs
+// over all samples (at::bmm), and only the O(B K dm) per-sample soft-max math is hand-written.
+bool use_gemm(const DaeSizes& s, const at::Tensor& x) {
+  return s.n * s.K * s.dm * (int64_t)x.element_size() > 64 * 1024;
+}
+
+// Ubar [P, n, K*dm] = [U_1 ... U_K] with the padded columns zeroed.
+at::Tensor stacked_bases(const at::Tensor& U, const DaeSizes& s) {
+  std::vector<int64_t> d(s.dims.begin(), s.dims.end());
+  auto dk = at::tensor(d, at::TensorOptions().dtype(at::kLong)).view({s.K, 1, 1});
+  auto mask = (at::arange(s.dm, at::TensorOptions().dtype(at::kLong)).view({1, 1, s.dm}) < dk)
+                  .to(U.scalar_type());
+  return (U * mask).permute({0, 2, 1, 3}).reshape({s.P, s.n, s.K * s.dm});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gemm(
+    const at::Tensor& x, const at::Tensor& U, const at::Tensor& c, const at::Tensor& phi,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& assign,
+    const DaeSizes& s, int64_t mode) {
+  auto Ub = stacked_bases(U, s);
+  auto projf = at::bmm(x, Ub);  // [P, B, K*dm], padded columns exactly 0
+  auto w = at::empty({s.P, s.B, s.K}, x.options());
+  auto coef = at::empty_like(projf);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_cpu_gemm", [&] {
+    const scalar_t* pp = projf.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const scalar_t* php = phi.data_ptr<scalar_t>();
+    const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    const int64_t* ap = assign ? assign->data_ptr<int64_t>() : nullptr;
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* cf = coef.data_ptr<scalar_t>();
+    const int K = (int)s.K, dm = (int)s.dm;
+    at::parallel_for(0, s.P * s.B, 1024, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> sq(K);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const scalar_t* pk = pp + idx * K * dm;
+        for (int k = 0; k < K; ++k) {
+          scalar_t acc = 0;
+          for (int j = 0; j < s.dims[k]; ++j) acc += pk[k * dm + j] * pk[k * dm + j];
+          sq[k] = acc;
+        }
+        int k0 = ap ? (int)ap[idx] : -1;
+        if (mode == kHard && k0 < 0) k0 = dae_argmax(sq.data(), K);
+        dae_weights<scalar_t>(sq.data(), bp ? bp + idx * K : nullptr, php[idx], K, (int)mode,
+                              k0, wp + idx * K);
+        for (int k = 0; k < K; ++k) {
+          const scalar_t a = cp[idx] * wp[idx * K + k];
+          for (int j = 0; j < dm; ++j) cf[idx * K * dm + k * dm + j] = a * pk[k * dm + j];
+        }
+      }
+    });
+  });
+  auto y = at::bmm(coef, Ub.transpose(1, 2));
+  return {y, projf.view({s.P, s.B, s.K, s.dm}), w};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gemm(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& U, const at::Tensor& c,
+    const at::Tensor& phi, const at::Tensor& proj, const at::Tensor& w, const DaeSizes& s,
+    int64_t mode, bool need_dx, bool need_dU) {
+  auto Ub = stacked_bases(U, s);
+  auto r = at::bmm(grad_y, Ub);  // [P, B, K*dm]
+  auto dP = at::empty_like(r);
+  auto A = need_dU ? at::empty_like(r) : at::Tensor();
+  auto dc = at::empty({s.P, s.B}, x.options());
+  auto dphi = at::empty({s.P, s.B}, x.options());
+  auto dbias = at::empty({s.P, s.B, s.K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_backward_cpu_gemm", [&] {
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    const scalar_t* pp = proj.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const scalar_t* php = phi.data_ptr<scalar_t>();
+    scalar_t* dPp = dP.data_ptr<scalar_t>();
+    scalar_t* Ap = need_dU ? A.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dcp = dc.data_ptr<scalar_t>();
+    scalar_t* dphip = dphi.data_ptr<scalar_t>();
+    scalar_t* dbp = dbias.data_ptr<scalar_t>();
+    const int K = (int)s.K, dm = (int)s.dm;
+    const int32_t* dp = s.dims.data();
+    at::parallel_for(0, s.P * s.B, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t o = idx * K * dm;
+        dae_dP_from_r<scalar_t>(rp + o, pp + o, wp + idx * K, cp[idx], php[idx], K, dm, dp,
+                                (int)mode, dPp + o, dbp + idx * K, dcp + idx, dphip + idx);
+        if (Ap)
+          for (int k = 0; k < K; ++k) {
+            const scalar_t a = cp[idx] * wp[idx * K + k];
+            for (int j = 0; j < dm; ++j) Ap[o + k * dm + j] = a * pp[o + k * dm + j];
+          }
+      }
+    });
+  });
+  auto dx = need_dx ? at::bmm(dP, Ub.transpose(1, 2)) : at::empty({0}, x.options());
+  at::Tensor dU = at::empty({0}, x.options());
+  if (need_dU) {
+    auto dUb = at::bmm(x.transpose(1, 2), dP);  // [P, n, K*dm]
+    dUb.baddbmm_(grad_y.transpose(1, 2), A);
+    dU = dUb.view({s.P, s.n, s.K, s.dm}).permute({0, 2, 1, 3}).contiguous();
+  }
+  return {dx, dU, dc, dphi, dbias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
@@ -64,15 +172,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
     }
   }
 
+  if (s.P * s.B > 0 && use_gemm(s, x)) return forward_gemm(x, U, c, phi, bias, assign, s, mode);
   auto y = at::empty_like(x);
   auto proj = at::empty({s.P, s.B, s.K, s.dm}, x.options());
   auto w = at::empty({s.P, s.B, s.K}, x.options());
   const int64_t total = s.P * s.B;
   if (total == 0) return {y, proj, w};
 
+  auto Ut = U.transpose(2, 3).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* Up = U.data_ptr<scalar_t>();
+    const scalar_t* Up = Ut.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
     const scalar_t* php = phi.data_ptr<scalar_t>();
     const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
@@ -87,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t p = idx / s.B;
         const int k0 = ap ? (int)ap[idx] : -1;
-        dae_forward_sample<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, cp[idx],
+        pk_forward_sample<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, cp[idx],
                                      php[idx], bp ? bp + idx * K : nullptr, (int)mode, k0,
                                      pp + idx * K * dm, wp + idx * K, yp + idx * n, sq.data());
       }
@@ -114,6 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
   check_shape(w, {s.P, s.B, s.K}, kBwd, "w");
   check_contig(w, kBwd, "w");
 
+  if (s.P * s.B > 0 && use_gemm(s, x))
+    return backward_gemm(grad_y, x, U, c, phi, proj, w, s, mode, need_dx, need_dU);
   auto dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
   auto dU = need_dU ? at::zeros_like(U) : at::empty({0}, x.options());
   auto dc = at::empty({s.P, s.B}, x.options());
@@ -124,14 +236,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
 
   const int64_t nthreads = at::get_num_threads();
   const int64_t usize = s.K * s.n * s.dm;
-  // Per-thread accumulators for every instance: thread t owns acc[t].
+  auto Ut = U.transpose(2, 3).contiguous();  // packed [P, K, dm, n]
+  // Enough instances: a thread owns whole instances and accumulates their dU directly.
+  // Otherwise one packed accumulator per thread for every instance, summed once.
+  const bool by_instance = s.P >= 2 * nthreads;
   at::Tensor acc;
-  if (need_dU) acc = at::zeros({nthreads, s.P, usize}, x.options());
+  if (need_dU) acc = at::zeros({by_instance ? int64_t(1) : nthreads, s.P, s.K, s.dm, s.n},
+                               x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_backward_cpu", [&] {
     const scalar_t* gp = grad_y.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* Up = U.data_ptr<scalar_t>();
+    const scalar_t* Up = Ut.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
     const scalar_t* php = phi.data_ptr<scalar_t>();
     const scalar_t* pp = proj.data_ptr<scalar_t>();
@@ -143,24 +259,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     scalar_t* accp = need_dU ? acc.data_ptr<scalar_t>() : nullptr;
     const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
     const int32_t* dp = s.dims.data();
-    at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
+    auto run = [&](int64_t begin, int64_t end, scalar_t* my_acc) {
       std::vector<scalar_t> r(K * dm), dP(K * dm);
-      scalar_t* my_acc = accp ? accp + at::get_thread_num() * s.P * usize : nullptr;
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t p = idx / s.B;
-        const scalar_t* Ui = Up + p * usize;
-        const scalar_t* pk = pp + idx * K * dm;
-        const scalar_t* wk = wp + idx * K;
-        dae_backward_sample<scalar_t>(gp + idx * n, Ui, pk, wk, cp[idx], php[idx], K, n, dm, dp,
-                                      (int)mode, r.data(), dP.data(), dbp + idx * K,
-                                      dxp ? dxp + idx * n : nullptr, dcp + idx, dphip + idx);
-        if (my_acc)
-          dae_accumulate_dU<scalar_t>(xp + idx * n, gp + idx * n, pk, wk, dP.data(), cp[idx], K,
-                                      n, dm, dp, my_acc + p * usize);
+        pk_backward_sample<scalar_t>(gp + idx * n, xp + idx * n, Up + p * usize,
+                                     pp + idx * K * dm, wp + idx * K, cp[idx], php[idx], K, n,
+                                     dm, dp, (int)mode, r.data(), dP.data(), dbp + idx * K,
+                                     dxp ? dxp + idx * n : nullptr, dcp + idx, dphip + idx,
+                                     my_acc ? my_acc + p * usize : nullptr);
       }
-    });
+    };
+    if (by_instance) {
+      at::parallel_for(0, s.P, 1, [&](int64_t pb, int64_t pe) {
+        run(pb * s.B, pe * s.B, accp);
+      });
+    } else {
+      at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
+        run(begin, end, accp ? accp + at::get_thread_num() * s.P * usize : nullptr);
+      });
+    }
   });
-  if (need_dU) dU.copy_(acc.sum(0).view(U.sizes()));
+  if (need_dU) {
+    auto packed = by_instance ? acc.select(0, 0) : acc.sum(0);
+    dU.copy_(packed.transpose(2, 3));
+  }
   return {dx, dU, dc, dphi, dbias};
 }
 
@@ -169,9 +292,14 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
   auto out = at::empty({s.P, s.B}, x.options().dtype(at::kLong));
   const int64_t total = s.P * s.B;
   if (total == 0) return out;
+  if (use_gemm(s, x)) {
+    auto sq = at::bmm(x, stacked_bases(U, s)).view({s.P, s.B, s.K, s.dm}).square().sum(-1);
+    return sq.argmax(-1);  // first maximum: ties go to the lowest k
+  }
+  auto Ut = U.transpose(2, 3).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hard_assign_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* Up = U.data_ptr<scalar_t>();
+    const scalar_t* Up = Ut.data_ptr<scalar_t>();
     int64_t* op = out.data_ptr<int64_t>();
     const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
     const int32_t* dp = s.dims.data();
@@ -179,7 +307,7 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
       std::vector<scalar_t> proj(K * dm), sq(K);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t p = idx / s.B;
-        dae_project<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, proj.data(),
+        pk_project<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, proj.data(),
                               sq.data());
         op[idx] = dae_argmax<scalar_t>(sq.data(), K);
       }

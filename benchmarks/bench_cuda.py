@@ -1,0 +1,116 @@
+"""CUDA benchmarks of the subspace denoiser: our kernels vs eager PyTorch (molrg_ext.reference),
+torch.compile of the reference, and a CuPy composition (skipped when cupy is missing).
+
+Run on a GPU machine: ``PYTHONPATH=. python -m pytest benchmarks/bench_cuda.py --benchmark-only``.
+Everything skips without a CUDA device or without CUDA kernels in the build.
+Sizes: the paper's SGD setting (P = 20 instances, batch 1024, n = 48, K = 2, d = 6) and an
+image-patch size (P = 1, batch 256, n = 3072, K = 4, d = 32).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from molrg_ext import _C
+from molrg_ext import ops
+from molrg_ext import reference as ref
+
+if not torch.cuda.is_available() or not getattr(_C, "built_with_cuda", False):
+    pytest.skip("needs a CUDA device and a CUDA build of molrg_ext", allow_module_level=True)
+
+SIZES = {"paper": (20, 1024, 48, [6, 6]), "patch": (1, 256, 3072, [32, 32, 32, 32])}
+
+
+def _problem(size, dtype=torch.float32):
+    P, B, n, dims = SIZES[size]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    U = torch.linalg.qr(torch.randn(P, n, sum(dims), device="cuda", dtype=dtype, generator=g))[0]
+    U = U.reshape(P, n, len(dims), dims[0]).permute(0, 2, 1, 3).contiguous()
+    x = torch.randn(P, B, n, device="cuda", dtype=dtype, generator=g)
+    c = torch.full((P, B), 0.8, device="cuda", dtype=dtype)
+    phi = torch.full((P, B), 2.0, device="cuda", dtype=dtype)
+    return x, U, c, phi, dims
+
+
+def _timed(fn):
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _fwd_bwd(impl, x, U, c, phi, dims):
+    def step():
+        U.grad = None
+        impl(x, U, c, phi, dims=dims).square().sum().backward()
+
+    return step
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.benchmark(group="cuda-forward")
+def test_forward_ours(benchmark, size):
+    x, U, c, phi, dims = _problem(size)
+    benchmark(_timed(lambda: ops.subspace_dae(x, U, c, phi, dims=dims)))
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.benchmark(group="cuda-forward")
+def test_forward_eager_reference(benchmark, size):
+    x, U, c, phi, dims = _problem(size)
+    benchmark(_timed(lambda: ref.subspace_dae(x, U, c, phi, dims=dims)))
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.benchmark(group="cuda-forward")
+def test_forward_compiled_reference(benchmark, size):
+    x, U, c, phi, dims = _problem(size)
+    f = torch.compile(lambda x_, U_: ref.subspace_dae(x_, U_, c, phi, dims=dims))
+    f(x, U)  # compile outside the timing
+    benchmark(_timed(lambda: f(x, U)))
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.benchmark(group="cuda-forward")
+def test_forward_cupy_composition(benchmark, size):
+    cp = pytest.importorskip("cupy")
+    x, U, c, phi, dims = _problem(size)
+    xc, Uc, cc, phic = (cp.asarray(t) for t in (x, U, c, phi))
+
+    def f():  # soft-max DAE with equal dims: einsum, softmax, einsum
+        proj = cp.einsum("pbn,pknd->pbkd", xc, Uc)
+        logit = phic[..., None] * (proj * proj).sum(-1)
+        w = cp.exp(logit - logit.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        y = cc[..., None] * cp.einsum("pbk,pknd,pbkd->pbn", w, Uc, proj)
+        cp.cuda.get_current_stream().synchronize()
+        return y
+
+    y = f()
+    torch.testing.assert_close(torch.as_tensor(y, device="cuda"),
+                               ops.subspace_dae(x, U, c, phi, dims=dims), rtol=1e-4, atol=1e-4)
+    benchmark(f)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.benchmark(group="cuda-forward-backward")
+def test_fwd_bwd_ours(benchmark, size):
+    x, U, c, phi, dims = _problem(size)
+    benchmark(_timed(_fwd_bwd(ops.subspace_dae, x, U.requires_grad_(), c, phi, dims)))
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.benchmark(group="cuda-forward-backward")
+def test_fwd_bwd_eager_reference(benchmark, size):
+    x, U, c, phi, dims = _problem(size)
+    benchmark(_timed(_fwd_bwd(ref.subspace_dae, x, U.requires_grad_(), c, phi, dims)))
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.benchmark(group="cuda-hard-assign")
+def test_hard_assign_ours_vs_reference(benchmark, size):
+    x, U, _, _, dims = _problem(size)
+    torch.testing.assert_close(ops.hard_assign(x, U, dims=dims), ref.hard_assign(x, U, dims=dims))
+    benchmark(_timed(lambda: ops.hard_assign(x, U, dims=dims)))

@@ -1,0 +1,179 @@
+// CPU implementation of molrg::dae_jacobian_spectrum and molrg::sym_eig. Math in
+// kernels/jacobian.h and kernels/sym_eig.h; this file validates, allocates per-thread scratch and
+// parallelises over samples.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "../checks.h"
+#include "../kernels/jacobian.h"
+
+namespace molrg {
+namespace {
+
+using namespace molrg::kernels;
+
+constexpr const char* kSpec = "dae_jacobian_spectrum";
+constexpr const char* kEig = "sym_eig";
+
+std::tuple<at::Tensor, at::Tensor> dae_jacobian_spectrum_cpu(
+    const at::Tensor& x, const at::Tensor& U, const at::Tensor& R, const at::Tensor& c,
+    const at::Tensor& phi, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& assign, at::IntArrayRef dims, int64_t mode, bool vectors) {
+  TORCH_CHECK(mode == kSoft || mode == kHard, kSpec, ": mode must be 0 (soft) or 1 (hard), got ",
+              mode);
+  DaeSizes s = check_dae_xU(x, U, dims, kSpec);
+  check_dae_scales(c, phi, s, x, kSpec);
+  check_finite(x, kSpec, "x");
+  check_finite(U, kSpec, "U");
+  check_finite(c, kSpec, "c");
+  check_finite(phi, kSpec, "phi");
+  int64_t D = 0;
+  std::vector<int32_t> offs(s.K);
+  for (int64_t k = 0; k < s.K; ++k) {
+    offs[k] = static_cast<int32_t>(D);
+    D += s.dims[k];
+  }
+  const int64_t r = std::min<int64_t>(s.n, D);
+  check_like(R, x, kSpec, "R", "x");
+  check_shape(R, {s.P, r, D}, kSpec, "R");
+  check_contig(R, kSpec, "R");
+  check_finite(R, kSpec, "R");
+  if (bias) {
+    check_like(*bias, x, kSpec, "bias", "x");
+    check_shape(*bias, {s.P, s.B, s.K}, kSpec, "bias");
+    check_contig(*bias, kSpec, "bias");
+    if (bias->numel() > 0) {
+      TORCH_CHECK(!(at::isnan(*bias) | at::isposinf(*bias)).any().item<bool>(), kSpec,
+                  ": bias contains NaN or +Inf values");
+      TORCH_CHECK(!at::isneginf(*bias).all(-1).any().item<bool>(), kSpec,
+                  ": bias is -Inf for every subspace of some sample");
+    }
+  }
+  if (assign) {
+    TORCH_CHECK(mode == kHard, kSpec, ": assign is only used in hard mode");
+    TORCH_CHECK(assign->scalar_type() == at::kLong, kSpec, ": assign must be int64, got ",
+                assign->scalar_type());
+    TORCH_CHECK(assign->device() == x.device(), kSpec, ": assign is on ", assign->device(),
+                " but x is on ", x.device());
+    check_shape(*assign, {s.P, s.B}, kSpec, "assign");
+    check_contig(*assign, kSpec, "assign");
+    if (assign->numel() > 0) {
+      TORCH_CHECK(assign->min().item<int64_t>() >= 0 && assign->max().item<int64_t>() < s.K,
+                  kSpec, ": assign values must be in [0, K = ", s.K, ")");
+    }
+  }
+
+  auto svals = at::empty({s.P, s.B, r}, x.options());
+  auto vecs = vectors ? at::empty({s.P, s.B, r, r}, x.options()) : at::empty({0}, x.options());
+  const int64_t total = s.P * s.B;
+  if (total == 0) return {svals, vecs};
+
+  // S_k = R_k R_k^T per instance: [P, K, r, r].
+  auto S = at::empty({s.P, s.K, r, r}, x.options());
+  for (int64_t k = 0; k < s.K; ++k) {
+    auto Rk = R.narrow(2, offs[k], s.dims[k]);
+    S.select(1, k).copy_(at::matmul(Rk, Rk.transpose(1, 2)));
+  }
+
+  std::atomic<bool> failed{false};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dae_jacobian_spectrum_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* Up = U.data_ptr<scalar_t>();
+    const scalar_t* Rp = R.data_ptr<scalar_t>();
+    const scalar_t* Sp = S.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    const scalar_t* php = phi.data_ptr<scalar_t>();
+    const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    const int64_t* ap = assign ? assign->data_ptr<int64_t>() : nullptr;
+    scalar_t* sp = svals.data_ptr<scalar_t>();
+    scalar_t* vp = vectors ? vecs.data_ptr<scalar_t>() : nullptr;
+    const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm, ri = (int)r, Di = (int)D;
+    const int32_t* dp = s.dims.data();
+    const int32_t* op = offs.data();
+    const int64_t work = dae_jacobian_work(K, dm, ri, vectors);
+    // One sample costs ~ n D + K r^2 + r^3: a small grain keeps both cores busy.
+    const int64_t per = std::max<int64_t>(1, n * D + r * r * r);
+    const int64_t grain = std::max<int64_t>(1, 262144 / per);
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> buf(work);
+      std::vector<int32_t> order(ri);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t p = idx / s.B;
+        const int k0 = ap ? (int)ap[idx] : -1;
+        const bool ok = dae_jacobian_sample<scalar_t>(
+            xp + idx * n, Up + p * K * n * dm, Rp + p * ri * Di, Sp + p * K * ri * ri, K, n, dm,
+            ri, Di, dp, op, cp[idx], php[idx], bp ? bp + idx * K : nullptr, (int)mode, k0,
+            sp + idx * ri, vp ? vp + idx * ri * ri : nullptr, buf.data(), order.data());
+        if (!ok) failed.store(true, std::memory_order_relaxed);
+      }
+    });
+  });
+  TORCH_CHECK(!failed.load(), kSpec,
+              ": the symmetric eigensolver did not converge for some sample (extreme values?)");
+  return {svals, vecs};
+}
+
+std::tuple<at::Tensor, at::Tensor> sym_eig_cpu(const at::Tensor& A, bool vectors) {
+  check_float(A, kEig, "A");
+  TORCH_CHECK(A.dim() >= 2, kEig, ": A must be [..., n, n], got shape ", A.sizes());
+  const int64_t n = A.size(-1);
+  TORCH_CHECK(A.size(-2) == n, kEig, ": A must be square, got shape ", A.sizes());
+  TORCH_CHECK(n <= 4096, kEig, ": n = ", n, " is too large for this small-matrix solver");
+  check_finite(A, kEig, "A");
+  auto batch = A.sizes().slice(0, A.dim() - 2).vec();
+  auto ev_shape = batch;
+  ev_shape.push_back(n);
+  auto evals = at::empty(ev_shape, A.options());
+  auto vec_shape = ev_shape;
+  vec_shape.push_back(n);
+  auto evecs = vectors ? at::empty(vec_shape, A.options()) : at::empty({0}, A.options());
+  const int64_t total = evals.numel() / std::max<int64_t>(n, 1);
+  if (total == 0 || n == 0) return {evals, evecs};
+  // Symmetric part, contiguous copy that the kernel may destroy.
+  auto Ac = ((A + A.transpose(-1, -2)) * 0.5).contiguous();
+
+  std::atomic<bool> failed{false};
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "sym_eig_cpu", [&] {
+    scalar_t* Ap = Ac.data_ptr<scalar_t>();
+    scalar_t* ep = evals.data_ptr<scalar_t>();
+    scalar_t* vp = vectors ? evecs.data_ptr<scalar_t>() : nullptr;
+    const int ni = (int)n;
+    const int64_t nn = n * n;
+    const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, nn * n));
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> lam(n), e(n), tmp(n), Vt(vectors ? nn : 0), neg(n);
+      std::vector<int32_t> order(n);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const bool ok = sym_eig_unsorted<scalar_t>(Ap + idx * nn, ni, lam.data(),
+                                                   vectors ? Vt.data() : nullptr, e.data(),
+                                                   tmp.data());
+        if (!ok) failed.store(true, std::memory_order_relaxed);
+        for (int i = 0; i < ni; ++i) neg[i] = -lam[i];
+        argsort_desc(neg.data(), ni, order.data());  // ascending eigenvalues
+        for (int i = 0; i < ni; ++i) ep[idx * n + i] = lam[order[i]];
+        if (vp) {
+          for (int i = 0; i < ni; ++i) {
+            const scalar_t* v = Vt.data() + (int64_t)order[i] * n;
+            for (int j = 0; j < ni; ++j) vp[idx * nn + (int64_t)j * n + i] = v[j];
+          }
+        }
+      }
+    });
+  });
+  TORCH_CHECK(!failed.load(), kEig, ": the QR iteration did not converge for some matrix");
+  return {evals, evecs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(molrg, CPU, m) {
+  m.impl("dae_jacobian_spectrum", &dae_jacobian_spectrum_cpu);
+  m.impl("sym_eig", &sym_eig_cpu);
+}
+
+}  // namespace molrg

@@ -1,0 +1,58 @@
+// Torch-free CUDA launchers of the molrg kernels. Raw device pointers, sizes and a stream; no
+// allocation, no synchronisation. Each returns the cudaError_t of its launches (cudaSuccess or the
+// launch error), so the torch bindings can turn it into a Python exception.
+//
+// Layouts (SPEC section 3, same as the CPU kernels): x, y, g [P,B,n]; U, dU [P,K,n,dm];
+// c, phi [P,B]; bias [P,B,K] or null; assign [P,B] int64 or null; proj [P,B,K,dm]; w [P,B,K];
+// dims [K] int32 in device memory. mode 0 = soft, 1 = hard.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace molrg::cuda {
+
+// Forward: y, proj (padded columns zero) and w for every sample.
+template <typename T>
+cudaError_t launch_subspace_dae_forward(const T* x, const T* U, const T* c, const T* phi,
+                                        const T* bias, const int64_t* assign,
+                                        const int32_t* dims, int64_t P, int64_t B, int n, int K,
+                                        int dm, int mode, T* y, T* proj, T* w,
+                                        cudaStream_t stream);
+
+// Number of T elements of workspace the backward needs (dP per sample plus the partial sums of
+// the dU reduction over the batch).
+int64_t subspace_dae_backward_workspace(int64_t P, int64_t B, int n, int K, int dm, bool need_dU);
+
+// Backward: dx (may be null), dU (may be null), dc, dphi, dbias. workspace holds
+// subspace_dae_backward_workspace(...) elements. dU is fully written (no need to zero it); the
+// reduction over the batch is deterministic (fixed-order partial sums, no atomics).
+template <typename T>
+cudaError_t launch_subspace_dae_backward(const T* g, const T* x, const T* U, const T* c,
+                                         const T* phi, const T* proj, const T* w,
+                                         const int32_t* dims, int64_t P, int64_t B, int n, int K,
+                                         int dm, int mode, T* dx, T* dU, T* dc, T* dphi,
+                                         T* dbias, T* workspace, cudaStream_t stream);
+
+// argmax_k ||U_k^T x|| per sample (ties to the lowest k) into out [P,B] int64.
+template <typename T>
+cudaError_t launch_hard_assign(const T* x, const T* U, const int32_t* dims, int64_t P, int64_t B,
+                               int n, int K, int dm, int64_t* out, cudaStream_t stream);
+
+// Fused training step (csrc/cuda/train_step.cu): X [P,N,n]; U [P,K,n,dm]; levels [L,5] =
+// (s, gamma, lambda, c, phi); level_bias [L,K] or null. Writes slot_loss [P,M] (lambda ||y - x0||^2
+// per slot) and dU [P,K,n,dm] (gradient of the mean slot loss; zeroed here). Draws from the
+// Philox stream of kernels/philox.h, the same numbers as the CPU op for the same seed and step.
+template <typename T>
+cudaError_t launch_train_step(const T* X, int64_t N, const T* U, const T* levels,
+                              const T* level_bias, int64_t L, const int32_t* dims, int64_t P,
+                              int64_t M, int n, int K, int dm, int mode, uint64_t seed,
+                              uint32_t step, T* slot_loss, T* dU, cudaStream_t stream);
+
+// Shared memory one warp of the train_step kernel needs, and the most a block may use.
+template <typename T>
+int64_t train_step_smem_bytes(int n, int K, int dm);
+int64_t train_step_max_smem_bytes();
+
+}  // namespace molrg::cuda

@@ -1,0 +1,82 @@
+// CUDA implementation of molrg::train_step (schema in csrc/cpu/train_step_cpu.cpp): the same
+// validation as the CPU op, then the warp-per-slot kernel of train_step.cu on the current stream.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "launchers.h"
+
+namespace molrg {
+namespace {
+
+constexpr const char* kTs = "train_step";
+constexpr int64_t kU32 = int64_t(1) << 32;
+constexpr int64_t kLvCols = 5, kLvLambda = 2;
+
+std::tuple<at::Tensor, at::Tensor> train_step_cuda(const at::Tensor& X, const at::Tensor& U,
+                                                   const at::Tensor& levels,
+                                                   const std::optional<at::Tensor>& level_bias,
+                                                   at::IntArrayRef dims, int64_t batch,
+                                                   int64_t seed, int64_t step, int64_t mode) {
+  TORCH_CHECK(mode == 0 || mode == 1, kTs, ": mode must be 0 (soft) or 1 (hard), got ", mode);
+  TORCH_CHECK(X.is_cuda(), kTs, ": X must be a CUDA tensor, got device ", X.device());
+  DaeSizes s = check_dae_xU(X, U, dims, kTs);  // s.B is N, the training-set size
+  const c10::cuda::CUDAGuard guard(X.device());
+  TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
+  check_finite(X, kTs, "X");
+  check_finite(U, kTs, "U");
+  check_like(levels, X, kTs, "levels", "X");
+  TORCH_CHECK(levels.dim() == 2 && levels.size(1) == kLvCols, kTs,
+              ": levels must be [L, 5] (s, gamma, lambda, c, phi), got shape ", levels.sizes());
+  check_contig(levels, kTs, "levels");
+  const int64_t L = levels.size(0), M = batch;
+  TORCH_CHECK(seed >= 0, kTs, ": seed must be >= 0, got ", seed);
+  TORCH_CHECK(step >= 0 && step < kU32, kTs, ": step must be in [0, 2^32), got ", step);
+  TORCH_CHECK(s.P < kU32, kTs, ": P must be below 2^32, got ", s.P);
+  TORCH_CHECK(M >= 1 && M < kU32, kTs, ": batch must be in [1, 2^32), got ", M);
+  TORCH_CHECK(s.B < kU32, kTs, ": the training set must hold 1 .. 2^32-1 samples, got N = ", s.B);
+  TORCH_CHECK(L >= 1 && L < kU32, kTs, ": the level table must have 1 .. 2^32-1 rows, got L = ",
+              L);
+  check_finite(levels, kTs, "levels");
+  TORCH_CHECK((levels.select(1, kLvLambda) >= 0).all().item<bool>(), kTs,
+              ": levels lambda column must be >= 0");
+  if (level_bias) {
+    check_like(*level_bias, X, kTs, "level_bias", "X");
+    check_shape(*level_bias, {L, s.K}, kTs, "level_bias");
+    check_contig(*level_bias, kTs, "level_bias");
+    TORCH_CHECK(!(at::isnan(*level_bias) | at::isposinf(*level_bias)).any().item<bool>(), kTs,
+                ": level_bias contains NaN or +Inf values");
+    TORCH_CHECK(!at::isneginf(*level_bias).all(-1).any().item<bool>(), kTs,
+                ": level_bias is -Inf for every subspace of some level");
+  }
+  const int n = (int)s.n, K = (int)s.K, dm = (int)s.dm;
+  auto slot_loss = at::empty({s.P, M}, X.options());
+  auto grad = at::empty_like(U);
+  auto host_dims = at::empty({s.K}, at::TensorOptions().dtype(at::kInt));
+  std::copy(s.dims.begin(), s.dims.end(), host_dims.data_ptr<int32_t>());
+  auto d_dims = host_dims.to(X.device());
+  auto stream = c10::cuda::getCurrentCUDAStream(X.device().index());
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "train_step_cuda", [&] {
+    const int64_t need = cuda::train_step_smem_bytes<scalar_t>(n, K, dm);
+    TORCH_CHECK(need <= cuda::train_step_max_smem_bytes(), kTs,
+                ": the CUDA kernel keeps 2 n + 2 K dmax + K values per slot in shared memory (",
+                need, " bytes), more than ", cuda::train_step_max_smem_bytes(),
+                "; n = ", n, " is too large for it");
+    C10_CUDA_CHECK(cuda::launch_train_step<scalar_t>(
+        X.data_ptr<scalar_t>(), s.B, U.data_ptr<scalar_t>(), levels.data_ptr<scalar_t>(),
+        level_bias ? level_bias->data_ptr<scalar_t>() : nullptr, L, d_dims.data_ptr<int32_t>(),
+        s.P, M, n, K, dm, (int)mode, (uint64_t)seed, (uint32_t)step,
+        slot_loss.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), stream.stream()));
+  });
+  return {slot_loss.mean(1), grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(molrg, CUDA, m) { m.impl("train_step", &train_step_cuda); }
+
+}  // namespace molrg

@@ -1,0 +1,305 @@
+"""Benchmark runner: fused ops against their PyTorch peers, printed as a table and saved as JSON.
+
+Used by ``python -m benchmarks``, ``molrg bench`` and the pytest-benchmark files in
+``benchmarks/``. Every case is a zero-argument callable built by a ``make_*`` function, so the
+pytest files and the table time exactly the same code.
+
+Peers:
+* ``eager``: the denoiser written as plain PyTorch (two einsums, soft-max / one-hot) + autograd.
+  (``molrg_ext.reference`` uses one three-operand einsum that torch contracts left to right
+  through a [B, K, n, d] intermediate; it is an oracle, not a fair speed peer.)
+* ``compile``: ``torch.compile`` of the same eager function (inductor).
+* ``cupy``: the same composition in CuPy, when cupy and a GPU are present.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .ops import subspace_dae
+from .posterior import posterior_mean_coefficients
+from .reference import masked_bases
+from .train_step import Levels, train_step
+
+__all__ = [
+    "DAE_SHAPES", "TRAIN_SHAPES", "eager_dae", "make_dae_case", "make_train_case",
+    "dae_flops", "train_flops", "time_callable", "run", "main", "peak_gflops",
+]
+
+# (n, K, d, B)
+DAE_SHAPES = [(48, 2, 6, 1024), (48, 2, 6, 65536), (48, 3, 8, 65536), (3072, 10, 40, 256),
+              (3072, 10, 40, 4096)]
+# (n, K, d, M, P)
+TRAIN_SHAPES = [(48, 2, 6, 1024, 64)]
+
+
+def eager_dae(x, U, c, phi, dims, mode):
+    """Plain PyTorch composition of the denoiser (x [P,B,n], U [P,K,n,d], c/phi [P,B])."""
+    Um = masked_bases(U, dims)
+    proj = torch.einsum("pbn,pknd->pbkd", x, Um)
+    sq = proj.square().sum(-1)
+    if mode == "soft":
+        w = torch.softmax(phi[..., None] * sq, dim=-1)
+    else:
+        w = F.one_hot(sq.argmax(-1), U.shape[1]).to(x.dtype)
+    return c[..., None] * torch.einsum("pbkd,pknd->pbn", w[..., None] * proj, Um)
+
+
+def dae_flops(n, K, d, B, mode="soft"):
+    """Useful flops of one fwd+bwd (grad wrt U only): soft 10 n K d per sample (project,
+    reconstruct, r = U^T g, dU); hard skips the inactive components except in the projection."""
+    D = K * d
+    per = 10 * n * D if mode == "soft" else 2 * n * D + 8 * n * d
+    return per * B
+
+
+def train_flops(n, K, d, M, P, mode="hard"):
+    """Flops of one fused step: the denoiser fwd+bwd, plus the clean projection in hard mode."""
+    extra = 2 * n * K * d if mode == "hard" else 0
+    return (dae_flops(n, K, d, 1, mode) + extra) * M * P
+
+
+def _problem(n, K, d, B, P=1, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(P, B, n, generator=g, dtype=dtype)
+    U = torch.randn(P, K, n, d, generator=g, dtype=dtype) / math.sqrt(n)
+    c = torch.full((P, B), 0.9, dtype=dtype)
+    phi = torch.full((P, B), 2.0, dtype=dtype)
+    gy = torch.randn(P, B, n, generator=g, dtype=dtype)
+    return x, U, c, phi, gy
+
+
+def make_dae_case(impl: str, n, K, d, B, mode="soft", device="cpu") -> Optional[Callable]:
+    """A callable doing one fwd+bwd (grad wrt U) of the denoiser; None when impl is unavailable."""
+    x, U, c, phi, gy = (t.to(device) for t in _problem(n, K, d, B))
+    dims = [d] * K
+    U.requires_grad_()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if impl == "ours":
+        fwd = lambda: subspace_dae(x, U, c, phi, None, dims, mode)  # noqa: E731
+    elif impl == "eager":
+        fwd = lambda: eager_dae(x, U, c, phi, dims, mode)  # noqa: E731
+    elif impl == "compile":
+        cf = torch.compile(eager_dae, dynamic=False)
+        fwd = lambda: cf(x, U, c, phi, dims, mode)  # noqa: E731
+    elif impl == "cupy":
+        return _make_cupy_case(x, U, c, phi, gy, mode)
+    else:
+        raise ValueError(f"unknown impl {impl!r}")
+
+    def step():
+        U.grad = None
+        y = fwd()
+        y.backward(gy)
+        sync()
+
+    return step
+
+
+def _make_cupy_case(x, U, c, phi, gy, mode):
+    try:
+        import cupy as cp
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    x, U, c, phi, gy = (cp.asarray(t.detach().cuda()) for t in (x, U, c, phi, gy))
+
+    def step():  # forward + analytic backward wrt U (same math as the kernels)
+        proj = cp.einsum("pbn,pknd->pbkd", x, U)
+        sq = (proj**2).sum(-1)
+        if mode == "soft":
+            lg = phi[..., None] * sq
+            w = cp.exp(lg - lg.max(-1, keepdims=True))
+            w /= w.sum(-1, keepdims=True)
+        else:
+            w = cp.eye(U.shape[1], dtype=x.dtype)[sq.argmax(-1)]
+        r = cp.einsum("pbn,pknd->pbkd", gy, U)
+        h = c[..., None] * (r * proj).sum(-1)
+        dl = w * (h - (w * h).sum(-1, keepdims=True)) if mode == "soft" else 0 * w
+        dP = (c[..., None] * w)[..., None] * r + 2 * phi[..., None, None] * dl[..., None] * proj
+        a = (c[..., None] * w)[..., None] * proj
+        dU = cp.einsum("pbn,pbkd->pknd", x, dP) + cp.einsum("pbn,pbkd->pknd", gy, a)
+        cp.cuda.Device().synchronize()
+        return dU
+
+    return step
+
+
+def _levels(L=64, dtype=torch.float64) -> Levels:
+    t = torch.linspace(0.02, 1.0, L, dtype=torch.float64)
+    s, gamma = torch.ones_like(t), t  # VE-like test levels
+    c, phi, _ = posterior_mean_coefficients(s, gamma)
+    return Levels(s, gamma, torch.ones_like(t), c, phi, None)
+
+
+def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096) -> Optional[Callable]:
+    """One training step for P instances (batch M each); impl 'ours' (fused op) or 'eager'
+    (randint + randn + gather + denoiser + loss + backward in plain PyTorch, batched over P)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(P, N, n, generator=g)
+    U0 = torch.randn(P, K, n, d, generator=g) / math.sqrt(n)
+    dims = [d] * K
+    lv = _levels()
+    counter = {"step": 0}
+    if impl == "ours":
+        def step():
+            counter["step"] += 1
+            return train_step(X, U0, dims, lv, M, 0, counter["step"], mode)
+        return step
+    if impl not in ("eager", "compile"):
+        raise ValueError(f"unknown impl {impl!r}")
+    table = lv.table(torch.float32)
+    U = U0.clone().requires_grad_()
+    Lv = table.shape[0]
+
+    def loss_fn(U, X, i, lev, eps):
+        x0 = torch.gather(X, 1, i[..., None].expand(-1, -1, n))
+        s, gm, lam, c, phi = table[lev].unbind(-1)
+        xt = s[..., None] * x0 + gm[..., None] * eps
+        Um = masked_bases(U, dims)
+        if mode == "hard":
+            k0 = torch.einsum("pbn,pknd->pbkd", x0, Um).square().sum(-1).argmax(-1)
+            proj = torch.einsum("pbn,pknd->pbkd", xt, Um)
+            w = F.one_hot(k0, K).to(X.dtype)
+        else:
+            proj = torch.einsum("pbn,pknd->pbkd", xt, Um)
+            w = torch.softmax(phi[..., None] * proj.square().sum(-1), -1)
+        y = c[..., None] * torch.einsum("pbkd,pknd->pbn", w[..., None] * proj, Um)
+        return (lam * (y - x0).square().sum(-1)).mean(1).sum()
+
+    fn = torch.compile(loss_fn, dynamic=False) if impl == "compile" else loss_fn
+
+    def step():
+        i = torch.randint(0, N, (P, M))
+        lev = torch.randint(0, Lv, (P, M))
+        eps = torch.randn(P, M, n)
+        U.grad = None
+        fn(U, X, i, lev, eps).backward()
+        return U.grad
+
+    return step
+
+
+def time_callable(fn: Callable, repeats: int = 5, warmup: int = 1, min_time: float = 0.0):
+    """Median and min wall time (s) over repeats (each repeat loops until min_time)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        k, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            k += 1
+            el = time.perf_counter() - t0
+            if el >= min_time:
+                break
+        times.append(el / k)
+    return statistics.median(times), min(times)
+
+
+def peak_gflops() -> Optional[float]:
+    """fp32 FMA peak of this machine's cores: cores x 2 FMA units x 8 lanes x 2 flops x GHz
+    (AVX2 + FMA assumed; GHz from /proc/cpuinfo). None when it cannot be read."""
+    try:
+        mhz = [float(l.split(":")[1]) for l in open("/proc/cpuinfo") if l.startswith("cpu MHz")]
+        return len(mhz) * 2 * 8 * 2 * (sum(mhz) / len(mhz)) / 1000.0
+    except Exception:
+        return None
+
+
+def _row(kind, shape, mode, times, flops):
+    ours = times.get("ours")
+    row = {"kind": kind, "shape": list(shape), "mode": mode, "seconds": times,
+           "gflops_ours": (flops / ours / 1e9) if ours else None}
+    row["speedup"] = {k: v / ours for k, v in times.items() if k != "ours" and v and ours}
+    return row
+
+
+def run(dae_shapes=None, train_shapes=None, peers=("eager", "compile"), modes=("soft",),
+        train_modes=("hard", "soft"), repeats=5, out: Optional[str] = None, progress=True):
+    """Time every case; print a table; return (and optionally save) the rows."""
+    dae_shapes = DAE_SHAPES if dae_shapes is None else dae_shapes
+    train_shapes = TRAIN_SHAPES if train_shapes is None else train_shapes
+    rows = []
+    peak = peak_gflops()
+    jobs = [("dae", s, m) for s in dae_shapes for m in modes]
+    jobs += [("train", s, m) for s in train_shapes for m in train_modes]
+    try:
+        from tqdm import tqdm
+        it = tqdm(jobs, desc="bench", disable=not progress)
+    except ImportError:
+        it = jobs
+    for kind, shape, mode in it:
+        times = {}
+        for impl in ("ours", *peers):
+            fn = (make_dae_case(impl, *shape, mode=mode) if kind == "dae"
+                  else make_train_case(impl, *shape, mode=mode))
+            if fn is None:
+                continue
+            med, _ = time_callable(fn, repeats=repeats, warmup=2 if impl == "compile" else 1)
+            times[impl] = med
+        flops = dae_flops(*shape, mode) if kind == "dae" else train_flops(*shape, mode)
+        rows.append(_row(kind, shape, mode, times, flops))
+    _print(rows, peak)
+    if out:
+        meta = {"machine": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(), "peak_gflops_fp32": peak,
+                "loadavg": os.getloadavg(), "torch": torch.__version__,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with open(out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return rows
+
+
+def _print(rows, peak):
+    peers = sorted({k for r in rows for k in r["seconds"] if k != "ours"})
+    head = f"{'kind':6} {'shape':24} {'mode':5} {'ours ms':>9} " + " ".join(
+        f"{p + ' ms':>11} {'x' + p:>9}" for p in peers) + f" {'GFLOP/s':>8}"
+    print(head)
+    for r in rows:
+        t = r["seconds"]
+        line = f"{r['kind']:6} {str(tuple(r['shape'])):24} {r['mode']:5} "
+        line += f"{1e3 * t['ours']:9.3f} " if "ours" in t else f"{'-':>9} "
+        for p in peers:
+            if p in t:
+                line += f"{1e3 * t[p]:11.3f} {r['speedup'].get(p, float('nan')):9.2f} "
+            else:
+                line += f"{'-':>11} {'-':>9} "
+        g = r["gflops_ours"]
+        line += f"{g:8.2f}" if g else f"{'-':>8}"
+        print(line)
+    if peak:
+        print(f"fp32 peak of this machine ~ {peak:.0f} GFLOP/s (AVX2+FMA); "
+              f"threads = {torch.get_num_threads()}; loadavg = {os.getloadavg()[0]:.1f}")
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run_args(p.parse_args(argv))
+
+
+def add_arguments(p):
+    p.add_argument("--quick", action="store_true", help="small shapes only")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--modes", default="soft", help="denoiser modes, comma separated")
+    p.add_argument("--out", default="bench_results.json", help="JSON output path")
+
+
+def run_args(a):
+    peers = ("eager",) if a.no_compile else ("eager", "compile")
+    dae = [DAE_SHAPES[0], DAE_SHAPES[3]] if a.quick else None
+    train = [(48, 2, 6, 256, 8)] if a.quick else None
+    run(dae, train, peers, tuple(a.modes.split(",")), repeats=a.repeats, out=a.out)
+    return 0

@@ -1,0 +1,218 @@
+"""Mixture of low-rank Gaussians (MoLRG, Definition 1 and eq. (15)), batched over P instances.
+
+``x = U*_k a + e`` with probability ``pi_k``, ``a ~ N(0, I_{d_k})``, ``U*_k`` n x d_k orthonormal and
+``e ~ N(0, noise_std^2 I_n)``. Bases are, per instance, disjoint column blocks of one random
+orthogonal n x n matrix (``basis="orthogonal"``, needs ``sum d_k <= n``) or independent random
+orthonormal matrices (``basis="independent"``, subspaces may overlap). Everything is drawn in
+float64 from one seeded ``torch.Generator`` and then cast, so a seed gives the same data for every
+dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["MoLRGData", "sample_molrg", "sample_from_bases"]
+
+
+@dataclass
+class MoLRGData:
+    """Samples and ground truth of P MoLRG instances.
+
+    Attributes:
+        X: ``[P, N, n]`` samples.
+        labels: ``[P, N]`` int64 component of each sample.
+        bases: ``[P, K, n, dmax]`` true bases, columns past ``dims[k]`` are zero.
+        dims: the K subspace dimensions.
+        pi: ``[K]`` float64 mixture weights.
+        noise_std: std of the isotropic noise ``e``.
+    """
+
+    X: torch.Tensor
+    labels: torch.Tensor
+    bases: torch.Tensor
+    dims: list
+    pi: torch.Tensor
+    noise_std: float = 0.0
+
+    @property
+    def instances(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def K(self) -> int:
+        return len(self.dims)
+
+    @property
+    def n(self) -> int:
+        return self.X.shape[-1]
+
+    def counts(self) -> torch.Tensor:
+        """``[P, K]`` number of samples of each component."""
+        return torch.nn.functional.one_hot(self.labels, self.K).sum(1)
+
+    def sample(self, N: Optional[int] = None, counts: Optional[Sequence[int]] = None,
+               seed: int = 1):
+        """Fresh samples ``(X [P, N, n], labels [P, N])`` from the same bases (e.g. the reference
+        set of the GL score). Use a seed different from the training one."""
+        return sample_from_bases(self.bases, self.dims, N=N, counts=counts, pi=self.pi,
+                                 noise_std=self.noise_std, seed=seed, dtype=self.X.dtype)
+
+
+def _parse_dims(dims, K: Optional[int], n: int) -> list:
+    if isinstance(dims, int):
+        dims = [dims] * (1 if K is None else K)
+    try:
+        dims = [int(d) for d in dims]
+    except TypeError as e:
+        raise TypeError(f"sample_molrg: dims must be an int or a sequence of ints, got {dims!r}") from e
+    if len(dims) == 0:
+        raise ValueError("sample_molrg: dims is empty (K = 0)")
+    for k, d in enumerate(dims):
+        if not 1 <= d <= n:
+            raise ValueError(f"sample_molrg: dims[{k}] = {d} must be in [1, n = {n}]")
+    return dims
+
+
+def _parse_pi(pi, K: int, where: str) -> torch.Tensor:
+    if pi is None:
+        return torch.full((K,), 1.0 / K, dtype=torch.float64)
+    p = torch.as_tensor(pi, dtype=torch.float64).flatten()
+    if p.numel() != K:
+        raise ValueError(f"{where}: pi must have K = {K} entries, got {p.numel()}")
+    if not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"{where}: pi must be finite, >= 0 and not all zero, got {p.tolist()}")
+    return p / p.sum()
+
+
+def _draw_labels(P, N, counts, pi, g, where):
+    K = pi.numel()
+    if counts is not None:
+        counts = [int(c) for c in counts]
+        if len(counts) != K:
+            raise ValueError(f"{where}: counts must have K = {K} entries, got {len(counts)}")
+        if any(c < 0 for c in counts) or sum(counts) == 0:
+            raise ValueError(f"{where}: counts must be >= 0 with a positive total, got {counts}")
+        if N is not None and N != sum(counts):
+            raise ValueError(f"{where}: N = {N} but sum(counts) = {sum(counts)}")
+        base = torch.repeat_interleave(torch.arange(K), torch.tensor(counts))
+        perm = torch.argsort(torch.rand(P, base.numel(), generator=g, dtype=torch.float64), dim=1)
+        return base[perm]
+    if N is None:
+        raise ValueError(f"{where}: give N or counts")
+    if not isinstance(N, int) or N < 1:
+        raise ValueError(f"{where}: N must be a positive int, got {N!r}")
+    return torch.multinomial(pi.expand(P, K), N, replacement=True, generator=g)
+
+
+def _draw_samples(bases64, dims, labels, noise_std, g):
+    P, K, n, dmax = bases64.shape
+    N = labels.shape[1]
+    a = torch.randn(P, N, dmax, generator=g, dtype=torch.float64)
+    d_of = torch.tensor(dims)[labels]  # [P, N]
+    a = a * (torch.arange(dmax) < d_of[..., None])  # zero the coefficients past d_k
+    idx = labels[..., None, None].expand(P, N, n, dmax)
+    Ub = torch.gather(bases64, 1, idx)  # [P, N, n, dmax]
+    X = torch.einsum("pmnd,pmd->pmn", Ub, a)
+    if noise_std > 0:
+        X = X + noise_std * torch.randn(P, N, n, generator=g, dtype=torch.float64)
+    return X
+
+
+def _check_noise(noise_std, where):
+    noise_std = float(noise_std)
+    if not noise_std >= 0 or noise_std == float("inf"):
+        raise ValueError(f"{where}: noise_std must be finite and >= 0, got {noise_std}")
+    return noise_std
+
+
+def sample_molrg(
+    n: int,
+    dims,
+    N: Optional[int] = None,
+    counts: Optional[Sequence[int]] = None,
+    instances: int = 1,
+    pi=None,
+    noise_std: float = 0.0,
+    basis: str = "orthogonal",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    K: Optional[int] = None,
+) -> MoLRGData:
+    """Draw ``instances`` independent MoLRG problems.
+
+    Args:
+        n: ambient dimension.
+        dims: the d_k (a sequence; heterogeneous allowed) or one int (with ``K``, default 1).
+        N: samples per instance, labels drawn i.i.d. from ``pi``; or
+        counts: exact number of samples N_k of each component (shuffled order).
+        instances: P.
+        pi: mixture weights (default uniform), normalised.
+        noise_std: std of the isotropic noise ``e``.
+        basis: ``"orthogonal"`` or ``"independent"``.
+        seed: seed of the ``torch.Generator``; same seed, same data.
+        dtype: float32 or float64.
+        K: number of components when ``dims`` is an int.
+    """
+    where = "sample_molrg"
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"{where}: n must be a positive int, got {n!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{where}: dtype must be float32 or float64, got {dtype}")
+    if not isinstance(instances, int) or instances < 1:
+        raise ValueError(f"{where}: instances must be a positive int, got {instances!r}")
+    dims = _parse_dims(dims, K, n)
+    if K is not None and K != len(dims):
+        raise ValueError(f"{where}: K = {K} but dims has {len(dims)} entries")
+    K = len(dims)
+    pi_t = _parse_pi(pi, K, where)
+    noise_std = _check_noise(noise_std, where)
+    if basis not in ("orthogonal", "independent"):
+        raise ValueError(f"{where}: basis must be 'orthogonal' or 'independent', got {basis!r}")
+    if basis == "orthogonal" and sum(dims) > n:
+        raise ValueError(f"{where}: orthogonal bases need sum(dims) = {sum(dims)} <= n = {n}")
+    g = torch.Generator().manual_seed(int(seed))
+    P, dmax = instances, max(dims)
+    bases = torch.zeros(P, K, n, dmax, dtype=torch.float64)
+    if basis == "orthogonal":
+        q, r = torch.linalg.qr(torch.randn(P, n, n, generator=g, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar
+        start = 0
+        for k, d in enumerate(dims):
+            bases[:, k, :, :d] = q[:, :, start:start + d]
+            start += d
+    else:
+        for k, d in enumerate(dims):
+            q, r = torch.linalg.qr(torch.randn(P, n, d, generator=g, dtype=torch.float64))
+            bases[:, k, :, :d] = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    labels = _draw_labels(P, N, counts, pi_t, g, where)
+    X = _draw_samples(bases, dims, labels, noise_std, g)
+    return MoLRGData(X.to(dtype), labels, bases.to(dtype), dims, pi_t, noise_std)
+
+
+def sample_from_bases(bases: torch.Tensor, dims=None, N: Optional[int] = None,
+                      counts: Optional[Sequence[int]] = None, pi=None, noise_std: float = 0.0,
+                      seed: int = 1, dtype: Optional[torch.dtype] = None):
+    """Fresh MoLRG samples ``(X [P, N, n], labels [P, N])`` from given bases ``[P, K, n, dmax]``
+    (or ``[K, n, dmax]``: then P = 1)."""
+    where = "sample_from_bases"
+    if not isinstance(bases, torch.Tensor) or bases.dim() not in (3, 4):
+        raise ValueError(f"{where}: bases must be a [P, K, n, dmax] or [K, n, dmax] tensor")
+    if bases.dim() == 3:
+        bases = bases.unsqueeze(0)
+    P, K, n, dmax = bases.shape
+    if dims is None:
+        dims = [dmax] * K
+    dims = [int(d) for d in dims]
+    if len(dims) != K or any(not 1 <= d <= dmax for d in dims):
+        raise ValueError(f"{where}: dims must be K = {K} ints in [1, {dmax}], got {dims}")
+    if not torch.isfinite(bases).all():
+        raise ValueError(f"{where}: bases contain NaN or Inf")
+    pi_t = _parse_pi(pi, K, where)
+    noise_std = _check_noise(noise_std, where)
+    g = torch.Generator().manual_seed(int(seed))
+    labels = _draw_labels(P, N, counts, pi_t, g, where)
+    X = _draw_samples(bases.detach().cpu().to(torch.float64), dims, labels, noise_std, g)
+    return X.to(dtype or bases.dtype), labels

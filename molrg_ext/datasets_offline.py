@@ -1,0 +1,45 @@
+"""Small real image data sets that ship with scikit-learn / scikit-image (no download).
+
+Images are returned as float32 ``[N, C, H, W]`` scaled to [-1, 1] (EDM convention).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["digits_images", "camera_patches"]
+
+
+def digits_images() -> torch.Tensor:
+    """scikit-learn's 1797 handwritten digits, ``[1797, 1, 8, 8]`` in [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    img = load_digits().images.astype(np.float32) / 16.0
+    return torch.from_numpy(img * 2 - 1)[:, None]
+
+
+def camera_patches(N: int, size: int = 8, seed: int = 0, image: str = "camera") -> torch.Tensor:
+    """``N`` random ``size x size`` grey patches of a scikit-image sample image, ``[N, 1, size, size]``
+    in [-1, 1], drawn with a seeded generator."""
+    import skimage.data
+    from skimage.color import rgb2gray
+
+    if int(N) < 1 or int(size) < 1:
+        raise ValueError(f"camera_patches: N and size must be >= 1, got {N}, {size}")
+    try:
+        img = getattr(skimage.data, image)()
+    except AttributeError as e:
+        raise ValueError(f"camera_patches: scikit-image has no sample image {image!r}") from e
+    img = np.asarray(img, dtype=np.float64)
+    if img.ndim == 3:
+        img = rgb2gray(img[..., :3])
+    if img.max() > 1.0:
+        img = img / 255.0
+    H, W = img.shape
+    if size > min(H, W):
+        raise ValueError(f"camera_patches: size {size} exceeds the image ({H} x {W})")
+    rng = np.random.default_rng(int(seed))
+    r = rng.integers(0, H - size + 1, int(N))
+    c = rng.integers(0, W - size + 1, int(N))
+    patches = np.stack([img[i:i + size, j:j + size] for i, j in zip(r, c)]).astype(np.float32)
+    return torch.from_numpy(patches * 2 - 1)[:, None]

@@ -1,0 +1,132 @@
+"""Generalisation metrics for generated samples (Section 4.1 of arXiv 2409.02426).
+
+* :func:`gl_score` (eq. (21)): ``D(x_gen) / D(x_ref)`` with ``D(X) = sum_i min_{j != i} ||x_i - x_j||``;
+  near 0 when the generated samples collapse onto (copies of) a few training points, near 1 when
+  they are spread like fresh samples of the data distribution.
+* :func:`copy_detection_score`: the share of generated samples whose nearest training sample
+  (cosine similarity of raw pixels or of a feature map) exceeds a threshold; the paper's real-data
+  GL score is ``1 - copy_detection_score(..., threshold=0.6)``.
+
+Nearest neighbours are computed in chunks (``chunk`` rows against ``chunk`` columns at a time), so
+no N x N matrix is ever held.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["nearest_neighbor_distances", "nn_distance_sum", "gl_score", "max_cosine_similarity",
+           "copy_detection_score"]
+
+
+def _as_matrix(x, name: str, where: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: {name} must be floating point, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{where}: {name} must be [N, ...] with a feature dimension, got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{where}: {name} is empty")
+    x = x.reshape(x.shape[0], -1)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{where}: {name} contains NaN or Inf")
+    return x
+
+
+def _check_chunk(chunk: int, where: str) -> int:
+    if int(chunk) < 1:
+        raise ValueError(f"{where}: chunk must be >= 1, got {chunk}")
+    return int(chunk)
+
+
+@torch.no_grad()
+def nearest_neighbor_distances(x: torch.Tensor, y: Optional[torch.Tensor] = None,
+                               chunk: int = 1024) -> torch.Tensor:
+    """For each row of ``x`` the Euclidean distance to its nearest row of ``y``; with ``y=None``
+    the nearest *other* row of ``x`` (the row itself excluded by index, so duplicates give ~0).
+    Computed in float64, ``chunk x chunk`` blocks at a time."""
+    where = "nearest_neighbor_distances"
+    chunk = _check_chunk(chunk, where)
+    x = _as_matrix(x, "x", where).to(torch.float64)
+    self_mode = y is None
+    if self_mode:
+        if x.shape[0] < 2:
+            raise ValueError(f"{where}: x needs at least 2 rows for nearest neighbours among itself")
+        y = x
+    else:
+        y = _as_matrix(y, "y", where).to(torch.float64)
+        if y.shape[1] != x.shape[1]:
+            raise ValueError(f"{where}: x has {x.shape[1]} features but y has {y.shape[1]}")
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    y_sq = (y * y).sum(1)
+    for i0 in range(0, x.shape[0], chunk):
+        xi = x[i0:i0 + chunk]
+        xi_sq = (xi * xi).sum(1, keepdim=True)
+        best = torch.full((xi.shape[0],), float("inf"), dtype=torch.float64, device=x.device)
+        for j0 in range(0, y.shape[0], chunk):
+            yj = y[j0:j0 + chunk]
+            d2 = (xi_sq + y_sq[j0:j0 + chunk][None, :] - 2.0 * xi @ yj.T).clamp_min_(0)
+            if self_mode:
+                rows = torch.arange(i0, i0 + xi.shape[0], device=x.device)[:, None]
+                cols = torch.arange(j0, j0 + yj.shape[0], device=x.device)[None, :]
+                d2 = d2.masked_fill(rows == cols, float("inf"))
+            best = torch.minimum(best, d2.min(dim=1).values)
+        out[i0:i0 + xi.shape[0]] = best
+    return out.sqrt()
+
+
+def nn_distance_sum(x: torch.Tensor, chunk: int = 1024) -> float:
+    """``D(X) = sum_i min_{j != i} ||x_i - x_j||`` (eq. (21))."""
+    return float(nearest_neighbor_distances(x, None, chunk).sum())
+
+
+def gl_score(x_gen: torch.Tensor, x_ref: torch.Tensor, chunk: int = 1024) -> float:
+    """GL score (21): ``D(x_gen) / D(x_ref)``; ``x_ref`` are fresh samples of the data
+    distribution. Use the same number of samples in both, since D grows with N."""
+    where = "gl_score"
+    g = _as_matrix(x_gen, "x_gen", where)
+    r = _as_matrix(x_ref, "x_ref", where)
+    if g.shape[1] != r.shape[1]:
+        raise ValueError(f"{where}: x_gen has {g.shape[1]} features but x_ref has {r.shape[1]}")
+    d_ref = nn_distance_sum(r, chunk)
+    if d_ref <= 0:
+        raise ValueError(f"{where}: x_ref has D = 0 (all reference samples coincide)")
+    return nn_distance_sum(g, chunk) / d_ref
+
+
+@torch.no_grad()
+def max_cosine_similarity(x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """For each row of ``x`` the largest cosine similarity to a row of ``y`` (zero rows count as
+    similarity 0)."""
+    where = "max_cosine_similarity"
+    chunk = _check_chunk(chunk, where)
+    x = _as_matrix(x, "x", where).to(torch.float64)
+    y = _as_matrix(y, "y", where).to(torch.float64)
+    if y.shape[1] != x.shape[1]:
+        raise ValueError(f"{where}: x has {x.shape[1]} features but y has {y.shape[1]}")
+    xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    yn = y / y.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for i0 in range(0, x.shape[0], chunk):
+        xi = xn[i0:i0 + chunk]
+        best = torch.full((xi.shape[0],), -float("inf"), dtype=torch.float64, device=x.device)
+        for j0 in range(0, yn.shape[0], chunk):
+            best = torch.maximum(best, (xi @ yn[j0:j0 + chunk].T).max(dim=1).values)
+        out[i0:i0 + xi.shape[0]] = best
+    return out
+
+
+def copy_detection_score(x_gen: torch.Tensor, x_train: torch.Tensor, threshold: float = 0.6,
+                         features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                         chunk: int = 1024) -> float:
+    """Share of generated samples whose most similar training sample has cosine similarity
+    ``> threshold``, on raw values or on ``features(x)`` (a feature map applied to both sets)."""
+    if not -1.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"copy_detection_score: threshold must be in [-1, 1], got {threshold}")
+    if features is not None:
+        with torch.no_grad():
+            x_gen, x_train = features(x_gen), features(x_train)
+    sim = max_cosine_similarity(x_gen, x_train, chunk)
+    return float((sim > float(threshold)).double().mean())

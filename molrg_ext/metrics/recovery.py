@@ -1,0 +1,135 @@
+"""Subspace-recovery and clustering metrics (paper Section E.1, eq. after (48)).
+
+``subspace_distance`` is ``min_Pi (1/K) sum_k ||U_Pi(k) U_Pi(k)^T - U*_k U*_k^T||`` with the
+permutation found by Hungarian matching (``scipy.optimize.linear_sum_assignment``) on the K x K
+matrix of pairwise distances, which gives the exact minimum over permutations. The projector is
+``U U^T`` of the first ``d_k`` columns as written in the paper (no re-orthonormalisation: a
+non-orthonormal estimate is penalised).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["subspace_distance", "recovery_success", "clustering_accuracy", "projectors"]
+
+NORMS = {"spectral": 2, "fro": "fro"}
+
+
+def _as4(U, name):
+    if not isinstance(U, torch.Tensor):
+        raise TypeError(f"subspace_distance: {name} must be a torch.Tensor")
+    if U.dim() == 3:
+        return U.unsqueeze(0), False
+    if U.dim() == 4:
+        return U, True
+    raise ValueError(f"subspace_distance: {name} must be [K, n, d] or [P, K, n, d], "
+                     f"got shape {tuple(U.shape)}")
+
+
+def projectors(U: torch.Tensor, dims) -> torch.Tensor:
+    """``[P, K, n, n]`` projectors ``U_k U_k^T`` from the first ``dims[k]`` columns of ``U``."""
+    mask = (torch.arange(U.shape[-1], device=U.device)[None, :]
+            < torch.as_tensor(dims, device=U.device)[:, None]).to(U.dtype)  # [K, dmax]
+    Um = U * mask[:, None, :]
+    return Um @ Um.transpose(-1, -2)
+
+
+def subspace_distance(U_est: torch.Tensor, U_true: torch.Tensor, dims=None,
+                      norm: str = "spectral", dims_true=None, return_perm: bool = False):
+    """Recovery distance per instance.
+
+    Args:
+        U_est: ``[P, K, n, d]`` (or ``[K, n, d]``) estimated bases.
+        U_true: ground truth, same layout (``d`` may differ from ``U_est``'s).
+        dims: the K dimensions d_k used for both (default: all columns); ``dims_true`` overrides
+            them for ``U_true``.
+        norm: ``"spectral"`` (default, as in the paper's experiments) or ``"fro"``.
+        return_perm: also return the ``[P, K]`` matching, ``perm[p, k]`` = estimate matched to
+            true component k.
+
+    Returns:
+        float64 tensor ``[P]`` (a 0-d tensor for unbatched inputs).
+    """
+    if norm not in NORMS:
+        raise ValueError(f"subspace_distance: norm must be one of {sorted(NORMS)}, got {norm!r}")
+    A, batched = _as4(U_est, "U_est")
+    B, batched_t = _as4(U_true, "U_true")
+    if A.shape[1] != B.shape[1] or A.shape[2] != B.shape[2]:
+        raise ValueError(f"subspace_distance: U_est {tuple(A.shape)} and U_true "
+                         f"{tuple(B.shape)} differ in K or n")
+    if A.shape[0] != B.shape[0]:
+        if A.shape[0] == 1 or B.shape[0] == 1:
+            P = max(A.shape[0], B.shape[0])
+            A, B = A.expand(P, *A.shape[1:]), B.expand(P, *B.shape[1:])
+        else:
+            raise ValueError(f"subspace_distance: {A.shape[0]} estimated instances but "
+                             f"{B.shape[0]} true ones")
+    K = A.shape[1]
+    if K == 0:
+        raise ValueError("subspace_distance: K = 0")
+    dims_e = [A.shape[-1]] * K if dims is None else [int(d) for d in dims]
+    dims_t = dims_e if dims_true is None else [int(d) for d in dims_true]
+    if dims is None and dims_true is None:
+        dims_t = [B.shape[-1]] * K
+    for name, dd, M in (("dims", dims_e, A), ("dims_true", dims_t, B)):
+        if len(dd) != K or any(not 1 <= d <= M.shape[-1] for d in dd):
+            raise ValueError(f"subspace_distance: {name} must be K = {K} ints in "
+                             f"[1, {M.shape[-1]}], got {dd}")
+    A = A.detach().to(torch.float64)
+    B = B.detach().to(torch.float64).to(A.device)
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ValueError("subspace_distance: bases contain NaN or Inf")
+    PA, PB = projectors(A, dims_e), projectors(B, dims_t)  # [P, K, n, n]
+    diff = PA[:, :, None] - PB[:, None, :]  # [P, K_est, K_true, n, n]
+    cost = torch.linalg.matrix_norm(diff, ord=NORMS[norm]).cpu().numpy()
+    dist = np.empty(cost.shape[0])
+    perms = np.empty((cost.shape[0], K), dtype=np.int64)
+    for p in range(cost.shape[0]):
+        rows, cols = linear_sum_assignment(cost[p])
+        dist[p] = cost[p][rows, cols].mean()
+        perms[p, cols] = rows
+    out = torch.from_numpy(dist)
+    perm_t = torch.from_numpy(perms)
+    if not (batched or batched_t):
+        out, perm_t = out[0], perm_t[0]
+    return (out, perm_t) if return_perm else out
+
+
+def recovery_success(dist: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Boolean success ``dist <= threshold`` (the paper uses 0.5)."""
+    dist = torch.as_tensor(dist)
+    if torch.isnan(dist).any():
+        raise ValueError("recovery_success: dist contains NaN")
+    return dist <= threshold
+
+
+def clustering_accuracy(labels, pred) -> torch.Tensor:
+    """Fraction of samples whose predicted cluster matches the true label after the best
+    one-to-one relabelling (Hungarian). ``labels``/``pred``: ``[N]`` or ``[P, N]`` ints; returns
+    float64 ``[P]`` (0-d for 1-D inputs). Predicted clusters may outnumber the true ones."""
+    lab = torch.as_tensor(labels)
+    prd = torch.as_tensor(pred)
+    if lab.shape != prd.shape:
+        raise ValueError(f"clustering_accuracy: labels {tuple(lab.shape)} and pred "
+                         f"{tuple(prd.shape)} differ in shape")
+    if lab.dtype.is_floating_point or prd.dtype.is_floating_point:
+        raise TypeError("clustering_accuracy: labels and pred must be integers")
+    if lab.dim() not in (1, 2) or lab.shape[-1] == 0:
+        raise ValueError("clustering_accuracy: labels must be a non-empty [N] or [P, N]")
+    if (lab < 0).any() or (prd < 0).any():
+        raise ValueError("clustering_accuracy: labels and pred must be >= 0")
+    single = lab.dim() == 1
+    lab2, prd2 = lab.reshape(-1, lab.shape[-1]).cpu(), prd.reshape(-1, prd.shape[-1]).cpu()
+    acc = np.empty(lab2.shape[0])
+    for p in range(lab2.shape[0]):
+        kt, kp = int(lab2[p].max()) + 1, int(prd2[p].max()) + 1
+        conf = np.zeros((kp, kt))
+        np.add.at(conf, (prd2[p].numpy(), lab2[p].numpy()), 1)
+        rows, cols = linear_sum_assignment(conf, maximize=True)
+        acc[p] = conf[rows, cols].sum() / lab2.shape[1]
+    out = torch.from_numpy(acc)
+    return out[0] if single else out

@@ -1,0 +1,128 @@
+"""Deterministic samplers for denoisers ``D(x, sigma) ~ E[x_0 | x_0 + sigma eps = x]``.
+
+* :func:`heun_sample`: EDM's 2nd-order Heun sampler for the probability-flow ODE
+  ``dx/dsigma = (x - D(x, sigma)) / sigma`` (Karras et al. 2022, Algorithm 1 with S_churn = 0);
+  18 steps on the EDM grid by default (``EDM.sigma_steps``), the last step is an Euler step to 0.
+* :func:`ddim_sample`: DDIM (eta = 0), i.e. ``x_{i+1} = s_{i+1} (x0_hat + sigma_{i+1} / sigma_i
+  (x_i / s_i - x0_hat))`` with ``x_t = s_t (x_0 + sigma_t eps)``; ``scales`` gives ``s_t`` for
+  VP-type schedules (default 1, VE/EDM).
+
+Both start from ``x_T = s_0 sigma_0 noise`` (``noise`` is standard normal, supplied by the caller,
+so the result is a deterministic function of it) and can return the whole trajectory.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from .schedules import EDM
+
+__all__ = ["Trajectory", "default_sigma_steps", "heun_sample", "ddim_sample"]
+
+
+class Trajectory(NamedTuple):
+    """``x[i]`` is the state at noise level ``sigma[i]`` (``x[0]`` the initial noise, ``x[-1]``
+    the sample at sigma = 0); ``denoised[i]`` is ``D(x[i], sigma[i])`` for the non-final levels."""
+
+    x: torch.Tensor  # [S + 1, B, ...]
+    sigma: torch.Tensor  # [S + 1]
+    denoised: torch.Tensor  # [S, B, ...]
+
+
+def default_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                        rho: float = 7.0, dtype=torch.float64) -> torch.Tensor:
+    """The EDM sampling grid (``molrg_ext.schedules.EDM.sigma_steps``): ``num_steps`` decreasing
+    levels, without the trailing 0."""
+    if int(num_steps) < 2:
+        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+    grid = EDM(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).sigma_steps(int(num_steps), dtype=dtype)
+    return grid[:-1]  # without the final 0, which the samplers append
+
+
+def _prepare(noise, sigmas, num_steps, where):
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError(f"{where}: noise must be a floating-point tensor")
+    if noise.dim() < 2 or noise.shape[0] == 0:
+        raise ValueError(f"{where}: noise must be a non-empty batch [B, ...], got {tuple(noise.shape)}")
+    if not torch.isfinite(noise).all():
+        raise ValueError(f"{where}: noise contains NaN or Inf")
+    if sigmas is None:
+        sigmas = default_sigma_steps(num_steps)
+    sigmas = torch.as_tensor(sigmas, dtype=noise.dtype, device=noise.device).reshape(-1)
+    if sigmas.numel() > 1 and sigmas[-1] == 0:
+        sigmas = sigmas[:-1]  # a grid given with its final 0 (EDM.sigma_steps)
+    if sigmas.numel() < 1 or not torch.isfinite(sigmas).all() or not (sigmas > 0).all():
+        raise ValueError(f"{where}: sigmas must be a non-empty 1-D list of finite levels > 0")
+    if sigmas.numel() > 1 and not (sigmas[1:] < sigmas[:-1]).all():
+        raise ValueError(f"{where}: sigmas must be strictly decreasing")
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _call(denoiser, x, sigma):
+    out = denoiser(x, sigma.expand(x.shape[0]))
+    if out.shape != x.shape:
+        raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+    return out
+
+
+@torch.no_grad()
+def heun_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.Tensor] = None,
+                num_steps: int = 18, return_trajectory: bool = False, progress: bool = False):
+    """EDM Heun sampler. ``denoiser(x, sigma[B]) -> x0_hat``; ``noise`` standard normal [B, ...];
+    ``sigmas`` decreasing levels > 0, optionally ending in 0 (default
+    ``default_sigma_steps(num_steps)``). Returns the samples,
+    or a :class:`Trajectory` when ``return_trajectory``."""
+    t = _prepare(noise, sigmas, num_steps, "heun_sample")
+    x = noise * t[0]
+    xs, dens = [x], []
+    steps = range(t.numel() - 1)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="heun", leave=False)
+    for i in steps:
+        d0 = _call(denoiser, x, t[i])
+        dens.append(d0)
+        slope = (x - d0) / t[i]
+        x_next = x + (t[i + 1] - t[i]) * slope
+        if t[i + 1] > 0:
+            d1 = _call(denoiser, x_next, t[i + 1])
+            slope2 = (x_next - d1) / t[i + 1]
+            x_next = x + (t[i + 1] - t[i]) * 0.5 * (slope + slope2)
+        x = x_next
+        xs.append(x)
+    if return_trajectory:
+        return Trajectory(torch.stack(xs), t, torch.stack(dens))
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.Tensor] = None,
+                num_steps: int = 18, scales: Optional[torch.Tensor] = None,
+                return_trajectory: bool = False, progress: bool = False):
+    """Deterministic DDIM. ``scales`` are the signal scales ``s_i`` at the levels ``sigmas``
+    (``x_t = s_t (x_0 + sigma_t eps)``; default 1 for VE/EDM, VP gives ``sqrt(alpha_bar)``); the
+    denoiser always sees the unscaled ``x_t / s_t``. Trajectory states are the scaled ``x_t``."""
+    t = _prepare(noise, sigmas, num_steps, "ddim_sample")
+    if scales is None:
+        s = torch.ones_like(t)
+    else:
+        s = torch.as_tensor(scales, dtype=noise.dtype, device=noise.device).reshape(-1)
+        if s.numel() != t.numel() - 1 or not torch.isfinite(s).all() or not (s > 0).all():
+            raise ValueError(f"ddim_sample: scales must be {t.numel() - 1} finite values > 0")
+        s = torch.cat([s, s.new_ones(1)])  # the clean sample has scale 1
+    x = noise * t[0] * s[0]
+    xs, dens = [x], []
+    steps = range(t.numel() - 1)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="ddim", leave=False)
+    for i in steps:
+        z = x / s[i]
+        d0 = _call(denoiser, z, t[i])
+        dens.append(d0)
+        x = s[i + 1] * (d0 + (t[i + 1] / t[i]) * (z - d0))
+        xs.append(x)
+    if return_trajectory:
+        return Trajectory(torch.stack(xs), t, torch.stack(dens))
+    return x

@@ -1,0 +1,218 @@
+"""Noise schedules of the forward process ``x_t = s_t x_0 + gamma_t eps``, ``gamma_t = s_t sigma_t``.
+
+Every schedule maps times ``t in (0, 1]`` (tensors in, tensors out, any shape, dtype kept) to the
+signal scale ``s(t)``, the noise-to-signal ratio ``sigma(t)`` and ``gamma(t) = s(t) sigma(t)``.
+
+``weight(t)`` is the loss weight ``lambda_t`` of eq. (6). **Default: ``lambda_t = 1``** for every
+schedule. This is the weighting Algorithm 1 of the paper actually uses (its SGD step is the plain
+mean of the squared errors over the mini-batch), it keeps the loss bounded at every level (the
+EDM weight ``1/sigma^2``-like factor explodes at ``sigma = 0.002`` for a wrong subspace), and
+Theorems 1 and 3 hold for any positive ``lambda_t``. ``EDM(weighting="edm")`` gives EDM's
+``(sigma^2 + sigma_data^2) / (sigma sigma_data)^2`` instead.
+
+``time_grid(L)`` is the paper's "we divide the time interval [0, 1] into 64 time steps":
+``t_i = i / L`` for ``i = 1..L`` (t = 0, where gamma = 0 and the posterior coefficients are
+undefined, is left out).
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+__all__ = ["Schedule", "VP", "VE", "EDM", "get_schedule", "SCHEDULES"]
+
+TensorLike = Union[float, int, torch.Tensor]
+
+
+def _t(t: TensorLike, name: str = "t") -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        if not t.is_floating_point():
+            t = t.to(torch.get_default_dtype())
+        return t
+    if isinstance(t, (int, float)):
+        return torch.tensor(float(t), dtype=torch.float64)
+    raise TypeError(f"schedule: {name} must be a number or a tensor, got {type(t).__name__}")
+
+
+def _check_positive(name: str, v: float) -> float:
+    v = float(v)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"schedule: {name} must be finite and > 0, got {v}")
+    return v
+
+
+class Schedule:
+    """Base class. Subclasses implement ``s(t)`` and ``sigma(t)`` (and ``sigma_to_t``)."""
+
+    name = "base"
+
+    def s(self, t: TensorLike) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t: TensorLike) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sigma_to_t(self, sigma: TensorLike) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gamma(self, t: TensorLike) -> torch.Tensor:
+        """Noise scale ``gamma_t = s_t sigma_t`` of ``x_t = s_t x_0 + gamma_t eps``."""
+        t = _t(t)
+        return self.s(t) * self.sigma(t)
+
+    def weight(self, t: TensorLike) -> torch.Tensor:
+        """Loss weight ``lambda_t`` (default 1, see the module docstring)."""
+        t = _t(t)
+        return torch.ones_like(t)
+
+    def time_grid(self, L: int = 64, dtype=torch.float64, device=None) -> torch.Tensor:
+        """The L training levels ``t_i = i / L``, ``i = 1..L`` (t = 0 excluded)."""
+        if not isinstance(L, int) or L < 1:
+            raise ValueError(f"time_grid: L must be a positive int, got {L!r}")
+        return torch.arange(1, L + 1, dtype=dtype, device=device) / L
+
+    def levels(self, L: int = 64, dtype=torch.float64, device=None):
+        """``(t, s, sigma, weight)`` on :meth:`time_grid`, each of shape ``[L]``."""
+        t = self.time_grid(L, dtype, device)
+        return t, self.s(t), self.sigma(t), self.weight(t)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+class VP(Schedule):
+    """Variance preserving (DDPM / score-SDE): ``alpha_bar_t = exp(-(b0 t + (b1 - b0) t^2 / 2))``,
+    ``s_t = sqrt(alpha_bar_t)``, ``sigma_t = sqrt(1 - alpha_bar_t) / s_t``."""
+
+    name = "vp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        self.beta_min = _check_positive("beta_min", beta_min)
+        self.beta_max = _check_positive("beta_max", beta_max)
+        if self.beta_max < self.beta_min:
+            raise ValueError("VP: beta_max must be >= beta_min")
+
+    def _log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        return -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t)
+
+    def s(self, t):
+        t = _t(t)
+        return torch.exp(0.5 * self._log_alpha_bar(t))
+
+    def sigma(self, t):
+        t = _t(t)
+        # sqrt(1 - a) / sqrt(a) = sqrt(1/a - 1) = sqrt(expm1(-log a))
+        return torch.sqrt(torch.expm1(-self._log_alpha_bar(t)))
+
+    def sigma_to_t(self, sigma):
+        sigma = _t(sigma, "sigma")
+        # -log alpha_bar = log(1 + sigma^2) = b0 t + (b1 - b0) t^2 / 2: solve the quadratic.
+        c = torch.log1p(sigma * sigma)
+        a = 0.5 * (self.beta_max - self.beta_min)
+        b = self.beta_min
+        if a == 0:
+            return c / b
+        return (-b + torch.sqrt(b * b + 4 * a * c)) / (2 * a)
+
+
+class VE(Schedule):
+    """Variance exploding (score-SDE): ``s_t = 1``, ``sigma_t = smin (smax / smin)^t``."""
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        self.sigma_min = _check_positive("sigma_min", sigma_min)
+        self.sigma_max = _check_positive("sigma_max", sigma_max)
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError("VE: sigma_max must be > sigma_min")
+
+    def s(self, t):
+        return torch.ones_like(_t(t))
+
+    def sigma(self, t):
+        t = _t(t)
+        return self.sigma_min * torch.exp(t * math.log(self.sigma_max / self.sigma_min))
+
+    def sigma_to_t(self, sigma):
+        sigma = _t(sigma, "sigma")
+        return torch.log(sigma / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
+
+
+class EDM(Schedule):
+    """Karras et al. (EDM): ``s_t = 1``, ``sigma(t) = t``; sampling grid :meth:`sigma_steps` and
+    preconditioning :meth:`precond` for network denoisers.
+
+    ``weighting``: ``"uniform"`` (default, ``lambda = 1``) or ``"edm"``
+    (``lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``).
+    """
+
+    name = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 sigma_data: float = 0.5, weighting: str = "uniform"):
+        self.sigma_min = _check_positive("sigma_min", sigma_min)
+        self.sigma_max = _check_positive("sigma_max", sigma_max)
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError("EDM: sigma_max must be > sigma_min")
+        self.rho = _check_positive("rho", rho)
+        self.sigma_data = _check_positive("sigma_data", sigma_data)
+        if weighting not in ("uniform", "edm"):
+            raise ValueError(f"EDM: weighting must be 'uniform' or 'edm', got {weighting!r}")
+        self.weighting = weighting
+
+    def s(self, t):
+        return torch.ones_like(_t(t))
+
+    def sigma(self, t):
+        return _t(t).clone()
+
+    def sigma_to_t(self, sigma):
+        return _t(sigma, "sigma").clone()
+
+    def weight(self, t):
+        t = _t(t)
+        if self.weighting == "uniform":
+            return torch.ones_like(t)
+        sd2 = self.sigma_data ** 2
+        sig = self.sigma(t)
+        return (sig * sig + sd2) / (sig * sig * sd2)
+
+    def sigma_steps(self, N: int = 18, dtype=torch.float64, device=None) -> torch.Tensor:
+        """EDM sampling grid ``sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``,
+        i = 0..N-1 (decreasing from sigma_max to sigma_min), followed by a final 0: ``N + 1`` values."""
+        if not isinstance(N, int) or N < 2:
+            raise ValueError(f"sigma_steps: N must be an int >= 2, got {N!r}")
+        i = torch.arange(N, dtype=dtype, device=device)
+        inv = 1.0 / self.rho
+        a, b = self.sigma_max ** inv, self.sigma_min ** inv
+        sig = (a + i / (N - 1) * (b - a)) ** self.rho
+        return torch.cat([sig, sig.new_zeros(1)])
+
+    def precond(self, sigma: TensorLike):
+        """EDM preconditioning ``(c_skip, c_out, c_in, c_noise)`` at noise level ``sigma``:
+        ``D(x) = c_skip x + c_out F(c_in x, c_noise)``."""
+        sigma = _t(sigma, "sigma")
+        sd = self.sigma_data
+        denom = sigma * sigma + sd * sd
+        c_skip = sd * sd / denom
+        c_out = sigma * sd / torch.sqrt(denom)
+        c_in = 1.0 / torch.sqrt(denom)
+        c_noise = torch.log(sigma) / 4.0
+        return c_skip, c_out, c_in, c_noise
+
+
+SCHEDULES = {"vp": VP, "ve": VE, "edm": EDM}
+
+
+def get_schedule(name: Union[str, Schedule], **kw) -> Schedule:
+    """Schedule by name (``"vp"``, ``"ve"``, ``"edm"``, case-insensitive); a Schedule passes through."""
+    if isinstance(name, Schedule):
+        if kw:
+            raise ValueError("get_schedule: keyword arguments given with a Schedule instance")
+        return name
+    if not isinstance(name, str) or name.lower() not in SCHEDULES:
+        raise ValueError(f"get_schedule: unknown schedule {name!r}; choose from {sorted(SCHEDULES)}")
+    return SCHEDULES[name.lower()](**kw)

@@ -1,0 +1,195 @@
+"""Fused training step of the subspace denoiser (loss (6), Algorithm 1) and its level table.
+
+``train_step`` runs one SGD step for P independent problem instances in one call: the sample
+indices, noise levels and Gaussian noise are drawn inside the kernel from a counter-based
+Philox4x32-10 generator keyed by ``(seed, step)``, so no ``[P, M, n]`` noise tensor is written.
+``philox_draws`` returns the same numbers, for tests and for reference implementations.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
+from ._args import parse_dims, parse_mode
+from .posterior import posterior_mean_coefficients
+
+__all__ = ["Levels", "make_levels", "train_step", "philox_draws"]
+
+
+class Levels(NamedTuple):
+    """Noise-level table: per level ``s``, ``gamma``, ``lam`` (loss weight), ``c``, ``phi`` [L]
+    and the logit ``bias`` [L, K] (None when every component has the same dims and weight)."""
+
+    s: torch.Tensor
+    gamma: torch.Tensor
+    lam: torch.Tensor
+    c: torch.Tensor
+    phi: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+    def table(self, dtype=None, device=None) -> torch.Tensor:
+        """The ``[L, 5]`` table (s, gamma, lambda, c, phi) the op takes."""
+        t = torch.stack([self.s, self.gamma, self.lam, self.c, self.phi], dim=1)
+        return t.to(dtype=dtype or t.dtype, device=device).contiguous()
+
+    @property
+    def L(self) -> int:
+        """Number of noise levels."""
+        return int(self.s.shape[0])
+
+
+def _schedule_gamma(schedule, t: torch.Tensor) -> torch.Tensor:
+    if hasattr(schedule, "gamma"):
+        return torch.as_tensor(schedule.gamma(t), dtype=torch.float64)
+    if hasattr(schedule, "sigma"):
+        return torch.as_tensor(schedule.s(t), dtype=torch.float64) * torch.as_tensor(
+            schedule.sigma(t), dtype=torch.float64
+        )
+    raise TypeError("make_levels: schedule needs gamma(t) (or sigma(t))")
+
+
+def make_levels(schedule, L: int = 64, dims: Optional[Sequence[int]] = None,
+                pi: Optional[Sequence[float]] = None) -> Levels:
+    """Build the level table from a schedule with ``s(t)``, ``gamma(t)`` (or ``sigma(t)``),
+    ``weight(t)`` and ``time_grid(L)``. ``c``, ``phi`` and ``bias`` are the posterior-mean
+    coefficients of Lemma 1 / Proposition 1 (``bias`` only when ``dims`` or ``pi`` differ across
+    components; with equal ones every logit gets the same shift and the soft-max ignores it).
+    Everything is float64; :func:`train_step` casts to the data's dtype."""
+    if not isinstance(L, int) or isinstance(L, bool) or L < 1:
+        raise ValueError(f"make_levels: L must be a positive int, got {L!r}")
+    for name in ("s", "weight", "time_grid"):
+        if not callable(getattr(schedule, name, None)):
+            raise TypeError(f"make_levels: schedule has no method {name}()")
+    t = torch.as_tensor(schedule.time_grid(L), dtype=torch.float64).reshape(-1)
+    if t.numel() != L:
+        raise ValueError(f"make_levels: schedule.time_grid({L}) returned {t.numel()} times")
+    s = torch.as_tensor(schedule.s(t), dtype=torch.float64).expand(L).clone()
+    gamma = _schedule_gamma(schedule, t).expand(L).clone()
+    lam = torch.as_tensor(schedule.weight(t), dtype=torch.float64).expand(L).clone()
+    for name, v in (("s", s), ("gamma", gamma), ("weight", lam)):
+        if not torch.isfinite(v).all():
+            raise ValueError(f"make_levels: schedule {name}(t) is not finite on the time grid")
+    if (lam < 0).any():
+        raise ValueError("make_levels: schedule weight(t) must be >= 0")
+    heterogeneous = False
+    if dims is not None and len(set(int(d) for d in dims)) > 1:
+        heterogeneous = True
+    if pi is not None:
+        p = torch.as_tensor(pi, dtype=torch.float64)
+        if p.numel() > 0 and not torch.allclose(p, p.reshape(-1)[0].expand_as(p)):
+            heterogeneous = True
+    if heterogeneous:
+        c, phi, bias = posterior_mean_coefficients(s, gamma, dims, pi)
+    else:
+        c, phi, _ = posterior_mean_coefficients(s, gamma)
+        bias = None
+    return Levels(s, gamma, lam, c, phi, bias)
+
+
+def _check_int(v, name: str, lo: int, hi: Optional[int] = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+            v = int(v.item())
+        else:
+            raise TypeError(f"train_step: {name} must be an int, got {type(v).__name__}")
+    if v < lo or (hi is not None and v >= hi):
+        rng = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise ValueError(f"train_step: {name} must be in {rng}, got {v}")
+    return int(v)
+
+
+def philox_draws(seed: int, step: int, P: int, batch: int, N: int, L: int, n: int,
+                 dtype: torch.dtype = torch.float32):
+    """The random numbers of ``train_step(..., seed, step)``: ``(idx [P, M], level [P, M]``
+    int64 and ``eps [P, M, n])``."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"philox_draws: dtype must be float32 or float64, got {dtype}")
+    return torch.ops.molrg.philox_draws(int(seed), int(step), int(P), int(batch), int(N), int(L),
+                                        int(n), dtype == torch.float64)
+
+
+def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: int, seed: int,
+               step: int, mode: str = "hard", lr: Optional[float] = None):
+    """One fused SGD step on loss (6) for P independent instances.
+
+    Args:
+        X: training sets ``[P, N, n]`` (or ``[N, n]`` for one instance), float32 or float64.
+        U: bases ``[P, K, n, dmax]`` (or ``[K, n, dmax]``), same dtype and device as X.
+        dims: the K subspace dimensions (None: all dmax).
+        levels: a :class:`Levels` table from :func:`make_levels`.
+        batch: M, the batch size per instance.
+        seed, step: key of the Philox stream (seed >= 0, 0 <= step < 2^32).
+        mode: ``"hard"`` (eq. (16), component from the clean sample, eq. (17)) or ``"soft"``.
+        lr: when given, also apply ``U -= lr * grad_U`` in place (U must not require grad).
+
+    Returns:
+        ``(loss [P], grad_U)`` with ``loss_p = mean_m lambda_l ||x_theta(s_l x_i + gamma_l eps)
+        - x_i||^2`` and ``grad_U = d loss / d U`` (shapes follow the unbatched inputs).
+    """
+    for name, t in (("X", X), ("U", U)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"train_step: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if X.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"train_step: X must be float32 or float64, got {X.dtype}")
+    if U.dtype != X.dtype:
+        raise TypeError(f"train_step: U has dtype {U.dtype} but X has dtype {X.dtype}")
+    if U.device != X.device:
+        raise ValueError(f"train_step: U is on {U.device} but X is on {X.device}")
+    if not isinstance(levels, Levels):
+        raise TypeError("train_step: levels must be a Levels table from make_levels()")
+    batched = X.dim() == 3
+    if X.dim() not in (2, 3):
+        raise ValueError(f"train_step: X must be [N, n] or [P, N, n], got shape {tuple(X.shape)}")
+    if U.dim() != X.dim() + 1:
+        raise ValueError(
+            f"train_step: U must be {'[P, K, n, dmax]' if batched else '[K, n, dmax]'} to match "
+            f"X of shape {tuple(X.shape)}, got shape {tuple(U.shape)}"
+        )
+    X3 = X if batched else X.unsqueeze(0)
+    U4 = U if batched else U.unsqueeze(0)
+    if U4.shape[0] != X3.shape[0]:
+        raise ValueError(f"train_step: U has {U4.shape[0]} instances but X has {X3.shape[0]}")
+    if U4.shape[2] != X3.shape[2]:
+        raise ValueError(f"train_step: U has n = {U4.shape[2]} rows but X has n = {X3.shape[2]}")
+    if X3.shape[1] == 0:
+        raise ValueError("train_step: X holds no training samples (N = 0)")
+    K, dmax = U4.shape[1], U4.shape[3]
+    if dmax == 0:
+        raise ValueError("train_step: U must have at least one column (dmax = 0)")
+    dims_l = parse_dims(dims, K, dmax, X3.shape[2], "train_step")
+    mode_i = parse_mode(mode, "train_step")
+    batch = _check_int(batch, "batch", 1, 2**32)
+    seed = _check_int(seed, "seed", 0, 2**63)
+    step = _check_int(step, "step", 0, 2**32)
+    table = levels.table(X.dtype, X.device)
+    bias = None
+    if levels.bias is not None:
+        if levels.bias.shape != (levels.L, K):
+            raise ValueError(
+                f"train_step: levels.bias has shape {tuple(levels.bias.shape)}, expected "
+                f"[L, K] = [{levels.L}, {K}]"
+            )
+        bias = levels.bias.to(dtype=X.dtype, device=X.device).contiguous()
+    if lr is not None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not torch.isfinite(
+            torch.tensor(float(lr))
+        ):
+            raise ValueError(f"train_step: lr must be a finite number, got {lr!r}")
+        if U.requires_grad:
+            raise ValueError("train_step: lr updates U in place, so U must not require grad")
+    Uc = U4.contiguous()
+    loss, grad = torch.ops.molrg.train_step(X3.contiguous(), Uc, table, bias, dims_l, batch, seed,
+                                            step, mode_i)
+    if lr is not None:
+        with torch.no_grad():
+            U.sub_(grad.view_as(U) * float(lr))
+    if not batched:
+        return loss.squeeze(0), grad.squeeze(0)
+    return loss, grad
+
+
+@torch.library.register_fake("molrg::train_step")
+def _train_step_fake(X, U, levels, level_bias, dims, batch, seed, step, mode):
+    return X.new_empty((X.shape[0],)), U.new_empty(U.shape)

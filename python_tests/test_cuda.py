@@ -1,0 +1,308 @@
+"""CUDA kernels of the molrg ops: CUDA vs CPU outputs and gradients, gradcheck, opcheck, errors.
+
+The CUDA tests (marker ``cuda``) skip with a reason when there is no CUDA device or when the
+extension was built without CUDA kernels. The ptxas-report parser used by scripts/check_cuda.sh
+is tested on canned output and runs everywhere (no torch CUDA, no nvcc needed).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import molrg_ext.ops as ops
+from molrg_ext import _C
+from molrg_ext import reference as ref
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cuda_skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if not getattr(_C, "built_with_cuda", False):
+        return "molrg_ext._C was built without CUDA kernels (MOLRG_CUDA=OFF or no nvcc)"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::subspace_dae", "CUDA"):
+        return "no CUDA kernel registered for molrg::subspace_dae"
+    return None
+
+
+_REASON = _cuda_skip_reason()
+needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+
+def cuda_test(fn):
+    for mark in needs_cuda:
+        fn = mark(fn)
+    return fn
+
+
+# --------------------------------------------------------------------------- ptxas report parser
+def _load_report():
+    spec = importlib.util.spec_from_file_location("ptxas_report", ROOT / "scripts/ptxas_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CANNED_OK = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'
+ptxas info    : Function properties for _Z3fooPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers, 368 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z3barPd' for 'sm_90'
+ptxas info    : Function properties for _Z3barPd
+    16 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 72 registers, used 0 barriers, 368 bytes cmem[0]
+"""
+
+CANNED_SPILL = """\
+ptxas info    : Compiling entry function '_Z3bazPd' for 'sm_80'
+ptxas info    : Function properties for _Z3bazPd
+    8 bytes stack frame, 8 bytes spill stores, 24 bytes spill loads
+ptxas info    : Used 64 registers, 8 bytes cumulative stack size, 368 bytes cmem[0]
+ptxas info    : Function properties for _Z6helperv
+    0 bytes stack frame, 0 bytes spill stores, 4 bytes spill loads
+"""
+
+
+def test_ptxas_parser_reads_registers_and_spills():
+    rep = _load_report()
+    infos = rep.parse_ptxas(CANNED_OK)
+    assert [(i.name, i.arch, i.registers, i.stack, i.spill_stores, i.spill_loads) for i in infos] == [
+        ("_Z3fooPf", "sm_90", 40, 0, 0, 0),
+        ("_Z3barPd", "sm_90", 72, 16, 0, 0),
+    ]
+    assert not any(i.spills for i in infos)
+    spill = rep.parse_ptxas(CANNED_SPILL)
+    assert [(i.name, i.registers, i.spill_stores, i.spill_loads, i.spills) for i in spill] == [
+        ("_Z3bazPd", 64, 8, 24, True),
+        ("_Z6helperv", -1, 0, 4, True),  # device function: spill loads only
+    ]
+
+
+def test_ptxas_report_exit_status(tmp_path, capsys):
+    rep = _load_report()
+    ok = tmp_path / "a.sm_90.log"
+    ok.write_text(CANNED_OK)
+    bad = tmp_path / "b.sm_80.log"
+    bad.write_text(CANNED_SPILL)
+    empty = tmp_path / "c.sm_90.log"
+    empty.write_text("nvcc fatal : something else\n")
+    assert rep.main([str(ok)]) == 0
+    out = capsys.readouterr()
+    assert "no spills" in out.out and "a.sm_90" in out.out
+    assert rep.main([str(ok), str(bad)]) == 1
+    out = capsys.readouterr()
+    assert "spills" in out.err and "b.sm_80" in out.err
+    assert rep.main([str(empty)]) == 1  # no ptxas lines at all is a failure, not a pass
+
+
+# ------------------------------------------------------------------------------ CUDA vs CPU ops
+def _problem(P, B, n, dims, dmax, dtype, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    K = len(dims)
+    Q = torch.linalg.qr(torch.randn(P, n, n, generator=g, dtype=torch.float64))[0]
+    U = torch.zeros(P, K, n, dmax, dtype=torch.float64)
+    col = 0
+    for k, d in enumerate(dims):
+        U[:, k, :, :d] = Q[:, :, col:col + d]
+        U[:, k, :, d:] = torch.randn(P, n, dmax - d, generator=g, dtype=torch.float64)  # ignored
+        col += d
+    x = torch.randn(P, B, n, generator=g, dtype=torch.float64)
+    c = 0.5 + torch.rand(P, B, generator=g, dtype=torch.float64)
+    phi = 0.05 + 0.3 * torch.rand(P, B, generator=g, dtype=torch.float64)
+    b = torch.randn(P, B, K, generator=g, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(x), cast(U), cast(c), cast(phi), cast(b)
+
+
+def _tol(dtype):
+    return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-11)
+
+
+def _to(t, dev):
+    return None if t is None else t.to(dev)
+
+
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_forward_and_grads_match_cpu(dtype, mode):
+    dims = [3, 5, 2]
+    x, U, c, phi, b = _problem(2, 37, 41, dims, 5, dtype, seed=1, bias=(mode == "soft"))
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        args = [_to(t, dev).requires_grad_() if t is not None else None for t in (x, U, c, phi, b)]
+        y = ops.subspace_dae(*args[:4], bias=args[4], dims=dims, mode=mode)
+        gy = torch.linspace(-1, 1, y.numel(), dtype=dtype, device=dev).reshape(y.shape)
+        (y * gy).sum().backward()
+        outs[dev] = [y.detach().cpu()] + [a.grad.cpu() for a in args if a is not None]
+    for a, b_ in zip(outs["cpu"], outs["cuda"]):
+        torch.testing.assert_close(b_, a, **_tol(dtype))
+    # the reference agrees too (independent einsum composition)
+    y_ref = ref.subspace_dae(x, U, c, phi, bias=b, dims=dims, mode=mode)
+    torch.testing.assert_close(outs["cuda"][0], y_ref, **_tol(dtype))
+
+
+@cuda_test
+def test_hard_mode_with_assign_and_hard_assign_match_cpu():
+    dims = [2, 4]
+    x, U, c, phi, _ = _problem(3, 50, 16, dims, 4, torch.float64, seed=2, bias=False)
+    a_cpu = ops.hard_assign(x, U, dims=dims)
+    a_gpu = ops.hard_assign(x.cuda(), U.cuda(), dims=dims)
+    assert a_gpu.dtype == torch.int64 and a_gpu.device.type == "cuda"
+    torch.testing.assert_close(a_gpu.cpu(), a_cpu)
+    torch.testing.assert_close(a_cpu, ref.hard_assign(x, U, dims=dims))
+    forced = (a_cpu + 1) % 2  # the other component: assign must win over the argmax
+    y_cpu = ops.subspace_dae(x, U, c, phi, dims=dims, mode="hard", assign=forced)
+    y_gpu = ops.subspace_dae(x.cuda(), U.cuda(), c.cuda(), phi.cuda(), dims=dims, mode="hard",
+                             assign=forced.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, **_tol(torch.float64))
+
+
+@cuda_test
+def test_large_phi_softmax_is_stable_on_cuda():
+    dims = [3, 3]
+    x, U, c, _, b = _problem(1, 16, 12, dims, 3, torch.float32, seed=3)
+    phi = torch.full((1, 16), 1e8)
+    y = ops.subspace_dae(x.cuda(), U.cuda(), c.cuda(), phi.cuda(), bias=b.cuda(), dims=dims)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.cpu(), ops.subspace_dae(x, U, c, phi, bias=b, dims=dims),
+                               rtol=1e-4, atol=1e-5)
+
+
+@cuda_test
+def test_long_batch_dU_reduction_is_deterministic_and_matches_cpu():
+    # B = 4096 with a small U makes the dU reduction split the batch into chunks.
+    dims = [2, 3]
+    x, U, c, phi, b = _problem(1, 4096, 8, dims, 3, torch.float64, seed=4)
+    gy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    args = [x, U, c, phi]
+    res = []
+    for dev in ("cpu", "cuda", "cuda"):
+        y, proj, w = torch.ops.molrg.subspace_dae(*[t.to(dev) for t in args], b.to(dev), None,
+                                                  dims, 0)
+        out = torch.ops.molrg.subspace_dae_backward(gy.to(dev), *[t.to(dev) for t in args],
+                                                    proj, w, dims, 0, True, True)
+        res.append([t.cpu() for t in out])
+    for got, want in zip(res[1], res[0]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for first, second in zip(res[1], res[2]):
+        assert torch.equal(first, second)  # no atomics: bitwise reproducible
+
+
+@cuda_test
+def test_empty_batch_on_cuda():
+    x = torch.zeros(2, 0, 6, device="cuda")
+    U = torch.randn(2, 2, 6, 3, device="cuda")
+    c = torch.zeros(2, 0, device="cuda")
+    y, proj, w = torch.ops.molrg.subspace_dae(x, U, c, c, None, None, [3, 2], 0)
+    assert y.shape == (2, 0, 6) and proj.shape == (2, 0, 2, 3) and w.shape == (2, 0, 2)
+    dU = torch.ops.molrg.subspace_dae_backward(x, x, U, c, c, proj, w, [3, 2], 0, True, True)[1]
+    assert dU.shape == U.shape and torch.count_nonzero(dU) == 0
+
+
+@cuda_test
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_gradcheck_float64_on_cuda(mode):
+    dims = [2, 3]
+    x, U, c, phi, b = _problem(2, 5, 7, dims, 3, torch.float64, seed=6, bias=(mode == "soft"))
+    args = [t.cuda().requires_grad_() for t in (x, U, c, phi)]
+    bias = b.cuda().requires_grad_() if b is not None else None
+
+    def f(x_, U_, c_, phi_, *rest):
+        return ops.subspace_dae(x_, U_, c_, phi_, bias=rest[0] if rest else None, dims=dims,
+                                mode=mode)
+
+    inputs = tuple(args) + ((bias,) if bias is not None else ())
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@cuda_test
+def test_opcheck_on_cuda():
+    dims = [2, 3]
+    x, U, c, phi, b = _problem(2, 6, 7, dims, 3, torch.float64, seed=7)
+    x, U, c, phi, b = (t.cuda() for t in (x, U, c, phi, b))
+    torch.library.opcheck(torch.ops.molrg.subspace_dae.default,
+                          (x.requires_grad_(), U.requires_grad_(), c, phi, b, None, dims, 0))
+    torch.library.opcheck(torch.ops.molrg.hard_assign.default, (x.detach(), U.detach(), dims))
+    y, proj, w = torch.ops.molrg.subspace_dae(x.detach(), U.detach(), c, phi, b, None, dims, 0)
+    torch.library.opcheck(torch.ops.molrg.subspace_dae_backward.default,
+                          (torch.ones_like(y), x.detach(), U.detach(), c, phi, proj, w, dims, 0,
+                           True, True))
+
+
+@cuda_test
+def test_compile_fullgraph_on_cuda():
+    dims = [2, 3]
+    x, U, c, phi, b = (t.cuda() for t in _problem(1, 9, 7, dims, 3, torch.float32, seed=8))
+
+    def f(x_, U_):
+        return ops.subspace_dae(x_, U_, c, phi, bias=b, dims=dims).square().sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(cf(x, U), f(x, U))
+
+
+@cuda_test
+def test_cuda_errors_name_the_argument():
+    dims = [2, 3]
+    x, U, c, phi, _ = (t.cuda() if t is not None else None
+                       for t in _problem(1, 4, 7, dims, 3, torch.float32, seed=9, bias=False))
+    with pytest.raises(RuntimeError, match="U is on"):
+        torch.ops.molrg.subspace_dae(x, U.cpu(), c, phi, None, None, dims, 0)
+    with pytest.raises(RuntimeError, match="c contains NaN"):
+        torch.ops.molrg.subspace_dae(x, U, c * math.nan, phi, None, None, dims, 0)
+    with pytest.raises(RuntimeError, match="assign values"):
+        torch.ops.molrg.subspace_dae(x, U, c, phi, None,
+                                     torch.full((1, 4), 2, dtype=torch.long, device="cuda"),
+                                     dims, 1)
+    with pytest.raises(RuntimeError, match=r"dims\[1\]"):
+        torch.ops.molrg.subspace_dae(x, U, c, phi, None, None, [2, 4], 0)
+    with pytest.raises(RuntimeError, match="bias contains NaN"):
+        torch.ops.molrg.subspace_dae(x, U, c, phi, torch.full((1, 4, 2), math.nan, device="cuda"),
+                                     None, dims, 0)
+
+
+
+def _levels(L, K, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = 0.5 + 0.5 * torch.rand(L, generator=g, dtype=torch.float64)
+    gamma = 0.05 + torch.rand(L, generator=g, dtype=torch.float64)
+    lam = 0.5 + torch.rand(L, generator=g, dtype=torch.float64)
+    c = s / (s**2 + gamma**2)
+    phi = s**2 / (2 * gamma**2 * (s**2 + gamma**2))
+    table = torch.stack([s, gamma, lam, c, phi], 1).to(dtype)
+    bias = torch.randn(L, K, generator=g, dtype=torch.float64).to(dtype)
+    return table, bias
+
+
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", [0, 1])
+def test_train_step_cuda_matches_cpu_same_seed(dtype, mode):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::train_step", "CUDA"):
+        pytest.skip("no train_step CUDA kernel in this build")
+    dims = [3, 2]
+    X, U, _, _, _ = _problem(3, 40, 21, dims, 3, dtype, seed=10, bias=False)  # X: 40 samples
+    table, bias = _levels(16, 2, dtype, seed=11)
+    lb = bias if mode == 0 else None
+    args = (dims, 64, 1234, 7, mode)
+    loss_c, grad_c = torch.ops.molrg.train_step(X, U, table, lb, *args)
+    loss_g, grad_g = torch.ops.molrg.train_step(X.cuda(), U.cuda(), table.cuda(),
+                                                _to(lb, "cuda"), *args)
+    # Same Philox integers; normals differ from the CPU only by libm vs CUDA-math rounding.
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(loss_g.cpu(), loss_c, **tol)
+    torch.testing.assert_close(grad_g.cpu(), grad_c, **tol)
+    # another step draws other numbers
+    loss_other, _ = torch.ops.molrg.train_step(X.cuda(), U.cuda(), table.cuda(), _to(lb, "cuda"),
+                                               dims, 64, 1234, 8, mode)
+    assert not torch.allclose(loss_other, loss_g)

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from molrg_ext.data import sample_from_bases, sample_molrg
+
+
+def test_shapes_counts_and_padding():
+    data = sample_molrg(20, [2, 5, 3], counts=[4, 6, 7], instances=3, seed=1)
+    assert data.X.shape == (3, 17, 20) and data.X.dtype == torch.float32
+    assert data.labels.shape == (3, 17)
+    assert data.bases.shape == (3, 3, 20, 5)
+    assert data.counts().tolist() == [[4, 6, 7]] * 3
+    assert torch.all(data.bases[:, 0, :, 2:] == 0) and torch.all(data.bases[:, 2, :, 3:] == 0)
+
+
+def test_orthogonal_bases_and_samples_lie_in_their_subspace():
+    data = sample_molrg(16, [3, 4], counts=[5, 5], instances=2, seed=3, dtype=torch.float64)
+    B = torch.cat([data.bases[:, 0, :, :3], data.bases[:, 1, :, :4]], dim=-1)
+    eye = torch.eye(7, dtype=torch.float64)
+    assert torch.allclose(B.transpose(-1, -2) @ B, eye.expand(2, 7, 7), atol=1e-12)
+    for p in range(2):
+        for i in range(10):
+            k = data.labels[p, i]
+            U = data.bases[p, k]
+            x = data.X[p, i]
+            assert torch.allclose(U @ (U.T @ x), x, atol=1e-12)
+            assert x.norm() > 0
+
+
+def test_independent_bases_overlap_and_are_orthonormal():
+    data = sample_molrg(6, [4, 4], N=10, basis="independent", seed=0, dtype=torch.float64)
+    U1, U2 = data.bases[0, 0], data.bases[0, 1]
+    assert torch.allclose(U1.T @ U1, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    # 4 + 4 > 6: the two subspaces must intersect
+    assert torch.linalg.svdvals(U1.T @ U2).max() > 0.99
+
+
+def test_seeded_and_dtype_independent():
+    a = sample_molrg(10, 2, K=2, N=30, instances=2, seed=7, dtype=torch.float64)
+    b = sample_molrg(10, 2, K=2, N=30, instances=2, seed=7, dtype=torch.float32)
+    c = sample_molrg(10, 2, K=2, N=30, instances=2, seed=8, dtype=torch.float64)
+    assert torch.equal(a.labels, b.labels)
+    assert torch.allclose(a.X.float(), b.X)
+    assert not torch.allclose(a.X, c.X)
+    assert not torch.allclose(a.X[0], a.X[1])  # instances differ
+
+
+def test_pi_and_coefficient_statistics():
+    data = sample_molrg(12, [2, 3], N=20000, pi=[0.2, 0.8], seed=2, dtype=torch.float64)
+    frac = (data.labels == 1).double().mean().item()
+    assert abs(frac - 0.8) < 0.02
+    # the coefficients a = U_k^T x are standard normal: covariance ~ I_{d_k}
+    sel = data.X[0, data.labels[0] == 1]
+    a = sel @ data.bases[0, 1, :, :3]
+    cov = a.T @ a / a.shape[0]
+    assert torch.allclose(cov, torch.eye(3, dtype=torch.float64), atol=0.06)
+
+
+def test_noise_std_adds_isotropic_noise():
+    data = sample_molrg(30, [2], N=5000, noise_std=0.1, seed=4, dtype=torch.float64)
+    U = data.bases[0, 0, :, :2]
+    resid = data.X[0] - data.X[0] @ U @ U.T
+    var = resid.pow(2).sum(1).mean().item() / 28  # residual lives in 28 dims
+    assert abs(var - 0.01) < 0.001
+
+
+def test_fresh_samples_same_bases_new_points():
+    data = sample_molrg(16, [3, 3], counts=[10, 10], instances=2, seed=0, dtype=torch.float64)
+    X2, lab2 = data.sample(N=50, seed=123)
+    assert X2.shape == (2, 50, 16) and lab2.shape == (2, 50)
+    for p in range(2):
+        U = data.bases[p, lab2[p]]  # [50, n, d]
+        proj = torch.einsum("mnd,mkd,mk->mn", U, U, X2[p])
+        assert torch.allclose(proj, X2[p], atol=1e-12)
+    X3, _ = sample_from_bases(data.bases, data.dims, counts=[10, 10], seed=0)
+    assert not torch.allclose(X3, data.X)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="dims\\[0\\]"):
+        sample_molrg(5, [6], N=3)
+    with pytest.raises(ValueError, match="K = 0"):
+        sample_molrg(5, [], N=3)
+    with pytest.raises(ValueError, match="sum\\(dims\\)"):
+        sample_molrg(5, [3, 3], N=3)
+    with pytest.raises(ValueError, match="counts"):
+        sample_molrg(10, [2, 2], counts=[1, 2, 3])
+    with pytest.raises(ValueError, match="N = 4"):
+        sample_molrg(10, [2, 2], N=4, counts=[1, 2])
+    with pytest.raises(ValueError, match="give N or counts"):
+        sample_molrg(10, [2, 2])
+    with pytest.raises(ValueError, match="pi"):
+        sample_molrg(10, [2, 2], N=4, pi=[0.5, float("nan")])
+    with pytest.raises(ValueError, match="basis"):
+        sample_molrg(10, [2], N=4, basis="sparse")
+    with pytest.raises(ValueError, match="noise_std"):
+        sample_molrg(10, [2], N=4, noise_std=-1)
+    with pytest.raises(TypeError, match="dtype"):
+        sample_molrg(10, [2], N=4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="instances"):
+        sample_molrg(10, [2], N=4, instances=0)

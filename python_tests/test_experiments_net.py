@@ -1,0 +1,82 @@
+"""The network experiments run end to end at tiny sizes, write their files and resume."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from molrg_ext import cli
+from molrg_ext.datasets_offline import camera_patches, digits_images
+from molrg_ext.experiments.gl_score import crossing
+
+
+def test_offline_datasets():
+    d = digits_images()
+    assert d.shape == (1797, 1, 8, 8) and d.min() == -1 and d.max() == 1
+    p = camera_patches(50, size=8, seed=1)
+    assert p.shape == (50, 1, 8, 8) and p.min() >= -1 and p.max() <= 1
+    torch.testing.assert_close(p, camera_patches(50, size=8, seed=1))
+    with pytest.raises(ValueError, match="size"):
+        camera_patches(5, size=10_000)
+
+
+def test_crossing_interpolates_on_log_scale():
+    assert crossing([1, 10, 100], [0.0, 0.5, 1.0]) == pytest.approx(10.0)
+    assert crossing([1, 100], [0.0, 1.0]) == pytest.approx(10.0)
+    assert crossing([1, 10], [0.1, 0.2]) is None
+    assert crossing([4, 2], [0.9, 0.6]) == 2.0
+
+
+def test_rank_vs_snr_cli(tmp_path):
+    out = str(tmp_path / "rank")
+    args = ["rank-vs-snr", "--out", out, "--checkpoints", "3", "--noises", "2", "--real-steps", "2",
+            "--channels", "8", "--no-progress"]
+    assert cli.main(args) == 0
+    res = json.load(open(os.path.join(out, "rank_vs_snr.json")))
+    dae = res["subspace_dae"]
+    assert len(dae["sigma"]) == 18
+    # Lemma 2 for the exact subspace DAE: 6 <= rank <= 12, D = 12 at high noise, d = 6 at low noise
+    assert min(dae["rank_mean"]) >= 6 and max(dae["rank_mean"]) <= 12
+    assert dae["rank_mean"][0] == 12 and dae["rank_mean"][-1] == 6
+    net = res["unet_molrg@3"]
+    assert net["kimg"] == pytest.approx(3 * 64 / 1000) and all(0 < r <= 1 for r in net["ratio_mean"])
+    assert {"unet_digits@2", "unet_patches@2"} <= set(res)
+    for f in ("rank_vs_snr.csv", "rank_vs_snr.png", "ckpt/unet_molrg.pt"):
+        assert os.path.exists(os.path.join(out, f))
+    # rerun with one more checkpoint: the first is reused, training resumes from step 3
+    before = os.path.getmtime(os.path.join(out, "ckpt", "unet_digits.pt"))
+    assert cli.main(args[:4] + ["3", "5"] + args[5:]) == 0
+    res2 = json.load(open(os.path.join(out, "rank_vs_snr.json")))
+    assert res2["unet_molrg@3"] == net and res2["unet_molrg@5"]["kimg"] == pytest.approx(0.32)
+    assert len(res2["unet_molrg:grad_norm"]) == 5
+    assert os.path.getmtime(os.path.join(out, "ckpt", "unet_digits.pt")) == before
+
+
+def test_gl_score_cli(tmp_path):
+    out = str(tmp_path / "gl")
+    args = ["gl-score", "--out", out, "--dims", "3", "--ratios", "2", "8", "--steps", "5",
+            "--gen", "30", "--channels", "8", "--model", "mlp", "--no-progress"]
+    assert cli.main(args) == 0
+    res = json.load(open(os.path.join(out, "gl_score.json")))
+    cells = res["cells"]
+    assert len(cells) == 2
+    for c in cells.values():
+        assert c["gl"] > 0 and np.isfinite(c["gl"]) and c["N_k"] in (6, 24)
+    assert os.path.exists(os.path.join(out, "gl_score.png"))
+    assert cli.main(args) == 0  # resumes: nothing recomputed, same numbers
+    assert json.load(open(os.path.join(out, "gl_score.json")))["cells"] == cells
+
+
+def test_edit_cli(tmp_path):
+    out = str(tmp_path / "edit")
+    assert cli.main(["edit", "--out", out, "--steps", "3", "--channels", "8", "--images", "1",
+                     "--directions", "1", "2", "--alphas", "-6", "0", "6", "--no-progress"]) == 0
+    res = json.load(open(os.path.join(out, "edit.json")))
+    sv = res["top_singular_values"][0]
+    assert len(sv) == 2 and sv[0] >= sv[1] > 0
+    rows = res["rows"]
+    assert len(rows) == 3 * 3  # (2 singular directions + random) x 3 alphas
+    zero = [r for r in rows if r["alpha"] == 0]
+    assert all(r["denoiser_change"] == pytest.approx(0, abs=1e-5) for r in zero)
+    assert os.path.exists(os.path.join(out, "edit.png"))

@@ -1,0 +1,110 @@
+"""Lemma 1 / Proposition 1: the denoiser with U = U* and the exact coefficients is E[x0 | xt]."""
+import math
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal
+
+import molrg_ext
+
+
+def posterior_mean_by_conditioning(xt, bases, pi, s, gamma):
+    """E[x0 | xt] for x0 ~ sum_k pi_k N(0, U_k U_k^T), xt = s x0 + gamma eps, from Gaussian
+    conditioning per component and mixture responsibilities from the component densities."""
+    n = xt.shape[-1]
+    eye = torch.eye(n, dtype=xt.dtype)
+    log_r, means = [], []
+    for Uk, pk in zip(bases, pi):
+        cov_x0 = Uk @ Uk.T
+        cov_xt = s**2 * cov_x0 + gamma**2 * eye
+        log_r.append(math.log(pk) + MultivariateNormal(torch.zeros(n, dtype=xt.dtype),
+                                                       cov_xt).log_prob(xt))
+        # E[x0 | xt, k] = Cov(x0, xt) Cov(xt)^{-1} xt
+        means.append(torch.linalg.solve(cov_xt, xt.T).T @ (s * cov_x0).T)
+    r = torch.softmax(torch.stack(log_r, -1), -1)
+    return sum(r[:, k : k + 1] * means[k] for k in range(len(bases)))
+
+
+@pytest.mark.parametrize("dims,pi", [([3, 3], [0.5, 0.5]), ([2, 5, 3], [0.2, 0.5, 0.3]),
+                                     ([4, 1], [0.9, 0.1])])
+@pytest.mark.parametrize("s,gamma", [(1.0, 0.3), (0.8, 1.5), (1.0, 0.05)])
+def test_posterior_mean_matches_gaussian_mixture(dims, pi, s, gamma):
+    g = torch.Generator().manual_seed(1)
+    n, K, dm = 12, len(dims), max(dims)
+    Q = molrg_ext.random_orthonormal(n, sum(dims), generator=g, dtype=torch.float64)
+    U = torch.zeros(K, n, dm, dtype=torch.float64)
+    bases, start = [], 0
+    for k, d in enumerate(dims):
+        U[k, :, :d] = Q[:, start : start + d]
+        bases.append(Q[:, start : start + d])
+        start += d
+    # x_t drawn from the model itself, so every component is represented
+    labels = torch.multinomial(torch.tensor(pi), 40, replacement=True, generator=g)
+    x0 = torch.stack([bases[k] @ torch.randn(dims[k], generator=g, dtype=torch.float64)
+                      for k in labels.tolist()])
+    xt = s * x0 + gamma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    c, phi, bias = molrg_ext.posterior_mean_coefficients(s, gamma, dims, pi)
+    y = molrg_ext.subspace_dae(xt, U, c, phi, bias, dims)
+    torch.testing.assert_close(y, posterior_mean_by_conditioning(xt, bases, pi, s, gamma),
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_coefficients_closed_form_and_shapes():
+    sigma = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    c, phi, bias = molrg_ext.posterior_mean_coefficients(1.0, sigma, dims=[2, 3])
+    torch.testing.assert_close(c, 1 / (1 + sigma**2))
+    torch.testing.assert_close(phi, 1 / (2 * sigma**2 * (1 + sigma**2)))
+    assert bias.shape == (3, 2)
+    # beta_k difference only through d_k: -(d_2 - d_1)/2 log((1 + sigma^2) / sigma^2)
+    torch.testing.assert_close(bias[:, 1] - bias[:, 0], -0.5 * torch.log1p(1 / sigma**2))
+    c2, phi2, b2 = molrg_ext.posterior_mean_coefficients(1.0, 0.5)
+    assert b2 is None and c2.dim() == 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(s=1.0, gamma=0.0), "gamma must be finite and > 0"),
+    (dict(s=-1.0, gamma=1.0), "s must be finite and > 0"),
+    (dict(s=1.0, gamma=float("nan")), "gamma must be finite"),
+    (dict(s=1.0, gamma=1.0, dims=[1, 2], pi=[1.0]), "dims has 2 entries but pi has 1"),
+    (dict(s=1.0, gamma=1.0, pi=[0.5, -0.5]), "pi must be finite and >= 0"),
+    (dict(s=1.0, gamma=1.0, dims=[]), "K = 0"),
+])
+def test_coefficients_bad_input(kw, match):
+    with pytest.raises(ValueError, match=match):
+        molrg_ext.posterior_mean_coefficients(**kw)
+
+
+def test_subspace_dae_module_is_posterior_mean_and_trains():
+    g = torch.Generator().manual_seed(0)
+    n, dims = 10, [2, 3]
+    Q = molrg_ext.random_orthonormal(n, 5, generator=g, dtype=torch.float64)
+    U = torch.zeros(2, n, 3, dtype=torch.float64)
+    U[0, :, :2], U[1, :, :3] = Q[:, :2], Q[:, 2:]
+    model = molrg_ext.SubspaceDAE(n, dims, U=U, pi=[0.3, 0.7], dtype=torch.float64)
+    xt = torch.randn(6, n, generator=g, dtype=torch.float64)
+    sigma = torch.full((6,), 0.4, dtype=torch.float64)
+    c, phi, bias = molrg_ext.posterior_mean_coefficients(1.0, sigma, dims, [0.3, 0.7])
+    torch.testing.assert_close(model(xt, sigma), molrg_ext.subspace_dae(xt, U, c, phi, bias, dims))
+    loss = model(xt, 0.4).square().sum()
+    loss.backward()
+    assert model.U.grad is not None and model.U.grad.abs().sum() > 0
+    model.U.data += 0.1 * torch.randn(model.U.shape, generator=g, dtype=torch.float64)
+    model.orthonormalize_()
+    for Uk in model.bases():
+        torch.testing.assert_close(Uk.T @ Uk, torch.eye(Uk.shape[1], dtype=torch.float64))
+    assert torch.all(model.U[0, :, 2:] == 0)
+    assert model.assign(xt).shape == (6,)
+
+
+def test_subspace_dae_module_instances_and_errors():
+    m = molrg_ext.SubspaceDAE(8, 2, K=3, instances=4, mode="hard")
+    assert m.U.shape == (4, 3, 8, 2)
+    assert m(torch.randn(4, 5, 8), 0.5).shape == (4, 5, 8)
+    with pytest.raises(ValueError, match="K is required"):
+        molrg_ext.SubspaceDAE(8, 2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        molrg_ext.SubspaceDAE(8, [2], mode="median")
+    with pytest.raises(ValueError, match="exceeds the ambient dimension"):
+        molrg_ext.SubspaceDAE(3, [4])
+    with pytest.raises(ValueError, match="pass sigma or t"):
+        m(torch.randn(4, 5, 8))

@@ -1,0 +1,136 @@
+"""EDM Heun and DDIM samplers, driven by exact posterior-mean denoisers."""
+import numpy as np
+import pytest
+import torch
+
+from molrg_ext import SubspaceDAE, random_orthonormal
+from molrg_ext.schedules import EDM
+from molrg_ext.sampling import ddim_sample, default_sigma_steps, heun_sample
+
+DT = torch.float64
+
+
+def _bases(n, dims, seed=0):
+    Q = random_orthonormal(n, sum(dims), generator=torch.Generator().manual_seed(seed), dtype=DT)
+    U = torch.zeros(len(dims), n, max(dims), dtype=DT)
+    off = 0
+    for k, d in enumerate(dims):
+        U[k, :, :d] = Q[:, off:off + d]
+        off += d
+    return U
+
+
+def test_default_grid_is_edm():
+    s = default_sigma_steps(18)
+    rho, lo, hi = 7.0, 0.002, 80.0
+    i = np.arange(18)
+    ref = (hi ** (1 / rho) + i / 17 * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    np.testing.assert_allclose(s.numpy(), ref, rtol=1e-12)
+
+
+def test_heun_deterministic_and_trajectory_layout():
+    U = _bases(16, [2, 3])
+    m = SubspaceDAE(16, [2, 3], U=U, dtype=DT)
+    z = torch.randn(7, 16, generator=torch.Generator().manual_seed(1), dtype=DT)
+    tr = heun_sample(m, z, return_trajectory=True)
+    assert tr.x.shape == (19, 7, 16) and tr.sigma.shape == (19,) and tr.denoised.shape == (18, 7, 16)
+    assert tr.sigma[-1] == 0 and tr.sigma[0] == pytest.approx(80.0)
+    torch.testing.assert_close(tr.x[0], 80.0 * z)
+    torch.testing.assert_close(heun_sample(m, z), tr.x[-1], rtol=0, atol=0)
+
+
+def test_heun_exact_denoiser_samples_recover_subspaces():
+    """Heun + E[x0|x_t] for U* gives samples on the union of the subspaces, in both clusters, with
+    per-cluster PCA spanning U*_k (Lemma 1 denoiser, 18-step EDM grid)."""
+    n, dims = 24, [3, 5]
+    U = _bases(n, dims, seed=3)
+    m = SubspaceDAE(n, dims, U=U, dtype=DT)
+    z = torch.randn(600, n, generator=torch.Generator().manual_seed(0), dtype=DT)
+    x = heun_sample(m, z)
+    energy = torch.stack([(U[k, :, :d].T @ x.T).norm(dim=0) for k, d in enumerate(dims)])
+    label = energy.argmax(0)
+    frac = energy.max(0).values / x.norm(dim=1)
+    assert frac.min() > 0.999
+    share = (label == 0).double().mean().item()
+    assert 0.4 < share < 0.6
+    for k, d in enumerate(dims):
+        Xk = x[label == k]
+        _, S, Vh = torch.linalg.svd(Xk, full_matrices=False)
+        V = Vh[:d].T
+        Uk = U[k, :, :d]
+        dist = torch.linalg.matrix_norm(V @ V.T - Uk @ Uk.T, ord=2)
+        assert dist < 1e-6
+        # mean variance per direction close to 1 (the data covariance); 18 Heun steps overshoot
+        # by about 10% (see test_samplers_match_gaussian_closed_form for the convergence)
+        var = float((S[:d] ** 2).sum() / len(Xk) / d)
+        assert 0.85 < var < 1.25, var
+
+
+def test_samplers_match_gaussian_closed_form():
+    """K = 1: the PF-ODE maps x_T = sigma_T z to x_0 = U U^T z sigma_T / sqrt(1 + sigma_T^2)."""
+    n, d = 10, 4
+    U = _bases(n, [d], seed=5)
+    m = SubspaceDAE(n, [d], U=U, dtype=DT)
+    z = torch.randn(50, n, generator=torch.Generator().manual_seed(2), dtype=DT)
+    exact = (z @ U[0] @ U[0].T) * 80.0 / (1 + 80.0 ** 2) ** 0.5
+
+    def err(sampler, steps):
+        return float((sampler(m, z, default_sigma_steps(steps)) - exact).norm() / exact.norm())
+
+    h60, h120 = err(heun_sample, 60), err(heun_sample, 120)
+    d200, d400 = err(ddim_sample, 200), err(ddim_sample, 400)
+    assert h60 < 1e-2 and d400 < 5e-2
+    # Heun is second order (error / 4 when the steps double), DDIM (Euler) first order (/ 2)
+    assert 0.15 < h120 / h60 < 0.35, (h60, h120)
+    assert 0.35 < d400 / d200 < 0.65, (d200, d400)
+
+
+def test_ddim_scales_only_rescale_the_trajectory():
+    U = _bases(12, [3, 3], seed=7)
+    m = SubspaceDAE(12, [3, 3], U=U, dtype=DT)
+    z = torch.randn(9, 12, generator=torch.Generator().manual_seed(4), dtype=DT)
+    sig = default_sigma_steps(12)
+    s = 1 / torch.sqrt(1 + sig ** 2)  # VP-type signal scales
+    ve = ddim_sample(m, z, sig, return_trajectory=True)
+    vp = ddim_sample(m, z, sig, scales=s, return_trajectory=True)
+    torch.testing.assert_close(vp.x[:-1], ve.x[:-1] * s[:, None, None])
+    torch.testing.assert_close(vp.x[-1], ve.x[-1])
+
+
+def test_subspace_dae_rank_along_trajectory_lemma2():
+    """Lemma 2: the exact denoiser's Jacobian rank stays in [min d_k, D] along Heun trajectories,
+    D = sum d_k at high noise and min d_k ... d_max at low noise."""
+    n, dims = 20, [2, 4]
+    U = _bases(n, dims, seed=11)
+    m = SubspaceDAE(n, dims, U=U, dtype=DT)
+    z = torch.randn(6, n, generator=torch.Generator().manual_seed(5), dtype=DT)
+    tr = heun_sample(m, z, return_trajectory=True)
+    ranks = np.zeros((18, 6), dtype=int)
+    for i in range(18):
+        for b in range(6):
+            J = torch.autograd.functional.jacobian(
+                lambda v: m(v[None], tr.sigma[i])[0], tr.x[i, b])
+            s2 = np.linalg.svd(J.numpy(), compute_uv=False) ** 2
+            ranks[i, b] = int(np.searchsorted(np.cumsum(s2) / s2.sum(), 0.99 ** 2, side="right") + 1)
+    assert ranks.min() >= min(dims) and ranks.max() <= sum(dims)
+    assert (ranks[0] == sum(dims)).all()  # sigma = 80: both subspaces equally weighted
+    assert set(ranks[-1]) <= set(dims)  # sigma = 0.002: one subspace selected
+
+
+def test_sampler_bad_inputs():
+    m = SubspaceDAE(8, [2], U=_bases(8, [2]), dtype=DT)
+    z = torch.randn(3, 8, dtype=DT)
+    with pytest.raises(ValueError, match="decreasing"):
+        heun_sample(m, z, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="sigmas"):
+        heun_sample(m, z, torch.tensor([1.0, -0.5]))
+    with pytest.raises(ValueError, match="NaN"):
+        heun_sample(m, torch.full((3, 8), float("nan"), dtype=DT))
+    with pytest.raises(ValueError, match="empty"):
+        ddim_sample(m, z[:0])
+    with pytest.raises(ValueError, match="scales"):
+        ddim_sample(m, z, default_sigma_steps(5), scales=torch.ones(3))
+    with pytest.raises(ValueError, match="num_steps"):
+        default_sigma_steps(1)
+    # a grid with its trailing 0 (EDM.sigma_steps) is accepted and gives the same result
+    torch.testing.assert_close(heun_sample(m, z, EDM().sigma_steps(6)), heun_sample(m, z, num_steps=6))

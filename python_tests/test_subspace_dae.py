@@ -1,0 +1,262 @@
+"""The fused subspace-denoiser ops against the pure-PyTorch reference, autograd, opcheck, compile."""
+import itertools
+
+import pytest
+import torch
+
+import molrg_ext
+from molrg_ext import reference
+
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def make_inputs(P=None, B=7, n=10, dims=(4, 2, 3), dtype=torch.float64, seed=0, bias_form="K",
+                requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    K, dm = len(dims), max(dims)
+    lead = () if P is None else (P,)
+    x = torch.randn(*lead, B, n, generator=g, dtype=dtype)
+    U = molrg_ext.random_orthonormal(n, dm, *lead, K, generator=g, dtype=dtype)
+    c = torch.rand(*lead, B, generator=g, dtype=dtype) + 0.5
+    phi = torch.rand(*lead, B, generator=g, dtype=dtype) * 2
+    bias = {
+        None: None,
+        "K": torch.randn(K, generator=g, dtype=dtype),
+        "BK": torch.randn(B, K, generator=g, dtype=dtype),
+        "PBK": torch.randn(*lead, B, K, generator=g, dtype=dtype),
+    }[bias_form]
+    tensors = [x, U, c, phi] + ([bias] if bias is not None else [])
+    for t in tensors:
+        t.requires_grad_(requires_grad)
+    return x, U, c, phi, bias, list(dims)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("P", [None, 3])
+@pytest.mark.parametrize("bias_form", [None, "K", "BK", "PBK"])
+def test_forward_backward_match_reference(dtype, mode, P, bias_form):
+    x, U, c, phi, bias, dims = make_inputs(P=P, dtype=dtype, bias_form=bias_form,
+                                           requires_grad=True)
+    y = molrg_ext.subspace_dae(x, U, c, phi, bias, dims, mode)
+    y_ref = reference.subspace_dae(x, U, c, phi, bias, dims, mode)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    inputs = [t for t in (x, U, c, phi, bias) if t is not None]
+    g = torch.randn_like(y)
+    ours = torch.autograd.grad(y, inputs, g)
+    ref = torch.autograd.grad(y_ref, inputs, g, allow_unused=True)
+    for name, a, b in zip(["x", "U", "c", "phi", "bias"], ours, ref):
+        b = torch.zeros_like(a) if b is None else b  # reference leaves phi/bias unused in hard mode
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
+
+
+def test_heterogeneous_dims_ignore_padded_columns():
+    x, U, c, phi, bias, dims = make_inputs(dims=(1, 4, 2))
+    U_noisy = U.clone()
+    for k, d in enumerate(dims):
+        U_noisy[k, :, d:] = 123.0  # garbage in the padding must not matter
+    for mode in ("soft", "hard"):
+        y = molrg_ext.subspace_dae(x, U_noisy, c, phi, bias, dims, mode)
+        torch.testing.assert_close(y, reference.subspace_dae(x, U, c, phi, bias, dims, mode))
+    Ur = U_noisy.clone().requires_grad_(True)
+    molrg_ext.subspace_dae(x, Ur, c, phi, bias, dims).sum().backward()
+    for k, d in enumerate(dims):
+        assert torch.all(Ur.grad[k, :, d:] == 0)
+
+
+def test_scalar_coefficients_and_shared_U():
+    x, U, c, phi, bias, dims = make_inputs(P=2)
+    y = molrg_ext.subspace_dae(x, U[0], 0.7, 1.5, None, dims)
+    y_ref = reference.subspace_dae(x, U[0].expand(2, *U.shape[1:]), 0.7, 1.5, None, dims)
+    torch.testing.assert_close(y, y_ref)
+
+
+def test_hard_assign_and_given_assignment():
+    x, U, c, phi, _, dims = make_inputs(P=2, B=50)
+    k0 = molrg_ext.hard_assign(x, U, dims)
+    assert k0.dtype == torch.int64 and k0.shape == (2, 50)
+    assert torch.equal(k0, reference.hard_assign(x, U, dims))
+    # Given assignment: the output uses exactly that component (eq. (16) with weights from x0).
+    forced = torch.zeros_like(k0)
+    y = molrg_ext.subspace_dae(x, U, c, phi, None, dims, "hard", assign=forced)
+    U0 = U[:, 0, :, : dims[0]]
+    expected = c[..., None] * torch.einsum("pni,pbi->pbn", U0, torch.einsum("pni,pbn->pbi", U0, x))
+    torch.testing.assert_close(y, expected)
+
+
+def test_hard_assign_ties_go_to_lowest_index():
+    n = 4
+    U = torch.zeros(3, n, 1, dtype=torch.float64)
+    U[0, 0, 0] = U[1, 1, 0] = U[2, 2, 0] = 1.0
+    x = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 2.0, 2.0, 0.0], [0.0, 0.0, 0.0, 5.0]],
+                     dtype=torch.float64)
+    assert molrg_ext.hard_assign(x, U).tolist() == [0, 1, 0]
+
+
+def test_soft_max_is_stable_for_huge_phi():
+    x, U, c, phi, _, dims = make_inputs(dtype=torch.float32)
+    phi = torch.full_like(phi, 1e12)
+    y = molrg_ext.subspace_dae(x, U, c, phi, None, dims, "soft")
+    assert torch.isfinite(y).all()
+    # With phi -> infinity the soft weights become the hard assignment.
+    y_hard = molrg_ext.subspace_dae(x, U, c, phi, None, dims, "hard")
+    torch.testing.assert_close(y, y_hard)
+
+
+def test_neg_inf_bias_switches_a_component_off():
+    x, U, c, phi, _, dims = make_inputs()
+    bias = torch.tensor([0.0, float("-inf"), 0.0], dtype=torch.float64)
+    y = molrg_ext.subspace_dae(x, U, c, phi, bias, dims)
+    y_ref = molrg_ext.subspace_dae(x, U[[0, 2]], c, phi, None, [dims[0], dims[2]])
+    torch.testing.assert_close(y, y_ref)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_gradcheck_float64(mode):
+    x, U, c, phi, bias, dims = make_inputs(P=2, B=3, n=6, dims=(3, 1), requires_grad=True,
+                                           bias_form="PBK")
+
+    def f(x, U, c, phi, bias):
+        return molrg_ext.subspace_dae(x, U, c, phi, bias, dims, mode)
+
+    assert torch.autograd.gradcheck(f, (x, U, c, phi, bias), eps=1e-6, atol=1e-7)
+
+
+def test_opcheck():
+    x, U, c, phi, bias, dims = make_inputs(P=2, B=5, n=6, dims=(3, 2), bias_form="PBK",
+                                           requires_grad=True)
+    for mode, b, assign in [(0, bias, None), (1, None, None),
+                            (1, None, torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]]))]:
+        torch.library.opcheck(torch.ops.molrg.subspace_dae, (x, U, c, phi, b, assign, dims, mode))
+    with torch.no_grad():
+        y, proj, w = torch.ops.molrg.subspace_dae(x, U, c, phi, bias, None, dims, 0)
+    gy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.molrg.subspace_dae_backward,
+                          (gy, x.detach(), U.detach(), c.detach(), phi.detach(), proj, w, dims, 0,
+                           True, False))
+    torch.library.opcheck(torch.ops.molrg.hard_assign, (x.detach(), U.detach(), dims))
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_torch_compile_round_trip(mode):
+    torch._dynamo.reset()
+    x, U, c, phi, bias, dims = make_inputs(P=2, dtype=torch.float32, requires_grad=True)
+
+    def loss_fn(x, U, c, phi, bias):
+        return molrg_ext.subspace_dae(x, U, c, phi, bias, dims, mode).square().sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(x, U, c, phi, bias)
+    grads_c = torch.autograd.grad(loss_c, (x, U, c))
+    loss_e = loss_fn(x, U, c, phi, bias)
+    grads_e = torch.autograd.grad(loss_e, (x, U, c))
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_inductor():
+    torch._dynamo.reset()
+    x, U, c, phi, bias, dims = make_inputs(dtype=torch.float32)
+    f = torch.compile(lambda x, U: molrg_ext.subspace_dae(x, U, c, phi, bias, dims) * 2.0,
+                      fullgraph=True)
+    torch.testing.assert_close(f(x, U), 2.0 * molrg_ext.subspace_dae(x, U, c, phi, bias, dims))
+
+
+def test_empty_batch():
+    x, U, c, phi, bias, dims = make_inputs(B=0, requires_grad=True)
+    y = molrg_ext.subspace_dae(x, U, c, phi, bias, dims)
+    assert y.shape == (0, 10)
+    y.sum().backward()
+    assert torch.all(U.grad == 0)
+    assert molrg_ext.hard_assign(x.detach(), U.detach(), dims).shape == (0,)
+
+
+def test_non_contiguous_inputs_are_handled_by_wrapper_and_rejected_by_raw_op():
+    x, U, c, phi, bias, dims = make_inputs(P=2)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(molrg_ext.subspace_dae(xt, U, c, phi, bias, dims),
+                               molrg_ext.subspace_dae(x, U, c, phi, bias, dims))
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        torch.ops.molrg.subspace_dae(xt, U, c, phi, None, None, dims, 0)
+
+
+BAD = [
+    (dict(x=torch.randn(10, dtype=torch.float64)), ValueError, "x must be"),
+    (dict(U=torch.randn(10, 4, dtype=torch.float64)), ValueError, "U must be"),
+    (dict(U=torch.randn(3, 9, 4, dtype=torch.float64)), ValueError, "n = 9"),
+    (dict(U=torch.randn(3, 10, 4, dtype=torch.float32)), TypeError, "U has dtype"),
+    (dict(x=torch.randn(7, 10, dtype=torch.float16)), TypeError, "x must be float32 or float64"),
+    (dict(U=torch.randn(0, 10, 4, dtype=torch.float64), dims=[]), ValueError, "K = 0"),
+    (dict(dims=[4, 2]), ValueError, "dims must have K = 3"),
+    (dict(dims=[5, 2, 3]), ValueError, r"dims\[0\] = 5"),
+    (dict(dims=[0, 2, 3]), ValueError, r"dims\[0\] = 0"),
+    (dict(c=torch.randn(6, dtype=torch.float64)), ValueError, "c of shape"),
+    (dict(phi=torch.randn(7, dtype=torch.float32)), TypeError, "phi has dtype"),
+    (dict(c=torch.tensor(float("nan"), dtype=torch.float64)), RuntimeError, "c contains NaN"),
+    (dict(phi=torch.tensor(float("inf"), dtype=torch.float64)), RuntimeError, "phi contains NaN"),
+    (dict(bias=torch.tensor([0.0, float("nan"), 0.0], dtype=torch.float64)), RuntimeError,
+     "bias contains NaN"),
+    (dict(bias=torch.full((3,), float("-inf"), dtype=torch.float64)), RuntimeError,
+     "bias is -Inf for every subspace"),
+    (dict(mode="fuzzy"), ValueError, "mode must be one of"),
+    (dict(assign=torch.zeros(7, dtype=torch.int64)), ValueError, "assign is only used"),
+    (dict(mode="hard", assign=torch.full((7,), 3, dtype=torch.int64)), RuntimeError,
+     r"assign values must be in \[0, K = 3\)"),
+    (dict(mode="hard", assign=torch.zeros(7, dtype=torch.int32)), TypeError, "assign must be int64"),
+    (dict(c="1.0"), TypeError, "c must be a number or a tensor"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_gives_clear_error(override, exc, match):
+    x, U, c, phi, bias, dims = make_inputs()
+    args = dict(x=x, U=U, c=c, phi=phi, bias=bias, dims=dims, mode="soft", assign=None)
+    args.update(override)
+    if "U" in override and "dims" not in override:
+        args["dims"] = None
+    with pytest.raises(exc, match=match):
+        molrg_ext.subspace_dae(**args)
+
+
+def test_d_k_larger_than_n_is_rejected():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    U = torch.randn(2, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="exceeds the ambient dimension n = 3"):
+        molrg_ext.subspace_dae(x, U, 1.0, 1.0)
+
+
+def test_raw_op_validates_shapes():
+    x, U, c, phi, bias, dims = make_inputs(P=2)
+    with pytest.raises(RuntimeError, match="c must have shape"):
+        torch.ops.molrg.subspace_dae(x, U, c[:, :3].contiguous(), phi, None, None, dims, 0)
+    with pytest.raises(RuntimeError, match="mode must be 0"):
+        torch.ops.molrg.subspace_dae(x, U, c, phi, None, None, dims, 7)
+    with pytest.raises(RuntimeError, match="U has 1 instances"):
+        torch.ops.molrg.subspace_dae(x, U[:1].contiguous(), c, phi, None, None, dims, 0)
+
+
+def test_float32_and_float64_agree():
+    x, U, c, phi, bias, dims = make_inputs(P=2, B=64, n=32, dims=(5, 8, 3))
+    y64 = molrg_ext.subspace_dae(x, U, c, phi, bias, dims)
+    y32 = molrg_ext.subspace_dae(*(t.float() for t in (x, U, c, phi, bias)), dims)
+    torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-5)
+
+
+def test_parallel_backward_matches_single_thread():
+    x, U, c, phi, bias, dims = make_inputs(P=3, B=500, n=20, dims=(4, 6), requires_grad=True)
+    g = torch.randn(3, 500, 20, dtype=torch.float64)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = molrg_ext.subspace_dae(x, U, c, phi, bias, dims)
+            results.append(torch.autograd.grad(y, (x, U), g))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

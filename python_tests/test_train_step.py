@@ -1,0 +1,290 @@
+"""Fused training step (molrg::train_step) and its Philox generator (molrg::philox_draws).
+
+* the draws are deterministic in (seed, step), differ across steps, and are statistically sound
+  (uniform indices / levels by chi-square, N(0, 1) normals by moments and Kolmogorov-Smirnov);
+* train_step equals the same step written with the reference ops on philox_draws' numbers
+  (float64, tight tolerance; hard and soft, heterogeneous dims with a logit bias);
+* its loss and gradient are unbiased estimates of loss (6) for fixed U: against the closed form
+  (hard mode, where the denoiser is linear given the clean assignment) and a large independent
+  Monte Carlo (soft mode);
+* lr applies U -= lr * grad; bad inputs raise errors naming the argument; opcheck and
+  torch.compile(fullgraph=True) accept the op.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import molrg_ext as M
+from molrg_ext import reference as R
+from molrg_ext.reference import masked_bases
+
+
+class TinySchedule:
+    """VP-like test schedule: s = exp(-t), gamma = sqrt(1 - exp(-2t)), weight 1 + t."""
+
+    def s(self, t):
+        return torch.exp(-torch.as_tensor(t, dtype=torch.float64))
+
+    def gamma(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.sqrt(-torch.expm1(-2 * t))
+
+    def weight(self, t):
+        return 1.0 + torch.as_tensor(t, dtype=torch.float64)
+
+    def time_grid(self, L):
+        return torch.linspace(0.05, 1.0, L, dtype=torch.float64)
+
+
+def reference_step(X, U, dims, levels, batch, seed, step, mode):
+    """The same step with philox_draws' numbers and the reference ops + autograd."""
+    P, N, n = X.shape
+    idx, lev, eps = M.philox_draws(seed, step, P, batch, N, levels.L, n, X.dtype)
+    x0 = torch.gather(X, 1, idx[..., None].expand(P, batch, n))
+    s, g, lam, c, phi = levels.table(X.dtype)[lev].unbind(-1)
+    xt = s[..., None] * x0 + g[..., None] * eps
+    Ur = U.detach().clone().requires_grad_()
+    if mode == "hard":
+        assign = R.hard_assign(x0, U.detach(), dims)
+        y = R.subspace_dae(xt, Ur, c, phi, None, dims, "hard", assign)
+    else:
+        bias = None if levels.bias is None else levels.bias.to(X.dtype)[lev]
+        y = R.subspace_dae(xt, Ur, c, phi, bias, dims, "soft")
+    loss = (lam * (y - x0).square().sum(-1)).mean(1)
+    loss.sum().backward()
+    return loss.detach(), Ur.grad
+
+
+def _problem(P, N, n, dims, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K, dm = len(dims), max(dims)
+    X = torch.randn(P, N, n, generator=g, dtype=dtype)
+    U = 0.7 * torch.randn(P, K, n, dm, generator=g, dtype=dtype)
+    return X, U
+
+
+# ------------------------------------------------------------------------------------- the draws
+def test_draws_deterministic_and_keyed():
+    a = M.philox_draws(7, 3, 2, 16, 10, 5, 9)
+    b = M.philox_draws(7, 3, 2, 16, 10, 5, 9)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    c = M.philox_draws(7, 4, 2, 16, 10, 5, 9)
+    d = M.philox_draws(8, 3, 2, 16, 10, 5, 9)
+    assert not torch.equal(a[2], c[2]) and not torch.equal(a[2], d[2])
+    # float64 normals come from the same integers: they agree with float32 to float precision
+    e64 = M.philox_draws(7, 3, 2, 16, 10, 5, 9, torch.float64)[2]
+    assert torch.allclose(e64.float(), a[2], atol=2e-5, rtol=1e-5)
+    # a slot's numbers do not depend on how many slots or elements are drawn
+    big = M.philox_draws(7, 3, 3, 40, 10, 5, 13)
+    assert torch.equal(big[0][:2, :16], a[0]) and torch.equal(big[1][:2, :16], a[1])
+    assert torch.equal(big[2][:2, :16, :9], a[2])
+    assert a[0].min() >= 0 and a[0].max() < 10 and a[1].min() >= 0 and a[1].max() < 5
+
+
+def test_draws_statistics():
+    P, Mb, N, L, n = 4, 4096, 13, 7, 16
+    idx, lev, eps = M.philox_draws(123, 9, P, Mb, N, L, n, torch.float64)
+    z = eps.flatten().numpy()
+    cnt = z.size
+    assert abs(z.mean()) < 5 / math.sqrt(cnt)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / cnt)
+    assert abs(stats.kurtosis(z, fisher=False) - 3) < 5 * math.sqrt(24 / cnt)
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    # neighbouring elements (same Box-Muller pair and across pairs) and slots are uncorrelated
+    e = eps.reshape(-1, n).numpy()
+    for a, b in ((0, 1), (1, 2), (3, 4)):
+        assert abs(np.corrcoef(e[:, a], e[:, b])[0, 1]) < 5 / math.sqrt(e.shape[0])
+    assert abs(np.corrcoef(e[:-1, 0], e[1:, 0])[0, 1]) < 5 / math.sqrt(e.shape[0])
+    for draws, k in ((idx, N), (lev, L)):
+        counts = np.bincount(draws.flatten().numpy(), minlength=k)
+        assert stats.chisquare(counts).pvalue > 1e-4
+
+
+# ------------------------------------------------------------------------ exactness vs reference
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("P", [1, 5])  # P = 1: slots split over threads; P = 5: by instance
+def test_matches_reference_float64(mode, P):
+    dims = [2, 4, 1]
+    X, U = _problem(P, 17, 7, dims)
+    levels = M.make_levels(TinySchedule(), L=6, dims=dims, pi=[0.5, 0.3, 0.2])
+    assert levels.bias is not None and levels.bias.shape == (6, 3)
+    loss, grad = M.train_step(X, U, dims, levels, 50, seed=11, step=4, mode=mode)
+    rl, rg = reference_step(X, U, dims, levels, 50, 11, 4, mode)
+    torch.testing.assert_close(loss, rl, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(grad, rg, rtol=1e-10, atol=1e-11)
+    assert grad[:, 0, :, 2:].abs().max() == 0  # padded columns get no gradient
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_matches_reference_float32_equal_dims(mode):
+    dims = [3, 3]
+    X, U = _problem(3, 20, 48, dims, torch.float32, seed=1)
+    levels = M.make_levels(TinySchedule(), L=64)
+    assert levels.bias is None
+    loss, grad = M.train_step(X, U, dims, levels, 64, seed=5, step=0, mode=mode)
+    rl, rg = reference_step(X, U, dims, levels, 64, 5, 0, mode)
+    torch.testing.assert_close(loss, rl, rtol=1e-4, atol=1e-5)
+    # float32 soft-max at small noise (phi ~ 1e2) amplifies rounding: compare on the grad scale
+    torch.testing.assert_close(grad, rg, rtol=1e-3, atol=1e-3 * rg.abs().max().item())
+
+
+def test_unbatched_and_lr_update():
+    dims = [2, 2]
+    X, U = _problem(1, 9, 5, dims)
+    levels = M.make_levels(TinySchedule(), L=4)
+    loss, grad = M.train_step(X[0], U[0], dims, levels, 16, 1, 2)
+    l3, g3 = M.train_step(X, U, dims, levels, 16, 1, 2)
+    assert loss.shape == () and grad.shape == U[0].shape
+    torch.testing.assert_close(loss, l3[0])
+    torch.testing.assert_close(grad, g3[0])
+    U2 = U.clone()
+    l4, g4 = M.train_step(X, U2, dims, levels, 16, 1, 2, lr=0.1)
+    torch.testing.assert_close(U2, U - 0.1 * g3)
+    torch.testing.assert_close(l4, l3)
+
+
+# --------------------------------------------------------------------------------- unbiasedness
+def _closed_form_hard(X, U, dims, levels):
+    """E over (i, l, eps) of the hard-mode loss: given the clean assignment k(i) the denoiser is
+    linear, y = c A x_t with A = U_k U_k^T, so E||y - x_i||^2 = ||(c s A - I) x_i||^2 +
+    c^2 gamma^2 ||A||_F^2. Differentiable in U."""
+    Um = masked_bases(U, dims)
+    A = Um @ Um.transpose(-1, -2)  # [P, K, n, n]
+    k = R.hard_assign(X, U.detach(), dims)  # [P, N]
+    Ai = A[torch.arange(X.shape[0])[:, None], k]  # [P, N, n, n]
+    Ax = (Ai @ X[..., None]).squeeze(-1)  # [P, N, n]
+    s, g, lam, c, _ = levels.table(X.dtype).unbind(-1)  # [L]
+    bias_term = (c * s)[:, None, None, None] * Ax[None] - X[None]  # [L, P, N, n]
+    fro = Ai.square().sum((-1, -2))  # [P, N]
+    per = bias_term.square().sum(-1) + (c * g).square()[:, None, None] * fro[None]
+    return (lam[:, None, None] * per).mean((0, 2))  # [P]
+
+
+def test_unbiased_hard_closed_form():
+    dims = [2, 3]
+    P, N, n, S, Mb = 6, 5, 8, 300, 64
+    X, U = _problem(P, N, n, dims, seed=3)
+    levels = M.make_levels(TinySchedule(), L=5, dims=dims)
+    Ur = U.clone().requires_grad_()
+    expected = _closed_form_hard(X, Ur, dims, levels)
+    expected.sum().backward()
+    losses, grads = [], []
+    for step in range(S):
+        loss, grad = M.train_step(X, U, dims, levels, Mb, seed=99, step=step, mode="hard")
+        losses.append(loss)
+        grads.append(grad)
+    losses, grads = torch.stack(losses), torch.stack(grads)
+    z = (losses.mean(0) - expected.detach()) / (losses.std(0) / math.sqrt(S))
+    assert z.abs().max() < 5, z
+    gse = grads.std(0) / math.sqrt(S)
+    mask = gse > 0
+    zg = (grads.mean(0) - Ur.grad)[mask] / gse[mask]
+    assert zg.abs().max() < 6 and abs(zg.mean()) < 5 / math.sqrt(zg.numel())
+    assert torch.all(Ur.grad[~mask] == 0)  # padded columns
+
+
+def test_unbiased_soft_monte_carlo():
+    dims = [2, 2]
+    P, N, n, L = 2, 3, 6, 3
+    X, U = _problem(P, N, n, dims, seed=4)
+    U = U / U.norm(dim=2, keepdim=True)  # unit columns keep the soft-max non-degenerate
+    levels = M.make_levels(TinySchedule(), L=L)
+    # independent Monte Carlo with torch.randn over every (i, l): E[loss] per instance
+    R_ = 4000
+    g = torch.Generator().manual_seed(0)
+    s, gm, lam, c, phi = levels.table(torch.float64).unbind(-1)
+    x0 = X[:, :, None, None, :].expand(P, N, L, R_, n)
+    eps = torch.randn(P, N, L, R_, n, generator=g, dtype=torch.float64)
+    xt = s[:, None, None] * x0 + gm[:, None, None] * eps
+    cc = c[:, None].expand(L, R_).expand(P, N, L, R_).reshape(P, -1)
+    pp = phi[:, None].expand(L, R_).expand(P, N, L, R_).reshape(P, -1)
+    y = R.subspace_dae(xt.reshape(P, -1, n), U, cc, pp, None, dims, "soft").reshape(P, N, L, R_, n)
+    per = lam[:, None] * (y - x0).square().sum(-1)  # [P, N, L, R]
+    mc_mean = per.mean((1, 2, 3))
+    mc_se = per.mean(1).std(-1).mean(-1) / math.sqrt(R_ * L * N) * 2  # generous SE bound
+    S, Mb = 200, 128
+    losses = torch.stack([M.train_step(X, U, dims, levels, Mb, 5, st, "soft")[0]
+                          for st in range(S)])
+    se = torch.sqrt(losses.var(0) / S + mc_se**2)
+    z = (losses.mean(0) - mc_mean) / se
+    assert z.abs().max() < 5, z
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+def test_bad_inputs():
+    dims = [2, 2]
+    X, U = _problem(2, 6, 5, dims)
+    lv = M.make_levels(TinySchedule(), L=4)
+    ok = dict(dims=dims, levels=lv, batch=8, seed=0, step=0)
+
+    def call(**kw):
+        a = dict(X=X, U=U, **ok)
+        a.update(kw)
+        return M.train_step(**a)
+
+    with pytest.raises(TypeError, match="X must be float32 or float64"):
+        call(X=X.to(torch.int64))
+    with pytest.raises(TypeError, match="U has dtype"):
+        call(U=U.float())
+    with pytest.raises(ValueError, match="instances"):
+        call(U=U[:1])
+    with pytest.raises(ValueError, match="n = "):
+        call(U=U[:, :, :4])
+    with pytest.raises(ValueError, match="no training samples"):
+        call(X=X[:, :0])
+    with pytest.raises(ValueError, match="batch"):
+        call(batch=0)
+    with pytest.raises(ValueError, match="seed"):
+        call(seed=-1)
+    with pytest.raises(ValueError, match="step"):
+        call(step=2**32)
+    with pytest.raises(ValueError, match="mode"):
+        call(mode="medium")
+    with pytest.raises(ValueError, match=r"dims\[1\]"):
+        call(dims=[2, 3])
+    with pytest.raises(ValueError, match="K = 0"):
+        call(U=U[:, :0], dims=[])
+    with pytest.raises(TypeError, match="Levels"):
+        call(levels=lv.table())
+    with pytest.raises(ValueError, match="must not require grad"):
+        call(U=U.clone().requires_grad_(), lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        call(U=U.clone(), lr=float("nan"))
+    Xn = X.clone()
+    Xn[1, 2, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="X contains NaN"):
+        call(X=Xn)
+    bad = lv._replace(c=lv.c.clone().fill_(float("inf")))
+    with pytest.raises(RuntimeError, match="levels contains NaN or Inf"):
+        call(levels=bad)
+    with pytest.raises(RuntimeError, match="lambda"):
+        call(levels=lv._replace(lam=-lv.lam))
+    with pytest.raises(ValueError, match="levels.bias"):
+        call(levels=lv._replace(bias=torch.zeros(4, 3, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="L must be"):
+        M.make_levels(TinySchedule(), L=0)
+    with pytest.raises(TypeError, match="has no method"):
+        M.make_levels(object())
+    with pytest.raises(RuntimeError, match="batch"):
+        M.philox_draws(0, 0, 1, 0, 5, 5, 3)
+
+
+# -------------------------------------------------------------------------- opcheck / compile
+def test_opcheck_and_compile():
+    dims = [2, 3]
+    X, U = _problem(2, 7, 6, dims)
+    lv = M.make_levels(TinySchedule(), L=4, dims=dims)
+    args = (X, U, lv.table(), lv.bias, dims, 16, 3, 1, 0)
+    torch.library.opcheck(torch.ops.molrg.train_step.default, args)
+
+    def f(X, U, table, bias):
+        loss, grad = torch.ops.molrg.train_step(X, U, table, bias, dims, 16, 3, 1, 1)
+        return loss.sum(), U - 0.5 * grad
+
+    eager = f(X, U, lv.table(), lv.bias)
+    comp = torch.compile(f, fullgraph=True, backend="aot_eager")(X, U, lv.table(), lv.bias)
+    torch.testing.assert_close(comp, eager)
