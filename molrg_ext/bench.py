@@ -88,6 +88,7 @@ def make_dae_case(impl: str, n, K, d, B, mode="soft", device="cpu") -> Optional[
     elif impl == "eager":
         fwd = lambda: eager_dae(x, U, c, phi, dims, mode)  # noqa: E731
     elif impl == "compile":
+        torch._dynamo.reset()  # a fresh cache per shape: no recompile-limit fallback to eager
         cf = torch.compile(eager_dae, dynamic=False)
         fwd = lambda: cf(x, U, c, phi, dims, mode)  # noqa: E731
     elif impl == "cupy":
@@ -176,6 +177,8 @@ def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096) -> Optional[C
         y = c[..., None] * torch.einsum("pbkd,pknd->pbn", w[..., None] * proj, Um)
         return (lam * (y - x0).square().sum(-1)).mean(1).sum()
 
+    if impl == "compile":
+        torch._dynamo.reset()
     fn = torch.compile(loss_fn, dynamic=False) if impl == "compile" else loss_fn
 
     def step():
@@ -216,9 +219,10 @@ def peak_gflops() -> Optional[float]:
         return None
 
 
-def _row(kind, shape, mode, times, flops):
+def _row(kind, shape, mode, times, medians, flops):
     ours = times.get("ours")
     row = {"kind": kind, "shape": list(shape), "mode": mode, "seconds": times,
+           "median_seconds": medians,
            "gflops_ours": (flops / ours / 1e9) if ours else None}
     row["speedup"] = {k: v / ours for k, v in times.items() if k != "ours" and v and ours}
     return row
@@ -239,18 +243,20 @@ def run(dae_shapes=None, train_shapes=None, peers=("eager", "compile"), modes=("
     except ImportError:
         it = jobs
     for kind, shape, mode in it:
-        times = {}
+        times, medians = {}, {}
         for impl in ("ours", *peers):
             fn = (make_dae_case(impl, *shape, mode=mode) if kind == "dae"
                   else make_train_case(impl, *shape, mode=mode))
             if fn is None:
                 continue
-            med, _ = time_callable(fn, repeats=repeats, warmup=2 if impl == "compile" else 1)
-            times[impl] = med
+            med, best = time_callable(fn, repeats=repeats, warmup=2 if impl == "compile" else 1)
+            # the minimum is the least disturbed run on a shared machine; medians are kept too
+            times[impl], medians[impl] = best, med
         flops = dae_flops(*shape, mode) if kind == "dae" else train_flops(*shape, mode)
-        rows.append(_row(kind, shape, mode, times, flops))
+        rows.append(_row(kind, shape, mode, times, medians, flops))
     _print(rows, peak)
     if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         meta = {"machine": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(), "peak_gflops_fp32": peak,
                 "loadavg": os.getloadavg(), "torch": torch.__version__,
@@ -262,6 +268,7 @@ def run(dae_shapes=None, train_shapes=None, peers=("eager", "compile"), modes=("
 
 def _print(rows, peak):
     peers = sorted({k for r in rows for k in r["seconds"] if k != "ours"})
+    print("times: minimum over repeats (ms); train rows are per step of all P instances")
     head = f"{'kind':6} {'shape':24} {'mode':5} {'ours ms':>9} " + " ".join(
         f"{p + ' ms':>11} {'x' + p:>9}" for p in peers) + f" {'GFLOP/s':>8}"
     print(head)
@@ -294,12 +301,22 @@ def add_arguments(p):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--modes", default="soft", help="denoiser modes, comma separated")
-    p.add_argument("--out", default="bench_results.json", help="JSON output path")
+    p.add_argument("--out", default="results/bench.json", help="JSON output path")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--shapes", default=None,
+                   help="denoiser shapes as n,K,d,B;n,K,d,B (default: the built-in list)")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step rows")
 
 
 def run_args(a):
     peers = ("eager",) if a.no_compile else ("eager", "compile")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dae = [DAE_SHAPES[0], DAE_SHAPES[3]] if a.quick else None
+    if a.shapes:
+        dae = [tuple(int(v) for v in sh.split(",")) for sh in a.shapes.split(";")]
     train = [(48, 2, 6, 256, 8)] if a.quick else None
+    if a.no_train:
+        train = []
     run(dae, train, peers, tuple(a.modes.split(",")), repeats=a.repeats, out=a.out)
     return 0

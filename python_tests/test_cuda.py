@@ -306,3 +306,52 @@ def test_train_step_cuda_matches_cpu_same_seed(dtype, mode):
     loss_other, _ = torch.ops.molrg.train_step(X.cuda(), U.cuda(), table.cuda(), _to(lb, "cuda"),
                                                dims, 64, 1234, 8, mode)
     assert not torch.allclose(loss_other, loss_g)
+
+
+@cuda_test
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_jacobian_spectrum_cuda_matches_cpu(mode):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::dae_jacobian_spectrum", "CUDA"):
+        pytest.skip("no dae_jacobian_spectrum CUDA kernel in this build")
+    from molrg_ext.jacobian import dae_jacobian_spectrum
+
+    dims = [3, 2, 4]
+    x, U, c, phi, b = _problem(2, 9, 13, dims, 4, torch.float64, seed=12, bias=(mode == "soft"))
+    sv_c, V_c = dae_jacobian_spectrum(x, U, c, phi, bias=b, dims=dims, mode=mode,
+                                      return_vectors=True)
+    sv_g, V_g = dae_jacobian_spectrum(x.cuda(), U.cuda(), c.cuda(), phi.cuda(),
+                                      bias=_to(b, "cuda"), dims=dims, mode=mode,
+                                      return_vectors=True)
+    torch.testing.assert_close(sv_g.cpu(), sv_c, rtol=1e-9, atol=1e-10)
+    # vectors up to sign, compared on the well-separated singular values only
+    gap = (sv_c[..., :-1] - sv_c[..., 1:]).abs()
+    sep = torch.cat([gap[..., :1], torch.minimum(gap[..., 1:], gap[..., :-1]), gap[..., -1:]], -1)
+    dots = (V_g.cpu() * V_c).sum(-2).abs()
+    assert torch.all(dots[sep > 1e-6] > 1 - 1e-6)
+    # and the singular values are those of the dense Jacobian from autograd (one sample)
+    J = torch.autograd.functional.jacobian(
+        lambda v: ops.subspace_dae(v[None, None], U[:1].cuda(), c[:1, :1].cuda(),
+                                   phi[:1, :1].cuda(), bias=_to(b, "cuda")[:1, :1] if b is not None
+                                   else None, dims=dims, mode=mode)[0, 0], x[0, 0].cuda())
+    sv_dense = torch.linalg.svdvals(J.cpu())[: sv_c.shape[-1]]
+    torch.testing.assert_close(sv_g[0, 0].cpu(), sv_dense, rtol=1e-8, atol=1e-9)
+
+
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sym_eig_cuda_matches_cpu(dtype):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::sym_eig", "CUDA"):
+        pytest.skip("no sym_eig CUDA kernel in this build")
+    g = torch.Generator().manual_seed(13)
+    A = torch.randn(5, 3, 7, 7, generator=g, dtype=torch.float64).to(dtype)
+    lam_c, V_c = torch.ops.molrg.sym_eig(A, True)
+    lam_g, V_g = torch.ops.molrg.sym_eig(A.cuda(), True)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lam_g.cpu(), lam_c, **tol)
+    torch.testing.assert_close(lam_g.cpu().double(),
+                               torch.linalg.eigvalsh((A + A.mT).double() / 2), **tol)
+    S = (A.cuda() + A.cuda().mT) / 2  # A V = V diag(lam) on the device
+    torch.testing.assert_close(S @ V_g, V_g * lam_g[..., None, :], **tol)
+    lam_only, empty = torch.ops.molrg.sym_eig(A.cuda(), False)
+    assert empty.numel() == 0
+    torch.testing.assert_close(lam_only, lam_g)

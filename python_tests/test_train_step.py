@@ -255,7 +255,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="lr"):
         call(U=U.clone(), lr=float("nan"))
     Xn = X.clone()
-    Xn[1, 2, 3] = float("nan")
+    Xn[1, :, 3] = float("nan")  # every sample of instance 1 is non-finite
     with pytest.raises(RuntimeError, match="X contains NaN"):
         call(X=Xn)
     bad = lv._replace(c=lv.c.clone().fill_(float("inf")))

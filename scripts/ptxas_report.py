@@ -112,7 +112,8 @@ def main(argv: list[str]) -> int:
     print(f"{'file.arch':<28} {'kernel':<{width}} {'regs':>5} {'stack':>6} {'spill_st':>9} {'spill_ld':>9}")
     bad = []
     for label, info, nice in rows:
-        print(f"{label:<28} {nice:<{width}} {info.registers:>5} {info.stack:>6} "
+        regs = str(info.registers) if info.registers >= 0 else "-"  # device function
+        print(f"{label:<28} {nice:<{width}} {regs:>5} {info.stack:>6} "
               f"{info.spill_stores:>9} {info.spill_loads:>9}")
         if info.spills:
             bad.append(f"{label}: {nice}")

@@ -46,7 +46,8 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
               mode);
   DaeSizes s = check_dae_xU(X, U, dims, kTs);  // s.B is N, the training-set size
   TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
-  check_finite(X, kTs, "X");
+  // X is the (large, constant) training set: rather than scanning all of it every step, the
+  // step checks its loss below, which is non-finite exactly when a drawn sample is.
   check_finite(U, kTs, "U");
   check_like(levels, X, kTs, "levels", "X");
   TORCH_CHECK(levels.dim() == 2 && levels.size(1) == kLvCols, kTs,
@@ -117,6 +118,9 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
     }
   });
   auto loss = slot_loss.mean(1);
+  TORCH_CHECK(at::isfinite(loss).all().item<bool>(), kTs,
+              ": the loss is not finite: X contains NaN or Inf values in the drawn samples (or "
+              "the step overflowed)");
   auto grad = (by_instance ? dUt.select(0, 0) : dUt.sum(0)).transpose(2, 3).contiguous();
   return {loss, grad};
 }

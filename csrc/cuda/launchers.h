@@ -55,4 +55,29 @@ template <typename T>
 int64_t train_step_smem_bytes(int n, int K, int dm);
 int64_t train_step_max_smem_bytes();
 
+// Jacobian spectrum (csrc/cuda/jacobian.cu), one thread per sample / matrix. The workspace holds
+// jacobian_workers(total) slices: work of jacobian_work_per(K, dm, r, vectors) (that is
+// dae_jacobian_work of kernels/jacobian.h) or sym_eig_work_per(m, vectors) elements, and order
+// of r (m) int32 each.
+// *failed (device int, zeroed by the caller) becomes 1 if some eigensolve did not converge.
+constexpr int64_t kJacobianMaxWorkers = 65536;
+int64_t jacobian_workers(int64_t total);
+int64_t jacobian_work_per(int K, int dm, int r, bool vectors);  // = dae_jacobian_work
+int64_t sym_eig_work_per(int m, bool vectors);
+
+template <typename T>
+cudaError_t launch_dae_jacobian_spectrum(const T* x, const T* U, const T* R, const T* S,
+                                         const T* c, const T* phi, const T* bias,
+                                         const int64_t* assign, const int32_t* dims,
+                                         const int32_t* offs, int64_t P, int64_t B, int n, int K,
+                                         int dm, int r, int D, int mode, T* svals, T* vecs,
+                                         T* work, int32_t* order, int* failed,
+                                         cudaStream_t stream);
+
+// A [total, m, m] symmetric (overwritten) -> evals [total, m] ascending, evecs [total, m, m]
+// (columns; may be null).
+template <typename T>
+cudaError_t launch_sym_eig(T* A, int64_t total, int m, T* evals, T* evecs, T* work,
+                           int32_t* order, int* failed, cudaStream_t stream);
+
 }  // namespace molrg::cuda

@@ -61,7 +61,7 @@ train_step_kernel(const T* __restrict__ X, int64_t N, const T* __restrict__ U,
                   const int32_t* __restrict__ dims, int64_t P, int64_t M, int n, int K, int dm,
                   int mode, uint64_t seed, uint32_t step, T* __restrict__ slot_loss,
                   T* __restrict__ dU) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x & (kWarp - 1);
   const int wib = threadIdx.x / kWarp;
   const int per_warp = 2 * n + 2 * K * dm + K;

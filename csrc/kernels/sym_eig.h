@@ -3,7 +3,7 @@
 // One matrix per call:
 //   1. Householder reduction to tridiagonal form, A = Q T Q^T (Q = H_0 H_1 ... H_{n-3}).
 //   2. Implicit symmetric tridiagonal QR iteration with Wilkinson shifts (Givens bulge chasing),
-//      T = Z diag(lambda) Z^T; deflation when |e_i| <= eps (|d_i| + |d_{i+1}|).
+//      T = Z diag(lambda) Z^T; deflation when |e_i| <= eps ||T||_max.
 // Eigenvalues only cost ~(4/3) n^3 (the reduction) + O(n^2); eigenvectors add ~3 n^3.
 // Storage is row-major. Eigenvectors are returned as the ROWS of Vt (row i <-> lambda_i), so the
 // Givens rotations of step 2 touch two contiguous rows.
@@ -110,13 +110,18 @@ MOLRG_HD void sym_tridiag_form_qt(const T* A, int n, T* Qt) {
 // they end as the eigenvectors of the original matrix. Returns false if it did not converge.
 template <typename T>
 MOLRG_HD bool sym_tridiag_qr(T* d, T* e, int n, T* Vt) {
+  // Deflate |e_i| <= eps * ||T||_max: the Householder step already perturbs A by that much, and
+  // a purely relative test can stall on blocks many orders of magnitude below ||T||.
+  T anorm = T(0);
+  for (int i = 0; i < n; ++i) anorm = m_max(anorm, m_max(m_abs(d[i]), m_abs(e[i])));
   const T eps = m_eps<T>(), tiny = m_tiny<T>();
+  const T tol = m_max(eps * anorm, tiny);
   const int max_steps = 40 * (n > 0 ? n : 1);
   int steps = 0;
   int hi = n - 1;
   while (hi > 0) {
     // Deflate negligible couplings at the bottom.
-    if (m_abs(e[hi - 1]) <= eps * (m_abs(d[hi - 1]) + m_abs(d[hi])) || m_abs(e[hi - 1]) < tiny) {
+    if (m_abs(e[hi - 1]) <= tol) {
       e[hi - 1] = T(0);
       --hi;
       continue;
@@ -125,7 +130,7 @@ MOLRG_HD bool sym_tridiag_qr(T* d, T* e, int n, T* Vt) {
     int lo = hi - 1;
     while (lo > 0) {
       const T b = e[lo - 1];
-      if (m_abs(b) <= eps * (m_abs(d[lo - 1]) + m_abs(d[lo])) || m_abs(b) < tiny) {
+      if (m_abs(b) <= tol) {
         e[lo - 1] = T(0);
         break;
       }

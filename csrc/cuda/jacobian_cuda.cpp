@@ -1,0 +1,129 @@
+// CUDA implementation of molrg::dae_jacobian_spectrum and molrg::sym_eig (schemas in
+// csrc/jacobian.cpp): the CPU op's validation, S_k = R_k R_k^T with ATen, then the thread-per-
+// sample kernels of jacobian.cu on the current stream.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "launchers.h"
+
+namespace molrg {
+namespace {
+
+constexpr const char* kSpec = "dae_jacobian_spectrum";
+constexpr const char* kEig = "sym_eig";
+
+at::Tensor int32_on(const std::vector<int32_t>& v, const at::Tensor& like) {
+  auto host = at::empty({(int64_t)v.size()}, at::TensorOptions().dtype(at::kInt));
+  std::copy(v.begin(), v.end(), host.data_ptr<int32_t>());
+  return host.to(like.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> dae_jacobian_spectrum_cuda(
+    const at::Tensor& x, const at::Tensor& U, const at::Tensor& R, const at::Tensor& c,
+    const at::Tensor& phi, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& assign, at::IntArrayRef dims, int64_t mode, bool vectors) {
+  TORCH_CHECK(mode == 0 || mode == 1, kSpec, ": mode must be 0 (soft) or 1 (hard), got ", mode);
+  TORCH_CHECK(x.is_cuda(), kSpec, ": x must be a CUDA tensor, got device ", x.device());
+  DaeSizes s = check_dae_xU(x, U, dims, kSpec);
+  check_dae_scales(c, phi, s, x, kSpec);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_finite(x, kSpec, "x");
+  check_finite(U, kSpec, "U");
+  check_finite(c, kSpec, "c");
+  check_finite(phi, kSpec, "phi");
+  int64_t D = 0;
+  std::vector<int32_t> offs(s.K);
+  for (int64_t k = 0; k < s.K; ++k) {
+    offs[k] = static_cast<int32_t>(D);
+    D += s.dims[k];
+  }
+  const int64_t r = std::min<int64_t>(s.n, D);
+  check_like(R, x, kSpec, "R", "x");
+  check_shape(R, {s.P, r, D}, kSpec, "R");
+  check_contig(R, kSpec, "R");
+  check_finite(R, kSpec, "R");
+  if (bias) check_dae_bias(*bias, s, x, kSpec);
+  if (assign) check_dae_assign(*assign, mode, s, x, kSpec);
+
+  auto svals = at::empty({s.P, s.B, r}, x.options());
+  auto vecs = vectors ? at::empty({s.P, s.B, r, r}, x.options()) : at::empty({0}, x.options());
+  const int64_t total = s.P * s.B;
+  if (total == 0) return {svals, vecs};
+  auto S = at::empty({s.P, s.K, r, r}, x.options());
+  for (int64_t k = 0; k < s.K; ++k) {
+    auto Rk = R.narrow(2, offs[k], s.dims[k]);
+    S.select(1, k).copy_(at::matmul(Rk, Rk.transpose(1, 2)));
+  }
+  const int64_t workers = cuda::jacobian_workers(total);
+  const int64_t work_per = cuda::jacobian_work_per((int)s.K, (int)s.dm, (int)r, vectors);
+  auto work = at::empty({workers * work_per}, x.options());
+  auto order = at::empty({workers * r}, x.options().dtype(at::kInt));
+  auto failed = at::zeros({1}, x.options().dtype(at::kInt));
+  auto d_dims = int32_on(s.dims, x);
+  auto d_offs = int32_on(offs, x);
+  auto stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dae_jacobian_spectrum_cuda", [&] {
+    C10_CUDA_CHECK(cuda::launch_dae_jacobian_spectrum<scalar_t>(
+        x.data_ptr<scalar_t>(), U.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(),
+        S.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(),
+        bias ? bias->data_ptr<scalar_t>() : nullptr,
+        assign ? assign->data_ptr<int64_t>() : nullptr, d_dims.data_ptr<int32_t>(),
+        d_offs.data_ptr<int32_t>(), s.P, s.B, (int)s.n, (int)s.K, (int)s.dm, (int)r, (int)D,
+        (int)mode, svals.data_ptr<scalar_t>(), vectors ? vecs.data_ptr<scalar_t>() : nullptr,
+        work.data_ptr<scalar_t>(), order.data_ptr<int32_t>(), failed.data_ptr<int>(),
+        stream.stream()));
+  });
+  TORCH_CHECK(failed.item<int>() == 0, kSpec,
+              ": the symmetric eigensolver did not converge for some sample (extreme values?)");
+  return {svals, vecs};
+}
+
+std::tuple<at::Tensor, at::Tensor> sym_eig_cuda(const at::Tensor& A, bool vectors) {
+  check_float(A, kEig, "A");
+  TORCH_CHECK(A.is_cuda(), kEig, ": A must be a CUDA tensor, got device ", A.device());
+  TORCH_CHECK(A.dim() >= 2, kEig, ": A must be [..., n, n], got shape ", A.sizes());
+  const int64_t n = A.size(-1);
+  TORCH_CHECK(A.size(-2) == n, kEig, ": A must be square, got shape ", A.sizes());
+  TORCH_CHECK(n <= 4096, kEig, ": n = ", n, " is too large for this small-matrix solver");
+  const c10::cuda::CUDAGuard guard(A.device());
+  check_finite(A, kEig, "A");
+  auto batch = A.sizes().slice(0, A.dim() - 2).vec();
+  auto ev_shape = batch;
+  ev_shape.push_back(n);
+  auto evals = at::empty(ev_shape, A.options());
+  auto vec_shape = ev_shape;
+  vec_shape.push_back(n);
+  auto evecs = vectors ? at::empty(vec_shape, A.options()) : at::empty({0}, A.options());
+  const int64_t total = evals.numel() / std::max<int64_t>(n, 1);
+  if (total == 0 || n == 0) return {evals, evecs};
+  auto Ac = ((A + A.transpose(-1, -2)) * 0.5).contiguous();
+  const int64_t workers = cuda::jacobian_workers(total);
+  auto work = at::empty({workers * cuda::sym_eig_work_per((int)n, vectors)}, A.options());
+  auto order = at::empty({workers * n}, A.options().dtype(at::kInt));
+  auto failed = at::zeros({1}, A.options().dtype(at::kInt));
+  auto stream = c10::cuda::getCurrentCUDAStream(A.device().index());
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "sym_eig_cuda", [&] {
+    C10_CUDA_CHECK(cuda::launch_sym_eig<scalar_t>(
+        Ac.data_ptr<scalar_t>(), total, (int)n, evals.data_ptr<scalar_t>(),
+        vectors ? evecs.data_ptr<scalar_t>() : nullptr, work.data_ptr<scalar_t>(),
+        order.data_ptr<int32_t>(), failed.data_ptr<int>(), stream.stream()));
+  });
+  TORCH_CHECK(failed.item<int>() == 0, kEig, ": the QR iteration did not converge for some matrix");
+  return {evals, evecs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(molrg, CUDA, m) {
+  m.impl("dae_jacobian_spectrum", &dae_jacobian_spectrum_cuda);
+  m.impl("sym_eig", &sym_eig_cuda);
+}
+
+}  // namespace molrg
