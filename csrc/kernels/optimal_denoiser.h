@@ -11,41 +11,43 @@
 
 namespace molrg::kernels {
 
-// Eight independent partial sums: lets the compiler keep them in one SIMD register (strict IEEE
-// order forbids it to reassociate a single running sum) and hides the add latency.
-constexpr int kLanes = 8;
+// Host builds vectorise the reductions with OpenMP SIMD (strict IEEE order would forbid the
+// compiler to reassociate a running sum); CUDA builds see plain loops.
+#if defined(_OPENMP) && !defined(__CUDACC__)
+#define MOLRG_PRAGMA(x) _Pragma(#x)
+#define MOLRG_SIMD_SUM(v) MOLRG_PRAGMA(omp simd reduction(+ : v))
+#define MOLRG_SIMD _Pragma("omp simd")
+#else
+#define MOLRG_SIMD_SUM(v)
+#define MOLRG_SIMD
+#endif
 
 // Logit of training point X_i (row of length n) for query x.
 template <typename T>
 MOLRG_HD T od_logit(const T* x, const T* Xi, int64_t n, T s, T inv2g2) {
-  T acc[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int u = 0; u < kLanes; ++u) {
-      const T diff = x[k + u] - s * Xi[k + u];
-      acc[u] += diff * diff;
-    }
-  }
-  for (int u = 0; k < n; ++k, ++u) {
-    const T diff = x[k] - s * Xi[k];
-    acc[u] += diff * diff;
-  }
   T d2 = T(0);
-  for (int u = 0; u < kLanes; ++u) d2 += acc[u];
+  MOLRG_SIMD_SUM(d2)
+  for (int64_t k = 0; k < n; ++k) {
+    const T diff = x[k] - s * Xi[k];
+    d2 += diff * diff;
+  }
   return -d2 * inv2g2;
 }
 
-// <a, b> over n entries with kLanes partial sums.
+// <a, b> over n entries.
 template <typename T>
 MOLRG_HD T od_dot(const T* a, const T* b, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int u = 0; u < kLanes; ++u) acc[u] += a[k + u] * b[k + u];
-  for (int u = 0; k < n; ++k, ++u) acc[u] += a[k] * b[k];
   T out = T(0);
-  for (int u = 0; u < kLanes; ++u) out += acc[u];
+  MOLRG_SIMD_SUM(out)
+  for (int64_t k = 0; k < n; ++k) out += a[k] * b[k];
   return out;
+}
+
+// y += p * v over n entries.
+template <typename T>
+MOLRG_HD void od_axpy(T* y, T p, const T* v, int64_t n) {
+  MOLRG_SIMD
+  for (int64_t k = 0; k < n; ++k) y[k] += p * v[k];
 }
 
 // Forward for one query. x, y: n; X: N x n row-major; buf: blk scratch logits.
@@ -77,8 +79,7 @@ MOLRG_HD void od_forward_query(const T* x, const T* X, int64_t N, int64_t n, T s
       const T p = m_exp(buf[j] - m);
       if (p == T(0)) continue;
       l += p;
-      const T* Xi = X + (b0 + j) * n;
-      for (int64_t k = 0; k < n; ++k) y[k] += p * Xi[k];
+      od_axpy(y, p, X + (b0 + j) * n, n);
     }
   }
   const T inv = T(1) / l;  // l >= 1: the maximum term contributes exp(0)
@@ -103,6 +104,7 @@ MOLRG_HD void od_backward_query(const T* g, const T* x, const T* X, int64_t N, i
     if (w == T(0)) continue;
     const T gx = od_dot(g, Xi, n);
     const T coef = w * (gx - gy);
+    MOLRG_SIMD
     for (int64_t k = 0; k < n; ++k) dx[k] += coef * (Xi[k] - y[k]);
   }
   const T f = T(2) * s * inv2g2;  // s / gamma^2
