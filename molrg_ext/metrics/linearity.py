@@ -13,20 +13,21 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..schedules import EDM
+
 __all__ = ["linearity_score", "edm_sigma_grid"]
 
 
 def edm_sigma_grid(num: int = 10, sigma_min: float = 0.002, sigma_max: float = 80.0,
                    rho: float = 7.0) -> torch.Tensor:
     """EDM noise levels ``(smax^(1/rho) + i/(num-1) (smin^(1/rho) - smax^(1/rho)))^rho``,
-    decreasing, float64. ``num = 10`` gives the grid of seed 003 (80, 42.415, ..., 0.002)."""
+    decreasing, float64, without the final 0 (:meth:`molrg_ext.schedules.EDM.sigma_steps`).
+    ``num = 10`` gives the grid of seed 003 (80, 42.415, ..., 0.002)."""
     if num < 2:
         raise ValueError(f"edm_sigma_grid: num must be >= 2, got {num}")
     if not (0 < sigma_min < sigma_max < math.inf) or rho <= 0:
         raise ValueError("edm_sigma_grid: need 0 < sigma_min < sigma_max < inf and rho > 0")
-    i = torch.arange(num, dtype=torch.float64)
-    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (a + i / (num - 1) * (b - a)) ** rho
+    return EDM(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).sigma_steps(int(num))[:-1]
 
 
 @torch.no_grad()
