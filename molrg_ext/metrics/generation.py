@@ -67,12 +67,10 @@ def nearest_neighbor_distances(x: torch.Tensor, y: Optional[torch.Tensor] = None
         best = torch.full((xi.shape[0],), float("inf"), dtype=torch.float64, device=x.device)
         for j0 in range(0, y.shape[0], chunk):
             yj = y[j0:j0 + chunk]
-            d2 = (xi_sq + y_sq[j0:j0 + chunk][None, :] - 2.0 * xi @ yj.T).clamp_min_(0)
-            if self_mode:
-                rows = torch.arange(i0, i0 + xi.shape[0], device=x.device)[:, None]
-                cols = torch.arange(j0, j0 + yj.shape[0], device=x.device)[None, :]
-                d2 = d2.masked_fill(rows == cols, float("inf"))
-            best = torch.minimum(best, d2.min(dim=1).values)
+            d2 = torch.addmm(y_sq[j0:j0 + chunk][None, :], xi, yj.T, alpha=-2.0).add_(xi_sq)
+            if self_mode and i0 == j0:  # rows and columns are aligned chunks of the same matrix
+                d2.fill_diagonal_(float("inf"))
+            best = torch.minimum(best, d2.min(dim=1).values.clamp_min_(0))
         out[i0:i0 + xi.shape[0]] = best
     return out.sqrt()
 
