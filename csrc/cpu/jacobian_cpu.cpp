@@ -43,30 +43,8 @@ std::tuple<at::Tensor, at::Tensor> dae_jacobian_spectrum_cpu(
   check_shape(R, {s.P, r, D}, kSpec, "R");
   check_contig(R, kSpec, "R");
   check_finite(R, kSpec, "R");
-  if (bias) {
-    check_like(*bias, x, kSpec, "bias", "x");
-    check_shape(*bias, {s.P, s.B, s.K}, kSpec, "bias");
-    check_contig(*bias, kSpec, "bias");
-    if (bias->numel() > 0) {
-      TORCH_CHECK(!(at::isnan(*bias) | at::isposinf(*bias)).any().item<bool>(), kSpec,
-                  ": bias contains NaN or +Inf values");
-      TORCH_CHECK(!at::isneginf(*bias).all(-1).any().item<bool>(), kSpec,
-                  ": bias is -Inf for every subspace of some sample");
-    }
-  }
-  if (assign) {
-    TORCH_CHECK(mode == kHard, kSpec, ": assign is only used in hard mode");
-    TORCH_CHECK(assign->scalar_type() == at::kLong, kSpec, ": assign must be int64, got ",
-                assign->scalar_type());
-    TORCH_CHECK(assign->device() == x.device(), kSpec, ": assign is on ", assign->device(),
-                " but x is on ", x.device());
-    check_shape(*assign, {s.P, s.B}, kSpec, "assign");
-    check_contig(*assign, kSpec, "assign");
-    if (assign->numel() > 0) {
-      TORCH_CHECK(assign->min().item<int64_t>() >= 0 && assign->max().item<int64_t>() < s.K,
-                  kSpec, ": assign values must be in [0, K = ", s.K, ")");
-    }
-  }
+  if (bias) check_dae_bias(*bias, s, x, kSpec);
+  if (assign) check_dae_assign(*assign, mode, s, x, kSpec);
 
   auto svals = at::empty({s.P, s.B, r}, x.options());
   auto vecs = vectors ? at::empty({s.P, s.B, r, r}, x.options()) : at::empty({0}, x.options());

@@ -28,14 +28,6 @@ int64_t grain_for(const DaeSizes& s) {
   return std::max<int64_t>(1, 65536 / per_sample);
 }
 
-void check_bias_values(const at::Tensor& bias, const char* op) {
-  if (bias.numel() == 0) return;
-  // -inf is a valid bias (pi_k = 0); NaN, +inf and rows with every entry -inf are not.
-  TORCH_CHECK(!(at::isnan(bias) | at::isposinf(bias)).any().item<bool>(), op,
-              ": bias contains NaN or +Inf values");
-  TORCH_CHECK(!at::isneginf(bias).all(-1).any().item<bool>(), op,
-              ": bias is -Inf for every subspace of some sample");
-}
 
 // Large panels (U of one instance beyond ~64 KiB, e.g. n = 3072, K d = 400) do not stay in cache
 // while samples stream past, so the per-sample kernels would re-read U from memory for every
@@ -152,25 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
   check_dae_scales(c, phi, s, x, kFwd);
   check_finite(c, kFwd, "c");
   check_finite(phi, kFwd, "phi");
-  if (bias) {
-    check_like(*bias, x, kFwd, "bias", "x");
-    check_shape(*bias, {s.P, s.B, s.K}, kFwd, "bias");
-    check_contig(*bias, kFwd, "bias");
-    check_bias_values(*bias, kFwd);
-  }
-  if (assign) {
-    TORCH_CHECK(mode == kHard, kFwd, ": assign is only used in hard mode");
-    TORCH_CHECK(assign->scalar_type() == at::kLong, kFwd, ": assign must be int64, got ",
-                assign->scalar_type());
-    TORCH_CHECK(assign->device() == x.device(), kFwd, ": assign is on ", assign->device(),
-                " but x is on ", x.device());
-    check_shape(*assign, {s.P, s.B}, kFwd, "assign");
-    check_contig(*assign, kFwd, "assign");
-    if (assign->numel() > 0) {
-      TORCH_CHECK(assign->min().item<int64_t>() >= 0 && assign->max().item<int64_t>() < s.K,
-                  kFwd, ": assign values must be in [0, K = ", s.K, ")");
-    }
-  }
+  if (bias) check_dae_bias(*bias, s, x, kFwd);
+  if (assign) check_dae_assign(*assign, mode, s, x, kFwd);
 
   if (s.P * s.B > 0 && use_gemm(s, x)) return forward_gemm(x, U, c, phi, bias, assign, s, mode);
   auto y = at::empty_like(x);
