@@ -9,10 +9,12 @@ import molrg_ext
 from molrg_ext import cli
 
 
-def test_import_first_in_fresh_interpreter_registers_ops():
+def test_import_first_in_fresh_interpreter_registers_ops(tmp_path):
     code = ("import molrg_ext, torch; "
             "print(torch._C._dispatch_has_kernel_for_dispatch_key('molrg::subspace_dae', 'CPU'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # run outside the source tree so the installed package (not ./molrg_ext) is imported
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
     assert out.stdout.strip() == "True"
 
 
