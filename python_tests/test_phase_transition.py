@@ -70,3 +70,19 @@ def test_bad_arguments():
         cli.main(["phase-transition", "--K", "2", "--method", "svd", "--d", "2", "--N", "2"])
     with pytest.raises(SystemExit):
         cli.main(["phase-transition", "--method", "pca"])
+
+
+def test_cli_all_produces_every_panel_of_fig4_and_fig8(tmp_path):
+    argv = ["phase-transition", "--all", "--d", "3", "--N", "1,6", "--instances", "3",
+            "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    panels = {"K1_svd", "K1_sgd-hard", "K2_kss", "K2_sgd-hard", "K3_kss", "K3_sgd-hard"}
+    assert set(summary) == panels
+    for name in panels:
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    # baselines (exact solvers of (12) / (18)): fail at N_k = 1 < d, succeed at N_k = 2d
+    for name in ("K1_svd", "K2_kss", "K3_kss"):
+        rows = {int(r.split(",")[3]): float(r.split(",")[4])
+                for r in (tmp_path / f"{name}.csv").read_text().strip().splitlines()[1:]}
+        assert rows[1] == 0.0 and rows[6] == 1.0, (name, rows)
