@@ -22,10 +22,12 @@ def test_offline_datasets():
 
 
 def test_crossing_interpolates_on_log_scale():
-    assert crossing([1, 10, 100], [0.0, 0.5, 1.0]) == pytest.approx(10.0)
-    assert crossing([1, 100], [0.0, 1.0]) == pytest.approx(10.0)
-    assert crossing([1, 10], [0.1, 0.2]) is None
-    assert crossing([4, 2], [0.9, 0.6]) == 2.0
+    assert crossing([1, 10, 100], [0.0, 0.5, 1.0])["ratio"] == pytest.approx(10.0)
+    assert crossing([1, 100], [0.0, 1.0]) == {"ratio": pytest.approx(10.0), "status": "crossed"}
+    assert crossing([1, 10], [0.1, 0.2]) == {"ratio": None, "status": "never"}
+    # already above the level at the smallest ratio: the crossing is not located
+    assert crossing([4, 2], [0.9, 0.6]) == {"ratio": None, "status": "at_or_below_smallest",
+                                            "smallest_ratio": 2.0}
 
 
 def test_rank_vs_snr_cli(tmp_path):

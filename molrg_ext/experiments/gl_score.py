@@ -71,18 +71,25 @@ def run_cell(d: int, ratio: float, cfg: dict, model_kind: str, seed: int, progre
             "kimg": tr.kimg}
 
 
-def crossing(ratios, scores, level: float = 0.5):
-    """First N_k / d_k where the (piecewise-linear, log-x) GL curve reaches ``level``; None if never."""
+def crossing(ratios, scores, level: float = 0.5) -> dict:
+    """Where the (piecewise-linear in log N_k / d_k) GL curve first reaches ``level``.
+
+    Returns ``{"ratio": r, "status": "crossed"}`` when it crosses inside the measured range;
+    ``{"ratio": None, "status": "at_or_below_smallest", "smallest_ratio": r0}`` when GL is already
+    >= level at the smallest ratio measured (the crossing is not located); and
+    ``{"ratio": None, "status": "never"}`` when it stays below ``level``.
+    """
     r, s = np.asarray(ratios, float), np.asarray(scores, float)
     order = np.argsort(r)
     r, s = r[order], s[order]
     if s[0] >= level:
-        return float(r[0])
+        return {"ratio": None, "status": "at_or_below_smallest", "smallest_ratio": float(r[0])}
     for i in range(1, len(r)):
         if s[i] >= level:
             t = (level - s[i - 1]) / (s[i] - s[i - 1])
-            return float(np.exp(np.log(r[i - 1]) + t * (np.log(r[i]) - np.log(r[i - 1]))))
-    return None
+            x = np.exp(np.log(r[i - 1]) + t * (np.log(r[i]) - np.log(r[i - 1])))
+            return {"ratio": float(x), "status": "crossed"}
+    return {"ratio": None, "status": "never"}
 
 
 def run(args) -> int:
