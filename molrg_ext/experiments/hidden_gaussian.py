@@ -39,14 +39,12 @@ PRESETS = {
 
 # ------------------------------------------------------------------------------------------ data
 def molrg_data(N: int, n: int, K: int, d: int, seed: int):
-    """N MoLRG samples (K mutually orthogonal d-dim subspaces of R^n, uniform weights) and U*."""
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, K * d, generator=g, dtype=torch.float64))
-    U = Q.T.reshape(K, d, n).transpose(1, 2).contiguous()  # [K, n, d]
-    k = torch.randint(0, K, (N,), generator=g)
-    a = torch.randn(N, d, generator=g, dtype=torch.float64)
-    X = torch.einsum("bnd,bd->bn", U[k], a)
-    return X.float(), U.float()
+    """N MoLRG samples (K mutually orthogonal d-dim subspaces of R^n, uniform weights) and U*
+    [K, n, d], from :func:`molrg_ext.data.sample_molrg`."""
+    from ..data import sample_molrg
+
+    data = sample_molrg(n, [d] * K, N=N, instances=1, seed=seed, dtype=torch.float32)
+    return data.X[0], data.bases[0]
 
 
 def digits_data():
