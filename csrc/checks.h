@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -108,6 +109,28 @@ inline void check_dae_assign(const at::Tensor& assign, int64_t mode, const DaeSi
     TORCH_CHECK(assign.min().item<int64_t>() >= 0 && assign.max().item<int64_t>() < s.K, op,
                 ": assign values must be in [0, K = ", s.K, ")");
   }
+}
+
+// Column offsets of the stacked bases Ubar = [U_1 .. U_K] (n x D, D = sum d_k) and the R factor
+// of Ubar = Q R ([P, r, D], r = min(n, D)) that dae_jacobian_spectrum takes.
+struct StackedSizes {
+  int64_t D, r;
+  std::vector<int32_t> offs;
+};
+
+inline StackedSizes check_stacked_R(const at::Tensor& R, const DaeSizes& s, const at::Tensor& x,
+                                    const char* op) {
+  StackedSizes st{0, 0, std::vector<int32_t>(s.K)};
+  for (int64_t k = 0; k < s.K; ++k) {
+    st.offs[k] = static_cast<int32_t>(st.D);
+    st.D += s.dims[k];
+  }
+  st.r = std::min<int64_t>(s.n, st.D);
+  check_like(R, x, op, "R", "x");
+  check_shape(R, {s.P, st.r, st.D}, op, "R");
+  check_contig(R, op, "R");
+  check_finite(R, op, "R");
+  return st;
 }
 
 }  // namespace molrg

@@ -32,17 +32,9 @@ std::tuple<at::Tensor, at::Tensor> dae_jacobian_spectrum_cpu(
   check_finite(U, kSpec, "U");
   check_finite(c, kSpec, "c");
   check_finite(phi, kSpec, "phi");
-  int64_t D = 0;
-  std::vector<int32_t> offs(s.K);
-  for (int64_t k = 0; k < s.K; ++k) {
-    offs[k] = static_cast<int32_t>(D);
-    D += s.dims[k];
-  }
-  const int64_t r = std::min<int64_t>(s.n, D);
-  check_like(R, x, kSpec, "R", "x");
-  check_shape(R, {s.P, r, D}, kSpec, "R");
-  check_contig(R, kSpec, "R");
-  check_finite(R, kSpec, "R");
+  const StackedSizes st = check_stacked_R(R, s, x, kSpec);
+  const int64_t D = st.D, r = st.r;
+  const std::vector<int32_t>& offs = st.offs;
   if (bias) check_dae_bias(*bias, s, x, kSpec);
   if (assign) check_dae_assign(*assign, mode, s, x, kSpec);
 
