@@ -83,16 +83,23 @@ inline void check_dae_scales(const at::Tensor& c, const at::Tensor& phi, const D
 }
 
 // Optional logit bias [P,B,K]: -inf is valid (pi_k = 0); NaN, +inf and all -inf rows are not.
+// Logit biases [..., K]: -inf is valid (pi_k = 0); NaN, +inf and rows with every entry -inf
+// (no component left) are not. `row` names what a row is ("sample", "level").
+inline void check_logit_bias_values(const at::Tensor& bias, const char* op, const char* name,
+                                    const char* row) {
+  if (bias.numel() == 0) return;
+  TORCH_CHECK(!(at::isnan(bias) | at::isposinf(bias)).any().item<bool>(), op, ": ", name,
+              " contains NaN or +Inf values");
+  TORCH_CHECK(!at::isneginf(bias).all(-1).any().item<bool>(), op, ": ", name,
+              " is -Inf for every subspace of some ", row);
+}
+
 inline void check_dae_bias(const at::Tensor& bias, const DaeSizes& s, const at::Tensor& x,
                            const char* op) {
   check_like(bias, x, op, "bias", "x");
   check_shape(bias, {s.P, s.B, s.K}, op, "bias");
   check_contig(bias, op, "bias");
-  if (bias.numel() == 0) return;
-  TORCH_CHECK(!(at::isnan(bias) | at::isposinf(bias)).any().item<bool>(), op,
-              ": bias contains NaN or +Inf values");
-  TORCH_CHECK(!at::isneginf(bias).all(-1).any().item<bool>(), op,
-              ": bias is -Inf for every subspace of some sample");
+  check_logit_bias_values(bias, op, "bias", "sample");
 }
 
 // Optional hard-mode assignment [P,B] int64 with values in [0, K).

@@ -10,7 +10,7 @@
 
 #include <vector>
 
-#include "../checks.h"
+#include "../jacobian_checks.h"
 #include "launchers.h"
 
 namespace molrg {
@@ -29,30 +29,19 @@ std::tuple<at::Tensor, at::Tensor> dae_jacobian_spectrum_cuda(
     const at::Tensor& x, const at::Tensor& U, const at::Tensor& R, const at::Tensor& c,
     const at::Tensor& phi, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& assign, at::IntArrayRef dims, int64_t mode, bool vectors) {
-  TORCH_CHECK(mode == 0 || mode == 1, kSpec, ": mode must be 0 (soft) or 1 (hard), got ", mode);
   TORCH_CHECK(x.is_cuda(), kSpec, ": x must be a CUDA tensor, got device ", x.device());
-  DaeSizes s = check_dae_xU(x, U, dims, kSpec);
-  check_dae_scales(c, phi, s, x, kSpec);
+  const JacobianSizes js =
+      check_jacobian_inputs(x, U, R, c, phi, bias, assign, dims, mode, kSpec);
+  const DaeSizes& s = js.s;
+  const int64_t D = js.st.D, r = js.st.r;
+  const std::vector<int32_t>& offs = js.st.offs;
   const c10::cuda::CUDAGuard guard(x.device());
-  check_finite(x, kSpec, "x");
-  check_finite(U, kSpec, "U");
-  check_finite(c, kSpec, "c");
-  check_finite(phi, kSpec, "phi");
-  const StackedSizes st = check_stacked_R(R, s, x, kSpec);
-  const int64_t D = st.D, r = st.r;
-  const std::vector<int32_t>& offs = st.offs;
-  if (bias) check_dae_bias(*bias, s, x, kSpec);
-  if (assign) check_dae_assign(*assign, mode, s, x, kSpec);
 
   auto svals = at::empty({s.P, s.B, r}, x.options());
   auto vecs = vectors ? at::empty({s.P, s.B, r, r}, x.options()) : at::empty({0}, x.options());
   const int64_t total = s.P * s.B;
   if (total == 0) return {svals, vecs};
-  auto S = at::empty({s.P, s.K, r, r}, x.options());
-  for (int64_t k = 0; k < s.K; ++k) {
-    auto Rk = R.narrow(2, offs[k], s.dims[k]);
-    S.select(1, k).copy_(at::matmul(Rk, Rk.transpose(1, 2)));
-  }
+  const at::Tensor S = stacked_gram_blocks(R, s, js.st);  // [P, K, r, r]
   const int64_t workers = cuda::jacobian_workers(total);
   const int64_t work_per = cuda::jacobian_work_per((int)s.K, (int)s.dm, (int)r, vectors);
   auto work = at::empty({workers * work_per}, x.options());
