@@ -13,8 +13,7 @@
 
 #include <vector>
 
-#include "../checks.h"
-#include "../kernels/train_step.h"
+#include "../train_step_checks.h"
 
 namespace molrg {
 namespace {
@@ -23,20 +22,6 @@ using namespace molrg::kernels;
 
 constexpr const char* kTs = "train_step";
 constexpr const char* kDraws = "philox_draws";
-constexpr int64_t kU32 = int64_t(1) << 32;
-
-void check_rng_args(int64_t seed, int64_t step, int64_t P, int64_t M, int64_t N, int64_t L,
-                    const char* op) {
-  TORCH_CHECK(seed >= 0, op, ": seed must be >= 0, got ", seed);
-  TORCH_CHECK(step >= 0 && step < kU32, op, ": step must be in [0, 2^32), got ", step);
-  TORCH_CHECK(P >= 0 && P < kU32, op, ": P must be in [0, 2^32), got ", P);
-  TORCH_CHECK(M >= 1 && M < kU32, op, ": batch must be in [1, 2^32), got ", M);
-  TORCH_CHECK(N >= 1 && N < kU32, op, ": the training set must hold 1 .. 2^32-1 samples, got N = ",
-              N);
-  TORCH_CHECK(L >= 1 && L < kU32, op, ": the level table must have 1 .. 2^32-1 rows, got L = ",
-              L);
-}
-
 std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at::Tensor& U,
                                                   const at::Tensor& levels,
                                                   const std::optional<at::Tensor>& level_bias,
@@ -49,24 +34,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
   // X is the (large, constant) training set: rather than scanning all of it every step, the
   // step checks its loss below, which is non-finite exactly when a drawn sample is.
   check_finite(U, kTs, "U");
-  check_like(levels, X, kTs, "levels", "X");
-  TORCH_CHECK(levels.dim() == 2 && levels.size(1) == kLvCols, kTs,
-              ": levels must be [L, 5] (s, gamma, lambda, c, phi), got shape ", levels.sizes());
-  check_contig(levels, kTs, "levels");
-  const int64_t L = levels.size(0);
-  check_rng_args(seed, step, s.P, batch, s.B, L, kTs);
-  check_finite(levels, kTs, "levels");
-  TORCH_CHECK((levels.select(1, kLvLambda) >= 0).all().item<bool>(), kTs,
-              ": levels lambda column must be >= 0");
-  if (level_bias) {
-    check_like(*level_bias, X, kTs, "level_bias", "X");
-    check_shape(*level_bias, {L, s.K}, kTs, "level_bias");
-    check_contig(*level_bias, kTs, "level_bias");
-    TORCH_CHECK(!(at::isnan(*level_bias) | at::isposinf(*level_bias)).any().item<bool>(), kTs,
-                ": level_bias contains NaN or +Inf values");
-    TORCH_CHECK(!at::isneginf(*level_bias).all(-1).any().item<bool>(), kTs,
-                ": level_bias is -Inf for every subspace of some level");
-  }
+  const int64_t L = check_train_step_levels(X, levels, level_bias, s, batch, seed, step, kTs);
   const int64_t P = s.P, M = batch, K = s.K, n = s.n, dm = s.dm;
   auto Ut = U.transpose(2, 3).contiguous();  // packed [P, K, dm, n]
   auto slot_loss = at::empty({P, M}, X.options());

@@ -7,15 +7,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../checks.h"
+#include "../train_step_checks.h"
 #include "launchers.h"
 
 namespace molrg {
 namespace {
 
 constexpr const char* kTs = "train_step";
-constexpr int64_t kU32 = int64_t(1) << 32;
-constexpr int64_t kLvCols = 5, kLvLambda = 2;
 
 std::tuple<at::Tensor, at::Tensor> train_step_cuda(const at::Tensor& X, const at::Tensor& U,
                                                    const at::Tensor& levels,
@@ -29,30 +27,8 @@ std::tuple<at::Tensor, at::Tensor> train_step_cuda(const at::Tensor& X, const at
   TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
   check_finite(X, kTs, "X");
   check_finite(U, kTs, "U");
-  check_like(levels, X, kTs, "levels", "X");
-  TORCH_CHECK(levels.dim() == 2 && levels.size(1) == kLvCols, kTs,
-              ": levels must be [L, 5] (s, gamma, lambda, c, phi), got shape ", levels.sizes());
-  check_contig(levels, kTs, "levels");
-  const int64_t L = levels.size(0), M = batch;
-  TORCH_CHECK(seed >= 0, kTs, ": seed must be >= 0, got ", seed);
-  TORCH_CHECK(step >= 0 && step < kU32, kTs, ": step must be in [0, 2^32), got ", step);
-  TORCH_CHECK(s.P < kU32, kTs, ": P must be below 2^32, got ", s.P);
-  TORCH_CHECK(M >= 1 && M < kU32, kTs, ": batch must be in [1, 2^32), got ", M);
-  TORCH_CHECK(s.B < kU32, kTs, ": the training set must hold 1 .. 2^32-1 samples, got N = ", s.B);
-  TORCH_CHECK(L >= 1 && L < kU32, kTs, ": the level table must have 1 .. 2^32-1 rows, got L = ",
-              L);
-  check_finite(levels, kTs, "levels");
-  TORCH_CHECK((levels.select(1, kLvLambda) >= 0).all().item<bool>(), kTs,
-              ": levels lambda column must be >= 0");
-  if (level_bias) {
-    check_like(*level_bias, X, kTs, "level_bias", "X");
-    check_shape(*level_bias, {L, s.K}, kTs, "level_bias");
-    check_contig(*level_bias, kTs, "level_bias");
-    TORCH_CHECK(!(at::isnan(*level_bias) | at::isposinf(*level_bias)).any().item<bool>(), kTs,
-                ": level_bias contains NaN or +Inf values");
-    TORCH_CHECK(!at::isneginf(*level_bias).all(-1).any().item<bool>(), kTs,
-                ": level_bias is -Inf for every subspace of some level");
-  }
+  const int64_t L = check_train_step_levels(X, levels, level_bias, s, batch, seed, step, kTs);
+  const int64_t M = batch;
   const int n = (int)s.n, K = (int)s.K, dm = (int)s.dm;
   auto slot_loss = at::empty({s.P, M}, X.options());
   auto grad = at::empty_like(U);
