@@ -1,4 +1,5 @@
 """Package-level behaviour: import in a fresh interpreter, op registration, CLI dispatch."""
+import os
 import subprocess
 import sys
 
@@ -12,9 +13,13 @@ from molrg_ext import cli
 def test_import_first_in_fresh_interpreter_registers_ops(tmp_path):
     code = ("import molrg_ext, torch; "
             "print(torch._C._dispatch_has_kernel_for_dispatch_key('molrg::subspace_dae', 'CPU'))")
-    # run outside the source tree so the installed package (not ./molrg_ext) is imported
+    # Run outside the source tree (where ./molrg_ext may be an unbuilt checkout), pointing the
+    # child at the very copy of the package this session imported (installed or in-place build).
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(molrg_ext.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=tmp_path)
+                         cwd=tmp_path, env=env)
     assert out.stdout.strip() == "True"
 
 
