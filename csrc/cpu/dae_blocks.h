@@ -140,6 +140,35 @@ inline void block_sq(const T* Prow, const PanelGeom& g, T* sq) {
   }
 }
 
+// Soft-mode backward math of one sample on full-panel rows (same formulas as
+// kernels::dae_dP_from_r): R = U^T g and P = U^T x, both exactly zero in the padded columns
+// because the panel is, so no masks are needed; components with w_k = 0 get dP_k = 0 through
+// their zero coefficients. Writes dP [K*dm], dlogit [K] and returns dc, dphi.
+template <typename T>
+inline void soft_dP_dense(const T* R, const T* P, const T* w, T c, T phi, int K, int dm, T* dP,
+                          T* dlogit, T* dc, T* dphi) {
+  T dcs = T(0);
+  for (int k = 0; k < K; ++k) {
+    T rp = T(0);
+    for (int j = 0; j < dm; ++j) rp += R[k * dm + j] * P[k * dm + j];
+    dlogit[k] = rp;
+    dcs += w[k] * rp;
+  }
+  const T hbar = c * dcs;
+  T dph = T(0);
+  for (int k = 0; k < K; ++k) {
+    const T dl = w[k] * (c * dlogit[k] - hbar);
+    dlogit[k] = dl;
+    T sq = T(0);
+    for (int j = 0; j < dm; ++j) sq += P[k * dm + j] * P[k * dm + j];
+    dph += dl * sq;
+    const T a = c * w[k], b = T(2) * phi * dl;
+    for (int j = 0; j < dm; ++j) dP[k * dm + j] = a * R[k * dm + j] + b * P[k * dm + j];
+  }
+  *dc = dcs;
+  *dphi = dph;
+}
+
 // Forward of S <= kBlock consecutive samples of one instance: y, proj [S, K*dm], w [S, K].
 template <typename T>
 void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* dims, const T* c,
@@ -208,8 +237,8 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       T* dPt = s.dP.data() + (int64_t)t * Dp;
       const T* Pt = proj + (int64_t)t * D;
       const T* wt = w + (int64_t)t * K;
-      kernels::dae_dP_from_r<T>(s.R.data() + (int64_t)t * Dp, Pt, wt, c[t], phi[t], K, dm, dims,
-                                kSoft, dPt, dbias + (int64_t)t * K, dc + t, dphi + t);
+      soft_dP_dense<T>(s.R.data() + (int64_t)t * Dp, Pt, wt, c[t], phi[t], K, dm, dPt,
+                       dbias + (int64_t)t * K, dc + t, dphi + t);
       if (acc) {
         T* Ct = s.C.data() + (int64_t)t * Dp;
         for (int k = 0; k < K; ++k)
@@ -316,8 +345,8 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     for (int t = 0; t < S; ++t) {
       const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
       T dc, dphi;
-      dae_dP_from_r<T>(s.R.data() + (int64_t)t * Dp, s.P.data() + (int64_t)t * Dp,
-                       s.w.data() + (int64_t)t * K, lv[kLvC], lv[kLvPhi], K, dm, dims, kSoft,
+      soft_dP_dense<T>(s.R.data() + (int64_t)t * Dp, s.P.data() + (int64_t)t * Dp,
+                       s.w.data() + (int64_t)t * K, lv[kLvC], lv[kLvPhi], K, dm,
                        s.dP.data() + (int64_t)t * Dp, s.dlogit.data(), &dc, &dphi);
     }
     outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, n, acc, Dp);
