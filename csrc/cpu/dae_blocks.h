@@ -17,7 +17,8 @@
 
 #include <vector>
 
-#include "../kernels/subspace_dae_packed.h"
+#include "../kernels/series_math.h"
+#include "../kernels/subspace_dae.h"
 #include "../kernels/train_step.h"
 #include "philox_lanes.h"
 #include "tiles.h"
@@ -140,6 +141,42 @@ inline void block_sq(const T* Prow, const PanelGeom& g, T* sq) {
   }
 }
 
+// Hard assignment argmax_k ||U_k^T x||^2 (ties to the lowest k) of S consecutive samples.
+template <typename T>
+void assign_block(const T* x, int S, const Panels<T>& pn, int64_t* out, BlockScratch<T>& s) {
+  const PanelGeom& g = pn.g;
+  for (int t = 0; t < S; ++t) s.rowA[t] = x + (int64_t)t * g.n;
+  project(s.rowA.data(), S, g.n, pn.Uf(), g.Dp, s.P.data(), g.Dp);
+  for (int t = 0; t < S; ++t) {
+    block_sq(s.P.data() + (int64_t)t * g.Dp, g, s.sq.data());
+    out[t] = kernels::dae_argmax(s.sq.data(), g.K);
+  }
+}
+
+// Soft-max over k of S rows of logits lw [S, K], in place (max-subtracted, as
+// kernels::dae_weights): the exponentials of the whole block in one vectorised loop.
+template <typename T>
+inline void block_softmax(T* lw, int S, int K) {
+  for (int t = 0; t < S; ++t) {
+    T* l = lw + (int64_t)t * K;
+    T mx = l[0];
+    for (int k = 1; k < K; ++k) mx = l[k] > mx ? l[k] : mx;
+    for (int k = 0; k < K; ++k) l[k] -= mx;
+  }
+  const int64_t SK = (int64_t)S * K;
+#if defined(_OPENMP)
+#pragma omp simd
+#endif
+  for (int64_t e = 0; e < SK; ++e) lw[e] = kernels::sm_exp<T>(lw[e]);
+  for (int t = 0; t < S; ++t) {
+    T* l = lw + (int64_t)t * K;
+    T total = T(0);
+    for (int k = 0; k < K; ++k) total += l[k];
+    const T inv = T(1) / total;
+    for (int k = 0; k < K; ++k) l[k] *= inv;
+  }
+}
+
 // Soft-mode backward math of one sample on full-panel rows (same formulas as
 // kernels::dae_dP_from_r): R = U^T g and P = U^T x, both exactly zero in the padded columns
 // because the panel is, so no masks are needed; components with w_k = 0 get dP_k = 0 through
@@ -183,22 +220,27 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
   project(s.rowA.data(), S, n, pn.Uf(), Dp, s.P.data(), Dp);
   for (int t = 0; t < S; ++t) {
     const T* Pt = s.P.data() + (int64_t)t * Dp;
-    block_sq(Pt, g, s.sq.data());
-    int k0 = assign ? (int)assign[t] : -1;
-    if (mode == kHard && k0 < 0) k0 = kernels::dae_argmax(s.sq.data(), K);
     T* wt = w + (int64_t)t * K;
-    kernels::dae_weights<T>(s.sq.data(), bias ? bias + (int64_t)t * K : nullptr, phi[t], K, mode,
-                            k0, wt);
+    block_sq(Pt, g, s.sq.data());
     std::copy(Pt, Pt + D, proj + (int64_t)t * D);
-    if (mode == kSoft) {
-      T* Ct = s.C.data() + (int64_t)t * Dp;
+    if (mode == kSoft) {  // logits now, weights for the whole block below
       for (int k = 0; k < K; ++k)
-        for (int j = 0; j < dm; ++j) Ct[k * dm + j] = c[t] * wt[k] * Pt[k * dm + j];
+        wt[k] = phi[t] * s.sq[k] + (bias ? bias[(int64_t)t * K + k] : T(0));
     } else {
+      const int k0 = assign ? (int)assign[t] : kernels::dae_argmax(s.sq.data(), K);
+      for (int k = 0; k < K; ++k) wt[k] = k == k0 ? T(1) : T(0);
       s.comp[t] = k0;
     }
   }
   if (mode == kSoft) {
+    block_softmax(w, S, K);
+    for (int t = 0; t < S; ++t) {
+      const T* Pt = s.P.data() + (int64_t)t * Dp;
+      const T* wt = w + (int64_t)t * K;
+      T* Ct = s.C.data() + (int64_t)t * Dp;
+      for (int k = 0; k < K; ++k)
+        for (int j = 0; j < dm; ++j) Ct[k * dm + j] = c[t] * wt[k] * Pt[k * dm + j];
+    }
     expand(s.C.data(), Dp, S, D, pn.UfT(), n, s.rowY.data());
     return;
   }
@@ -330,11 +372,16 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     project(s.rowB.data(), S, n, pn.Uf(), Dp, s.P.data(), Dp);
     for (int t = 0; t < S; ++t) {
       const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
-      const T* Pt = s.P.data() + (int64_t)t * Dp;
+      const T* lb = level_bias ? level_bias + (int64_t)s.lev[t] * K : nullptr;
       T* wt = s.w.data() + (int64_t)t * K;
-      block_sq(Pt, g, s.sq.data());
-      dae_weights<T>(s.sq.data(), level_bias ? level_bias + (int64_t)s.lev[t] * K : nullptr,
-                     lv[kLvPhi], K, kSoft, -1, wt);
+      block_sq(s.P.data() + (int64_t)t * Dp, g, s.sq.data());
+      for (int k = 0; k < K; ++k) wt[k] = lv[kLvPhi] * s.sq[k] + (lb ? lb[k] : T(0));
+    }
+    block_softmax(s.w.data(), S, K);
+    for (int t = 0; t < S; ++t) {
+      const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
+      const T* Pt = s.P.data() + (int64_t)t * Dp;
+      const T* wt = s.w.data() + (int64_t)t * K;
       T* Ct = s.C.data() + (int64_t)t * Dp;
       for (int k = 0; k < K; ++k)
         for (int j = 0; j < dm; ++j) Ct[k * dm + j] = lv[kLvC] * wt[k] * Pt[k * dm + j];

@@ -23,13 +23,6 @@ using namespace molrg::kernels;
 constexpr const char* kFwd = "subspace_dae";
 constexpr const char* kBwd = "subspace_dae_backward";
 
-// Samples per parallel chunk: enough work (~64k multiply-adds) to amortise scheduling.
-int64_t grain_for(const DaeSizes& s) {
-  const int64_t per_sample = std::max<int64_t>(1, s.n * s.K * s.dm);
-  return std::max<int64_t>(1, 65536 / per_sample);
-}
-
-
 // Large panels (U of one instance beyond ~64 KiB, e.g. n = 3072, K d = 400) do not stay in cache
 // while samples stream past, so the per-sample kernels would re-read U from memory for every
 // sample. There the projections, reconstructions and gradient contractions run as batched GEMMs
@@ -274,20 +267,20 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
     auto sq = at::bmm(x, stacked_bases(U, s)).view({s.P, s.B, s.K, s.dm}).square().sum(-1);
     return sq.argmax(-1);  // first maximum: ties go to the lowest k
   }
-  auto Ut = U.transpose(2, 3).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hard_assign_cpu", [&] {
+    const cpu::PanelGeom g = cpu::panel_geom<scalar_t>((int)s.n, (int)s.K, (int)s.dm);
+    auto pan = pack_panels<scalar_t>(U, g, s);
+    const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* Up = Ut.data_ptr<scalar_t>();
     int64_t* op = out.data_ptr<int64_t>();
-    const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
-    const int32_t* dp = s.dims.data();
-    at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> proj(K * dm), sq(K);
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t p = idx / s.B;
-        pk_project<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, proj.data(),
-                              sq.data());
-        op[idx] = dae_argmax<scalar_t>(sq.data(), K);
+    const int64_t nb = (s.B + cpu::kBlock - 1) / cpu::kBlock;
+    at::parallel_for(0, s.P * nb, 1, [&](int64_t b0, int64_t b1) {
+      cpu::BlockScratch<scalar_t> sc(g);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t p = blk / nb, start = (blk % nb) * cpu::kBlock;
+        const int S = (int)std::min<int64_t>(cpu::kBlock, s.B - start);
+        const int64_t i0 = p * s.B + start;
+        cpu::assign_block<scalar_t>(xp + i0 * s.n, S, {panp + p * g.size(), g}, op + i0, sc);
       }
     });
   });

@@ -15,7 +15,7 @@
 #pragma once
 
 #include "common.h"
-#include "normal_math.h"
+#include "series_math.h"
 
 namespace molrg::kernels {
 
@@ -81,7 +81,7 @@ MOLRG_HD T philox_open01(uint32_t u) {
   return (T)u * T(2.3283064365386963e-10) + T(1.1641532182693481e-10);
 }
 
-// Two standard normals from two 32-bit draws (Box-Muller; log and sin/cos from normal_math.h).
+// Two standard normals from two 32-bit draws (Box-Muller; log and sin/cos from series_math.h).
 template <typename T>
 MOLRG_HD void box_muller(uint32_t a, uint32_t b, T* z0, T* z1) {
   const T u1 = philox_open01<T>(a);

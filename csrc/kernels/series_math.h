@@ -1,8 +1,12 @@
-// Branch-free log and sin/cos for the Box-Muller transform (philox.h), torch-free, MOLRG_HD.
+// Branch-free exp, log and sin/cos on restricted arguments, torch-free, MOLRG_HD: the
+// Box-Muller transform of philox.h and the soft-max weights of the CPU block kernels.
 //
-// libm's logf/sinf/cosf are scalar calls with branches: they cost most of the fused training
-// step's time on the CPU, and they cannot be vectorised. The two functions needed here have
-// restricted arguments, so short series are enough:
+// libm's expf/logf/sinf/cosf are scalar calls with branches: they cost most of the fused
+// training step's time on the CPU, and they cannot be vectorised. The arguments needed here are
+// restricted, so short series are enough:
+//   sm_exp(x), x <= 0 (a max-subtracted logit): x = i ln 2 + r (Cody-Waite, |r| <= ln2 / 2),
+//       e^r by its Taylor series (to r^7 in float, r^13 in double), times 2^i built from bits;
+//       0 below the smallest normal result;
 //   bm_log(u), u in (0, 1] a normal number:  u = 2^e m with m in [sqrt(1/2), sqrt(2)), and
 //       log u = e ln 2 + 2 atanh(t),  t = (m - 1) / (m + 1),  |t| <= 0.1716,
 //     with the odd Taylor series of atanh (truncation below 3e-9 relative in float with 6 terms,
@@ -23,16 +27,39 @@ namespace molrg::kernels {
 template <typename T> struct BmTraits;
 template <> struct BmTraits<float> {
   using Bits = uint32_t;
-  static constexpr int kMant = 23, kBias = 127, kLogTerms = 6, kTrigTerms = 4;
+  using Int = int32_t;
+  static constexpr int kMant = 23, kBias = 127, kLogTerms = 6, kTrigTerms = 4, kExpTerms = 7;
+  static constexpr float kExpMin = -87.0f;  // e^x is a normal float above this
 };
 template <> struct BmTraits<double> {
   using Bits = uint64_t;
-  static constexpr int kMant = 52, kBias = 1023, kLogTerms = 12, kTrigTerms = 8;
+  using Int = int64_t;
+  static constexpr int kMant = 52, kBias = 1023, kLogTerms = 12, kTrigTerms = 8, kExpTerms = 13;
+  static constexpr double kExpMin = -708.0;
 };
 
 template <typename T> MOLRG_HD T m_floor(T v);
 template <> MOLRG_HD float m_floor<float>(float v) { return floorf(v); }
 template <> MOLRG_HD double m_floor<double>(double v) { return floor(v); }
+
+// e^x for x <= 0 (0 for x below kExpMin, including -inf).
+template <typename T>
+MOLRG_HD T sm_exp(T x) {
+  using Tr = BmTraits<T>;
+  using Bits = typename Tr::Bits;
+  const bool tiny = !(x >= Tr::kExpMin);
+  const T xc = tiny ? T(0) : x;
+  const T i = m_floor<T>(xc * T(1.4426950408889634074) + T(0.5));
+  // r = x - i ln 2 in two steps (ln 2 = hi + lo, hi with trailing zero bits: i * hi is exact)
+  const T r = (xc - i * T(0.693145751953125)) - i * T(1.42860682030941723212e-6);
+  T p = T(1);
+  MOLRG_UNROLL
+  for (int k = Tr::kExpTerms; k >= 1; --k) p = T(1) + r * p * (T(1) / T(k));
+  const Bits b = (Bits)((typename Tr::Int)i + Tr::kBias) << Tr::kMant;
+  T two_i;
+  memcpy(&two_i, &b, sizeof two_i);
+  return tiny ? T(0) : p * two_i;
+}
 
 // Natural log of a positive normal number u <= 1 (the uniforms of philox_open01).
 template <typename T>
