@@ -28,7 +28,7 @@ struct simd {
     std::memcpy(&r, p, sizeof r);
     return r;
   }
-  static inline void store(T* p, v a) { std::memcpy(p, &a, sizeof a); }
+  static inline void store(T* p, const v& a) { std::memcpy(p, &a, sizeof a); }
   static inline v set1(T a) {  // a uniform constructor: one broadcast instruction
     if constexpr (W == 8) return v{a, a, a, a, a, a, a, a};
     else return v{a, a, a, a};

@@ -4,7 +4,7 @@
 //                     seed, step, mode) -> (loss [P], grad_U [P,K,n,dm])
 //   molrg::philox_draws(seed, step, P, batch, N, L, n, double) -> (idx [P,M] int64,
 //                     level [P,M] int64, eps [P,M,n])
-// The per-slot math is in kernels/train_step.h; draws come from kernels/philox.h keyed by
+// The math is in cpu/dae_blocks.h (train_block); draws come from kernels/philox.h keyed by
 // (seed, step) with counters (block, m, p, step), so no [P, M, n] noise tensor is written.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
