@@ -32,8 +32,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
               mode);
   DaeSizes s = check_dae_xU(X, U, dims, kTs);  // s.B is N, the training-set size
   TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
-  // X is the (large, constant) training set: rather than scanning all of it every step, the
-  // step checks its loss below, which is non-finite exactly when a drawn sample is.
+  // X is not scanned: checked_train_loss catches a drawn non-finite sample (train_step_checks.h).
   check_finite(U, kTs, "U");
   const int64_t L = check_train_step_levels(X, levels, level_bias, s, batch, seed, step, kTs);
   const int64_t P = s.P, M = batch;
@@ -79,11 +78,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
     }
     unpack_grads<scalar_t>(by_instance ? acc.select(0, 0) : acc.sum(0), g, s, grad);
   });
-  auto loss = slot_loss.mean(1);
-  TORCH_CHECK(at::isfinite(loss).all().item<bool>(), kTs,
-              ": the loss is not finite: X contains NaN or Inf values in the drawn samples (or "
-              "the step overflowed)");
-  return {loss, grad};
+  return {checked_train_loss(slot_loss, kTs), grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> philox_draws_cpu(int64_t seed, int64_t step,
