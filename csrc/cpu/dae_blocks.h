@@ -341,6 +341,13 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
   const PanelGeom& g = pn.g;
   const int n = g.n, K = g.K, dm = g.dm, D = g.D, Dp = g.Dp, dW = g.dW;
   philox_index_level_slots(seed, step, p, m0, S, N, L, s.idx.data(), s.lev.data());
+  // The drawn rows of X are scattered over the training set: start fetching them now, the normals
+  // take long enough to hide the latency.
+  for (int t = 0; t < S; ++t) {
+    const char* row = (const char*)(X + (int64_t)s.idx[t] * n);
+    for (int64_t off = 0; off < (int64_t)n * (int64_t)sizeof(T); off += 64)
+      __builtin_prefetch(row + off);
+  }
   philox_normals_slots<T>(seed, step, p, m0, S, n, s.xt.data());
   for (int t = 0; t < S; ++t) {
     const T* x0 = X + (int64_t)s.idx[t] * n;
