@@ -85,6 +85,53 @@ def test_draws_deterministic_and_keyed():
     assert a[0].min() >= 0 and a[0].max() < 10 and a[1].min() >= 0 and a[1].max() < 5
 
 
+def _philox4x32_10(c, k):
+    """Independent numpy Philox4x32-10 (Salmon et al. 2011) on arrays of counters."""
+    m32 = np.uint64(0xFFFFFFFF)
+    c = [np.asarray(v, dtype=np.uint64) for v in c]
+    k0, k1 = (np.asarray(v, dtype=np.uint64) for v in k)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & m32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & m32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    return c
+
+
+def test_philox_reference_matches_published_vectors():
+    # known-answer vectors of the Random123 distribution for philox4x32-10
+    kat = [(([0, 0, 0, 0], [0, 0]), [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+           (([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2), [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+           (([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]),
+            [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1])]
+    for (c, k), want in kat:
+        assert [int(v) for v in _philox4x32_10(c, k)] == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_draws_follow_the_documented_stream(dtype):
+    """philox_draws (the CPU kernels' lane-parallel generator) against the stream layout of
+    kernels/philox.h computed independently: Philox counters (block, m, p, step), key = seed,
+    multiply-shift indices, Box-Muller with numpy's log/sin/cos."""
+    seed, step, P, Mb, N, L, n = (5 << 32) + 77, 12, 2, 70, 1000, 64, 13  # 70: partial lanes
+    idx, lev, eps = M.philox_draws(seed, step, P, Mb, N, L, n, dtype)
+    p, m = np.meshgrid(np.arange(P), np.arange(Mb), indexing="ij")
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    b0 = _philox4x32_10([np.zeros_like(p), m, p, np.full_like(p, step)], key)
+    np.testing.assert_array_equal(idx.numpy(), (b0[0] * np.uint64(N)) >> np.uint64(32))
+    np.testing.assert_array_equal(lev.numpy(), (b0[1] * np.uint64(L)) >> np.uint64(32))
+    want = np.empty((P, Mb, 4 * ((n + 3) // 4)))
+    for q in range((n + 3) // 4):
+        u = _philox4x32_10([np.full_like(p, 1 + q), m, p, np.full_like(p, step)], key)
+        for h in range(2):
+            u1 = u[2 * h].astype(np.float64) * 2.0**-32 + 2.0**-33
+            u2 = u[2 * h + 1].astype(np.float64) * 2.0**-32 + 2.0**-33
+            r = np.sqrt(-2 * np.log(np.minimum(u1, 1.0)))
+            want[..., 4 * q + 2 * h] = r * np.cos(2 * np.pi * u2)
+            want[..., 4 * q + 2 * h + 1] = r * np.sin(2 * np.pi * u2)
+    tol = 1e-12 if dtype == torch.float64 else 5e-6  # float32: the uniforms round in float
+    np.testing.assert_allclose(eps.double().numpy(), want[..., :n], rtol=0, atol=tol)
+
+
 def test_draws_statistics():
     P, Mb, N, L, n = 4, 4096, 13, 7, 16
     idx, lev, eps = M.philox_draws(123, 9, P, Mb, N, L, n, torch.float64)
