@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 Number = Union[float, int, torch.Tensor]
-_DEFAULT_BLOCK = 256
+_DEFAULT_BLOCK = 512
 
 
 # ----------------------------------------------------------------------------------- fake kernels
