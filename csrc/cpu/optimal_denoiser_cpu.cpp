@@ -43,7 +43,7 @@ namespace {
 using namespace molrg::kernels;
 using Acc = double;  // cross terms, logits and soft-max statistics (see kernels/optimal_denoiser.h)
 
-constexpr int64_t kQueryTile = 64;  // queries per GEMM tile
+constexpr int64_t kQueryTile = 128;  // queries per GEMM tile
 // Training points per tile in the backward (its schema has no block argument).
 constexpr int64_t kDefaultBackwardBlock = 512;
 
@@ -247,12 +247,17 @@ void forward_item(const T* x, const T* X, const T* sp, const T* gp, const OdSize
     for (int64_t ib = 0; ib < nq; ib += kQueryTile) {
       const int64_t rows = std::min(kQueryTile, nq - ib);
       sc.cross(ib, rows);
+      bool any = false;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = ib + r;
         const Acc bm = sc.row_logits(ib, r);
         m[i] = od_online_rescale(m[i], bm, &l[i], yacc + i * n, n);
-        l[i] += od_row_exp(sc.C.data() + r * cnt, cnt, m[i], sc.P.data() + r * cnt);
+        const Acc ps = od_row_exp(sc.C.data() + r * cnt, cnt, m[i], sc.P.data() + r * cnt);
+        l[i] += ps;
+        any |= ps > 0;
       }
+      // At small noise most tiles lie far below the running maxima: every weight underflows.
+      if (!any) continue;
       view2d(yacc + ib * n, rows, n, n)
           .addmm_(view2d(sc.P.data(), rows, cnt, cnt), view2d(X + jb * n, cnt, n, n));
     }
@@ -322,7 +327,7 @@ void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* g
                    int64_t j0, int64_t j1, T* acc, Acc* qsum, Acc* wsum) {
   const int64_t nq = q1 - q0, n = z.n;
   OdScratch<T> sc(pl, x, X, sp, gp, q0, nq, n);
-  std::vector<T> gy(nq);
+  std::vector<T> gy(nq), W(kQueryTile * pl.blk);  // W: weights exp(l - lse) of a tile
   for (int64_t i = 0; i < nq; ++i)
     gy[i] = static_cast<T>(od_dot<T, Acc>(gyp + (q0 + i) * n, y + (q0 + i) * n, n));
   std::fill(acc, acc + nq * n, T(0));
@@ -335,14 +340,19 @@ void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* g
     for (int64_t ib = 0; ib < nq; ib += kQueryTile) {
       const int64_t rows = std::min(kQueryTile, nq - ib);
       sc.cross(ib, rows);
-      auto A = view2d(sc.P.data(), rows, cnt, cnt);  // a_ij = <g_i, X_j>, then q_ij
-      at::mm_out(A, view2d(gyp + (q0 + ib) * n, rows, n, n), Xt.t());
+      bool any = false;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = ib + r;
         sc.row_logits(ib, r);
-        od_row_backward(sc.C.data() + r * cnt, sc.P.data() + r * cnt, cnt, Acc(lsep[q0 + i]),
-                        gy[i], &qsum[i], &wsum[i]);
+        const Acc ws = od_row_exp(sc.C.data() + r * cnt, cnt, Acc(lsep[q0 + i]), W.data() + r * cnt);
+        wsum[i] += ws;
+        any |= ws > 0;
       }
+      if (!any) continue;  // every weight of the tile underflows (small noise)
+      auto A = view2d(sc.P.data(), rows, cnt, cnt);  // a_ij = <g_i, X_j>, then q_ij
+      mm_into(A, view2d(gyp + (q0 + ib) * n, rows, n, n), Xt.t());
+      for (int64_t r = 0; r < rows; ++r)
+        qsum[ib + r] += od_row_coef<T, Acc>(W.data() + r * cnt, sc.P.data() + r * cnt, cnt, gy[ib + r]);
       view2d(acc + ib * n, rows, n, n).addmm_(A, Xt);
     }
   }

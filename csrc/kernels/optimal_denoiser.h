@@ -29,12 +29,10 @@ namespace molrg::kernels {
 #if defined(_OPENMP) && !defined(__CUDACC__)
 #define MOLRG_PRAGMA(x) _Pragma(#x)
 #define MOLRG_SIMD_SUM(v) MOLRG_PRAGMA(omp simd reduction(+ : v))
-#define MOLRG_SIMD_SUM2(a, b) MOLRG_PRAGMA(omp simd reduction(+ : a, b))
 #define MOLRG_SIMD_MAX(v) MOLRG_PRAGMA(omp simd reduction(max : v))
 #define MOLRG_SIMD _Pragma("omp simd")
 #else
 #define MOLRG_SIMD_SUM(v)
-#define MOLRG_SIMD_SUM2(a, b)
 #define MOLRG_SIMD_MAX(v)
 #define MOLRG_SIMD
 #endif
@@ -109,7 +107,8 @@ MOLRG_HD Acc od_row_logits(const Tc* c, Acc* l, int64_t cnt, const Acc* XX, Acc 
   return mx;
 }
 
-// Forward weights of one tile row: p_j = exp(l_j - m) in the input type T. Returns sum_j p_j.
+// Weights of one tile row: p_j = exp(l_j - m) in the input type T (forward: m = running maximum;
+// backward: m = lse). Returns sum_j p_j.
 template <typename T, typename Acc>
 MOLRG_HD Acc od_row_exp(const Acc* l, int64_t cnt, Acc m, T* p) {
   T sum = T(0);
@@ -122,22 +121,18 @@ MOLRG_HD Acc od_row_exp(const Acc* l, int64_t cnt, Acc m, T* p) {
   return Acc(sum);
 }
 
-// Backward coefficients of one tile row. With w_j = exp(l_j - lse) and a_j = <g, X_j>:
-//   q_j = w_j (a_j - <g, y>)   (written over a), and adds sum_j q_j to *qsum, sum_j w_j to *wsum.
+// Backward coefficients of one tile row: with the weights w_j = exp(l_j - lse) (od_row_exp with
+// m = lse) and a_j = <g, X_j>, writes q_j = w_j (a_j - <g, y>) over a and returns sum_j q_j.
 template <typename T, typename Acc>
-MOLRG_HD void od_row_backward(const Acc* l, T* a, int64_t cnt, Acc lse, T gy, Acc* qsum,
-                              Acc* wsum) {
-  T qs = T(0), ws = T(0);
-  MOLRG_SIMD_SUM2(qs, ws)
+MOLRG_HD Acc od_row_coef(const T* w, T* a, int64_t cnt, T gy) {
+  T qs = T(0);
+  MOLRG_SIMD_SUM(qs)
   for (int64_t j = 0; j < cnt; ++j) {
-    const T w = od_exp<T>(static_cast<T>(l[j] - lse));
-    const T q = w * (a[j] - gy);
+    const T q = w[j] * (a[j] - gy);
     a[j] = q;
     qs += q;
-    ws += w;
   }
-  *qsum += Acc(qs);
-  *wsum += Acc(ws);
+  return Acc(qs);
 }
 
 // Online soft-max step for one query: the running state (m, l, y[0:n]) absorbs a tile row whose
