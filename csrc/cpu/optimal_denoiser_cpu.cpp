@@ -1,5 +1,5 @@
 // CPU kernels of the empirical optimal (multi-delta) denoiser (seed 003, eq. (5)).
-// Schemas are declared here (TORCH_LIBRARY_FRAGMENT); the row math is in kernels/optimal_denoiser.h.
+// Schemas are declared here (TORCH_LIBRARY_FRAGMENT); row math in kernels/optimal_denoiser.h.
 //
 // Tiled streaming, flash-attention style. The queries are cut into chunks (one per thread) and,
 // when there are too few queries to feed every thread, the training set is also cut into splits
@@ -131,13 +131,15 @@ at::Tensor view2d(const T* p, int64_t rows, int64_t cols, int64_t ld) {
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// Cross terms in float32 when the bound on their rounding, expressed in logit units,
-//   (s / gamma^2) * sqrt(n) * 2^-24 * ||x|| * max_j ||X_j||,
-// stays below kCrossTol for every query of a tile; otherwise in double. (Measured on Gaussian data,
-// MKL's sgemm error stays below 0.6 of this bound.) At this tolerance the logit error is of the same
-// order as the rounding of a direct float32 distance, sqrt(n) 2^-24 ||x - s X_j||^2 / (2 gamma^2), at
-// mid and large noise, so float32 costs no accuracy there and halves the GEMM time; at small noise
-// (e.g. gamma < ~0.3 for n = 64 unit-variance data) the bound fails and the tile runs in double.
+// Precision choice (float32 input). A tile's cross terms come from a float32 GEMM when the bound
+//   (s / gamma^2) sqrt(n) 2^-24 ||x|| max_j ||X_j||
+// on their rounding, in logit units, stays below kCrossTol for all its queries (on Gaussian data
+// MKL's sgemm error stayed below 0.6 of this bound); otherwise from a double GEMM on double copies.
+// Measured alternatives: float32 cross terms everywhere fail at small noise (a posterior shared by
+// two points at sigma <= 0.2 came out up to 5e-4 off, relative, against < 1e-6 here: see the
+// tests); double everywhere costs ~1.35x in the forward at mid noise, where the float32 logit error (< 2^-11)
+// is of the order of the rounding of a direct float32 distance sqrt(n) 2^-24 ||x - s X_j||^2 /
+// (2 gamma^2) anyway. With unit-variance data and n = 64 the switch sits near gamma ~ 0.3.
 constexpr double kCrossTol = 1.0 / 2048;
 
 // out = a @ b into existing memory (out is a view2d).
@@ -201,7 +203,7 @@ struct OdScratch {
       tile_fp64 = rowfac[ib + r] * Xmax > kCrossTol;
     if (!tile_fp64) {
       mm_into(view2d(Cf.data(), rows, cnt, cnt), view2d(xr, rows, n, n),
-                 view2d(X + j0 * n, cnt, n, n).t());
+              view2d(X + j0 * n, cnt, n, n).t());
       return;
     }
     const Acc* xa;
@@ -216,8 +218,7 @@ struct OdScratch {
       xa = xq.data();
       Xa = Xb.data();
     }
-    mm_into(view2d(C.data(), rows, cnt, cnt), view2d(xa, rows, n, n),
-               view2d(Xa, cnt, n, n).t());
+    mm_into(view2d(C.data(), rows, cnt, cnt), view2d(xa, rows, n, n), view2d(Xa, cnt, n, n).t());
   }
 
   // Logits of tile row r (query ib + r) after cross(); returns their maximum.
@@ -344,7 +345,8 @@ void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* g
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = ib + r;
         sc.row_logits(ib, r);
-        const Acc ws = od_row_exp(sc.C.data() + r * cnt, cnt, Acc(lsep[q0 + i]), W.data() + r * cnt);
+        const Acc ws =
+            od_row_exp(sc.C.data() + r * cnt, cnt, Acc(lsep[q0 + i]), W.data() + r * cnt);
         wsum[i] += ws;
         any |= ws > 0;
       }
@@ -352,7 +354,8 @@ void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* g
       auto A = view2d(sc.P.data(), rows, cnt, cnt);  // a_ij = <g_i, X_j>, then q_ij
       mm_into(A, view2d(gyp + (q0 + ib) * n, rows, n, n), Xt.t());
       for (int64_t r = 0; r < rows; ++r)
-        qsum[ib + r] += od_row_coef<T, Acc>(W.data() + r * cnt, sc.P.data() + r * cnt, cnt, gy[ib + r]);
+        qsum[ib + r] +=
+            od_row_coef<T, Acc>(W.data() + r * cnt, sc.P.data() + r * cnt, cnt, gy[ib + r]);
       view2d(acc + ib * n, rows, n, n).addmm_(A, Xt);
     }
   }
