@@ -47,4 +47,15 @@ inline int64_t check_train_step_levels(const at::Tensor& X, const at::Tensor& le
   return L;
 }
 
+// The training set X is large and constant: instead of scanning it every step, the step checks
+// its mean loss per instance, which is non-finite exactly when a drawn sample is (or the step
+// overflowed). Returns the loss.
+inline at::Tensor checked_train_loss(const at::Tensor& slot_loss, const char* op) {
+  auto loss = slot_loss.mean(1);
+  TORCH_CHECK(at::isfinite(loss).all().item<bool>(), op,
+              ": the loss is not finite: X contains NaN or Inf values in the drawn samples (or "
+              "the step overflowed)");
+  return loss;
+}
+
 }  // namespace molrg

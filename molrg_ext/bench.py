@@ -143,8 +143,9 @@ def _levels(L=64, dtype=torch.float64) -> Levels:
 
 
 def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096) -> Optional[Callable]:
-    """One training step for P instances (batch M each); impl 'ours' (fused op) or 'eager'
-    (randint + randn + gather + denoiser + loss + backward in plain PyTorch, batched over P)."""
+    """One training step for P instances (batch M each); impl 'ours' (fused op), 'eager'
+    (randint + randn + gather + denoiser + loss + backward in plain PyTorch, batched over P),
+    'compile' (torch.compile of that) or 'eager-loop' (the eager step run instance by instance)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(P, N, n, generator=g)
     U0 = torch.randn(P, K, n, d, generator=g) / math.sqrt(n)
@@ -156,7 +157,7 @@ def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096) -> Optional[C
             counter["step"] += 1
             return train_step(X, U0, dims, lv, M, 0, counter["step"], mode)
         return step
-    if impl not in ("eager", "compile"):
+    if impl not in ("eager", "compile", "eager-loop"):
         raise ValueError(f"unknown impl {impl!r}")
     table = lv.table(torch.float32)
     U = U0.clone().requires_grad_()
@@ -177,6 +178,21 @@ def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096) -> Optional[C
         y = c[..., None] * torch.einsum("pbkd,pknd->pbn", w[..., None] * proj, Um)
         return (lam * (y - x0).square().sum(-1)).mean(1).sum()
 
+    if impl == "eager-loop":
+        # One instance at a time, the way a single-problem training script runs: P eager steps
+        # of batch M (the "per instance-step" peer of the issue's training-step target).
+        Us = [U0[p:p + 1].clone().requires_grad_() for p in range(P)]
+
+        def step_loop():
+            for p in range(P):
+                i = torch.randint(0, N, (1, M))
+                lev = torch.randint(0, Lv, (1, M))
+                eps = torch.randn(1, M, n)
+                Us[p].grad = None
+                loss_fn(Us[p], X[p:p + 1], i, lev, eps).backward()
+            return Us[-1].grad
+
+        return step_loop
     if impl == "compile":
         torch._dynamo.reset()
     fn = torch.compile(loss_fn, dynamic=False) if impl == "compile" else loss_fn
@@ -244,7 +260,9 @@ def run(dae_shapes=None, train_shapes=None, peers=("eager", "compile"), modes=("
         it = jobs
     for kind, shape, mode in it:
         times, medians = {}, {}
-        for impl in ("ours", *peers):
+        impls = ("ours", *peers) + (("eager-loop",) if kind == "train" and "eager" in peers
+                                    else ())
+        for impl in impls:
             fn = (make_dae_case(impl, *shape, mode=mode) if kind == "dae"
                   else make_train_case(impl, *shape, mode=mode))
             if fn is None:

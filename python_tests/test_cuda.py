@@ -298,7 +298,7 @@ def test_train_step_cuda_matches_cpu_same_seed(dtype, mode):
     loss_c, grad_c = torch.ops.molrg.train_step(X, U, table, lb, *args)
     loss_g, grad_g = torch.ops.molrg.train_step(X.cuda(), U.cuda(), table.cuda(),
                                                 _to(lb, "cuda"), *args)
-    # Same Philox integers; normals differ from the CPU only by libm vs CUDA-math rounding.
+    # Same Philox integers and series log/sin/cos; normals differ only by FMA contraction.
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(loss_g.cpu(), loss_c, **tol)
     torch.testing.assert_close(grad_g.cpu(), grad_c, **tol)
@@ -306,6 +306,18 @@ def test_train_step_cuda_matches_cpu_same_seed(dtype, mode):
     loss_other, _ = torch.ops.molrg.train_step(X.cuda(), U.cuda(), table.cuda(), _to(lb, "cuda"),
                                                dims, 64, 1234, 8, mode)
     assert not torch.allclose(loss_other, loss_g)
+
+
+@cuda_test
+def test_train_step_cuda_non_finite_training_sample_is_named():
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::train_step", "CUDA"):
+        pytest.skip("no train_step CUDA kernel in this build")
+    dims = [3, 2]
+    X, U, _, _, _ = _problem(2, 40, 21, dims, 3, torch.float32, seed=12, bias=False)
+    table, _ = _levels(16, 2, torch.float32, seed=13)
+    X[1, :, 3] = float("nan")  # every sample of instance 1 is non-finite
+    with pytest.raises(RuntimeError, match="X contains NaN"):
+        torch.ops.molrg.train_step(X.cuda(), U.cuda(), table.cuda(), None, dims, 64, 1, 1, 1)
 
 
 @cuda_test

@@ -143,8 +143,9 @@ def test_optimal_work_splits_match_direct_float64(B):
 
 def test_optimal_backward_normalises_saved_lse():
     """The backward recomputes the weights as exp(l - lse) and divides by their sum, so a rounded
-    lse (float32 at large |lse|) only shifts a common factor: dx is unchanged. An lse that makes
-    every weight underflow is an error, not a silent zero."""
+    lse (float32 at large |lse|) only shifts a common factor: dx is unchanged. An lse that cannot
+    belong to these inputs (every weight underflows, or a logit exceeds it) is an error, not a
+    silent zero or overflow."""
     g = gen(23)
     X = torch.randn(40, 5, generator=g, dtype=torch.float64)
     x = torch.randn(6, 5, generator=g, dtype=torch.float64)
@@ -155,7 +156,9 @@ def test_optimal_backward_normalises_saved_lse():
     torch.testing.assert_close(bw(v, x, X, s, gamma, y, lse + 0.25), bw(v, x, X, s, gamma, y, lse),
                                rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="lse is inconsistent"):
-        bw(v, x, X, s, gamma, y, lse + 1e4)
+        bw(v, x, X, s, gamma, y, lse + 1e4)  # every weight underflows
+    with pytest.raises(RuntimeError, match="lse is inconsistent"):
+        bw(v, x, X, s, gamma, y, lse - 3.0)  # the maximum logit lies above lse
     with pytest.raises(RuntimeError, match="lse contains NaN"):
         bw(v, x, X, s, gamma, y, torch.full_like(lse, float("nan")))
 

@@ -1,10 +1,12 @@
-"""The packed (transposed-basis, vectorised) CPU denoiser kernels against the reference.
+"""The fast CPU denoiser kernels against the reference.
 
-Covers the paths the fast kernels add (packed per-sample kernels for small bases, batched GEMMs
-for bases beyond 64 KiB): sample counts that are not multiples of the parallel
-grain or the SIMD width, n = 1, K = 1, heterogeneous dims with padded columns, float64
-(gradcheck), P large enough for the per-instance gradient path and P = 1 for the per-thread
-accumulators, and the sharp soft-max (phi = 1e8) where some weights are exactly zero.
+Covers the paths the fast kernels add (sample-blocked register tiles for small bases, batched
+GEMMs for bases beyond 64 KiB): sample counts that are not multiples of the block (64), of the
+tile rows or of the SIMD width, n = 1 and n not a multiple of the width (tail vectors), panels
+wider than one tile (several column chunks, with a remainder chunk), component panels of one,
+two and three vectors, K = 1, heterogeneous dims with padded columns, float64 (gradcheck), P
+large enough for the per-instance gradient path and P = 1 for the per-thread accumulators, and
+the sharp soft-max (phi = 1e8) where some weights are exactly zero.
 """
 import pytest
 import torch
@@ -29,6 +31,9 @@ CASES = [
     (6, 257, 48, [6, 6]),  # P >= 2 threads: per-instance dU path
     (1, 4099, 9, [2]),  # K = 1, several parallel chunks
     (3, 0, 5, [2, 2]),  # empty batch
+    (2, 301, 37, [9, 17, 4]),  # D = 51: column chunks 3 + 3 + 1 vectors, dW = 3 vectors
+    (1, 130, 64, [8, 8, 8, 8]),  # D = 32, component panels of one vector
+    (3, 65, 20, [16]),  # K = 1, dm = 16: two-vector component panel
     (2, 37, 700, [12, 20, 5]),  # large panel (> 64 KiB): batched-GEMM path, padded columns
     (1, 0, 700, [20, 20, 20]),  # large panel, empty batch
 ]

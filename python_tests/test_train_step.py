@@ -120,6 +120,25 @@ def test_matches_reference_float64(mode, P):
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_reference_odd_sizes(mode, dtype):
+    # n = 37 (tail vector), D = 51 (three column chunks), M = 70 (a partial block of slots),
+    # dims up to 17 (component panels of three vectors)
+    dims = [9, 17, 4]
+    X, U = _problem(3, 23, 37, dims, dtype=dtype, seed=5)
+    levels = M.make_levels(TinySchedule(), L=5, dims=dims, pi=[0.2, 0.5, 0.3])
+    loss, grad = M.train_step(X, U, dims, levels, 70, seed=3, step=9, mode=mode)
+    rl, rg = reference_step(X, U, dims, levels, 70, 3, 9, mode)
+    if dtype == torch.float64:
+        torch.testing.assert_close(loss, rl, rtol=1e-10, atol=1e-11)
+        torch.testing.assert_close(grad, rg, rtol=1e-10, atol=1e-11)
+    else:  # both sides round in float32; the soft gradient (phi up to 4.8) amplifies it
+        torch.testing.assert_close(loss, rl, rtol=1e-4, atol=1e-5 * rl.abs().max().item())
+        torch.testing.assert_close(grad, rg, rtol=1e-3, atol=1e-4 * rg.abs().max().item())
+    assert grad[:, 2, :, 4:].abs().max() == 0  # padded columns get no gradient
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_matches_reference_float32_equal_dims(mode):
     dims = [3, 3]
     X, U = _problem(3, 20, 48, dims, torch.float32, seed=1)

@@ -321,12 +321,14 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cpu(const at::Tensor& x, con
 }
 
 // Backward of one work item: accumulates acc[i] = sum_j q_ij X_j, qsum[i], wsum[i] (see
-// od_backward_finish) for queries [q0, q1) over training rows [j0, j1).
+// od_backward_finish) for queries [q0, q1) over training rows [j0, j1); sets bad[i] when a logit
+// exceeds the saved lse by more than its rounding.
 template <typename T>
 void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* gp, const T* y,
                    const T* lsep, const OdSizes& z, const OdPlan& pl, int64_t q0, int64_t q1,
-                   int64_t j0, int64_t j1, T* acc, Acc* qsum, Acc* wsum) {
+                   int64_t j0, int64_t j1, T* acc, Acc* qsum, Acc* wsum, char* bad) {
   const int64_t nq = q1 - q0, n = z.n;
+  constexpr Acc kLseRound = Acc(8) * std::numeric_limits<T>::epsilon();
   OdScratch<T> sc(pl, x, X, sp, gp, q0, nq, n);
   std::vector<T> gy(nq), W(kQueryTile * pl.blk);  // W: weights exp(l - lse) of a tile
   for (int64_t i = 0; i < nq; ++i)
@@ -344,9 +346,10 @@ void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* g
       bool any = false;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = ib + r;
-        sc.row_logits(ib, r);
-        const Acc ws =
-            od_row_exp(sc.C.data() + r * cnt, cnt, Acc(lsep[q0 + i]), W.data() + r * cnt);
+        const Acc lse_i = Acc(lsep[q0 + i]);
+        // lse >= every logit up to its own rounding; more means lse belongs to other inputs.
+        if (sc.row_logits(ib, r) - lse_i > Acc(0.5) + kLseRound * std::abs(lse_i)) bad[i] = 1;
+        const Acc ws = od_row_exp(sc.C.data() + r * cnt, cnt, lse_i, W.data() + r * cnt);
         wsum[i] += ws;
         any |= ws > 0;
       }
@@ -380,7 +383,7 @@ at::Tensor optimal_denoiser_backward_cpu(const at::Tensor& grad_y, const at::Ten
   auto dx = at::empty_like(x);
   if (z.B == 0) return dx;
   const OdPlan pl = plan_for(z, kDefaultBackwardBlock);
-  bool underflow = false;
+  bool inconsistent = false;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "optimal_denoiser_backward_cpu", [&] {
     const scalar_t* gyp = grad_y.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -393,6 +396,7 @@ at::Tensor optimal_denoiser_backward_cpu(const at::Tensor& grad_y, const at::Ten
     // Partial sums, [splits, B, n] and [splits, B]; with one split acc lives in dx.
     std::vector<scalar_t> apart(pl.splits > 1 ? pl.splits * z.B * z.n : 0);
     std::vector<Acc> qpart(pl.splits * z.B), wpart(pl.splits * z.B);
+    std::vector<char> badpart(pl.splits * z.B, 0), bad(z.B, 0);
     at::parallel_for(0, pl.items(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t it = begin; it < end; ++it) {
         const int64_t c = it / pl.splits, sp_ = it % pl.splits;
@@ -401,33 +405,35 @@ at::Tensor optimal_denoiser_backward_cpu(const at::Tensor& grad_y, const at::Ten
         scalar_t* acc = pl.splits > 1 ? apart.data() + off * z.n : dxp + q0 * z.n;
         backward_item<scalar_t>(gyp, xp, Xp, sp, gp, yp, lp, z, pl, q0, q1, pl.j_begin(sp_, z.N),
                                 pl.j_begin(sp_ + 1, z.N), acc, qpart.data() + off,
-                                wpart.data() + off);
+                                wpart.data() + off, badpart.data() + off);
       }
     });
-    std::vector<char> bad(z.B, 0);
     at::parallel_for(0, z.B, 256, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> acc(z.n);
       for (int64_t b = begin; b < end; ++b) {
         Acc qs = 0, ws = 0;
+        bool above = false;
         std::fill(acc.begin(), acc.end(), scalar_t(0));
         for (int64_t k = 0; k < pl.splits; ++k) {
           qs += qpart[k * z.B + b];
           ws += wpart[k * z.B + b];
+          above |= badpart[k * z.B + b] != 0;
           const scalar_t* src =
               pl.splits > 1 ? apart.data() + (k * z.B + b) * z.n : dxp + b * z.n;
           for (int64_t t = 0; t < z.n; ++t) acc[t] += src[t];
         }
-        bad[b] = !(ws > 0);
+        bad[b] = above || !(ws > 0);
         const Acc g = Acc(gp[b]);
         od_backward_finish<scalar_t, Acc>(acc.data(), qs, ws, yp + b * z.n, Acc(sp[b]) / (g * g),
                                           dxp + b * z.n, z.n);
       }
     });
-    underflow = std::any_of(bad.begin(), bad.end(), [](char v) { return v != 0; });
+    inconsistent = std::any_of(bad.begin(), bad.end(), [](char v) { return v != 0; });
   });
-  TORCH_CHECK(!underflow, op,
-              ": lse is inconsistent with x (every weight exp(l_j - lse) underflows to 0); pass "
-              "the lse returned by optimal_denoiser for the same x, X, s, gamma");
+  TORCH_CHECK(!inconsistent, op,
+              ": lse is inconsistent with x (a logit exceeds lse, or every weight exp(l_j - lse) "
+              "underflows to 0); pass the lse returned by optimal_denoiser for the same x, X, s, "
+              "gamma");
   return dx;
 }
 

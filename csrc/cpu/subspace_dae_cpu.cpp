@@ -1,9 +1,10 @@
 // CPU implementation of molrg::subspace_dae, subspace_dae_backward and hard_assign.
-// The math is in kernels/subspace_dae_packed.h (same formulas as kernels/subspace_dae.h on a
-// transposed basis layout): each call packs U once to Ut [P, K, dm, n] so every inner loop is a
-// unit-stride, vectorised dot product or axpy over n with the packed panel in cache. Samples are
-// split with at::parallel_for; backward keeps one packed dU accumulator per thread (or writes
-// instance gradients directly when there are enough instances) and reduces once.
+// Small bases (one instance's U up to 64 KiB, e.g. n = 48): the sample-blocked kernels of
+// cpu/dae_blocks.h, which pack U once per call into panels and run blocks of samples through
+// register-tiled products (tiles.h), the soft-max math per sample from kernels/. Blocks are split
+// with at::parallel_for; backward keeps one gradient accumulator per thread (or per instance when
+// there are enough instances) and reduces once. Large bases: batched GEMMs (at::bmm) with the
+// per-sample math in between.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,7 +13,7 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../kernels/subspace_dae_packed.h"
+#include "dae_panels_at.h"
 
 namespace molrg {
 namespace {
@@ -21,13 +22,6 @@ using namespace molrg::kernels;
 
 constexpr const char* kFwd = "subspace_dae";
 constexpr const char* kBwd = "subspace_dae_backward";
-
-// Samples per parallel chunk: enough work (~64k multiply-adds) to amortise scheduling.
-int64_t grain_for(const DaeSizes& s) {
-  const int64_t per_sample = std::max<int64_t>(1, s.n * s.K * s.dm);
-  return std::max<int64_t>(1, 65536 / per_sample);
-}
-
 
 // Large panels (U of one instance beyond ~64 KiB, e.g. n = 3072, K d = 400) do not stay in cache
 // while samples stream past, so the per-sample kernels would re-read U from memory for every
@@ -151,13 +145,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
   auto y = at::empty_like(x);
   auto proj = at::empty({s.P, s.B, s.K, s.dm}, x.options());
   auto w = at::empty({s.P, s.B, s.K}, x.options());
-  const int64_t total = s.P * s.B;
-  if (total == 0) return {y, proj, w};
+  if (s.P * s.B == 0) return {y, proj, w};
 
-  auto Ut = U.transpose(2, 3).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_cpu", [&] {
+    const cpu::PanelGeom g = cpu::panel_geom<scalar_t>((int)s.n, (int)s.K, (int)s.dm);
+    auto pan = pack_panels<scalar_t>(U, g, s);
+    const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* Up = Ut.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
     const scalar_t* php = phi.data_ptr<scalar_t>();
     const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
@@ -165,16 +159,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* pp = proj.data_ptr<scalar_t>();
     scalar_t* wp = w.data_ptr<scalar_t>();
-    const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
-    const int32_t* dp = s.dims.data();
-    at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> sq(K);
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t p = idx / s.B;
-        const int k0 = ap ? (int)ap[idx] : -1;
-        pk_forward_sample<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, cp[idx],
-                                     php[idx], bp ? bp + idx * K : nullptr, (int)mode, k0,
-                                     pp + idx * K * dm, wp + idx * K, yp + idx * n, sq.data());
+    const int64_t nb = (s.B + cpu::kBlock - 1) / cpu::kBlock;
+    at::parallel_for(0, s.P * nb, 1, [&](int64_t b0, int64_t b1) {
+      cpu::BlockScratch<scalar_t> sc(g);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t p = blk / nb, start = (blk % nb) * cpu::kBlock;
+        const int S = (int)std::min<int64_t>(cpu::kBlock, s.B - start);
+        const int64_t i0 = p * s.B + start;
+        cpu::dae_forward_block<scalar_t>(
+            xp + i0 * s.n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0, php + i0,
+            bp ? bp + i0 * s.K : nullptr, ap ? ap + i0 : nullptr, (int)mode,
+            pp + i0 * s.K * s.dm, wp + i0 * s.K, yp + i0 * s.n, sc);
       }
     });
   });
@@ -202,27 +197,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
   if (s.P * s.B > 0 && use_gemm(s, x))
     return backward_gemm(grad_y, x, U, c, phi, proj, w, s, mode, need_dx, need_dU);
   auto dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
-  auto dU = need_dU ? at::zeros_like(U) : at::empty({0}, x.options());
+  auto dU = need_dU ? at::empty_like(U) : at::empty({0}, x.options());
   auto dc = at::empty({s.P, s.B}, x.options());
   auto dphi = at::empty({s.P, s.B}, x.options());
   auto dbias = at::empty({s.P, s.B, s.K}, x.options());
-  const int64_t total = s.P * s.B;
-  if (total == 0) return {dx, dU, dc, dphi, dbias};
+  if (s.P * s.B == 0) {
+    if (need_dU) dU.zero_();
+    return {dx, dU, dc, dphi, dbias};
+  }
 
   const int64_t nthreads = at::get_num_threads();
-  const int64_t usize = s.K * s.n * s.dm;
-  auto Ut = U.transpose(2, 3).contiguous();  // packed [P, K, dm, n]
   // Enough instances: a thread owns whole instances and accumulates their dU directly.
-  // Otherwise one packed accumulator per thread for every instance, summed once.
+  // Otherwise one accumulator per thread for every instance, summed once.
   const bool by_instance = s.P >= 2 * nthreads;
-  at::Tensor acc;
-  if (need_dU) acc = at::zeros({by_instance ? int64_t(1) : nthreads, s.P, s.K, s.dm, s.n},
-                               x.options());
-
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_backward_cpu", [&] {
+    const cpu::PanelGeom g = cpu::panel_geom<scalar_t>((int)s.n, (int)s.K, (int)s.dm);
+    auto pan = pack_panels<scalar_t>(U, g, s);
+    at::Tensor acc;
+    if (need_dU)
+      acc = at::zeros({by_instance ? int64_t(1) : nthreads, s.P, g.acc_size()}, x.options());
+    const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* gp = grad_y.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* Up = Ut.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
     const scalar_t* php = phi.data_ptr<scalar_t>();
     const scalar_t* pp = proj.data_ptr<scalar_t>();
@@ -232,33 +228,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     scalar_t* dphip = dphi.data_ptr<scalar_t>();
     scalar_t* dbp = dbias.data_ptr<scalar_t>();
     scalar_t* accp = need_dU ? acc.data_ptr<scalar_t>() : nullptr;
-    const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
-    const int32_t* dp = s.dims.data();
-    auto run = [&](int64_t begin, int64_t end, scalar_t* my_acc) {
-      std::vector<scalar_t> r(K * dm), dP(K * dm);
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t p = idx / s.B;
-        pk_backward_sample<scalar_t>(gp + idx * n, xp + idx * n, Up + p * usize,
-                                     pp + idx * K * dm, wp + idx * K, cp[idx], php[idx], K, n,
-                                     dm, dp, (int)mode, r.data(), dP.data(), dbp + idx * K,
-                                     dxp ? dxp + idx * n : nullptr, dcp + idx, dphip + idx,
-                                     my_acc ? my_acc + p * usize : nullptr);
+    const int64_t nb = (s.B + cpu::kBlock - 1) / cpu::kBlock;
+    const int64_t K = s.K, n = s.n, D = s.K * s.dm;
+    auto run = [&](int64_t b0, int64_t b1, scalar_t* my_acc, cpu::BlockScratch<scalar_t>& sc) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t p = blk / nb, start = (blk % nb) * cpu::kBlock;
+        const int S = (int)std::min<int64_t>(cpu::kBlock, s.B - start);
+        const int64_t i0 = p * s.B + start;
+        cpu::dae_backward_block<scalar_t>(
+            gp + i0 * n, xp + i0 * n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0,
+            php + i0, pp + i0 * D, wp + i0 * K, (int)mode, dxp ? dxp + i0 * n : nullptr,
+            dcp + i0, dphip + i0, dbp + i0 * K, my_acc ? my_acc + p * g.acc_size() : nullptr,
+            sc);
       }
     };
     if (by_instance) {
       at::parallel_for(0, s.P, 1, [&](int64_t pb, int64_t pe) {
-        run(pb * s.B, pe * s.B, accp);
+        cpu::BlockScratch<scalar_t> sc(g);
+        run(pb * nb, pe * nb, accp, sc);
       });
     } else {
-      at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
-        run(begin, end, accp ? accp + at::get_thread_num() * s.P * usize : nullptr);
+      at::parallel_for(0, s.P * nb, 1, [&](int64_t b0, int64_t b1) {
+        cpu::BlockScratch<scalar_t> sc(g);
+        run(b0, b1, accp ? accp + at::get_thread_num() * s.P * g.acc_size() : nullptr, sc);
       });
     }
+    if (need_dU) unpack_grads<scalar_t>(by_instance ? acc.select(0, 0) : acc.sum(0), g, s, dU);
   });
-  if (need_dU) {
-    auto packed = by_instance ? acc.select(0, 0) : acc.sum(0);
-    dU.copy_(packed.transpose(2, 3));
-  }
   return {dx, dU, dc, dphi, dbias};
 }
 
@@ -271,20 +267,20 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
     auto sq = at::bmm(x, stacked_bases(U, s)).view({s.P, s.B, s.K, s.dm}).square().sum(-1);
     return sq.argmax(-1);  // first maximum: ties go to the lowest k
   }
-  auto Ut = U.transpose(2, 3).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hard_assign_cpu", [&] {
+    const cpu::PanelGeom g = cpu::panel_geom<scalar_t>((int)s.n, (int)s.K, (int)s.dm);
+    auto pan = pack_panels<scalar_t>(U, g, s);
+    const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* Up = Ut.data_ptr<scalar_t>();
     int64_t* op = out.data_ptr<int64_t>();
-    const int K = (int)s.K, n = (int)s.n, dm = (int)s.dm;
-    const int32_t* dp = s.dims.data();
-    at::parallel_for(0, total, grain_for(s), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> proj(K * dm), sq(K);
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t p = idx / s.B;
-        pk_project<scalar_t>(xp + idx * n, Up + p * K * n * dm, K, n, dm, dp, proj.data(),
-                              sq.data());
-        op[idx] = dae_argmax<scalar_t>(sq.data(), K);
+    const int64_t nb = (s.B + cpu::kBlock - 1) / cpu::kBlock;
+    at::parallel_for(0, s.P * nb, 1, [&](int64_t b0, int64_t b1) {
+      cpu::BlockScratch<scalar_t> sc(g);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t p = blk / nb, start = (blk % nb) * cpu::kBlock;
+        const int S = (int)std::min<int64_t>(cpu::kBlock, s.B - start);
+        const int64_t i0 = p * s.B + start;
+        cpu::assign_block<scalar_t>(xp + i0 * s.n, S, {panp + p * g.size(), g}, op + i0, sc);
       }
     });
   });

@@ -4,7 +4,7 @@
 //                     seed, step, mode) -> (loss [P], grad_U [P,K,n,dm])
 //   molrg::philox_draws(seed, step, P, batch, N, L, n, double) -> (idx [P,M] int64,
 //                     level [P,M] int64, eps [P,M,n])
-// The per-slot math is in kernels/train_step.h; draws come from kernels/philox.h keyed by
+// The math is in cpu/dae_blocks.h (train_block); draws come from kernels/philox.h keyed by
 // (seed, step) with counters (block, m, p, step), so no [P, M, n] noise tensor is written.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../train_step_checks.h"
+#include "dae_panels_at.h"
 
 namespace molrg {
 namespace {
@@ -31,66 +32,53 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
               mode);
   DaeSizes s = check_dae_xU(X, U, dims, kTs);  // s.B is N, the training-set size
   TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
-  // X is the (large, constant) training set: rather than scanning all of it every step, the
-  // step checks its loss below, which is non-finite exactly when a drawn sample is.
+  // X is not scanned: checked_train_loss catches a drawn non-finite sample (train_step_checks.h).
   check_finite(U, kTs, "U");
   const int64_t L = check_train_step_levels(X, levels, level_bias, s, batch, seed, step, kTs);
-  const int64_t P = s.P, M = batch, K = s.K, n = s.n, dm = s.dm;
-  auto Ut = U.transpose(2, 3).contiguous();  // packed [P, K, dm, n]
+  const int64_t P = s.P, M = batch;
   auto slot_loss = at::empty({P, M}, X.options());
-  const int64_t usize = K * dm * n;
+  auto grad = at::empty_like(U);
   const int64_t nthreads = at::get_num_threads();
   // Enough instances: one thread owns whole instances and writes their gradient directly.
-  // Otherwise split the (p, m) slots and keep one packed accumulator per thread.
+  // Otherwise split the blocks of slots and keep one accumulator per thread.
   const bool by_instance = P >= 2 * nthreads;
-  auto dUt = at::zeros({by_instance ? int64_t(1) : nthreads, P, K, dm, n}, X.options());
 
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "train_step_cpu", [&] {
+    const cpu::PanelGeom g = cpu::panel_geom<scalar_t>((int)s.n, (int)s.K, (int)s.dm);
+    auto pan = pack_panels<scalar_t>(U, g, s);
+    auto acc = at::zeros({by_instance ? int64_t(1) : nthreads, P, g.acc_size()}, X.options());
+    const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* Xp = X.data_ptr<scalar_t>();
-    const scalar_t* Utp = Ut.data_ptr<scalar_t>();
     const scalar_t* lvp = levels.data_ptr<scalar_t>();
     const scalar_t* lbp = level_bias ? level_bias->data_ptr<scalar_t>() : nullptr;
     scalar_t* lossp = slot_loss.data_ptr<scalar_t>();
-    scalar_t* accp = dUt.data_ptr<scalar_t>();
-    const int32_t* dp = s.dims.data();
+    scalar_t* accp = acc.data_ptr<scalar_t>();
     const scalar_t inv_M = scalar_t(1) / scalar_t(M);
-    const int64_t N = s.B;
-    auto run_slots = [&](int64_t begin, int64_t end, scalar_t* acc_base) {
-      std::vector<scalar_t> buf(2 * n + 3 * K * dm + 3 * K);
-      TrainScratch<scalar_t> sc;
-      sc.xt = buf.data();
-      sc.y = sc.xt + n;
-      sc.proj = sc.y + n;
-      sc.r = sc.proj + K * dm;
-      sc.dP = sc.r + K * dm;
-      sc.sq = sc.dP + K * dm;
-      sc.w = sc.sq + K;
-      sc.dlogit = sc.w + K;
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t p = idx / M, m = idx % M;
-        lossp[idx] = train_slot<scalar_t>(
-            Xp + p * N * n, (uint32_t)N, Utp + p * usize, (int)K, (int)n, (int)dm, dp, lvp, lbp,
-            (uint32_t)L, (int)mode, (uint64_t)seed, (uint32_t)step, (uint32_t)p, (uint32_t)m,
-            inv_M, sc, acc_base + p * usize);
+    const int64_t N = s.B, nb = (M + cpu::kBlock - 1) / cpu::kBlock;
+    auto run = [&](int64_t b0, int64_t b1, scalar_t* my_acc, cpu::BlockScratch<scalar_t>& sc) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t p = blk / nb, m0 = (blk % nb) * cpu::kBlock;
+        const int S = (int)std::min<int64_t>(cpu::kBlock, M - m0);
+        cpu::train_block<scalar_t>(Xp + p * N * s.n, (uint32_t)N, S, (uint32_t)m0, (uint32_t)p,
+                                   {panp + p * g.size(), g}, s.dims.data(), lvp, lbp,
+                                   (uint32_t)L, (int)mode, (uint64_t)seed, (uint32_t)step, inv_M,
+                                   lossp + p * M + m0, my_acc + p * g.acc_size(), sc);
       }
     };
     if (by_instance) {
       at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
-        run_slots(pb * M, pe * M, accp);
+        cpu::BlockScratch<scalar_t> sc(g);
+        run(pb * nb, pe * nb, accp, sc);
       });
     } else {
-      const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, n * K * dm));
-      at::parallel_for(0, P * M, grain, [&](int64_t b, int64_t e) {
-        run_slots(b, e, accp + at::get_thread_num() * P * usize);
+      at::parallel_for(0, P * nb, 1, [&](int64_t b0, int64_t b1) {
+        cpu::BlockScratch<scalar_t> sc(g);
+        run(b0, b1, accp + at::get_thread_num() * P * g.acc_size(), sc);
       });
     }
+    unpack_grads<scalar_t>(by_instance ? acc.select(0, 0) : acc.sum(0), g, s, grad);
   });
-  auto loss = slot_loss.mean(1);
-  TORCH_CHECK(at::isfinite(loss).all().item<bool>(), kTs,
-              ": the loss is not finite: X contains NaN or Inf values in the drawn samples (or "
-              "the step overflowed)");
-  auto grad = (by_instance ? dUt.select(0, 0) : dUt.sum(0)).transpose(2, 3).contiguous();
-  return {loss, grad};
+  return {checked_train_loss(slot_loss, kTs), grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> philox_draws_cpu(int64_t seed, int64_t step,
@@ -108,15 +96,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> philox_draws_cpu(int64_t seed, in
   int64_t* lp = lev.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(eps.scalar_type(), "philox_draws_cpu", [&] {
     scalar_t* ep = eps.data_ptr<scalar_t>();
-    at::parallel_for(0, P * M, 256, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) {
-        const PhiloxSlot sl =
-            philox_slot((uint64_t)seed, (uint32_t)step, (uint32_t)(k / M), (uint32_t)(k % M));
-        uint32_t i, l;
-        philox_index_level(sl, (uint32_t)N, (uint32_t)L, &i, &l);
-        ip[k] = i;
-        lp[k] = l;
-        philox_normals<scalar_t>(sl, (int)n, ep + k * n);
+    // Slot by slot in runs of consecutive slots of one instance, with the lane-parallel
+    // generator the training step uses (bit-identical draws).
+    const int64_t nb = (M + cpu::kBlock - 1) / cpu::kBlock;
+    at::parallel_for(0, P * nb, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<uint32_t> iv(cpu::kBlock), lv(cpu::kBlock);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t p = blk / nb, m0 = (blk % nb) * cpu::kBlock;
+        const int S = (int)std::min<int64_t>(cpu::kBlock, M - m0);
+        cpu::philox_index_level_slots((uint64_t)seed, (uint32_t)step, (uint32_t)p, (uint32_t)m0,
+                                      S, (uint32_t)N, (uint32_t)L, iv.data(), lv.data());
+        for (int t = 0; t < S; ++t) {
+          ip[p * M + m0 + t] = iv[t];
+          lp[p * M + m0 + t] = lv[t];
+        }
+        cpu::philox_normals_slots<scalar_t>((uint64_t)seed, (uint32_t)step, (uint32_t)p,
+                                            (uint32_t)m0, S, (int)n, ep + (p * M + m0) * n);
       }
     });
   });

@@ -14,6 +14,7 @@
 
 #include "../kernels/philox.h"
 #include "../kernels/subspace_dae.h"
+#include "../kernels/train_step.h"
 #include "launchers.h"
 
 namespace molrg::cuda {
@@ -24,7 +25,6 @@ using namespace molrg::kernels;
 constexpr int kWarp = 32;
 constexpr int kMaxWarps = 8;
 constexpr int64_t kSmemBudget = 48 * 1024;
-constexpr int kLvS = 0, kLvGamma = 1, kLvLambda = 2, kLvC = 3, kLvPhi = 4, kLvCols = 5;
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

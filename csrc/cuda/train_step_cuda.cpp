@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cuda(const at::Tensor& X, const at
   DaeSizes s = check_dae_xU(X, U, dims, kTs);  // s.B is N, the training-set size
   const c10::cuda::CUDAGuard guard(X.device());
   TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
-  check_finite(X, kTs, "X");
+  // X is not scanned: checked_train_loss catches a drawn non-finite sample (train_step_checks.h).
   check_finite(U, kTs, "U");
   const int64_t L = check_train_step_levels(X, levels, level_bias, s, batch, seed, step, kTs);
   const int64_t M = batch;
@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cuda(const at::Tensor& X, const at
         s.P, M, n, K, dm, (int)mode, (uint64_t)seed, (uint32_t)step,
         slot_loss.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), stream.stream()));
   });
-  return {slot_loss.mean(1), grad};
+  return {checked_train_loss(slot_loss, kTs), grad};
 }
 
 }  // namespace

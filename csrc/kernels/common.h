@@ -11,6 +11,16 @@
 #define MOLRG_HD inline
 #endif
 
+// Full unrolling of short constant-trip loops (lets the host compiler vectorise loops that call
+// them lane by lane).
+#if defined(__CUDACC__)
+#define MOLRG_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define MOLRG_UNROLL _Pragma("GCC unroll 16")
+#else
+#define MOLRG_UNROLL
+#endif
+
 namespace molrg::kernels {
 
 template <typename T> MOLRG_HD T m_exp(T v);

@@ -17,10 +17,7 @@
 #pragma once
 
 #include "common.h"
-
-#if !defined(__CUDACC__)
-#include <bit>
-#endif
+#include "series_math.h"
 
 namespace molrg::kernels {
 
@@ -36,38 +33,6 @@ namespace molrg::kernels {
 #define MOLRG_SIMD_MAX(v)
 #define MOLRG_SIMD
 #endif
-
-// exp for float that the host compiler can vectorise (glibc's expf is a scalar call unless
-// -ffast-math): x = k ln2 + r with |r| <= ln2 / 2, a degree-7 polynomial for exp(r) (Cephes
-// coefficients, relative error ~1e-7 ~ 1 ulp), and 2^k assembled in the exponent bits. Arguments
-// below -87 return 0 (exp(-87) ~ 1.6e-38 is at the edge of the normal range; the soft-max
-// weights it would give are below float resolution relative to the maximum weight 1).
-MOLRG_HD float od_expf(float x) {
-#if defined(__CUDACC__)
-  return expf(x);
-#else
-  const bool zero = x < -87.0f;
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float k = floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
-  return zero ? 0.0f : p * scale;
-#endif
-}
-
-// exp in the input type: the vectorisable float version above, libm for double (whose accuracy
-// the float64 path keeps, ~1e-16).
-template <typename T> MOLRG_HD T od_exp(T v);
-template <> MOLRG_HD float od_exp<float>(float v) { return od_expf(v); }
-template <> MOLRG_HD double od_exp<double>(double v) { return exp(v); }
 
 // Squared norm of a row, in Acc.
 template <typename T, typename Acc>
@@ -107,14 +72,18 @@ MOLRG_HD Acc od_row_logits(const Tc* c, Acc* l, int64_t cnt, const Acc* XX, Acc 
   return mx;
 }
 
-// Weights of one tile row: p_j = exp(l_j - m) in the input type T (forward: m = running maximum;
-// backward: m = lse). Returns sum_j p_j.
+// Weights of one tile row: p_j = exp(l_j - m) in the input type T (forward: m = running maximum,
+// so l_j - m <= 0; backward: m = the saved lse, so l_j - m <= its rounding). sm_exp is the
+// vectorisable series exp of series_math.h (exact to a few ulp for arguments <= 0, 0 below the
+// normal range); arguments are capped at 1, which no consistent lse reaches (the backward reports
+// a row maximum above lse as an error). Returns sum_j p_j.
 template <typename T, typename Acc>
 MOLRG_HD Acc od_row_exp(const Acc* l, int64_t cnt, Acc m, T* p) {
   T sum = T(0);
   MOLRG_SIMD_SUM(sum)
   for (int64_t j = 0; j < cnt; ++j) {
-    const T v = od_exp<T>(static_cast<T>(l[j] - m));
+    const Acc d = l[j] - m;
+    const T v = sm_exp<T>(static_cast<T>(d < Acc(1) ? d : Acc(1)));
     p[j] = v;
     sum += v;
   }

@@ -15,6 +15,7 @@
 #pragma once
 
 #include "common.h"
+#include "series_math.h"
 
 namespace molrg::kernels {
 
@@ -33,6 +34,7 @@ MOLRG_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
                                uint32_t k1) {
   constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
   constexpr uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+  MOLRG_UNROLL
   for (int r = 0; r < 10; ++r) {
     uint32_t hi0, lo0, hi1, lo1;
     philox_mulhilo(M0, c0, hi0, lo0);
@@ -73,30 +75,20 @@ MOLRG_HD void philox_index_level(const PhiloxSlot& s, uint32_t N, uint32_t L, ui
   *level = philox_below(b.v[1], L);
 }
 
-template <typename T> MOLRG_HD void m_sincos(T a, T* sn, T* cs);
-template <> MOLRG_HD void m_sincos<float>(float a, float* sn, float* cs) {
-  *sn = sinf(a);
-  *cs = cosf(a);
-}
-template <> MOLRG_HD void m_sincos<double>(double a, double* sn, double* cs) {
-  *sn = sin(a);
-  *cs = cos(a);
-}
-
 // Uniform in (0, 1]: (u + 1/2) / 2^32 never reaches 0, so log() below stays finite.
 template <typename T>
 MOLRG_HD T philox_open01(uint32_t u) {
   return (T)u * T(2.3283064365386963e-10) + T(1.1641532182693481e-10);
 }
 
-// Two standard normals from two 32-bit draws (Box-Muller).
+// Two standard normals from two 32-bit draws (Box-Muller; log and sin/cos from series_math.h).
 template <typename T>
 MOLRG_HD void box_muller(uint32_t a, uint32_t b, T* z0, T* z1) {
   const T u1 = philox_open01<T>(a);
   const T u2 = philox_open01<T>(b);
-  const T r = m_sqrt<T>(T(-2) * m_log<T>(u1 < T(1) ? u1 : T(1)));
+  const T r = m_sqrt<T>(T(-2) * bm_log<T>(u1 < T(1) ? u1 : T(1)));
   T sn, cs;
-  m_sincos<T>(T(6.283185307179586) * u2, &sn, &cs);
+  bm_sincos_2pi<T>(u2, &sn, &cs);
   *z0 = r * cs;
   *z1 = r * sn;
 }

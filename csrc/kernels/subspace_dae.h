@@ -187,4 +187,38 @@ MOLRG_HD void dae_accumulate_dU(const T* x, const T* g, const T* proj, const T* 
   }
 }
 
+// From r_k = U_k^T g (r [K*dm], padding ignored), proj and w: dlogit [K], dP [K*dm] (padding 0),
+// dc and dphi of one sample. Components with w_k == 0 get dP_k = 0.
+template <typename T>
+MOLRG_HD void dae_dP_from_r(const T* __restrict__ r, const T* __restrict__ proj,
+                            const T* __restrict__ w, T c, T phi, int K, int dm,
+                            const int32_t* dims, int mode, T* __restrict__ dP,
+                            T* __restrict__ dlogit, T* dc, T* dphi) {
+  T hbar = T(0), dc_acc = T(0);
+  for (int k = 0; k < K; ++k) {
+    T rp = T(0);
+    if (w[k] != T(0))
+      for (int j = 0; j < dims[k]; ++j) rp += r[k * dm + j] * proj[k * dm + j];
+    dlogit[k] = rp;  // <r_k, P_k> until the second pass
+    dc_acc += w[k] * rp;
+    hbar += w[k] * c * rp;
+  }
+  *dc = dc_acc;
+  T dphi_acc = T(0);
+  for (int k = 0; k < K; ++k) {
+    const int dk = dims[k];
+    T dl = T(0);
+    if (mode == kSoft && w[k] != T(0)) dl = w[k] * (c * dlogit[k] - hbar);
+    dlogit[k] = dl;
+    T sq = T(0);
+    for (int j = 0; j < dk; ++j) sq += proj[k * dm + j] * proj[k * dm + j];
+    dphi_acc += dl * sq;
+    const T a = c * w[k];
+    const T b = T(2) * phi * dl;
+    for (int j = 0; j < dm; ++j)
+      dP[k * dm + j] = (j < dk && w[k] != T(0)) ? a * r[k * dm + j] + b * proj[k * dm + j] : T(0);
+  }
+  *dphi = dphi_acc;
+}
+
 }  // namespace molrg::kernels

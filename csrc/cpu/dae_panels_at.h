@@ -1,0 +1,39 @@
+// ATen side of the sample-blocked CPU kernels (cpu/dae_blocks.h): pack the bases of every
+// instance into panels, and unpack the reduced gradient accumulators into dU.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "../checks.h"
+#include "dae_blocks.h"
+
+namespace molrg {
+
+// Packed panels of every instance [P, g.size()] (cpu/dae_blocks.h).
+template <typename T>
+inline at::Tensor pack_panels(const at::Tensor& U, const cpu::PanelGeom& g, const DaeSizes& s) {
+  auto pan = at::empty({s.P, g.size()}, U.options());
+  const T* up = U.data_ptr<T>();
+  T* out = pan.data_ptr<T>();
+  at::parallel_for(0, s.P, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p)
+      cpu::pack_instance<T>(up + p * s.K * s.n * s.dm, g, s.dims.data(), out + p * g.size());
+  });
+  return pan;
+}
+
+// dU [P, K, n, dm] from the reduced accumulators [P, g.acc_size()].
+template <typename T>
+inline void unpack_grads(const at::Tensor& acc, const cpu::PanelGeom& g, const DaeSizes& s,
+                  at::Tensor& dU) {
+  auto accc = acc.contiguous();
+  const T* ap = accc.data_ptr<T>();
+  T* out = dU.data_ptr<T>();
+  at::parallel_for(0, s.P, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p)
+      cpu::unpack_grad<T>(ap + p * g.acc_size(), g, s.dims.data(), out + p * s.K * s.n * s.dm);
+  });
+}
+
+}  // namespace molrg

@@ -1,0 +1,127 @@
+// The training step's Philox draws (kernels/philox.h) for a run of consecutive batch slots,
+// computed in SIMD lanes across slots (host only, torch-free). The values are those of
+// kernels::philox_index_level / philox_normals slot by slot (same formulas, same counters);
+// only the evaluation order differs, so that the ten Philox rounds, the log and the sin/cos of
+// eight slots run in one set of vector instructions.
+#pragma once
+
+#include <algorithm>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "../kernels/philox.h"
+
+namespace molrg::cpu {
+
+using kernels::Philox4;
+using kernels::philox4x32_10;
+
+constexpr int kPhiloxLanes = 8;
+
+#if defined(_OPENMP)
+#define MOLRG_LANES _Pragma("omp simd")
+#else
+#define MOLRG_LANES
+#endif
+
+// Sample index and level of slots m0 .. m0 + count - 1 of instance p.
+inline void philox_index_level_slots(uint64_t seed, uint32_t step, uint32_t p, uint32_t m0,
+                                     int count, uint32_t N, uint32_t L, uint32_t* idx,
+                                     uint32_t* level) {
+  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  MOLRG_LANES
+  for (int t = 0; t < count; ++t) {
+    const Philox4 b = philox4x32_10(0u, m0 + (uint32_t)t, p, step, k0, k1);
+    idx[t] = kernels::philox_below(b.v[0], N);
+    level[t] = kernels::philox_below(b.v[1], L);
+  }
+}
+
+// Philox4x32-10 of counters (c0, m0 + l, p, step), l = 0 .. 7, into v[0..3][l].
+#if defined(__AVX2__)
+// AVX2: the 32 x 32 -> 64-bit products of the eight lanes in two vpmuludq (even and odd lanes),
+// their high and low halves re-interleaved with blends; about half the instructions of what the
+// compiler makes of the scalar code.
+inline void philox8_mulhilo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i pe = _mm256_mul_epu32(a, m);
+  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+  lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+}
+
+inline void philox8(uint32_t c0, uint32_t m0, uint32_t p, uint32_t step, uint32_t k0,
+                    uint32_t k1, uint32_t (*v)[kPhiloxLanes]) {
+  static_assert(kPhiloxLanes == 8, "philox8 fills 8 lanes");
+  const __m256i M0 = _mm256_set1_epi32((int)0xD2511F53u), M1 = _mm256_set1_epi32((int)0xCD9E8D57u);
+  __m256i x0 = _mm256_set1_epi32((int)c0);
+  __m256i x1 = _mm256_add_epi32(_mm256_set1_epi32((int)m0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i x2 = _mm256_set1_epi32((int)p), x3 = _mm256_set1_epi32((int)step);
+  for (int r = 0; r < 10; ++r) {
+    __m256i hi0, lo0, hi1, lo1;
+    philox8_mulhilo(x0, M0, hi0, lo0);
+    philox8_mulhilo(x2, M1, hi1, lo1);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32((int)k0));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32((int)k1));
+    x0 = n0;
+    x1 = lo1;
+    x2 = n2;
+    x3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  _mm256_storeu_si256((__m256i*)v[0], x0);
+  _mm256_storeu_si256((__m256i*)v[1], x1);
+  _mm256_storeu_si256((__m256i*)v[2], x2);
+  _mm256_storeu_si256((__m256i*)v[3], x3);
+}
+#else
+inline void philox8(uint32_t c0, uint32_t m0, uint32_t p, uint32_t step, uint32_t k0,
+                    uint32_t k1, uint32_t (*v)[kPhiloxLanes]) {
+  MOLRG_LANES
+  for (int l = 0; l < kPhiloxLanes; ++l) {
+    const Philox4 b = philox4x32_10(c0, m0 + (uint32_t)l, p, step, k0, k1);
+    v[0][l] = b.v[0];
+    v[1][l] = b.v[1];
+    v[2][l] = b.v[2];
+    v[3][l] = b.v[3];
+  }
+}
+#endif
+
+// Normals of Philox block 1 + q for Ln consecutive slots: z[j][l] is normal 4q + j of slot m0 + l.
+template <typename T>
+inline void philox_normals_block(uint32_t k0, uint32_t k1, uint32_t step, uint32_t p, uint32_t m0,
+                                 uint32_t q, T (*z)[kPhiloxLanes]) {
+  constexpr int Ln = kPhiloxLanes;
+  uint32_t v[4][Ln];
+  philox8(1u + q, m0, p, step, k0, k1, v);
+  MOLRG_LANES
+  for (int l = 0; l < Ln; ++l) {
+    kernels::box_muller<T>(v[0][l], v[1][l], &z[0][l], &z[1][l]);
+    kernels::box_muller<T>(v[2][l], v[3][l], &z[2][l], &z[3][l]);
+  }
+}
+
+// eps [count, n]: the normals of slots m0 .. m0 + count - 1 of instance p.
+template <typename T>
+inline void philox_normals_slots(uint64_t seed, uint32_t step, uint32_t p, uint32_t m0,
+                                 int count, int n, T* eps) {
+  constexpr int Ln = kPhiloxLanes;
+  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  for (int t0 = 0; t0 < count; t0 += Ln) {
+    const int lanes = std::min(Ln, count - t0);
+    for (int q = 0; 4 * q < n; ++q) {
+      T z[4][Ln];
+      philox_normals_block<T>(k0, k1, step, p, m0 + (uint32_t)t0, (uint32_t)q, z);
+      const int e0 = 4 * q, ne = std::min(4, n - e0);
+      for (int l = 0; l < lanes; ++l) {
+        T* out = eps + (int64_t)(t0 + l) * n + e0;
+        for (int j = 0; j < ne; ++j) out[j] = z[j][l];
+      }
+    }
+  }
+}
+
+}  // namespace molrg::cpu

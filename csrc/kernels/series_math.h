@@ -1,0 +1,113 @@
+// Branch-free exp, log and sin/cos on restricted arguments, torch-free, MOLRG_HD: the
+// Box-Muller transform of philox.h and the soft-max weights of the CPU block kernels.
+//
+// libm's expf/logf/sinf/cosf are scalar calls with branches: they cost most of the fused
+// training step's time on the CPU, and they cannot be vectorised. The arguments needed here are
+// restricted, so short series are enough:
+//   sm_exp(x), x <= 0 (a max-subtracted logit): x = i ln 2 + r (Cody-Waite, |r| <= ln2 / 2),
+//       e^r by its Taylor series (to r^7 in float, r^13 in double), times 2^i built from bits;
+//       0 below the smallest normal result;
+//   bm_log(u), u in (0, 1] a normal number:  u = 2^e m with m in [sqrt(1/2), sqrt(2)), and
+//       log u = e ln 2 + 2 atanh(t),  t = (m - 1) / (m + 1),  |t| <= 0.1716,
+//     with the odd Taylor series of atanh (truncation below 3e-9 relative in float with 6 terms,
+//     below 2e-17 in double with 12 terms);
+//   bm_sincos_2pi(u), u in [0, 1]: q = round(4u), v = u - q/4 in [-1/8, 1/8] (exact), a = 2 pi v
+//     in [-pi/4, pi/4], Taylor series of sin and cos at a (to a^9 / a^8 in float, a^17 / a^16 in
+//     double), then a rotation by q quarter turns.
+// Straight-line code with selects only, so a SIMD loop over lanes vectorises it; the CPU and CUDA
+// kernels call the same functions.
+#pragma once
+
+#include <cstring>
+
+#include "common.h"
+
+namespace molrg::kernels {
+
+template <typename T> struct BmTraits;
+template <> struct BmTraits<float> {
+  using Bits = uint32_t;
+  using Int = int32_t;
+  static constexpr int kMant = 23, kBias = 127, kLogTerms = 6, kTrigTerms = 4, kExpTerms = 7;
+  static constexpr float kExpMin = -87.0f;  // e^x is a normal float above this
+};
+template <> struct BmTraits<double> {
+  using Bits = uint64_t;
+  using Int = int64_t;
+  static constexpr int kMant = 52, kBias = 1023, kLogTerms = 12, kTrigTerms = 8, kExpTerms = 13;
+  static constexpr double kExpMin = -708.0;
+};
+
+template <typename T> MOLRG_HD T m_floor(T v);
+template <> MOLRG_HD float m_floor<float>(float v) { return floorf(v); }
+template <> MOLRG_HD double m_floor<double>(double v) { return floor(v); }
+
+// e^x for x <= 0 (0 for x below kExpMin, including -inf).
+template <typename T>
+MOLRG_HD T sm_exp(T x) {
+  using Tr = BmTraits<T>;
+  using Bits = typename Tr::Bits;
+  const bool tiny = !(x >= Tr::kExpMin);
+  const T xc = tiny ? T(0) : x;
+  const T i = m_floor<T>(xc * T(1.4426950408889634074) + T(0.5));
+  // r = x - i ln 2 in two steps (ln 2 = hi + lo, hi with trailing zero bits: i * hi is exact)
+  const T r = (xc - i * T(0.693145751953125)) - i * T(1.42860682030941723212e-6);
+  T p = T(1);
+  MOLRG_UNROLL
+  for (int k = Tr::kExpTerms; k >= 1; --k) p = T(1) + r * p * (T(1) / T(k));
+  const Bits b = (Bits)((typename Tr::Int)i + Tr::kBias) << Tr::kMant;
+  T two_i;
+  memcpy(&two_i, &b, sizeof two_i);
+  return tiny ? T(0) : p * two_i;
+}
+
+// Natural log of a positive normal number u <= 1 (the uniforms of philox_open01).
+template <typename T>
+MOLRG_HD T bm_log(T u) {
+  using Tr = BmTraits<T>;
+  using Bits = typename Tr::Bits;
+  Bits b;
+  memcpy(&b, &u, sizeof b);
+  T e = (T)((int)(b >> Tr::kMant) - Tr::kBias);  // sign bit is 0
+  constexpr Bits kMantMask = (Bits(1) << Tr::kMant) - 1;
+  constexpr Bits kOne = Bits(Tr::kBias) << Tr::kMant;  // bits of 1.0
+  b = (b & kMantMask) | kOne;
+  T m;
+  memcpy(&m, &b, sizeof m);  // m in [1, 2)
+  const bool big = m > T(1.4142135623730951);
+  m = big ? m * T(0.5) : m;
+  e = big ? e + T(1) : e;
+  const T t = (m - T(1)) / (m + T(1));
+  const T t2 = t * t;
+  T p = T(1) / T(2 * Tr::kLogTerms - 1);
+  MOLRG_UNROLL
+  for (int k = Tr::kLogTerms - 2; k >= 0; --k) p = p * t2 + T(1) / T(2 * k + 1);
+  return T(2) * t * p + e * T(0.69314718055994530942);
+}
+
+// sin(2 pi u) and cos(2 pi u) for u in [0, 1].
+template <typename T>
+MOLRG_HD void bm_sincos_2pi(T u, T* sn, T* cs) {
+  const T qf = m_floor<T>(T(4) * u + T(0.5));
+  const T v = u - qf * T(0.25);
+  const T a = T(6.283185307179586477) * v;
+  const T a2 = a * a;
+  constexpr int N = BmTraits<T>::kTrigTerms;
+  // sin a = a (1 - a^2/(2*3) (1 - a^2/(4*5) (...))), cos a = 1 - a^2/(1*2) (1 - a^2/(3*4) (...))
+  T ps = T(1), pc = T(1);
+  MOLRG_UNROLL
+  for (int k = N; k >= 1; --k) {
+    ps = T(1) - a2 * ps * (T(1) / T((2 * k) * (2 * k + 1)));
+    pc = T(1) - a2 * pc * (T(1) / T((2 * k - 1) * (2 * k)));
+  }
+  const T s = a * ps, c = pc;
+  // angle = a + q pi/2: swap sin and cos for odd q, then sin changes sign for q = 2, 3 and cos
+  // for q = 1, 2 (arithmetic signs instead of a 4-way branch).
+  const int q = (int)qf;
+  const bool odd = (q & 1) != 0;
+  const T s1 = odd ? c : s, c1 = odd ? s : c;
+  *sn = T(1 - (q & 2)) * s1;
+  *cs = T(1 - ((q + 1) & 2)) * c1;
+}
+
+}  // namespace molrg::kernels
