@@ -60,7 +60,7 @@ def test_forward(benchmark, run_case, shape, impl):
     fn = _FNS[impl]
     _check(fn(x, X, 1.0), x, X)  # also the warm-up (compilation)
     benchmark.group = f"optimal denoiser forward B={B} N={N} n={n}"
-    run_case(lambda: fn(x, X, 1.0), rounds=5)
+    run_case(lambda: fn(x, X, 1.0), rounds=30 if B * N * n < 10**8 else 5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -80,7 +80,7 @@ def test_forward_backward(benchmark, run_case, shape, impl):
     y, _ = step()  # warm-up (compilation)
     _check(y.detach(), x, X)
     benchmark.group = f"optimal denoiser forward+backward B={B} N={N} n={n}"
-    run_case(step, rounds=3)
+    run_case(step, rounds=20 if B * N * n < 10**8 else 3)
 
 
 # ------------------------------------------------------------------------------- peak memory
