@@ -74,6 +74,95 @@ def test_optimal_returns_training_points_at_small_noise(dtype):
     torch.testing.assert_close(y, X[idx], rtol=0, atol=1e-6)
 
 
+def _between_two_points(X, sigma, B, g):
+    """Queries on the segment between two random training points X_a, X_b, placed so that the
+    logit gap l_a - l_b = t is O(1) (t uniform in [-2, 2]): D(x) mixes X_a and X_b with weights
+    sigmoid(t), at any sigma. Returned in X's dtype (the reference then uses the same inputs)."""
+    N = X.shape[0]
+    a = torch.randint(0, N, (B,), generator=g)
+    b = (a + 1 + torch.randint(0, N - 1, (B,), generator=g)) % N
+    d = (X[a] - X[b]).double()
+    t = torch.rand(B, 1, generator=g, dtype=torch.float64) * 4 - 2
+    x = (X[a] + X[b]).double() / 2 + t * sigma**2 * d / (d * d).sum(1, keepdim=True)
+    return x.to(X.dtype)
+
+
+@pytest.mark.parametrize("sigma", [0.002, 0.02, 0.2, 0.5, 1.0])
+def test_optimal_float32_accurate_where_posterior_is_mixed(sigma):
+    """float32 against the float64 reference on the same inputs, where two training points share
+    the weight. At small sigma the kernel must carry the cross term <x, X_j> in double (in float32
+    the logits of ||x||^2 - 2<x, X_j> + ||X_j||^2 would be off by O(1) at sigma = 0.002 and the
+    weights by a factor e): the result is then exact to float resolution. At mid noise float32
+    cross terms are allowed by a rounding bound (logit error < 2^-11), which costs <= ~1e-4."""
+    g = gen(21)
+    X = torch.randn(300, 48, generator=g)
+    x = _between_two_points(X, sigma, 48, g)
+    ref = direct_optimal(x.double(), X.double(), sigma)
+    xr = x.clone().requires_grad_()
+    y = optimal_denoiser(xr, X, sigma)
+    tol = 1e-6 if sigma <= 0.02 else 2e-4
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol)
+    v = torch.randn(48, 48, generator=g)
+    (gx,) = torch.autograd.grad(y, xr, v)
+    x64 = x.double().requires_grad_()
+    (g64,) = torch.autograd.grad(direct_optimal(x64, X.double(), sigma), x64, v.double())
+    # (a third training point may be nearer than both for a few queries: there the posterior is
+    # a single point and the gradient ~0, so relative errors are taken against a floor)
+    norm = g64.norm(dim=1)
+    rel = (gx.double() - g64).norm(dim=1) / norm.clamp_min(1e-3 * norm.median())
+    assert rel.max() < 1e-3, rel.max()
+
+
+@pytest.mark.parametrize("B", [3, 70, 200])
+def test_optimal_work_splits_match_direct_float64(B):
+    """Two threads: a small batch splits the training set (partial soft-max states merged by
+    log-sum-exp), a larger one splits the queries into chunks; partial tiles on both axes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = gen(22)
+        X = torch.randn(3001, 32, generator=g, dtype=torch.float64)
+        x = (X[torch.randint(0, 3001, (B,), generator=g)]
+             + 0.4 * torch.randn(B, 32, generator=g, dtype=torch.float64)).requires_grad_()
+        s = torch.full((B,), 0.9, dtype=torch.float64)
+        gamma = torch.linspace(0.2, 1.5, B, dtype=torch.float64)
+        y, lse = torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 100)
+        d2 = ((x.detach()[:, None] - s[:, None, None] * X[None]) ** 2).sum(-1)
+        logits = -d2 / (2 * gamma[:, None] ** 2)
+        torch.testing.assert_close(lse, torch.logsumexp(logits, 1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y, torch.softmax(logits, 1) @ X, rtol=1e-12, atol=1e-12)
+        v = torch.randn(B, 32, generator=g, dtype=torch.float64)
+        (gx,) = torch.autograd.grad(y, x, v)
+        x64 = x.detach().clone().requires_grad_()
+        d2r = ((x64[:, None] - s[:, None, None] * X[None]) ** 2).sum(-1)
+        (gr,) = torch.autograd.grad(torch.softmax(-d2r / (2 * gamma[:, None] ** 2), 1) @ X, x64, v)
+        torch.testing.assert_close(gx, gr, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_optimal_backward_normalises_saved_lse():
+    """The backward recomputes the weights as exp(l - lse) and divides by their sum, so a rounded
+    lse (float32 at large |lse|) only shifts a common factor: dx is unchanged. An lse that cannot
+    belong to these inputs (every weight underflows, or a logit exceeds it) is an error, not a
+    silent zero or overflow."""
+    g = gen(23)
+    X = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    s, gamma = torch.ones(6, dtype=torch.float64), torch.full((6,), 0.7, dtype=torch.float64)
+    y, lse = torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 16)
+    v = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    bw = torch.ops.molrg.optimal_denoiser_backward
+    torch.testing.assert_close(bw(v, x, X, s, gamma, y, lse + 0.25), bw(v, x, X, s, gamma, y, lse),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="lse is inconsistent"):
+        bw(v, x, X, s, gamma, y, lse + 1e4)  # every weight underflows
+    with pytest.raises(RuntimeError, match="lse is inconsistent"):
+        bw(v, x, X, s, gamma, y, lse - 3.0)  # the maximum logit lies above lse
+    with pytest.raises(RuntimeError, match="lse contains NaN"):
+        bw(v, x, X, s, gamma, y, torch.full_like(lse, float("nan")))
+
+
 def test_optimal_large_noise_gives_training_mean():
     g = gen(5)
     X = torch.randn(64, 4, generator=g, dtype=torch.float64)

@@ -1,114 +1,136 @@
-// Torch-free math of the empirical optimal (multi-delta) denoiser of seed 003, eq. (5):
+// Torch-free row math of the empirical optimal (multi-delta) denoiser of seed 003, eq. (5):
 //   D(x) = sum_i softmax_i(l_i) X_i,   l_i = -||x - s X_i||^2 / (2 gamma^2),
 // the posterior mean E[x_0 | x_t = x] when x_0 is uniform over the N training points X_i and
-// x_t = s x_0 + gamma eps. One query at a time, streaming over the training points in blocks with
-// an online (max-subtracted) soft-max, as in flash attention: nothing of size N is kept except a
-// block of logits. The distance is computed directly (not as ||x||^2 - 2<x,X_i> + ...), so that at
-// tiny gamma the logits do not suffer from cancellation.
+// x_t = s x_0 + gamma eps.
+//
+// The kernels work on tiles (a block of queries x a block of training points), flash-attention
+// style: a GEMM gives the cross terms C_ij = <x_i, X_j>, the functions below turn one row of a
+// tile into logits, soft-max weights and backward coefficients, and a second GEMM accumulates
+// P @ X_block. Only a tile of logits exists at any time, never a B x N matrix.
+//
+// Precision: the logit is assembled as -(||x||^2 - 2 s <x, X_j> + s^2 ||X_j||^2) / (2 gamma^2), in
+// which the terms cancel when x is close to s X_j; at gamma = 0.002 a float32 cross term would put
+// O(1) errors into the logits. The logits and soft-max statistics are therefore carried in
+// Acc = double, and the CPU kernel computes the cross term of a tile in double unless a rounding
+// bound shows float32 is as good as needed (see kCrossTol there). The probabilities
+// p = exp(l - m) <= 1 and the P @ X GEMM are in the input type: no cancellation happens there.
 #pragma once
 
 #include "common.h"
+#include "series_math.h"
 
 namespace molrg::kernels {
 
-// Host builds vectorise the reductions with OpenMP SIMD (strict IEEE order would forbid the
+// Host builds vectorise the row loops with OpenMP SIMD (strict IEEE order would forbid the
 // compiler to reassociate a running sum); CUDA builds see plain loops.
 #if defined(_OPENMP) && !defined(__CUDACC__)
 #define MOLRG_PRAGMA(x) _Pragma(#x)
 #define MOLRG_SIMD_SUM(v) MOLRG_PRAGMA(omp simd reduction(+ : v))
+#define MOLRG_SIMD_MAX(v) MOLRG_PRAGMA(omp simd reduction(max : v))
 #define MOLRG_SIMD _Pragma("omp simd")
 #else
 #define MOLRG_SIMD_SUM(v)
+#define MOLRG_SIMD_MAX(v)
 #define MOLRG_SIMD
 #endif
 
-// Logit of training point X_i (row of length n) for query x.
-template <typename T>
-MOLRG_HD T od_logit(const T* x, const T* Xi, int64_t n, T s, T inv2g2) {
-  T d2 = T(0);
-  MOLRG_SIMD_SUM(d2)
-  for (int64_t k = 0; k < n; ++k) {
-    const T diff = x[k] - s * Xi[k];
-    d2 += diff * diff;
-  }
-  return -d2 * inv2g2;
-}
-
-// <a, b> over n entries.
-template <typename T>
-MOLRG_HD T od_dot(const T* a, const T* b, int64_t n) {
-  T out = T(0);
+// Squared norm of a row, in Acc.
+template <typename T, typename Acc>
+MOLRG_HD Acc od_sqnorm(const T* v, int64_t n) {
+  Acc out = Acc(0);
   MOLRG_SIMD_SUM(out)
-  for (int64_t k = 0; k < n; ++k) out += a[k] * b[k];
+  for (int64_t k = 0; k < n; ++k) out += Acc(v[k]) * Acc(v[k]);
   return out;
 }
 
-// y += p * v over n entries.
-template <typename T>
-MOLRG_HD void od_axpy(T* y, T p, const T* v, int64_t n) {
-  MOLRG_SIMD
-  for (int64_t k = 0; k < n; ++k) y[k] += p * v[k];
+// <a, b> over n entries, in Acc.
+template <typename T, typename Acc>
+MOLRG_HD Acc od_dot(const T* a, const T* b, int64_t n) {
+  Acc out = Acc(0);
+  MOLRG_SIMD_SUM(out)
+  for (int64_t k = 0; k < n; ++k) out += Acc(a[k]) * Acc(b[k]);
+  return out;
 }
 
-// Forward for one query. x, y: n; X: N x n row-major; buf: blk scratch logits.
-// Writes y = D(x) and lse = log sum_i exp(l_i) (the only statistic the backward needs besides y).
-template <typename T>
-MOLRG_HD void od_forward_query(const T* x, const T* X, int64_t N, int64_t n, T s, T inv2g2,
-                               int64_t blk, T* buf, T* y, T* lse) {
-  for (int64_t k = 0; k < n; ++k) y[k] = T(0);
-  T m = T(0), l = T(0);
-  bool started = false;
-  for (int64_t b0 = 0; b0 < N; b0 += blk) {
-    const int64_t cnt = (N - b0 < blk) ? (N - b0) : blk;
-    T bm = od_logit(x, X + b0 * n, n, s, inv2g2);
-    buf[0] = bm;
-    for (int64_t j = 1; j < cnt; ++j) {
-      buf[j] = od_logit(x, X + (b0 + j) * n, n, s, inv2g2);
-      bm = m_max(bm, buf[j]);
-    }
-    if (!started) {
-      m = bm;
-      started = true;
-    } else if (bm > m) {
-      const T scale = m_exp(m - bm);
-      l *= scale;
-      for (int64_t k = 0; k < n; ++k) y[k] *= scale;
-      m = bm;
-    }
-    for (int64_t j = 0; j < cnt; ++j) {
-      const T p = m_exp(buf[j] - m);
-      if (p == T(0)) continue;
-      l += p;
-      od_axpy(y, p, X + (b0 + j) * n, n);
-    }
+// One tile row: cross terms c_j = <x, X_j> (in Tc: float or double, see the CPU kernel on when
+// float is accurate enough) become logits in Acc (l may alias c when Tc == Acc)
+//   l_j = -max(xx - 2 s c_j + s^2 XX_j, 0) * inv2g2,   xx = ||x||^2, XX_j = ||X_j||^2,
+// (the clamp removes rounding below zero of a squared distance). Returns max_j l_j.
+template <typename Tc, typename Acc>
+MOLRG_HD Acc od_row_logits(const Tc* c, Acc* l, int64_t cnt, const Acc* XX, Acc xx, Acc s,
+                           Acc inv2g2) {
+  const Acc two_s = Acc(2) * s, s2 = s * s;
+  Acc mx = -INFINITY;
+  MOLRG_SIMD_MAX(mx)
+  for (int64_t j = 0; j < cnt; ++j) {
+    Acc d2 = xx - two_s * Acc(c[j]) + s2 * XX[j];
+    d2 = d2 > Acc(0) ? d2 : Acc(0);
+    const Acc lj = -d2 * inv2g2;
+    l[j] = lj;
+    mx = mx > lj ? mx : lj;
   }
-  const T inv = T(1) / l;  // l >= 1: the maximum term contributes exp(0)
-  for (int64_t k = 0; k < n; ++k) y[k] *= inv;
-  *lse = m + m_log(l);
+  return mx;
 }
 
-// Backward for one query: dL/dx = (s / gamma^2) sum_i w_i (<g, X_i> - <g, y>) (X_i - y),
-// i.e. (s / gamma^2) Cov_w(X) g, with w_i = exp(l_i - lse) recomputed from the saved lse.
-// Centring at y (exact since sum_i w_i (<g,X_i> - <g,y>) = 0) avoids cancellation when w is peaked.
-template <typename T>
-MOLRG_HD void od_backward_query(const T* g, const T* x, const T* X, int64_t N, int64_t n, T s,
-                                T inv2g2, const T* y, T lse, T* dx) {
-  T gy = T(0);
-  for (int64_t k = 0; k < n; ++k) {
-    gy += g[k] * y[k];
-    dx[k] = T(0);
+// Weights of one tile row: p_j = exp(l_j - m) in the input type T (forward: m = running maximum,
+// so l_j - m <= 0; backward: m = the saved lse, so l_j - m <= its rounding). sm_exp is the
+// vectorisable series exp of series_math.h (exact to a few ulp for arguments <= 0, 0 below the
+// normal range); arguments are capped at 1, which no consistent lse reaches (the backward reports
+// a row maximum above lse as an error). Returns sum_j p_j.
+template <typename T, typename Acc>
+MOLRG_HD Acc od_row_exp(const Acc* l, int64_t cnt, Acc m, T* p) {
+  T sum = T(0);
+  MOLRG_SIMD_SUM(sum)
+  for (int64_t j = 0; j < cnt; ++j) {
+    const Acc d = l[j] - m;
+    const T v = sm_exp<T>(static_cast<T>(d < Acc(1) ? d : Acc(1)));
+    p[j] = v;
+    sum += v;
   }
-  for (int64_t i = 0; i < N; ++i) {
-    const T* Xi = X + i * n;
-    const T w = m_exp(od_logit(x, Xi, n, s, inv2g2) - lse);
-    if (w == T(0)) continue;
-    const T gx = od_dot(g, Xi, n);
-    const T coef = w * (gx - gy);
+  return Acc(sum);
+}
+
+// Backward coefficients of one tile row: with the weights w_j = exp(l_j - lse) (od_row_exp with
+// m = lse) and a_j = <g, X_j>, writes q_j = w_j (a_j - <g, y>) over a and returns sum_j q_j.
+template <typename T, typename Acc>
+MOLRG_HD Acc od_row_coef(const T* w, T* a, int64_t cnt, T gy) {
+  T qs = T(0);
+  MOLRG_SIMD_SUM(qs)
+  for (int64_t j = 0; j < cnt; ++j) {
+    const T q = w[j] * (a[j] - gy);
+    a[j] = q;
+    qs += q;
+  }
+  return Acc(qs);
+}
+
+// Online soft-max step for one query: the running state (m, l, y[0:n]) absorbs a tile row whose
+// maximum logit is bm. Rescales l and y when the maximum grows; returns the new maximum, which
+// the caller then uses for od_row_exp (and adds the returned sum to l).
+template <typename T, typename Acc>
+MOLRG_HD Acc od_online_rescale(Acc m, Acc bm, Acc* l, T* y, int64_t n) {
+  if (!(bm > m)) return m;
+  if (*l > Acc(0)) {
+    const Acc scale = exp(m - bm);
+    *l *= scale;
+    const T ts = static_cast<T>(scale);
     MOLRG_SIMD
-    for (int64_t k = 0; k < n; ++k) dx[k] += coef * (Xi[k] - y[k]);
+    for (int64_t k = 0; k < n; ++k) y[k] *= ts;
   }
-  const T f = T(2) * s * inv2g2;  // s / gamma^2
-  for (int64_t k = 0; k < n; ++k) dx[k] *= f;
+  return bm;
+}
+
+// Backward result for one query from the accumulated sums over all training points:
+//   dL/dx = (s / gamma^2) sum_j w_j (<g, X_j> - <g, y>) (X_j - y) / sum_j w_j
+//         = (s / gamma^2) (acc - qsum y) / wsum,   acc = sum_j q_j X_j, qsum = sum_j q_j,
+// i.e. (s / gamma^2) Cov_w(X) g (Tweedie). Centring at y (subtracting qsum y) cancels the
+// first-order rounding of the q_j when w is peaked; dividing by the recomputed wsum (= 1 in exact
+// arithmetic) removes the common factor exp(lse_true - lse_saved) of a rounded saved lse.
+template <typename T, typename Acc>
+MOLRG_HD void od_backward_finish(const T* acc, Acc qsum, Acc wsum, const T* y, Acc f, T* dx,
+                                 int64_t n) {
+  const Acc c = f / wsum;
+  for (int64_t k = 0; k < n; ++k) dx[k] = static_cast<T>(c * (Acc(acc[k]) - qsum * Acc(y[k])));
 }
 
 }  // namespace molrg::kernels
