@@ -220,20 +220,25 @@ def _plot(plt, path, results) -> None:
             axes[0].plot(v["snr"], v["ratio_mean"], marker="o", ms=3, label=label)
         else:
             axes[1].plot(v["snr"], v["ratio_mean"], marker="o", ms=3, label=k.split("@")[0])
-    for ax, title in ((axes[0], "MoLRG K=2, n=48, d=6 (Fig. 3b / 7a)"), (axes[1], "offline real data (Fig. 3a)")):
+    cfg = results.get("config", {})
+    net = f"{cfg.get('model', 'unet')}, {cfg.get('precond', 'edm')} precond"
+    for ax, title in ((axes[0], f"MoLRG K=2, n=48, d=6 (Fig. 3b / 7a); {net}"),
+                      (axes[1], f"offline real data (Fig. 3a); {net}")):
         ax.set_xscale("log")
         ax.set_xlabel("SNR 1/sigma")
         ax.set_ylabel("rank(J) / n")
         ax.set_ylim(0, 1.05 * max([1e-3] + [line.get_ydata().max() for line in ax.get_lines()]))
-        ax.set_title(title)
-        ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=10)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     for k, v in results.items():
         if k.endswith(":grad_norm") and v:
             axes[2].plot(np.arange(1, len(v) + 1), v, lw=0.7, label=k.split(":")[0])
     axes[2].set_yscale("log")
     axes[2].set_xlabel("training step")
     axes[2].set_ylabel("gradient norm (Fig. 7b)")
-    axes[2].legend(fontsize=7)
+    if axes[2].get_lines():
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
