@@ -6,6 +6,14 @@ denoiser ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` with
     c_skip = sd^2 / (sigma^2 + sd^2),  c_out = sigma sd / sqrt(sigma^2 + sd^2),
     c_in = 1 / sqrt(sigma^2 + sd^2),   c_noise = log(sigma) / 4.
 
+``precond="x0"`` keeps ``c_in`` and ``c_noise`` but sets ``c_skip = 0`` and ``c_out = sd``: the net
+predicts x0 directly, as the DAE ``x_theta`` of loss (6) and the subspace DAE (9) do. On low-rank
+data (MoLRG) this matters: with EDM's ``c_skip -> 1`` at small sigma the net must cancel the
+off-subspace noise through a gain ``~ sd / sigma`` on a tiny input, which a small net trained for a
+few thousand steps does not learn, so its Jacobian stays near the identity at high SNR and samples
+keep off-subspace noise of size ``~ sigma`` at the level where it stops projecting. Train x0 models
+with ``NetworkTrainer(weighting="none")`` (EDM's weight ``1 / c_out^2`` is meant for ``precond="edm"``).
+
 ``forward(x, sigma)`` returns the x0 estimate in the shape of ``x``: flat ``[B, n]`` inputs are
 reshaped to ``image_shape`` (e.g. MoLRG samples with n = 48 as 3 x 4 x 4) for a convolutional net.
 Two raw nets are provided: a small DDPM++-style U-Net (:class:`UNet`) and an MLP
@@ -208,14 +216,21 @@ class EDMDenoiser(nn.Module):
         sigma_data: data standard deviation used by the preconditioning (per coordinate).
         image_shape: ``(C, H, W)``: flat ``[B, n]`` inputs (n = C H W) are reshaped for ``net``
             and the output is flattened back. Image-shaped inputs pass through unchanged.
+        precond: ``"edm"`` (Karras et al., Table 1) or ``"x0"`` (``c_skip = 0``, ``c_out = sd``:
+            direct x0 prediction; see the module docstring).
     """
 
+    PRECONDS = ("edm", "x0")
+
     def __init__(self, net: nn.Module, sigma_data: float = 0.5,
-                 image_shape: Optional[Sequence[int]] = None):
+                 image_shape: Optional[Sequence[int]] = None, precond: str = "edm"):
         super().__init__()
         if not (isinstance(sigma_data, (int, float)) and math.isfinite(sigma_data) and sigma_data > 0):
             raise ValueError(f"EDMDenoiser: sigma_data must be a finite number > 0, got {sigma_data!r}")
+        if precond not in self.PRECONDS:
+            raise ValueError(f"EDMDenoiser: precond must be one of {self.PRECONDS}, got {precond!r}")
         self.net = net
+        self.precond = precond
         self.sigma_data = float(sigma_data)
         self.image_shape = tuple(int(v) for v in image_shape) if image_shape is not None else None
         self.n = math.prod(self.image_shape) if self.image_shape else getattr(net, "n", None)
@@ -223,14 +238,19 @@ class EDMDenoiser(nn.Module):
     def preconditioning(self, sigma: torch.Tensor):
         """``(c_skip, c_out, c_in, c_noise)`` for noise levels ``sigma``."""
         sd2 = self.sigma_data ** 2
-        c_skip = sd2 / (sigma ** 2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
         c_in = 1.0 / (sigma ** 2 + sd2).sqrt()
         c_noise = sigma.log() / 4.0
+        if self.precond == "x0":
+            return torch.zeros_like(sigma), torch.full_like(sigma, self.sigma_data), c_in, c_noise
+        c_skip = sd2 / (sigma ** 2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
         return c_skip, c_out, c_in, c_noise
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        """EDM loss weight ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2`` (= 1 / c_out^2)."""
+        """``1 / c_out^2``: EDM's ``(sigma^2 + sd^2) / (sigma sd)^2`` for ``precond="edm"``,
+        the constant ``1 / sd^2`` for ``precond="x0"``."""
+        if self.precond == "x0":
+            return torch.full_like(sigma, 1.0 / self.sigma_data ** 2)
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -262,15 +282,17 @@ class EDMDenoiser(nn.Module):
 
 def make_unet_denoiser(image_shape: Sequence[int], model_channels: int = 32,
                        channel_mult: Sequence[int] = (1, 2), num_blocks: int = 1,
-                       sigma_data: float = 0.5, dropout: float = 0.0) -> EDMDenoiser:
+                       sigma_data: float = 0.5, dropout: float = 0.0,
+                       precond: str = "edm") -> EDMDenoiser:
     """EDM-wrapped :class:`UNet` for images ``(C, H, W)`` (flat inputs are reshaped)."""
     C, H, W = (int(v) for v in image_shape)
     if H != W:
         raise ValueError(f"make_unet_denoiser: images must be square, got {H} x {W}")
     net = UNet(C, H, model_channels, channel_mult, num_blocks, dropout=dropout)
-    return EDMDenoiser(net, sigma_data, (C, H, W))
+    return EDMDenoiser(net, sigma_data, (C, H, W), precond=precond)
 
 
-def make_mlp_denoiser(n: int, hidden: int = 256, depth: int = 3, sigma_data: float = 0.5) -> EDMDenoiser:
+def make_mlp_denoiser(n: int, hidden: int = 256, depth: int = 3, sigma_data: float = 0.5,
+                      precond: str = "edm") -> EDMDenoiser:
     """EDM-wrapped :class:`MLPNet` for flat ``[B, n]`` data."""
-    return EDMDenoiser(MLPNet(n, hidden, depth), sigma_data)
+    return EDMDenoiser(MLPNet(n, hidden, depth), sigma_data, precond=precond)

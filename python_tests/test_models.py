@@ -33,6 +33,28 @@ def test_edm_preconditioning_matches_formula():
     torch.testing.assert_close(den.loss_weight(sigma), 1 / c_out[:, 0] ** 2)
 
 
+def test_x0_preconditioning_matches_formula():
+    """precond="x0": c_skip = 0, c_out = sd, same c_in / c_noise; the weight 1 / c_out^2 is constant."""
+    sd = 0.7
+    den = EDMDenoiser(AffineNet(), sigma_data=sd, precond="x0")
+    x = torch.randn(5, 6, dtype=torch.float64)
+    sigma = torch.tensor([0.01, 0.3, 1.0, 5.0, 80.0], dtype=torch.float64)
+    s = sigma[:, None]
+    expected = sd * (2 * x / torch.sqrt(s**2 + sd**2) + torch.log(s) / 4)
+    torch.testing.assert_close(den(x, sigma), expected)
+    torch.testing.assert_close(den.loss_weight(sigma), torch.full_like(sigma, 1 / sd**2))
+    # the factories pass it through, and a zero-initialised x0 net predicts 0 (not c_skip x)
+    for d in (make_mlp_denoiser(6, hidden=8, precond="x0"),
+              make_unet_denoiser((3, 4, 4), model_channels=8, precond="x0")):
+        assert d.precond == "x0"
+        xx = torch.randn(2, d.n)
+        torch.testing.assert_close(d(xx, 0.5), torch.zeros_like(xx))
+    with pytest.raises(ValueError, match="precond"):
+        EDMDenoiser(AffineNet(), precond="eps")
+    with pytest.raises(ValueError, match="precond"):
+        make_mlp_denoiser(6, precond="EDM")
+
+
 @pytest.mark.parametrize("shape,mult", [((3, 4, 4), (1, 2)), ((1, 8, 8), (1, 2)), ((3, 16, 16), (1, 2, 2))])
 def test_unet_shapes_flat_and_image(shape, mult):
     torch.manual_seed(0)

@@ -4,10 +4,17 @@ Numerical rank (eq. (46), eta = 0.99) of the denoiser Jacobian over the ambient 
 the 18-step EDM Heun trajectories of ``noises`` initial noises, against SNR = 1 / sigma:
 
 * MoLRG (K = 2, n = 48, d = 6, N = 1000): the subspace DAE (9) with the true bases (Lemma 2 says
-  6 <= rank <= 12) and a small U-Net on the samples reshaped 3 x 4 x 4, evaluated at several
-  training checkpoints (kimg, eq. (47)); the U-Net's gradient-norm history is Fig. 7(b).
+  6 <= rank <= 12) and a network denoiser (a small U-Net on the samples reshaped 3 x 4 x 4, or an
+  MLP), evaluated at several training checkpoints (kimg, eq. (47)); the network's gradient-norm
+  history is Fig. 7(b).
 * real data shipped offline: scikit-learn digits (8 x 8) and 8 x 8 patches of scikit-image's
-  ``camera`` image, each with its own small U-Net.
+  ``camera`` image, each with its own network.
+
+Presets: ``quick`` (CI-sized U-Net, EDM preconditioning), ``medium`` (MLP with direct x0
+prediction, ``precond="x0"``, uniform loss weight, up to 16000 steps = 1024 kimg: a few minutes on
+one CPU thread; its rank ratio follows the subspace DAE's), ``paper`` (U-Net, 500-6000 kimg). With
+EDM's preconditioning a briefly trained small net keeps ``D ~ c_skip x`` at high SNR, so its rank
+ratio stays near 1 there (see :mod:`molrg_ext.models`).
 
 Writes ``rank_vs_snr.json``, ``rank_vs_snr.csv`` and ``rank_vs_snr.png`` in ``--out``; trained
 models are checkpointed under ``--out/ckpt`` and finished evaluations are reused on a rerun.
@@ -16,13 +23,14 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 
 import numpy as np
 import torch
 
 from ..data import sample_molrg
 from ..jacobian import jacobian_rank
-from ..models import make_unet_denoiser
+from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..modules import SubspaceDAE
 from ..sampling import default_sigma_steps, heun_sample
 from ..train.network import NetworkTrainer
@@ -31,9 +39,14 @@ from ._common import read_json, seed_everything, write_json
 PRESETS = {
     # checkpoints: training steps at which the network is evaluated
     "quick": dict(N=1000, noises=15, batch=64, lr=1e-3, checkpoints=[100, 400], channels=16,
-                  real_steps=300, real_N=1000),
+                  real_steps=300, real_N=1000, model="unet", precond="edm", weighting="edm"),
+    # MLP width 4 * channels = 256, depth 3; checkpoints 64, 256, 1024 kimg
+    "medium": dict(N=1000, noises=15, batch=64, lr=1e-3, checkpoints=[1000, 4000, 16000],
+                   channels=64, real_steps=8000, real_N=1797, model="mlp", precond="x0",
+                   weighting="none"),
     "paper": dict(N=1000, noises=15, batch=64, lr=1e-3, checkpoints=[7800, 15600, 31200, 93700],
-                  channels=64, real_steps=20000, real_N=1797),
+                  channels=64, real_steps=20000, real_N=1797, model="unet", precond="edm",
+                  weighting="edm"),
 }
 
 
@@ -44,7 +57,11 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoints", type=int, nargs="+", help="training steps to evaluate at")
     p.add_argument("--noises", type=int, help="initial noises per trajectory set (paper: 15)")
     p.add_argument("--real-steps", type=int, help="training steps of the real-data U-Nets (0: skip)")
-    p.add_argument("--channels", type=int, help="U-Net base channels")
+    p.add_argument("--channels", type=int, help="U-Net base channels / MLP width / 4")
+    p.add_argument("--model", choices=["unet", "mlp"], help="network (default: the preset's)")
+    p.add_argument("--precond", choices=["edm", "x0"], help="EDMDenoiser preconditioning")
+    p.add_argument("--weighting", choices=["edm", "none"], help="loss weight lambda(sigma)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (small nets: 1)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -62,24 +79,41 @@ def rank_curve(denoiser, noise: torch.Tensor, method: str = "auto") -> dict:
             "ratio_mean": (R.mean(1) / n).tolist(), "n": n}
 
 
+def model_name(cfg: dict, dataset: str) -> str:
+    """Result key prefix: ``unet_molrg`` for the EDM-preconditioned U-Net, else e.g.
+    ``mlp_x0_molrg`` (so checkpoints of different models never share a file)."""
+    pre = cfg["model"] if cfg["precond"] == "edm" else f"{cfg['model']}_{cfg['precond']}"
+    return f"{pre}_{dataset}"
+
+
 def _train_and_eval(name, data, image_shape, cfg, checkpoints, out, results, progress, seed):
-    """Train a U-Net on ``data``; evaluate the rank curve (EMA weights) at each checkpoint."""
+    """Train the network on ``data``; evaluate the rank curve (EMA weights) at each checkpoint."""
     ckpt = os.path.join(out, "ckpt", f"{name}.pt")
     torch.manual_seed(seed)
-    model = make_unet_denoiser(image_shape, model_channels=cfg["channels"], sigma_data=float(data.std()))
+    sd = float(data.std())
+    if cfg["model"] == "unet":
+        model = make_unet_denoiser(image_shape, model_channels=cfg["channels"], sigma_data=sd,
+                                   precond=cfg["precond"])
+    else:
+        data = data.reshape(data.shape[0], -1)
+        model = make_mlp_denoiser(data.shape[1], hidden=4 * cfg["channels"], depth=3, sigma_data=sd,
+                                  precond=cfg["precond"])
     tr = NetworkTrainer(model, data, batch_size=cfg["batch"], lr=cfg["lr"], ema_decay=0.99,
-                        seed=seed, checkpoint=ckpt)
+                        seed=seed, checkpoint=ckpt, weighting=cfg["weighting"])
     n = data[0].numel()
     noise = torch.randn(cfg["noises"], n, generator=torch.Generator().manual_seed(seed + 1))
     for step in sorted(checkpoints):
         key = f"{name}@{step}"
         if key in results:
             continue
+        t0 = time.time()
         if tr.step < step:
             tr.train(step - tr.step, progress=progress, save_every=max(1, step // 4))
         tr.ema.eval()
         curve = rank_curve(tr.ema, noise, "jacrev")
-        curve.update(step=step, kimg=step * cfg["batch"] / 1000, final_loss=float(np.mean(tr.history["loss"][-20:])))
+        curve.update(step=step, kimg=step * cfg["batch"] / 1000,
+                     final_loss=float(np.mean(tr.history["loss"][-20:])),
+                     seconds=time.time() - t0)  # training since the previous checkpoint + this evaluation
         results[key] = curve
         results[f"{name}:grad_norm"] = tr.history["grad_norm"][:step]
         yield key
@@ -92,7 +126,7 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     cfg = dict(PRESETS[args.preset])
-    for k in ("noises", "channels"):
+    for k in ("noises", "channels", "model", "precond", "weighting"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.real_steps is not None:
@@ -101,6 +135,7 @@ def run(args) -> int:
     if min(checkpoints) < 1:
         raise SystemExit("rank-vs-snr: --checkpoints must be >= 1")
     os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(max(1, args.threads))
     seed_everything(args.seed)
     progress = not args.no_progress
     path = os.path.join(args.out, "rank_vs_snr.json")
@@ -117,18 +152,22 @@ def run(args) -> int:
         results["subspace_dae"] = rank_curve(dae, noise.double(), "analytic")
         write_json(path, results)
     jobs.update(1)
-    for _ in _train_and_eval("unet_molrg", X, (3, 4, 4), cfg, checkpoints, args.out, results,
-                             progress, args.seed):
+    for _ in _train_and_eval(model_name(cfg, "molrg"), X, (3, 4, 4), cfg, checkpoints, args.out,
+                             results, progress, args.seed):
         write_json(path, results)
         jobs.update(1)
     if cfg["real_steps"]:
         from ..datasets_offline import camera_patches, digits_images
-        for name, data in (("unet_digits", digits_images()), ("unet_patches", camera_patches(cfg["real_N"], seed=args.seed))):
+        for name, data in ((model_name(cfg, "digits"), digits_images()),
+                           (model_name(cfg, "patches"), camera_patches(cfg["real_N"], seed=args.seed))):
             for _ in _train_and_eval(name, data[: cfg["real_N"]], tuple(data.shape[1:]), cfg,
                                      [cfg["real_steps"]], args.out, results, progress, args.seed):
                 write_json(path, results)
             jobs.update(1)
     jobs.close()
+    results["seconds_all_networks"] = sum(v.get("seconds", 0.0) for v in _curves(results).values())
+    results["gap_to_dae"] = {k: dae_gap(v, results["subspace_dae"]) for k, v in results.items()
+                             if "_molrg@" in k}
     write_json(path, results)
     _write_csv(os.path.join(args.out, "rank_vs_snr.csv"), results)
     _plot(plt, os.path.join(args.out, "rank_vs_snr.png"), results)
@@ -139,8 +178,24 @@ def run(args) -> int:
         if "@" in k:
             print(f"{k}: kimg {v['kimg']:.1f}, rank/n min {min(v['ratio_mean']):.3f} "
                   f"max {max(v['ratio_mean']):.3f}, loss {v['final_loss']:.4f}")
+    for k, g in results["gap_to_dae"].items():
+        mid = "n/a" if g["mid"] is None else f"{g['mid']:.3f}"
+        print(f"{k}: mean |rank/n - DAE| {g['all']:.3f} (all SNR), {mid} "
+              f"(SNR in [0.91, 10]), rank/n at the highest SNR {g['net_high_snr']:.3f} "
+              f"(DAE {g['dae_high_snr']:.3f})")
     print(f"wrote {path}")
     return 0
+
+
+def dae_gap(net: dict, dae: dict, mid=(0.91, 10.0)) -> dict:
+    """Mean absolute difference of the rank ratios of a network and the subspace DAE along the
+    same trajectory grid: over all levels, over the paper's middle SNR range ``mid``, and the two
+    ratios at the highest SNR (smallest sigma)."""
+    a, b = np.asarray(net["ratio_mean"]), np.asarray(dae["ratio_mean"])
+    snr = np.asarray(dae["snr"])
+    m = (snr >= mid[0]) & (snr <= mid[1])
+    return {"all": float(np.abs(a - b).mean()), "mid": float(np.abs(a - b)[m].mean()) if m.any() else None,
+            "net_high_snr": float(a[-1]), "dae_high_snr": float(b[-1])}
 
 
 def _curves(results):
@@ -160,24 +215,30 @@ def _plot(plt, path, results) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     curves = _curves(results)
     for k, v in curves.items():
-        if k == "subspace_dae" or k.startswith("unet_molrg"):
-            label = k if k == "subspace_dae" else f"U-Net, {v['kimg']:.1f} kimg"
+        if k == "subspace_dae" or "_molrg@" in k:
+            label = k if k == "subspace_dae" else f"{k.split('_molrg')[0]}, {v['kimg']:.0f} kimg"
             axes[0].plot(v["snr"], v["ratio_mean"], marker="o", ms=3, label=label)
         else:
             axes[1].plot(v["snr"], v["ratio_mean"], marker="o", ms=3, label=k.split("@")[0])
-    for ax, title in ((axes[0], "MoLRG K=2, n=48, d=6 (Fig. 3b / 7a)"), (axes[1], "offline real data (Fig. 3a)")):
+    cfg = results.get("config", {})
+    net = f"{cfg.get('model', 'unet')}, {cfg.get('precond', 'edm')} precond"
+    for ax, title in ((axes[0], f"MoLRG K=2, n=48, d=6 (Fig. 3b / 7a); {net}"),
+                      (axes[1], f"offline real data (Fig. 3a); {net}")):
         ax.set_xscale("log")
         ax.set_xlabel("SNR 1/sigma")
         ax.set_ylabel("rank(J) / n")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, 1.05 * max([1e-3] + [line.get_ydata().max() for line in ax.get_lines()]))
+        ax.set_title(title, fontsize=10)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     for k, v in results.items():
         if k.endswith(":grad_norm") and v:
             axes[2].plot(np.arange(1, len(v) + 1), v, lw=0.7, label=k.split(":")[0])
     axes[2].set_yscale("log")
     axes[2].set_xlabel("training step")
     axes[2].set_ylabel("gradient norm (Fig. 7b)")
-    axes[2].legend(fontsize=7)
+    if axes[2].get_lines():
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
