@@ -97,10 +97,10 @@ void unpack_grad(const T* acc, const PanelGeom& g, const int32_t* dims, T* dU) {
 // Per-thread buffers for one block.
 template <typename T>
 struct BlockScratch {
-  std::vector<T> P, C, R, dP, xt, y, sq, dlogit, w;
+  std::vector<T> P, C, R, dP, xt, y, z, sq, dlogit, w;
   std::vector<const T*> rowA, rowB, rowC;
   std::vector<T*> rowY;
-  std::vector<int> comp, sel;
+  std::vector<int> comp, sel, pos, start;
   std::vector<uint32_t> idx, lev;
   explicit BlockScratch(const PanelGeom& g) {
     const int64_t wide = (int64_t)kBlock * std::max(g.Dp, g.dW);
@@ -110,6 +110,7 @@ struct BlockScratch {
     dP.assign(wide, T(0));
     xt.assign((int64_t)kBlock * g.n, T(0));
     y.assign((int64_t)kBlock * g.n, T(0));
+    z.assign((int64_t)kBlock * g.n, T(0));
     sq.assign(g.K, T(0));
     dlogit.assign(g.K, T(0));
     w.assign((int64_t)kBlock * g.K, T(0));
@@ -119,8 +120,33 @@ struct BlockScratch {
     rowY.resize(kBlock);
     comp.resize(kBlock);
     sel.resize(kBlock);
+    pos.resize(kBlock);
+    start.resize(g.K + 1);
     idx.resize(kBlock);
     lev.resize(kBlock);
+  }
+  // Order the S samples by component: sel = samples of component 0, then 1, ... (each group
+  // in sample order), start[k] = first position of group k, pos[t] = position of sample t.
+  void sort_by_component(int S, int K) {
+    int u = 0;
+    for (int k = 0; k < K; ++k) {
+      start[k] = u;
+      for (int t = 0; t < S; ++t)
+        if (comp[t] == k) sel[u++] = t;
+    }
+    start[K] = u;
+    for (int v = 0; v < S; ++v) pos[sel[v]] = v;
+  }
+  // Copy rows t < S of src (row length n) to dst in component order (dst row pos[t]): a
+  // sequential pass over src.
+  void gather_sorted(const T* src, int S, int n, T* dst) const {
+    for (int t = 0; t < S; ++t)
+      std::copy(src + (int64_t)t * n, src + (int64_t)(t + 1) * n, dst + (int64_t)pos[t] * n);
+  }
+  // The inverse: row t of dst = row pos[t] of the component-ordered src.
+  void scatter_sorted(const T* src, int S, int n, T* dst) const {
+    for (int t = 0; t < S; ++t)
+      std::copy(src + (int64_t)pos[t] * n, src + (int64_t)(pos[t] + 1) * n, dst + (int64_t)t * n);
   }
   // Samples t < S with comp[t] == k, into sel; returns their count.
   int select(int S, int k) {
@@ -244,12 +270,14 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     expand(s.C.data(), Dp, S, D, pn.UfT(), n, s.rowY.data());
     return;
   }
+  // hard: one group per component (the x rows were read in order by the projection above)
   const int dW = g.dW;
+  s.sort_by_component(S, K);
   for (int k = 0; k < K; ++k) {
-    const int cnt = s.select(S, k);
+    const int u0 = s.start[k], cnt = s.start[k + 1] - u0;
     if (cnt == 0) continue;
     for (int u = 0; u < cnt; ++u) {
-      const int t = s.sel[u];
+      const int t = s.sel[u0 + u];
       const T a = c[t] * w[(int64_t)t * K + k];
       const T* Pt = s.P.data() + (int64_t)t * Dp + k * dm;
       T* Cu = s.C.data() + (int64_t)u * dW;
@@ -291,24 +319,29 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
     if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, n, acc, Dp);
     return;
   }
+  // hard: one group per component. Visiting gy, x (and dx) rows in that scattered order defeats
+  // the hardware prefetcher on data streamed from memory, so the block's rows are copied once,
+  // sequentially, into component-ordered buffers (s.y: gy, s.xt: x; s.z: dx, copied back).
   for (int t = 0; t < S; ++t) {
     s.comp[t] = kernels::dae_argmax(w + (int64_t)t * K, K);  // w is one-hot
     dphi[t] = T(0);
     for (int k = 0; k < K; ++k) dbias[(int64_t)t * K + k] = T(0);
   }
+  s.sort_by_component(S, K);
+  s.gather_sorted(gy, S, n, s.y.data());
+  if (acc) s.gather_sorted(x, S, n, s.xt.data());
   for (int k = 0; k < K; ++k) {
-    const int cnt = s.select(S, k);
+    const int u0 = s.start[k], cnt = s.start[k + 1] - u0;
     if (cnt == 0) continue;
     const int dk = dims[k];
     for (int u = 0; u < cnt; ++u) {
-      const int t = s.sel[u];
-      s.rowA[u] = gy + (int64_t)t * n;
-      s.rowB[u] = x + (int64_t)t * n;
-      if (dx) s.rowY[u] = dx + (int64_t)t * n;
+      s.rowA[u] = s.y.data() + (int64_t)(u0 + u) * n;
+      s.rowB[u] = s.xt.data() + (int64_t)(u0 + u) * n;
+      s.rowY[u] = s.z.data() + (int64_t)(u0 + u) * n;
     }
     project(s.rowA.data(), cnt, n, pn.Uc(k), dW, s.R.data(), dW);
     for (int u = 0; u < cnt; ++u) {
-      const int t = s.sel[u];
+      const int t = s.sel[u0 + u];
       const T wk = w[(int64_t)t * K + k], a = c[t] * wk;
       const T* Pt = proj + (int64_t)t * D + k * dm;
       const T* Ru = s.R.data() + (int64_t)u * dW;
@@ -328,6 +361,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), dW, cnt, n, acc_k, dW);
     }
   }
+  if (dx) s.scatter_sorted(s.z.data(), S, n, dx);
 }
 
 // Fused training step on slots m0 .. m0 + S - 1 of instance p (kernels/train_step.h math):
