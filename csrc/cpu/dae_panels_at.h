@@ -36,4 +36,24 @@ inline void unpack_grads(const at::Tensor& acc, const cpu::PanelGeom& g, const D
   });
 }
 
+// Runs fn(p, start, S, scratch) on every block of kBlock samples [start, start + S) of every
+// instance p, split over threads with at::parallel_for: by instance (a thread owns whole instances,
+// so it may write their gradients directly) or block by block.
+template <typename T, typename F>
+inline void parallel_blocks(const cpu::PanelGeom& g, int64_t P, int64_t B, bool by_instance,
+                            F&& fn) {
+  const int64_t nb = (B + cpu::kBlock - 1) / cpu::kBlock;
+  auto run = [&](int64_t b0, int64_t b1) {
+    cpu::BlockScratch<T> sc(g);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p = blk / nb, start = (blk % nb) * cpu::kBlock;
+      fn(p, start, (int)std::min<int64_t>(cpu::kBlock, B - start), sc);
+    }
+  };
+  if (by_instance)
+    at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) { run(pb * nb, pe * nb); });
+  else
+    at::parallel_for(0, P * nb, 1, run);
+}
+
 }  // namespace molrg

@@ -159,18 +159,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* pp = proj.data_ptr<scalar_t>();
     scalar_t* wp = w.data_ptr<scalar_t>();
-    const int64_t nb = (s.B + cpu::kBlock - 1) / cpu::kBlock;
-    at::parallel_for(0, s.P * nb, 1, [&](int64_t b0, int64_t b1) {
-      cpu::BlockScratch<scalar_t> sc(g);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t p = blk / nb, start = (blk % nb) * cpu::kBlock;
-        const int S = (int)std::min<int64_t>(cpu::kBlock, s.B - start);
-        const int64_t i0 = p * s.B + start;
-        cpu::dae_forward_block<scalar_t>(
-            xp + i0 * s.n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0, php + i0,
-            bp ? bp + i0 * s.K : nullptr, ap ? ap + i0 : nullptr, (int)mode,
-            pp + i0 * s.K * s.dm, wp + i0 * s.K, yp + i0 * s.n, sc);
-      }
+    parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc) {
+      const int64_t i0 = p * s.B + start;
+      cpu::dae_forward_block<scalar_t>(
+          xp + i0 * s.n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0, php + i0,
+          bp ? bp + i0 * s.K : nullptr, ap ? ap + i0 : nullptr, (int)mode, pp + i0 * s.K * s.dm,
+          wp + i0 * s.K, yp + i0 * s.n, sc);
     });
   });
   return {y, proj, w};
@@ -228,31 +222,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     scalar_t* dphip = dphi.data_ptr<scalar_t>();
     scalar_t* dbp = dbias.data_ptr<scalar_t>();
     scalar_t* accp = need_dU ? acc.data_ptr<scalar_t>() : nullptr;
-    const int64_t nb = (s.B + cpu::kBlock - 1) / cpu::kBlock;
     const int64_t K = s.K, n = s.n, D = s.K * s.dm;
-    auto run = [&](int64_t b0, int64_t b1, scalar_t* my_acc, cpu::BlockScratch<scalar_t>& sc) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t p = blk / nb, start = (blk % nb) * cpu::kBlock;
-        const int S = (int)std::min<int64_t>(cpu::kBlock, s.B - start);
-        const int64_t i0 = p * s.B + start;
-        cpu::dae_backward_block<scalar_t>(
-            gp + i0 * n, xp + i0 * n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0,
-            php + i0, pp + i0 * D, wp + i0 * K, (int)mode, dxp ? dxp + i0 * n : nullptr,
-            dcp + i0, dphip + i0, dbp + i0 * K, my_acc ? my_acc + p * g.acc_size() : nullptr,
-            sc);
-      }
-    };
-    if (by_instance) {
-      at::parallel_for(0, s.P, 1, [&](int64_t pb, int64_t pe) {
-        cpu::BlockScratch<scalar_t> sc(g);
-        run(pb * nb, pe * nb, accp, sc);
-      });
-    } else {
-      at::parallel_for(0, s.P * nb, 1, [&](int64_t b0, int64_t b1) {
-        cpu::BlockScratch<scalar_t> sc(g);
-        run(b0, b1, accp ? accp + at::get_thread_num() * s.P * g.acc_size() : nullptr, sc);
-      });
-    }
+    parallel_blocks<scalar_t>(g, s.P, s.B, by_instance, [&](int64_t p, int64_t start, int S,
+                                                             auto& sc) {
+      const int64_t i0 = p * s.B + start;
+      scalar_t* my_acc = nullptr;
+      if (accp)
+        my_acc = accp + ((by_instance ? 0 : at::get_thread_num() * s.P) + p) * g.acc_size();
+      cpu::dae_backward_block<scalar_t>(
+          gp + i0 * n, xp + i0 * n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0,
+          php + i0, pp + i0 * D, wp + i0 * K, (int)mode, dxp ? dxp + i0 * n : nullptr, dcp + i0,
+          dphip + i0, dbp + i0 * K, my_acc, sc);
+    });
     if (need_dU) unpack_grads<scalar_t>(by_instance ? acc.select(0, 0) : acc.sum(0), g, s, dU);
   });
   return {dx, dU, dc, dphi, dbias};
@@ -273,15 +254,9 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
     const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     int64_t* op = out.data_ptr<int64_t>();
-    const int64_t nb = (s.B + cpu::kBlock - 1) / cpu::kBlock;
-    at::parallel_for(0, s.P * nb, 1, [&](int64_t b0, int64_t b1) {
-      cpu::BlockScratch<scalar_t> sc(g);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t p = blk / nb, start = (blk % nb) * cpu::kBlock;
-        const int S = (int)std::min<int64_t>(cpu::kBlock, s.B - start);
-        const int64_t i0 = p * s.B + start;
-        cpu::assign_block<scalar_t>(xp + i0 * s.n, S, {panp + p * g.size(), g}, op + i0, sc);
-      }
+    parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc) {
+      const int64_t i0 = p * s.B + start;
+      cpu::assign_block<scalar_t>(xp + i0 * s.n, S, {panp + p * g.size(), g}, op + i0, sc);
     });
   });
   return out;

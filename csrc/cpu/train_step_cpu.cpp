@@ -54,28 +54,14 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
     scalar_t* lossp = slot_loss.data_ptr<scalar_t>();
     scalar_t* accp = acc.data_ptr<scalar_t>();
     const scalar_t inv_M = scalar_t(1) / scalar_t(M);
-    const int64_t N = s.B, nb = (M + cpu::kBlock - 1) / cpu::kBlock;
-    auto run = [&](int64_t b0, int64_t b1, scalar_t* my_acc, cpu::BlockScratch<scalar_t>& sc) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t p = blk / nb, m0 = (blk % nb) * cpu::kBlock;
-        const int S = (int)std::min<int64_t>(cpu::kBlock, M - m0);
-        cpu::train_block<scalar_t>(Xp + p * N * s.n, (uint32_t)N, S, (uint32_t)m0, (uint32_t)p,
-                                   {panp + p * g.size(), g}, s.dims.data(), lvp, lbp,
-                                   (uint32_t)L, (int)mode, (uint64_t)seed, (uint32_t)step, inv_M,
-                                   lossp + p * M + m0, my_acc + p * g.acc_size(), sc);
-      }
-    };
-    if (by_instance) {
-      at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
-        cpu::BlockScratch<scalar_t> sc(g);
-        run(pb * nb, pe * nb, accp, sc);
-      });
-    } else {
-      at::parallel_for(0, P * nb, 1, [&](int64_t b0, int64_t b1) {
-        cpu::BlockScratch<scalar_t> sc(g);
-        run(b0, b1, accp + at::get_thread_num() * P * g.acc_size(), sc);
-      });
-    }
+    const int64_t N = s.B;
+    parallel_blocks<scalar_t>(g, P, M, by_instance, [&](int64_t p, int64_t m0, int S, auto& sc) {
+      scalar_t* my_acc = accp + ((by_instance ? 0 : at::get_thread_num() * P) + p) * g.acc_size();
+      cpu::train_block<scalar_t>(Xp + p * N * s.n, (uint32_t)N, S, (uint32_t)m0, (uint32_t)p,
+                                 {panp + p * g.size(), g}, s.dims.data(), lvp, lbp, (uint32_t)L,
+                                 (int)mode, (uint64_t)seed, (uint32_t)step, inv_M,
+                                 lossp + p * M + m0, my_acc, sc);
+    });
     unpack_grads<scalar_t>(by_instance ? acc.select(0, 0) : acc.sum(0), g, s, grad);
   });
   return {checked_train_loss(slot_loss, kTs), grad};
