@@ -23,7 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../checks.h"
+#include "../optimal_denoiser_checks.h"
 #include "../kernels/optimal_denoiser.h"
 
 TORCH_LIBRARY_FRAGMENT(molrg, m) {
@@ -47,10 +47,6 @@ constexpr int64_t kQueryTile = 128;  // queries per GEMM tile
 // Training points per tile in the backward (its schema has no block argument).
 constexpr int64_t kDefaultBackwardBlock = 512;
 
-struct OdSizes {
-  int64_t B, N, n;
-};
-
 // check_finite without temporaries (at::isfinite would allocate ~7 bytes per element of X: the
 // largest allocation of the whole op at N n = 4M): one parallel pass over the raw values.
 void check_finite_inplace(const at::Tensor& t, const char* op, const char* name) {
@@ -69,32 +65,12 @@ void check_finite_inplace(const at::Tensor& t, const char* op, const char* name)
   TORCH_CHECK(ok, op, ": ", name, " contains NaN or Inf values");
 }
 
+// The shared checks (optimal_denoiser_checks.h), then the NaN/Inf scan of x and X.
 OdSizes check_od(const at::Tensor& x, const at::Tensor& X, const at::Tensor& s,
                  const at::Tensor& gamma, const char* op) {
-  check_float(x, op, "x");
-  check_like(X, x, op, "X", "x");
-  check_like(s, x, op, "s", "x");
-  check_like(gamma, x, op, "gamma", "x");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [B, n], got shape ", x.sizes());
-  TORCH_CHECK(X.dim() == 2, op, ": X must be [N, n], got shape ", X.sizes());
-  OdSizes z{x.size(0), X.size(0), x.size(1)};
-  TORCH_CHECK(X.size(1) == z.n, op, ": X has n = ", X.size(1), " columns but x has n = ", z.n);
-  TORCH_CHECK(z.N > 0, op, ": X must hold at least one training point (N = 0)");
-  TORCH_CHECK(z.n > 0, op, ": n must be at least 1");
-  check_shape(s, {z.B}, op, "s");
-  check_shape(gamma, {z.B}, op, "gamma");
-  check_contig(x, op, "x");
-  check_contig(X, op, "X");
-  check_contig(s, op, "s");
-  check_contig(gamma, op, "gamma");
+  OdSizes z = check_od_args(x, X, s, gamma, op);
   check_finite_inplace(x, op, "x");
   check_finite_inplace(X, op, "X");
-  if (z.B > 0) {
-    TORCH_CHECK((at::isfinite(s) & (s > 0)).all().item<bool>(), op,
-                ": s must be finite and > 0");
-    TORCH_CHECK((at::isfinite(gamma) & (gamma > 0)).all().item<bool>(), op,
-                ": gamma must be finite and > 0");
-  }
   return z;
 }
 
@@ -328,7 +304,6 @@ void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* g
                    const T* lsep, const OdSizes& z, const OdPlan& pl, int64_t q0, int64_t q1,
                    int64_t j0, int64_t j1, T* acc, Acc* qsum, Acc* wsum, char* bad) {
   const int64_t nq = q1 - q0, n = z.n;
-  constexpr Acc kLseRound = Acc(8) * std::numeric_limits<T>::epsilon();
   OdScratch<T> sc(pl, x, X, sp, gp, q0, nq, n);
   std::vector<T> gy(nq), W(kQueryTile * pl.blk);  // W: weights exp(l - lse) of a tile
   for (int64_t i = 0; i < nq; ++i)
@@ -348,7 +323,7 @@ void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* g
         const int64_t i = ib + r;
         const Acc lse_i = Acc(lsep[q0 + i]);
         // lse >= every logit up to its own rounding; more means lse belongs to other inputs.
-        if (sc.row_logits(ib, r) - lse_i > Acc(0.5) + kLseRound * std::abs(lse_i)) bad[i] = 1;
+        if (od_lse_exceeded<T, Acc>(sc.row_logits(ib, r), lse_i)) bad[i] = 1;
         const Acc ws = od_row_exp(sc.C.data() + r * cnt, cnt, lse_i, W.data() + r * cnt);
         wsum[i] += ws;
         any |= ws > 0;
@@ -370,15 +345,7 @@ at::Tensor optimal_denoiser_backward_cpu(const at::Tensor& grad_y, const at::Ten
                                          const at::Tensor& lse) {
   constexpr const char* op = "optimal_denoiser_backward";
   OdSizes z = check_od(x, X, s, gamma, op);
-  check_like(grad_y, x, op, "grad_y", "x");
-  check_shape(grad_y, x.sizes(), op, "grad_y");
-  check_contig(grad_y, op, "grad_y");
-  check_like(y, x, op, "y", "x");
-  check_shape(y, x.sizes(), op, "y");
-  check_contig(y, op, "y");
-  check_like(lse, x, op, "lse", "x");
-  check_shape(lse, {z.B}, op, "lse");
-  check_contig(lse, op, "lse");
+  check_od_backward_args(grad_y, y, lse, x, z, op);
   check_finite_inplace(lse, op, "lse");
   auto dx = at::empty_like(x);
   if (z.B == 0) return dx;
@@ -430,10 +397,7 @@ at::Tensor optimal_denoiser_backward_cpu(const at::Tensor& grad_y, const at::Ten
     });
     inconsistent = std::any_of(bad.begin(), bad.end(), [](char v) { return v != 0; });
   });
-  TORCH_CHECK(!inconsistent, op,
-              ": lse is inconsistent with x (a logit exceeds lse, or every weight exp(l_j - lse) "
-              "underflows to 0); pass the lse returned by optimal_denoiser for the same x, X, s, "
-              "gamma");
+  TORCH_CHECK(!inconsistent, op, kOdLseInconsistent);
   return dx;
 }
 

@@ -77,13 +77,19 @@ MOLRG_HD Acc od_row_logits(const Tc* c, Acc* l, int64_t cnt, const Acc* XX, Acc 
 // vectorisable series exp of series_math.h (exact to a few ulp for arguments <= 0, 0 below the
 // normal range); arguments are capped at 1, which no consistent lse reaches (the backward reports
 // a row maximum above lse as an error). Returns sum_j p_j.
+// One weight p = exp(l - m) in T, the argument capped at 1 (see od_row_exp).
+template <typename T, typename Acc>
+MOLRG_HD T od_weight(Acc l, Acc m) {
+  const Acc d = l - m;
+  return sm_exp<T>(static_cast<T>(d < Acc(1) ? d : Acc(1)));
+}
+
 template <typename T, typename Acc>
 MOLRG_HD Acc od_row_exp(const Acc* l, int64_t cnt, Acc m, T* p) {
   T sum = T(0);
   MOLRG_SIMD_SUM(sum)
   for (int64_t j = 0; j < cnt; ++j) {
-    const Acc d = l[j] - m;
-    const T v = sm_exp<T>(static_cast<T>(d < Acc(1) ? d : Acc(1)));
+    const T v = od_weight<T, Acc>(l[j], m);
     p[j] = v;
     sum += v;
   }
@@ -126,11 +132,32 @@ MOLRG_HD Acc od_online_rescale(Acc m, Acc bm, Acc* l, T* y, int64_t n) {
 // i.e. (s / gamma^2) Cov_w(X) g (Tweedie). Centring at y (subtracting qsum y) cancels the
 // first-order rounding of the q_j when w is peaked; dividing by the recomputed wsum (= 1 in exact
 // arithmetic) removes the common factor exp(lse_true - lse_saved) of a rounded saved lse.
+// Machine epsilon of the input type (device code cannot call std::numeric_limits without
+// --expt-relaxed-constexpr).
+template <typename T> struct OdEps;
+template <> struct OdEps<float> { static constexpr double value = 1.1920928955078125e-7; };
+template <> struct OdEps<double> { static constexpr double value = 2.220446049250313e-16; };
+
+// The backward's consistency test: a logit (here a row maximum) above the saved lse by more than
+// the rounding of an lse stored in T means lse belongs to other inputs.
+template <typename T, typename Acc>
+MOLRG_HD bool od_lse_exceeded(Acc rowmax, Acc lse) {
+  const Acc a = lse < Acc(0) ? -lse : lse;
+  return rowmax - lse > Acc(0.5) + Acc(8 * OdEps<T>::value) * a;
+}
+
+// One entry of od_backward_finish: c (acc_k - qsum y_k) with c = (s / gamma^2) / wsum.
+template <typename Acc>
+MOLRG_HD Acc od_dx_entry(Acc acc, Acc qsum, Acc y, Acc c) {
+  return c * (acc - qsum * y);
+}
+
 template <typename T, typename Acc>
 MOLRG_HD void od_backward_finish(const T* acc, Acc qsum, Acc wsum, const T* y, Acc f, T* dx,
                                  int64_t n) {
   const Acc c = f / wsum;
-  for (int64_t k = 0; k < n; ++k) dx[k] = static_cast<T>(c * (Acc(acc[k]) - qsum * Acc(y[k])));
+  for (int64_t k = 0; k < n; ++k)
+    dx[k] = static_cast<T>(od_dx_entry<Acc>(Acc(acc[k]), qsum, Acc(y[k]), c));
 }
 
 }  // namespace molrg::kernels
