@@ -11,7 +11,9 @@ at small noise), an online max-subtracted soft-max runs over the training blocks
 accumulates P @ X_block; no B x N matrix is formed (memory O(64 block) per thread + O(B n)). It
 saves only the output and one log-sum-exp per query; the gradient w.r.t. ``x_t`` is
 ``(s / gamma^2) Cov_w(X) grad`` (the posterior covariance, as Tweedie's formula says), computed
-with the same tiles and the weights recomputed from the saved log-sum-exp.
+with the same tiles and the weights recomputed from the saved log-sum-exp. On CUDA tensors the op
+runs the kernels of ``csrc/cuda/optimal_denoiser.cu`` (16 queries x 32 training points per tile,
+squared differences in double; ``block`` only matters on the CPU; see docs/cuda.md).
 
 The Gaussian denoiser, linearity score and linear distillation live in their own modules and are
 re-exported here so that ``molrg_ext.hidden_gaussian`` is the one entry point for seed 003.

@@ -367,3 +367,137 @@ def test_sym_eig_cuda_matches_cpu(dtype):
     lam_only, empty = torch.ops.molrg.sym_eig(A.cuda(), False)
     assert empty.numel() == 0
     torch.testing.assert_close(lam_only, lam_g)
+
+
+# ------------------------------------------------------------------ optimal denoiser (seed 003)
+def _need_optimal_cuda():
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::optimal_denoiser", "CUDA"):
+        pytest.skip("no optimal_denoiser CUDA kernel in this build")
+
+
+def _od_problem(B, N, n, sigma, dtype, seed):
+    """Queries near the training points: x = s X_i + gamma eps, per-query s and gamma."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, n, generator=g, dtype=torch.float64)
+    s = 0.6 + 0.5 * torch.rand(B, generator=g, dtype=torch.float64)
+    gamma = s * sigma * (0.5 + torch.rand(B, generator=g, dtype=torch.float64))
+    idx = torch.randint(0, N, (B,), generator=g)
+    x = s[:, None] * X[idx] + gamma[:, None] * torch.randn(B, n, generator=g, dtype=torch.float64)
+    v = torch.randn(B, n, generator=g, dtype=torch.float64)
+    return tuple(t.to(dtype) for t in (x, X, s, gamma, v))
+
+
+def _od_dense64(x, X, s, gamma):
+    """Independent float64 reference on the CPU: dense logits, logsumexp, softmax @ X."""
+    x, X, s, gamma = (t.detach().cpu().double() for t in (x, X, s, gamma))
+    logits = -((x[:, None] - s[:, None, None] * X[None]) ** 2).sum(-1) / (2 * gamma[:, None] ** 2)
+    return torch.softmax(logits, 1) @ X, torch.logsumexp(logits, 1)
+
+
+# B = 37 is not a multiple of the 16-query tile; N = 1001 is not a multiple of the 32-point tile
+# and gives several training-set splits (merged by log-sum-exp), N = 100 a single split; n = 70
+# spans three 32-column chunks, n = 13 part of one.
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigma", [0.005, 0.1, 0.7, 5.0])
+@pytest.mark.parametrize("N,n", [(1001, 13), (100, 70)])
+def test_optimal_denoiser_cuda_matches_cpu(dtype, sigma, N, n):
+    _need_optimal_cuda()
+    x, X, s, gamma, v = _od_problem(37, N, n, sigma, dtype, seed=21 + n)
+    y_c, lse_c = torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 64)
+    args_g = tuple(t.cuda() for t in (x, X, s, gamma))
+    y_g, lse_g = torch.ops.molrg.optimal_denoiser(*args_g, 64)
+    assert y_g.is_cuda and y_g.dtype == dtype and lse_g.shape == (37,)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(y_g.cpu(), y_c, **tol)
+    # The CPU assembles logits from cross terms (||x||^2 - 2 s <x, X_j> + s^2 ||X_j||^2): in
+    # float32 it uses a float32 GEMM while its rounding bound stays below 2^-11 logit units, and in
+    # float64 the cancellation at sigma = 0.005 costs ~1e-10. The GPU squares the differences in
+    # double, so its lse is compared with the CPU's at those widths and with the dense float64
+    # reference at the rounding of the output type.
+    lse_tol = dict(rtol=1e-6, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-9)
+    torch.testing.assert_close(lse_g.cpu(), lse_c, **lse_tol)
+    y_ref, lse_ref = _od_dense64(x, X, s, gamma)
+    ref_tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11,
+                                                                               atol=1e-11)
+    torch.testing.assert_close(y_g.cpu().double(), y_ref, **ref_tol)
+    lse_ref_tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12,
+                                                                                   atol=1e-12)
+    torch.testing.assert_close(lse_g.cpu().double(), lse_ref, **lse_ref_tol)
+    dx_c = torch.ops.molrg.optimal_denoiser_backward(v, x, X, s, gamma, y_c, lse_c)
+    dx_g = torch.ops.molrg.optimal_denoiser_backward(v.cuda(), *args_g, y_g, lse_g)
+    # dx = (s / gamma^2) Cov_w(X) v: scale the tolerance by s / gamma^2 (large at small sigma)
+    scale = float((s / gamma**2).max()) * float(X.abs().max()) ** 2
+    torch.testing.assert_close(dx_g.cpu(), dx_c, rtol=tol["rtol"] * 10,
+                               atol=tol["atol"] * 10 * scale)
+
+
+@cuda_test
+def test_optimal_denoiser_cuda_gradient_is_posterior_covariance():
+    """Tweedie on the device: dx = (s / gamma^2) Cov_w(X) v, from dense float64 weights."""
+    _need_optimal_cuda()
+    x, X, s, gamma, v = _od_problem(21, 300, 6, 0.5, torch.float64, seed=31)
+    xg = x.cuda().requires_grad_()
+    y = torch.ops.molrg.optimal_denoiser(xg, X.cuda(), s.cuda(), gamma.cuda(), 64)[0]
+    (dx,) = torch.autograd.grad(y, xg, v.cuda())
+    logits = -((x[:, None] - s[:, None, None] * X[None]) ** 2).sum(-1) / (2 * gamma[:, None] ** 2)
+    w = torch.softmax(logits, 1)
+    mean = w @ X
+    cov = torch.einsum("bj,bjk,bjl->bkl", w, X[None] - mean[:, None], X[None] - mean[:, None])
+    expect = (s / gamma**2)[:, None] * torch.einsum("bkl,bl->bk", cov, v)
+    torch.testing.assert_close(dx.cpu(), expect, rtol=1e-10, atol=1e-10)
+
+
+@cuda_test
+def test_optimal_denoiser_gradcheck_float64_on_cuda():
+    _need_optimal_cuda()
+    x, X, s, gamma, _ = _od_problem(19, 70, 5, 0.8, torch.float64, seed=32)
+    X, s, gamma = X.cuda(), s.cuda(), gamma.cuda()
+    xg = x.cuda().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda z: torch.ops.molrg.optimal_denoiser(z, X, s, gamma, 16)[0], (xg,))
+
+
+@cuda_test
+def test_optimal_denoiser_opcheck_on_cuda():
+    _need_optimal_cuda()
+    for dtype in (torch.float32, torch.float64):
+        x, X, s, gamma, v = (t.cuda() for t in _od_problem(6, 45, 5, 0.6, dtype, seed=33))
+        torch.library.opcheck(torch.ops.molrg.optimal_denoiser.default,
+                              (x.requires_grad_(), X, s, gamma, 8))
+        y, lse = torch.ops.molrg.optimal_denoiser(x.detach(), X, s, gamma, 8)
+        torch.library.opcheck(torch.ops.molrg.optimal_denoiser_backward.default,
+                              (v, x.detach(), X, s, gamma, y, lse))
+
+
+@cuda_test
+def test_optimal_denoiser_cuda_empty_batch():
+    _need_optimal_cuda()
+    X = torch.randn(10, 3, device="cuda")
+    e = torch.empty(0, device="cuda")
+    y, lse = torch.ops.molrg.optimal_denoiser(torch.empty(0, 3, device="cuda"), X, e, e, 8)
+    assert y.shape == (0, 3) and lse.shape == (0,)
+
+
+@cuda_test
+def test_optimal_denoiser_cuda_errors_name_the_argument():
+    _need_optimal_cuda()
+    x, X, s, gamma, v = (t.cuda() for t in _od_problem(5, 40, 4, 0.7, torch.float64, seed=34))
+    op, bw = torch.ops.molrg.optimal_denoiser, torch.ops.molrg.optimal_denoiser_backward
+    with pytest.raises(RuntimeError, match="X is on"):
+        op(x, X.cpu(), s, gamma, 8)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        op(x.cpu(), X, s, gamma, 8)
+    with pytest.raises(RuntimeError, match="X contains NaN"):
+        op(x, X * math.nan, s, gamma, 8)
+    with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
+        op(x, X, s, -gamma, 8)
+    with pytest.raises(RuntimeError, match="X has n = 5"):
+        op(x, torch.randn(40, 5, dtype=x.dtype, device="cuda"), s, gamma, 8)
+    y, lse = op(x, X, s, gamma, 8)
+    with pytest.raises(RuntimeError, match="lse is inconsistent"):
+        bw(v, x, X, s, gamma, y, lse + 1e4)  # every weight underflows (finish kernel)
+    with pytest.raises(RuntimeError, match="lse is inconsistent"):
+        bw(v, x, X, s, gamma, y, lse - 3.0)  # a logit above lse (main kernel)
+    with pytest.raises(RuntimeError, match="grad_y is on"):
+        bw(v.cpu(), x, X, s, gamma, y, lse)
