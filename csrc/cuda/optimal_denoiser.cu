@@ -19,12 +19,13 @@
 //      acc <- acc + sum_j q_j X_j (backward), the tile sum in double, the running value in the
 //      input type in global memory (rows owned by this block). A tile whose weights all underflow
 //      (small noise, far from the running maxima) skips this phase.
-// The two merge kernels carry no __launch_bounds__(256): with it ptxas capped them at 32 registers
-// and the fp64 finish kernel spilled.
 // Few queries cannot fill the GPU with one block per 16 queries: the training set is then cut
-// into `splits` ranges (grid.y), each writing its partial state to a workspace, and a second
-// kernel merges them (log-sum-exp; the backward just sums) and normalises, one thread per
-// output entry. With one split the partial state lives in the output itself.
+// into `splits` ranges (grid.y; about kTargetBlocks blocks in all, at least 4 tiles per split,
+// splits <= N / B so that the workspace is no larger than X), each writing its partial state to a
+// workspace, and a second kernel merges them (log-sum-exp; the backward just sums) and
+// normalises, one thread per output entry. With one split the partial state lives in the output
+// itself. The two merge kernels carry no __launch_bounds__(256): with it ptxas capped them at 32
+// registers and the fp64 finish kernel spilled.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -346,7 +347,8 @@ int64_t optimal_denoiser_splits(int64_t B, int64_t N) {
   const int64_t qblocks = std::max<int64_t>((B + kQ - 1) / kQ, 1);
   const int64_t tiles = (N + kJ - 1) / kJ;
   const int64_t want = (kTargetBlocks + qblocks - 1) / qblocks;
-  const int64_t most = std::max<int64_t>(tiles / kMinTilesPerSplit, 1);
+  // at least kMinTilesPerSplit tiles per split, and a workspace (splits x B x n) no larger than X
+  const int64_t most = std::max<int64_t>(std::min(tiles / kMinTilesPerSplit, N / std::max<int64_t>(B, 1)), 1);
   return std::clamp<int64_t>(want, 1, std::min<int64_t>(most, kOdMaxSplits));
 }
 
