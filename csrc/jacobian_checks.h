@@ -1,5 +1,6 @@
-// Shared front half of the dae_jacobian_spectrum bindings (CPU and CUDA): input validation and
-// the per-subspace Gram blocks S_k = R_k R_k^T of the stacked-basis factor R.
+// Shared front halves of the Jacobian bindings (CPU and CUDA): dae_jacobian_spectrum's input
+// validation and per-subspace Gram blocks S_k = R_k R_k^T of the stacked-basis factor R, and
+// sym_eig's validation, outputs and symmetrised working copy.
 #pragma once
 
 #include "checks.h"
@@ -39,6 +40,31 @@ inline at::Tensor stacked_gram_blocks(const at::Tensor& R, const DaeSizes& s,
     S.select(1, k).copy_(at::matmul(Rk, Rk.transpose(1, 2)));
   }
   return S;
+}
+
+// sym_eig(A [..., n, n], vectors): validated, with its outputs allocated (eigenvalues [..., n],
+// eigenvectors [..., n, n] or empty) and Ac, the contiguous symmetric part (A + A^T) / 2 that the
+// solver may destroy. total = number of matrices; Ac is undefined when there is nothing to do.
+struct SymEigSetup {
+  int64_t n = 0, total = 0;
+  at::Tensor evals, evecs, Ac;
+};
+
+inline SymEigSetup prepare_sym_eig(const at::Tensor& A, bool vectors, const char* op) {
+  TORCH_CHECK(A.dim() >= 2, op, ": A must be [..., n, n], got shape ", A.sizes());
+  SymEigSetup e;
+  e.n = A.size(-1);
+  TORCH_CHECK(A.size(-2) == e.n, op, ": A must be square, got shape ", A.sizes());
+  TORCH_CHECK(e.n <= 4096, op, ": n = ", e.n, " is too large for this small-matrix solver");
+  check_finite(A, op, "A");
+  auto shape = A.sizes().slice(0, A.dim() - 2).vec();
+  shape.push_back(e.n);
+  e.evals = at::empty(shape, A.options());
+  shape.push_back(e.n);
+  e.evecs = vectors ? at::empty(shape, A.options()) : at::empty({0}, A.options());
+  e.total = e.evals.numel() / std::max<int64_t>(e.n, 1);
+  if (e.total > 0 && e.n > 0) e.Ac = ((A + A.transpose(-1, -2)) * 0.5).contiguous();
+  return e;
 }
 
 }  // namespace molrg

@@ -63,6 +63,18 @@ def _check_tensor(t, name: str, where: str) -> torch.Tensor:
     return t
 
 
+def check_float_pair(a, b, name_a: str, name_b: str, where: str) -> None:
+    """Both tensors; a float32 or float64; b with a's dtype and device (errors name them)."""
+    _check_tensor(a, name_a, where)
+    _check_tensor(b, name_b, where)
+    if a.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{where}: {name_a} must be float32 or float64, got {a.dtype}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"{where}: {name_b} has dtype {b.dtype} but {name_a} has dtype {a.dtype}")
+    if b.device != a.device:
+        raise ValueError(f"{where}: {name_b} is on {b.device} but {name_a} is on {a.device}")
+
+
 def _as_float(v, like: torch.Tensor, name: str, where: str) -> torch.Tensor:
     """Python numbers become tensors of x's dtype/device; tensors must already match."""
     if isinstance(v, torch.Tensor):
@@ -96,14 +108,7 @@ def prepare_dae_args(
     assign: Optional[torch.Tensor] = None,
     where: str = "subspace_dae",
 ) -> DaeArgs:
-    _check_tensor(x, "x", where)
-    _check_tensor(U, "U", where)
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{where}: x must be float32 or float64, got {x.dtype}")
-    if U.dtype != x.dtype:
-        raise TypeError(f"{where}: U has dtype {U.dtype} but x has dtype {x.dtype}")
-    if U.device != x.device:
-        raise ValueError(f"{where}: U is on {U.device} but x is on {x.device}")
+    check_float_pair(x, U, "x", "U", where)
     if x.dim() not in (2, 3):
         raise ValueError(f"{where}: x must be [B, n] or [P, B, n], got shape {tuple(x.shape)}")
     if U.dim() not in (3, 4):

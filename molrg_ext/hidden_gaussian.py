@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
+from ._args import check_float_pair
 from .gaussian_denoiser import GaussianDenoiser
 from .linear_distill import LinearDenoiser, linear_distill
 from .metrics.linearity import linearity_score
@@ -134,15 +135,7 @@ def optimal_denoiser(
         ``[B, *shape]``; differentiable w.r.t. ``x_t``.
     """
     where = "optimal_denoiser"
-    for name, t in (("x_t", x_t), ("X_train", X_train)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if x_t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{where}: x_t must be float32 or float64, got {x_t.dtype}")
-    if X_train.dtype != x_t.dtype:
-        raise TypeError(f"{where}: X_train has dtype {X_train.dtype} but x_t has {x_t.dtype}")
-    if X_train.device != x_t.device:
-        raise ValueError(f"{where}: X_train is on {X_train.device} but x_t is on {x_t.device}")
+    check_float_pair(x_t, X_train, "x_t", "X_train", where)
     if x_t.dim() < 2:
         raise ValueError(f"{where}: x_t must be [B, *shape], got shape {tuple(x_t.shape)}")
     if X_train.dim() < 2:

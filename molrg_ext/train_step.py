@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import parse_dims, parse_mode
+from ._args import check_float_pair, parse_dims, parse_mode
 from .posterior import posterior_mean_coefficients
 
 __all__ = ["Levels", "make_levels", "train_step", "philox_draws"]
@@ -128,15 +128,7 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
         ``(loss [P], grad_U)`` with ``loss_p = mean_m lambda_l ||x_theta(s_l x_i + gamma_l eps)
         - x_i||^2`` and ``grad_U = d loss / d U`` (shapes follow the unbatched inputs).
     """
-    for name, t in (("X", X), ("U", U)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"train_step: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if X.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"train_step: X must be float32 or float64, got {X.dtype}")
-    if U.dtype != X.dtype:
-        raise TypeError(f"train_step: U has dtype {U.dtype} but X has dtype {X.dtype}")
-    if U.device != X.device:
-        raise ValueError(f"train_step: U is on {U.device} but X is on {X.device}")
+    check_float_pair(X, U, "X", "U", "train_step")
     if not isinstance(levels, Levels):
         raise TypeError("train_step: levels must be a Levels table from make_levels()")
     batched = X.dim() == 3

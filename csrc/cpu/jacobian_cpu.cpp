@@ -77,22 +77,12 @@ std::tuple<at::Tensor, at::Tensor> dae_jacobian_spectrum_cpu(
 
 std::tuple<at::Tensor, at::Tensor> sym_eig_cpu(const at::Tensor& A, bool vectors) {
   check_float(A, kEig, "A");
-  TORCH_CHECK(A.dim() >= 2, kEig, ": A must be [..., n, n], got shape ", A.sizes());
-  const int64_t n = A.size(-1);
-  TORCH_CHECK(A.size(-2) == n, kEig, ": A must be square, got shape ", A.sizes());
-  TORCH_CHECK(n <= 4096, kEig, ": n = ", n, " is too large for this small-matrix solver");
-  check_finite(A, kEig, "A");
-  auto batch = A.sizes().slice(0, A.dim() - 2).vec();
-  auto ev_shape = batch;
-  ev_shape.push_back(n);
-  auto evals = at::empty(ev_shape, A.options());
-  auto vec_shape = ev_shape;
-  vec_shape.push_back(n);
-  auto evecs = vectors ? at::empty(vec_shape, A.options()) : at::empty({0}, A.options());
-  const int64_t total = evals.numel() / std::max<int64_t>(n, 1);
-  if (total == 0 || n == 0) return {evals, evecs};
-  // Symmetric part, contiguous copy that the kernel may destroy.
-  auto Ac = ((A + A.transpose(-1, -2)) * 0.5).contiguous();
+  SymEigSetup e = prepare_sym_eig(A, vectors, kEig);
+  const int64_t n = e.n, total = e.total;
+  auto& evals = e.evals;
+  auto& evecs = e.evecs;
+  if (!e.Ac.defined()) return {evals, evecs};
+  auto& Ac = e.Ac;
 
   std::atomic<bool> failed{false};
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "sym_eig_cpu", [&] {
