@@ -75,6 +75,16 @@ def check_float_pair(a, b, name_a: str, name_b: str, where: str) -> None:
         raise ValueError(f"{where}: {name_b} is on {b.device} but {name_a} is on {a.device}")
 
 
+def check_denoiser_data(denoiser, X0, where: str) -> None:
+    """A callable denoiser(x, sigma) and a non-empty, finite, floating [N, *shape] sample X0."""
+    if not callable(denoiser):
+        raise TypeError(f"{where}: denoiser must be callable(x, sigma)")
+    if not isinstance(X0, torch.Tensor) or X0.dim() < 2 or X0.shape[0] == 0:
+        raise ValueError(f"{where}: X0 must be a non-empty [N, *shape] tensor")
+    if not X0.is_floating_point() or not torch.isfinite(X0).all():
+        raise ValueError(f"{where}: X0 must be floating point and finite")
+
+
 def _as_float(v, like: torch.Tensor, name: str, where: str) -> torch.Tensor:
     """Python numbers become tensors of x's dtype/device; tensors must already match."""
     if isinstance(v, torch.Tensor):

@@ -10,6 +10,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ._args import check_denoiser_data
+
 __all__ = ["linear_distill", "LinearDenoiser"]
 
 
@@ -67,12 +69,7 @@ def linear_distill(
         :class:`LinearDenoiser` with ``W`` [S, n, n] and ``b`` [S, n] (dtype of ``X0``).
     """
     where = "linear_distill"
-    if not callable(denoiser):
-        raise TypeError(f"{where}: denoiser must be callable(x, sigma)")
-    if not isinstance(X0, torch.Tensor) or X0.dim() < 2 or X0.shape[0] == 0:
-        raise ValueError(f"{where}: X0 must be a non-empty [N, *shape] tensor")
-    if not X0.is_floating_point() or not torch.isfinite(X0).all():
-        raise ValueError(f"{where}: X0 must be floating point and finite")
+    check_denoiser_data(denoiser, X0, where)
     sig = [float(s) for s in sigmas]
     if not sig or any(not (s > 0 and s < float("inf")) for s in sig):
         raise ValueError(f"{where}: sigmas must be a non-empty list of finite levels > 0")

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._args import check_denoiser_data
 from ..schedules import EDM
 
 __all__ = ["linearity_score", "edm_sigma_grid"]
@@ -54,12 +55,7 @@ def linearity_score(
         float64 tensor ``[S]``, one score per sigma.
     """
     where = "linearity_score"
-    if not callable(denoiser):
-        raise TypeError(f"{where}: denoiser must be callable(x, sigma)")
-    if not isinstance(X0, torch.Tensor) or X0.dim() < 2 or X0.shape[0] == 0:
-        raise ValueError(f"{where}: X0 must be a non-empty [N, *shape] tensor")
-    if not X0.is_floating_point() or not torch.isfinite(X0).all():
-        raise ValueError(f"{where}: X0 must be floating point and finite")
+    check_denoiser_data(denoiser, X0, where)
     if n_pairs < 1:
         raise ValueError(f"{where}: n_pairs must be >= 1, got {n_pairs}")
     sig = edm_sigma_grid() if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)
