@@ -45,6 +45,11 @@ struct DaeSizes {
   std::vector<int32_t> dims;
 };
 
+// The denoiser mode argument of every op: 0 soft, 1 hard.
+inline void check_dae_mode(int64_t mode, const char* op) {
+  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (soft) or 1 (hard), got ", mode);
+}
+
 inline DaeSizes check_dae_xU(const at::Tensor& x, const at::Tensor& U, at::IntArrayRef dims,
                              const char* op) {
   check_float(x, op, "x");

@@ -18,7 +18,7 @@ inline JacobianSizes check_jacobian_inputs(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& assign,
                                            at::IntArrayRef dims, int64_t mode, const char* op) {
-  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (soft) or 1 (hard), got ", mode);
+  check_dae_mode(mode, op);
   DaeSizes s = check_dae_xU(x, U, dims, op);
   check_dae_scales(c, phi, s, x, op);
   check_finite(x, op, "x");

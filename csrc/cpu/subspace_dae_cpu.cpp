@@ -132,8 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
     const at::Tensor& x, const at::Tensor& U, const at::Tensor& c, const at::Tensor& phi,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& assign,
     at::IntArrayRef dims, int64_t mode) {
-  TORCH_CHECK(mode == kSoft || mode == kHard, kFwd, ": mode must be 0 (soft) or 1 (hard), got ",
-              mode);
+  check_dae_mode(mode, kFwd);
   DaeSizes s = check_dae_xU(x, U, dims, kFwd);
   check_dae_scales(c, phi, s, x, kFwd);
   check_finite(c, kFwd, "c");
@@ -174,8 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& U, const at::Tensor& c,
     const at::Tensor& phi, const at::Tensor& proj, const at::Tensor& w, at::IntArrayRef dims,
     int64_t mode, bool need_dx, bool need_dU) {
-  TORCH_CHECK(mode == kSoft || mode == kHard, kBwd, ": mode must be 0 (soft) or 1 (hard), got ",
-              mode);
+  check_dae_mode(mode, kBwd);
   DaeSizes s = check_dae_xU(x, U, dims, kBwd);
   check_dae_scales(c, phi, s, x, kBwd);
   check_like(grad_y, x, kBwd, "grad_y", "x");

@@ -28,8 +28,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
                                                   const std::optional<at::Tensor>& level_bias,
                                                   at::IntArrayRef dims, int64_t batch,
                                                   int64_t seed, int64_t step, int64_t mode) {
-  TORCH_CHECK(mode == kSoft || mode == kHard, kTs, ": mode must be 0 (soft) or 1 (hard), got ",
-              mode);
+  check_dae_mode(mode, kTs);
   DaeSizes s = check_dae_xU(X, U, dims, kTs);  // s.B is N, the training-set size
   TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
   // X is not scanned: checked_train_loss catches a drawn non-finite sample (train_step_checks.h).

@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cuda(
     const at::Tensor& x, const at::Tensor& U, const at::Tensor& c, const at::Tensor& phi,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& assign,
     at::IntArrayRef dims, int64_t mode) {
-  TORCH_CHECK(mode == 0 || mode == 1, kFwd, ": mode must be 0 (soft) or 1 (hard), got ", mode);
+  check_dae_mode(mode, kFwd);
   check_cuda(x, kFwd, "x");
   DaeSizes s = check_dae_xU(x, U, dims, kFwd);
   check_dae_scales(c, phi, s, x, kFwd);
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& U, const at::Tensor& c,
     const at::Tensor& phi, const at::Tensor& proj, const at::Tensor& w, at::IntArrayRef dims,
     int64_t mode, bool need_dx, bool need_dU) {
-  TORCH_CHECK(mode == 0 || mode == 1, kBwd, ": mode must be 0 (soft) or 1 (hard), got ", mode);
+  check_dae_mode(mode, kBwd);
   check_cuda(x, kBwd, "x");
   DaeSizes s = check_dae_xU(x, U, dims, kBwd);
   check_dae_scales(c, phi, s, x, kBwd);

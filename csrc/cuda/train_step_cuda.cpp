@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cuda(const at::Tensor& X, const at
                                                    const std::optional<at::Tensor>& level_bias,
                                                    at::IntArrayRef dims, int64_t batch,
                                                    int64_t seed, int64_t step, int64_t mode) {
-  TORCH_CHECK(mode == 0 || mode == 1, kTs, ": mode must be 0 (soft) or 1 (hard), got ", mode);
+  check_dae_mode(mode, kTs);
   TORCH_CHECK(X.is_cuda(), kTs, ": X must be a CUDA tensor, got device ", X.device());
   DaeSizes s = check_dae_xU(X, U, dims, kTs);  // s.B is N, the training-set size
   const c10::cuda::CUDAGuard guard(X.device());
