@@ -32,6 +32,7 @@
 
 #include "../kernels/optimal_denoiser.h"
 #include "launchers.h"
+#include "warp.cuh"
 
 namespace molrg::cuda {
 namespace {
@@ -51,18 +52,6 @@ constexpr int kMergeThreads = 256;
 static_assert(kQ % kWarps == 0, "queries must split evenly over the warps");
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ Acc warp_sum(Acc v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ Acc warp_max(Acc v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 // Shared memory of a block: the staged chunks (padded rows: lanes read different rows of Xs),
 // per-query constants and running state, and the tile's weights.

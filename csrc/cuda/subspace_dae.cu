@@ -17,6 +17,7 @@
 
 #include "../kernels/subspace_dae.h"
 #include "launchers.h"
+#include "warp.cuh"
 
 namespace molrg::cuda {
 namespace {
@@ -29,13 +30,6 @@ constexpr int64_t kMaxBlocks = 65535LL * 32;
 // 3 resident blocks (24 warps) per SM: a register cap of 85 per thread, enough for the fp64
 // forward without spills (the default heuristic picked 64 and spilled).
 constexpr int kMinBlocks = 3;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // Column j of U_k (n x dm, row-major) dotted with v, reduced over the warp (every lane gets it).
 template <typename T>

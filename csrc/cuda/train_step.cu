@@ -16,6 +16,7 @@
 #include "../kernels/subspace_dae.h"
 #include "../kernels/train_step.h"
 #include "launchers.h"
+#include "warp.cuh"
 
 namespace molrg::cuda {
 namespace {
@@ -25,13 +26,6 @@ using namespace molrg::kernels;
 constexpr int kWarp = 32;
 constexpr int kMaxWarps = 8;
 constexpr int64_t kSmemBudget = 48 * 1024;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // P_k = U_k^T v for every k into proj (padded entries zero); sq[k] = ||P_k||^2 (lane 0 writes).
 template <typename T>
