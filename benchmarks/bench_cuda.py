@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from molrg_ext import _C
+from molrg_ext.bench import cuda_synced
 from molrg_ext import ops
 from molrg_ext import reference as ref
 
@@ -32,15 +33,6 @@ def _problem(size, dtype=torch.float32):
     return x, U, c, phi, dims
 
 
-def _timed(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
 def _fwd_bwd(impl, x, U, c, phi, dims):
     def step():
         U.grad = None
@@ -53,14 +45,14 @@ def _fwd_bwd(impl, x, U, c, phi, dims):
 @pytest.mark.benchmark(group="cuda-forward")
 def test_forward_ours(benchmark, size):
     x, U, c, phi, dims = _problem(size)
-    benchmark(_timed(lambda: ops.subspace_dae(x, U, c, phi, dims=dims)))
+    benchmark(cuda_synced(lambda: ops.subspace_dae(x, U, c, phi, dims=dims)))
 
 
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.benchmark(group="cuda-forward")
 def test_forward_eager_reference(benchmark, size):
     x, U, c, phi, dims = _problem(size)
-    benchmark(_timed(lambda: ref.subspace_dae(x, U, c, phi, dims=dims)))
+    benchmark(cuda_synced(lambda: ref.subspace_dae(x, U, c, phi, dims=dims)))
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -69,7 +61,7 @@ def test_forward_compiled_reference(benchmark, size):
     x, U, c, phi, dims = _problem(size)
     f = torch.compile(lambda x_, U_: ref.subspace_dae(x_, U_, c, phi, dims=dims))
     f(x, U)  # compile outside the timing
-    benchmark(_timed(lambda: f(x, U)))
+    benchmark(cuda_synced(lambda: f(x, U)))
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -98,14 +90,14 @@ def test_forward_cupy_composition(benchmark, size):
 @pytest.mark.benchmark(group="cuda-forward-backward")
 def test_fwd_bwd_ours(benchmark, size):
     x, U, c, phi, dims = _problem(size)
-    benchmark(_timed(_fwd_bwd(ops.subspace_dae, x, U.requires_grad_(), c, phi, dims)))
+    benchmark(cuda_synced(_fwd_bwd(ops.subspace_dae, x, U.requires_grad_(), c, phi, dims)))
 
 
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.benchmark(group="cuda-forward-backward")
 def test_fwd_bwd_eager_reference(benchmark, size):
     x, U, c, phi, dims = _problem(size)
-    benchmark(_timed(_fwd_bwd(ref.subspace_dae, x, U.requires_grad_(), c, phi, dims)))
+    benchmark(cuda_synced(_fwd_bwd(ref.subspace_dae, x, U.requires_grad_(), c, phi, dims)))
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -113,4 +105,4 @@ def test_fwd_bwd_eager_reference(benchmark, size):
 def test_hard_assign_ours_vs_reference(benchmark, size):
     x, U, _, _, dims = _problem(size)
     torch.testing.assert_close(ops.hard_assign(x, U, dims=dims), ref.hard_assign(x, U, dims=dims))
-    benchmark(_timed(lambda: ops.hard_assign(x, U, dims=dims)))
+    benchmark(cuda_synced(lambda: ops.hard_assign(x, U, dims=dims)))

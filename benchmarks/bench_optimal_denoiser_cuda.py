@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from molrg_ext import _C
+from molrg_ext.bench import cuda_synced
 
 if (not torch.cuda.is_available() or not getattr(_C, "built_with_cuda", False)
         or not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::optimal_denoiser", "CUDA")):
@@ -38,27 +39,18 @@ def _dense(x, X, s, gamma):
     return torch.softmax(-d2 / (2 * gamma[:, None] ** 2), 1) @ X
 
 
-def _timed(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.benchmark(group="cuda-optimal-forward")
 def test_forward_ours(benchmark, size):
     x, X, s, gamma = _problem(size)
-    benchmark(_timed(lambda: torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 512)))
+    benchmark(cuda_synced(lambda: torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 512)))
 
 
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.benchmark(group="cuda-optimal-forward")
 def test_forward_dense_eager(benchmark, size):
     x, X, s, gamma = _problem(size)
-    benchmark(_timed(lambda: _dense(x, X, s, gamma)))
+    benchmark(cuda_synced(lambda: _dense(x, X, s, gamma)))
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -72,7 +64,7 @@ def test_fwd_bwd_ours(benchmark, size):
             torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 512)[0].square().sum(), x)
         return dx
 
-    benchmark(_timed(step))
+    benchmark(cuda_synced(step))
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -85,4 +77,4 @@ def test_fwd_bwd_dense_eager(benchmark, size):
         (dx,) = torch.autograd.grad(_dense(x, X, s, gamma).square().sum(), x)
         return dx
 
-    benchmark(_timed(step))
+    benchmark(cuda_synced(step))

@@ -31,7 +31,7 @@ from .train_step import Levels, train_step
 
 __all__ = [
     "DAE_SHAPES", "TRAIN_SHAPES", "eager_dae", "make_dae_case", "make_train_case",
-    "dae_flops", "train_flops", "time_callable", "run", "main", "peak_gflops",
+    "dae_flops", "train_flops", "time_callable", "cuda_synced", "run", "main", "peak_gflops",
 ]
 
 # (n, K, d, B)
@@ -206,6 +206,16 @@ def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096) -> Optional[C
         return U.grad
 
     return step
+
+
+def cuda_synced(fn: Callable) -> Callable:
+    """fn followed by torch.cuda.synchronize(), so a timer sees the kernels finish."""
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def time_callable(fn: Callable, repeats: int = 5, warmup: int = 1, min_time: float = 0.0):
