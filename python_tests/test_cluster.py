@@ -11,12 +11,7 @@ from molrg_ext.posterior import posterior_mean_coefficients
 from molrg_ext.schedules import VP
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rate(est, data, dims):

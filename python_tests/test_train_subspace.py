@@ -13,12 +13,7 @@ from molrg_ext.train.subspace import paper_init, retract
 QUICK = dict(lr=0.5, batch=96, steps=250, tol=1e-3, check_every=20)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rate(tr, data):
