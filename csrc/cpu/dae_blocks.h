@@ -148,13 +148,6 @@ struct BlockScratch {
     for (int t = 0; t < S; ++t)
       std::copy(src + (int64_t)pos[t] * n, src + (int64_t)(pos[t] + 1) * n, dst + (int64_t)t * n);
   }
-  // Samples t < S with comp[t] == k, into sel; returns their count.
-  int select(int S, int k) {
-    int cnt = 0;
-    for (int t = 0; t < S; ++t)
-      if (comp[t] == k) sel[cnt++] = t;
-    return cnt;
-  }
 };
 
 // ||P_k||^2 of one packed projection row (padded entries are zero).
@@ -446,29 +439,31 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     block_sq(s.P.data() + (int64_t)t * Dp, g, s.sq.data());
     s.comp[t] = dae_argmax(s.sq.data(), K);
   }
+  s.sort_by_component(S, K);
   for (int k = 0; k < K; ++k) {
-    const int cnt = s.select(S, k);
+    const int u0 = s.start[k], cnt = s.start[k + 1] - u0;
     if (cnt == 0) continue;
+    const int* sel = s.sel.data() + u0;
     const int dk = dims[k];
     std::vector<const T*>& xrows = s.rowB;
     for (int u = 0; u < cnt; ++u) {
-      const int t = s.sel[u];
+      const int t = sel[u];
       xrows[u] = s.xt.data() + (int64_t)t * n;
       s.rowY[u] = s.y.data() + (int64_t)t * n;
       s.rowC[u] = s.rowY[u];
     }
     project(xrows.data(), cnt, n, pn.Uc(k), dW, s.P.data(), dW);
     for (int u = 0; u < cnt; ++u) {
-      const T cl = levels[(int64_t)s.lev[s.sel[u]] * kLvCols + kLvC];
+      const T cl = levels[(int64_t)s.lev[sel[u]] * kLvCols + kLvC];
       const T* Pu = s.P.data() + (int64_t)u * dW;
       T* Cu = s.C.data() + (int64_t)u * dW;
       for (int j = 0; j < dW; ++j) Cu[j] = j < dk ? cl * Pu[j] : T(0);
     }
     expand(s.C.data(), dW, cnt, dk, pn.UcT(k), n, s.rowY.data());
-    for (int u = 0; u < cnt; ++u) loss_and_grad(s.sel[u], s.rowY[u]);
+    for (int u = 0; u < cnt; ++u) loss_and_grad(sel[u], s.rowY[u]);
     project(s.rowC.data(), cnt, n, pn.Uc(k), dW, s.R.data(), dW);
     for (int u = 0; u < cnt; ++u) {
-      const T cl = levels[(int64_t)s.lev[s.sel[u]] * kLvCols + kLvC];
+      const T cl = levels[(int64_t)s.lev[sel[u]] * kLvCols + kLvC];
       const T* Ru = s.R.data() + (int64_t)u * dW;
       T* dPu = s.dP.data() + (int64_t)u * dW;
       for (int j = 0; j < dW; ++j) dPu[j] = j < dk ? cl * Ru[j] : T(0);
