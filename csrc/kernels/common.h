@@ -31,10 +31,6 @@ template <typename T> MOLRG_HD T m_sqrt(T v);
 template <> MOLRG_HD float m_sqrt<float>(float v) { return sqrtf(v); }
 template <> MOLRG_HD double m_sqrt<double>(double v) { return sqrt(v); }
 
-template <typename T> MOLRG_HD T m_log(T v);
-template <> MOLRG_HD float m_log<float>(float v) { return logf(v); }
-template <> MOLRG_HD double m_log<double>(double v) { return log(v); }
-
 template <typename T> MOLRG_HD T m_max(T a, T b) { return a > b ? a : b; }
 
 }  // namespace molrg::kernels
