@@ -36,6 +36,28 @@ inline void unpack_grads(const at::Tensor& acc, const cpu::PanelGeom& g, const D
   });
 }
 
+// Gradient accumulators of the blocked kernels for P instances. With enough instances
+// (P >= 2 threads) a thread owns whole instances (by_instance: parallel_blocks splits by instance)
+// and one accumulator per instance suffices; otherwise one per thread and instance, summed once.
+template <typename T>
+struct GradAccumulators {
+  bool by_instance;
+  int64_t P, size;
+  at::Tensor acc;
+  T* base;
+  GradAccumulators(const cpu::PanelGeom& g, int64_t P_, const at::TensorOptions& opt)
+      : by_instance(P_ >= 2 * at::get_num_threads()), P(P_), size(g.acc_size()) {
+    acc = at::zeros({by_instance ? int64_t(1) : int64_t(at::get_num_threads()), P, size}, opt);
+    base = acc.data_ptr<T>();
+  }
+  // The accumulator of instance p for the calling thread (inside parallel_blocks).
+  T* of(int64_t p) const { return base + ((by_instance ? 0 : at::get_thread_num() * P) + p) * size; }
+  // dU [P, K, n, dm] from the (reduced) accumulators.
+  void unpack(const cpu::PanelGeom& g, const DaeSizes& s, at::Tensor& dU) const {
+    unpack_grads<T>(by_instance ? acc.select(0, 0) : acc.sum(0), g, s, dU);
+  }
+};
+
 // Runs fn(p, start, S, scratch) on every block of kBlock samples [start, start + S) of every
 // instance p, split over threads with at::parallel_for: by instance (a thread owns whole instances,
 // so it may write their gradients directly) or block by block.

@@ -198,16 +198,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     return {dx, dU, dc, dphi, dbias};
   }
 
-  const int64_t nthreads = at::get_num_threads();
-  // Enough instances: a thread owns whole instances and accumulates their dU directly.
-  // Otherwise one accumulator per thread for every instance, summed once.
-  const bool by_instance = s.P >= 2 * nthreads;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_backward_cpu", [&] {
     const cpu::PanelGeom g = cpu::panel_geom<scalar_t>((int)s.n, (int)s.K, (int)s.dm);
     auto pan = pack_panels<scalar_t>(U, g, s);
-    at::Tensor acc;
-    if (need_dU)
-      acc = at::zeros({by_instance ? int64_t(1) : nthreads, s.P, g.acc_size()}, x.options());
+    std::optional<GradAccumulators<scalar_t>> acc;
+    if (need_dU) acc.emplace(g, s.P, x.options());
     const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* gp = grad_y.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -219,20 +214,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     scalar_t* dcp = dc.data_ptr<scalar_t>();
     scalar_t* dphip = dphi.data_ptr<scalar_t>();
     scalar_t* dbp = dbias.data_ptr<scalar_t>();
-    scalar_t* accp = need_dU ? acc.data_ptr<scalar_t>() : nullptr;
     const int64_t K = s.K, n = s.n, D = s.K * s.dm;
+    const bool by_instance = acc && acc->by_instance;
     parallel_blocks<scalar_t>(g, s.P, s.B, by_instance, [&](int64_t p, int64_t start, int S,
                                                              auto& sc) {
       const int64_t i0 = p * s.B + start;
-      scalar_t* my_acc = nullptr;
-      if (accp)
-        my_acc = accp + ((by_instance ? 0 : at::get_thread_num() * s.P) + p) * g.acc_size();
       cpu::dae_backward_block<scalar_t>(
           gp + i0 * n, xp + i0 * n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0,
           php + i0, pp + i0 * D, wp + i0 * K, (int)mode, dxp ? dxp + i0 * n : nullptr, dcp + i0,
-          dphip + i0, dbp + i0 * K, my_acc, sc);
+          dphip + i0, dbp + i0 * K, acc ? acc->of(p) : nullptr, sc);
     });
-    if (need_dU) unpack_grads<scalar_t>(by_instance ? acc.select(0, 0) : acc.sum(0), g, s, dU);
+    if (acc) acc->unpack(g, s, dU);
   });
   return {dx, dU, dc, dphi, dbias};
 }

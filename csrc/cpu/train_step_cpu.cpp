@@ -37,31 +37,26 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
   const int64_t P = s.P, M = batch;
   auto slot_loss = at::empty({P, M}, X.options());
   auto grad = at::empty_like(U);
-  const int64_t nthreads = at::get_num_threads();
-  // Enough instances: one thread owns whole instances and writes their gradient directly.
-  // Otherwise split the blocks of slots and keep one accumulator per thread.
-  const bool by_instance = P >= 2 * nthreads;
 
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "train_step_cpu", [&] {
     const cpu::PanelGeom g = cpu::panel_geom<scalar_t>((int)s.n, (int)s.K, (int)s.dm);
     auto pan = pack_panels<scalar_t>(U, g, s);
-    auto acc = at::zeros({by_instance ? int64_t(1) : nthreads, P, g.acc_size()}, X.options());
+    const GradAccumulators<scalar_t> acc(g, P, X.options());
     const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* Xp = X.data_ptr<scalar_t>();
     const scalar_t* lvp = levels.data_ptr<scalar_t>();
     const scalar_t* lbp = level_bias ? level_bias->data_ptr<scalar_t>() : nullptr;
     scalar_t* lossp = slot_loss.data_ptr<scalar_t>();
-    scalar_t* accp = acc.data_ptr<scalar_t>();
     const scalar_t inv_M = scalar_t(1) / scalar_t(M);
     const int64_t N = s.B;
-    parallel_blocks<scalar_t>(g, P, M, by_instance, [&](int64_t p, int64_t m0, int S, auto& sc) {
-      scalar_t* my_acc = accp + ((by_instance ? 0 : at::get_thread_num() * P) + p) * g.acc_size();
+    parallel_blocks<scalar_t>(g, P, M, acc.by_instance, [&](int64_t p, int64_t m0, int S,
+                                                            auto& sc) {
       cpu::train_block<scalar_t>(Xp + p * N * s.n, (uint32_t)N, S, (uint32_t)m0, (uint32_t)p,
                                  {panp + p * g.size(), g}, s.dims.data(), lvp, lbp, (uint32_t)L,
                                  (int)mode, (uint64_t)seed, (uint32_t)step, inv_M,
-                                 lossp + p * M + m0, my_acc, sc);
+                                 lossp + p * M + m0, acc.of(p), sc);
     });
-    unpack_grads<scalar_t>(by_instance ? acc.select(0, 0) : acc.sum(0), g, s, grad);
+    acc.unpack(g, s, grad);
   });
   return {checked_train_loss(slot_loss, kTs), grad};
 }
