@@ -8,11 +8,17 @@
 //   full panel       Uf [n, Dp]  column k*dm + j = U_k[:, j] (0 for j >= d_k and past K*dm)
 //                    UfT [K*dm, np] its transpose
 //   component panels Uc_k [n, dW] the d_k columns of U_k, UcT_k [dm, np] its transpose
+//   indicator panels Ind [Dp, Kp]   Ind[k*dm + j, k] = 1 for j < d_k (0 elsewhere)
+//                    IndT [Kp, Dp]  its transpose
+// The indicators turn the per-component sums and broadcasts of the per-sample math (||P_k||^2,
+// <r_k, P_k>, c w_k P_k) into register-tiled products over the whole block: Sums [S, Kp] =
+// (A o B) Ind, Spread [S, Dp] = Coef IndT, with the elementwise products vectorised over rows.
 // Soft mode uses the full panel (every component is active). Hard mode uses the full panel only
 // for the assignment; a block's samples are then grouped by component and each group runs
 // against its own component panel, so inactive components cost nothing.
-// Gradient accumulators of one instance: the full layout [n, Dp] followed by the component
-// layout [K, n, dW]; unpack_grad adds both into dU [K, n, dm].
+// Gradient accumulators of one instance, transposed (tiles.h outer): the full layout [D, np]
+// (row k*dm + j = d/dU_k[:, j]) followed by the component layout [K, dm, np]; unpack_grad adds
+// both into dU [K, n, dm].
 #pragma once
 
 #include <vector>
@@ -31,11 +37,13 @@ using kernels::kSoft;
 constexpr int kBlock = 64;  // samples per block: x, y and the block buffers stay in L1
 
 struct PanelGeom {
-  int n, K, dm, np, D, Dp, dW;
+  int n, K, dm, np, D, Dp, dW, Kp;
   int64_t full_size() const { return (int64_t)n * Dp + (int64_t)D * np; }
   int64_t comp_stride() const { return (int64_t)n * dW + (int64_t)dm * np; }
-  int64_t size() const { return full_size() + K * comp_stride(); }
-  int64_t acc_size() const { return (int64_t)n * Dp + (int64_t)K * n * dW; }
+  int64_t ind_offset() const { return full_size() + K * comp_stride(); }
+  int64_t size() const { return ind_offset() + 2 * (int64_t)Dp * Kp; }
+  int64_t acc_size() const { return (int64_t)D * np + (int64_t)K * dm * np; }
+  int64_t comp_acc_offset(int k) const { return (int64_t)D * np + (int64_t)k * dm * np; }
 };
 
 template <typename T>
@@ -48,6 +56,7 @@ PanelGeom panel_geom(int n, int K, int dm) {
   g.D = K * dm;
   g.Dp = round_up_vec<T>(g.D);
   g.dW = round_up_vec<T>(dm);
+  g.Kp = round_up_vec<T>(K);
   return g;
 }
 
@@ -59,6 +68,8 @@ struct Panels {  // views into one instance's packed panels
   const T* UfT() const { return base + (int64_t)g.n * g.Dp; }
   const T* Uc(int k) const { return base + g.full_size() + k * g.comp_stride(); }
   const T* UcT(int k) const { return Uc(k) + (int64_t)g.n * g.dW; }
+  const T* Ind() const { return base + g.ind_offset(); }
+  const T* IndT() const { return Ind() + (int64_t)g.Dp * g.Kp; }
 };
 
 // Pack U [K, n, dm] of one instance into out [g.size()].
@@ -67,6 +78,13 @@ void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out) 
   std::fill(out, out + g.size(), T(0));
   T* Uf = out;
   T* UfT = out + (int64_t)g.n * g.Dp;
+  T* Ind = out + g.ind_offset();
+  T* IndT = Ind + (int64_t)g.Dp * g.Kp;
+  for (int k = 0; k < g.K; ++k)
+    for (int j = 0; j < dims[k]; ++j) {
+      Ind[(int64_t)(k * g.dm + j) * g.Kp + k] = T(1);
+      IndT[(int64_t)k * g.Dp + k * g.dm + j] = T(1);
+    }
   for (int k = 0; k < g.K; ++k) {
     T* Uc = out + g.full_size() + k * g.comp_stride();
     T* UcT = Uc + (int64_t)g.n * g.dW;
@@ -84,22 +102,23 @@ void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out) 
 // dU [K, n, dm] = (full + component accumulators), zero in the padded columns.
 template <typename T>
 void unpack_grad(const T* acc, const PanelGeom& g, const int32_t* dims, T* dU) {
-  const T* af = acc;
   for (int k = 0; k < g.K; ++k) {
-    const T* ac = acc + (int64_t)g.n * g.Dp + (int64_t)k * g.n * g.dW;
+    const T* ac = acc + g.comp_acc_offset(k);
     for (int i = 0; i < g.n; ++i)
       for (int j = 0; j < g.dm; ++j)
         dU[((int64_t)k * g.n + i) * g.dm + j] =
-            j < dims[k] ? af[(int64_t)i * g.Dp + k * g.dm + j] + ac[(int64_t)i * g.dW + j] : T(0);
+            j < dims[k] ? acc[(int64_t)(k * g.dm + j) * g.np + i] + ac[(int64_t)j * g.np + i]
+                        : T(0);
   }
 }
 
 // Per-thread buffers for one block.
 template <typename T>
 struct BlockScratch {
-  std::vector<T> P, C, R, dP, xt, y, z, sq, dlogit, w;
-  std::vector<const T*> rowA, rowB, rowC;
-  std::vector<T*> rowY;
+  std::vector<T> P, C, R, dP, xt, y, z, w;
+  std::vector<T> Q, E, E2, sums, sums2, ca, cb, cs, phis, dlogit, dcs, dphis;  // per-sample math
+  std::vector<const T*> rowA, rowB, rowC, rowQ;
+  std::vector<T*> rowY, rowE, rowE2;
   std::vector<int> comp, sel, pos, start;
   std::vector<uint32_t> idx, lev;
   explicit BlockScratch(const PanelGeom& g) {
@@ -111,9 +130,22 @@ struct BlockScratch {
     xt.assign((int64_t)kBlock * g.n, T(0));
     y.assign((int64_t)kBlock * g.n, T(0));
     z.assign((int64_t)kBlock * g.n, T(0));
-    sq.assign(g.K, T(0));
-    dlogit.assign(g.K, T(0));
     w.assign((int64_t)kBlock * g.K, T(0));
+    Q.assign((int64_t)kBlock * g.Dp, T(0));
+    E.assign((int64_t)kBlock * g.Dp, T(0));
+    E2.assign((int64_t)kBlock * g.Dp, T(0));
+    sums.assign((int64_t)kBlock * g.Kp, T(0));
+    sums2.assign((int64_t)kBlock * g.Kp, T(0));
+    for (auto* v : {&ca, &cb, &dlogit}) v->assign((int64_t)kBlock * g.K, T(0));
+    for (auto* v : {&cs, &phis, &dcs, &dphis}) v->assign(kBlock, T(0));
+    rowQ.resize(kBlock);
+    rowE.resize(kBlock);
+    rowE2.resize(kBlock);
+    for (int t = 0; t < kBlock; ++t) {
+      rowQ[t] = Q.data() + (int64_t)t * g.Dp;
+      rowE[t] = E.data() + (int64_t)t * g.Dp;
+      rowE2[t] = E2.data() + (int64_t)t * g.Dp;
+    }
     rowA.resize(kBlock);
     rowB.resize(kBlock);
     rowC.resize(kBlock);
@@ -131,8 +163,10 @@ struct BlockScratch {
     int u = 0;
     for (int k = 0; k < K; ++k) {
       start[k] = u;
-      for (int t = 0; t < S; ++t)
-        if (comp[t] == k) sel[u++] = t;
+      for (int t = 0; t < S; ++t) {  // branch-free: the components of a block are random
+        sel[u] = t;
+        u += comp[t] == k;
+      }
     }
     start[K] = u;
     for (int v = 0; v < S; ++v) pos[sel[v]] = v;
@@ -150,14 +184,77 @@ struct BlockScratch {
   }
 };
 
-// ||P_k||^2 of one packed projection row (padded entries are zero).
+// out [S, Kp] (row stride Kp): out[t, k] = sum over the columns j of component k of
+// A[t, j] B[t, j], for full-panel rows A, B [S, Dp] (e.g. ||P_k||^2, <r_k, P_k>).
 template <typename T>
-inline void block_sq(const T* Prow, const PanelGeom& g, T* sq) {
-  for (int k = 0; k < g.K; ++k) {
-    T s = T(0);
-    for (int j = 0; j < g.dm; ++j) s += Prow[k * g.dm + j] * Prow[k * g.dm + j];
-    sq[k] = s;
+inline void comp_sums(const T* A, const T* B, int S, const Panels<T>& pn, T* out,
+                      BlockScratch<T>& s) {
+  const PanelGeom& g = pn.g;
+  const int64_t SD = (int64_t)S * g.Dp;
+  T* q = s.Q.data();
+  for (int64_t e = 0; e < SD; ++e) q[e] = A[e] * B[e];
+  project(s.rowQ.data(), S, g.Dp, pn.Ind(), g.Kp, out, g.Kp);
+}
+
+// Y [S rows of Dp] = coef [S, K] (row stride cstride) spread over the columns of each component:
+// Y[t, k*dm + j] = coef[t, k] for j < d_k, 0 in the padding.
+template <typename T>
+inline void comp_spread(const T* coef, int cstride, int S, const Panels<T>& pn, T* const* Y) {
+  expand(coef, cstride, S, pn.g.K, pn.IndT(), pn.g.Dp, Y);
+}
+
+// Soft-mode reconstruction coefficients of a block: C [S, Dp] (s.C) with C_k = c w_k P_k, from
+// full-panel rows P [S, Dp] (padding 0) and weights w [S, K]; the spread c w_k stays in s.E.
+template <typename T>
+void soft_block_coefs(const T* P, const T* w, const T* c, int S, const Panels<T>& pn,
+                      BlockScratch<T>& s) {
+  const int K = pn.g.K;
+  for (int t = 0; t < S; ++t)
+    for (int k = 0; k < K; ++k) s.ca[(int64_t)t * K + k] = c[t] * w[(int64_t)t * K + k];
+  comp_spread(s.ca.data(), K, S, pn, s.rowE.data());
+  const int64_t SD = (int64_t)S * pn.g.Dp;
+  const T* a = s.E.data();
+  T* C = s.C.data();
+  for (int64_t e = 0; e < SD; ++e) C[e] = a[e] * P[e];
+}
+
+// Soft-mode backward of a block (the kernels::dae_dP_from_r formulas) from the full-panel rows
+// R = U^T g and P = U^T x [S, Dp] (padding 0), sq [S, Kp] = ||P_k||^2 (comp_sums), weights
+// w [S, K], per-sample c and phi, after soft_block_coefs(P, w, c) has left c w_k spread in s.E:
+//   h_k = c <r_k, P_k>, dlogit_k = w_k (h_k - sum_j w_j h_j), dc = sum_k w_k <r_k, P_k>,
+//   dphi = sum_k dlogit_k ||P_k||^2, dP_k = c w_k r_k + 2 phi dlogit_k P_k.
+// Writes dP [S, Dp] into s.dP and dlogit [S, K], dc [S], dphi [S]. Components with w_k = 0 get
+// dlogit_k = 0 and dP_k = 0 through their zero coefficients.
+template <typename T>
+void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, const T* c,
+                      const T* phi, int S, const Panels<T>& pn, T* dlogit, T* dc, T* dphi,
+                      BlockScratch<T>& s) {
+  const PanelGeom& g = pn.g;
+  const int K = g.K, Kp = g.Kp;
+  comp_sums(R, P, S, pn, s.sums.data(), s);  // <r_k, P_k>
+  for (int t = 0; t < S; ++t) {
+    const T* rp = s.sums.data() + (int64_t)t * Kp;
+    const T* sq = sq_rows + (int64_t)t * Kp;
+    const T* wt = w + (int64_t)t * K;
+    T* dl = dlogit + (int64_t)t * K;
+    T dcs = T(0);
+    for (int k = 0; k < K; ++k) dcs += wt[k] * rp[k];
+    const T hbar = c[t] * dcs;
+    T dph = T(0);
+    for (int k = 0; k < K; ++k) {
+      dl[k] = wt[k] * (c[t] * rp[k] - hbar);
+      dph += dl[k] * sq[k];
+      s.cb[(int64_t)t * K + k] = T(2) * phi[t] * dl[k];
+    }
+    dc[t] = dcs;
+    dphi[t] = dph;
   }
+  comp_spread(s.cb.data(), K, S, pn, s.rowE2.data());
+  const int64_t SD = (int64_t)S * g.Dp;
+  const T* a = s.E.data();
+  const T* b = s.E2.data();
+  T* dP = s.dP.data();
+  for (int64_t e = 0; e < SD; ++e) dP[e] = a[e] * R[e] + b[e] * P[e];
 }
 
 // Hard assignment argmax_k ||U_k^T x||^2 (ties to the lowest k) of S consecutive samples.
@@ -166,10 +263,8 @@ void assign_block(const T* x, int S, const Panels<T>& pn, int64_t* out, BlockScr
   const PanelGeom& g = pn.g;
   for (int t = 0; t < S; ++t) s.rowA[t] = x + (int64_t)t * g.n;
   project(s.rowA.data(), S, g.n, pn.Uf(), g.Dp, s.P.data(), g.Dp);
-  for (int t = 0; t < S; ++t) {
-    block_sq(s.P.data() + (int64_t)t * g.Dp, g, s.sq.data());
-    out[t] = kernels::dae_argmax(s.sq.data(), g.K);
-  }
+  comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
+  for (int t = 0; t < S; ++t) out[t] = kernels::dae_argmax(s.sums.data() + (int64_t)t * g.Kp, g.K);
 }
 
 // Soft-max over k of S rows of logits lw [S, K], in place (max-subtracted, as
@@ -196,35 +291,6 @@ inline void block_softmax(T* lw, int S, int K) {
   }
 }
 
-// Soft-mode backward math of one sample on full-panel rows (same formulas as
-// kernels::dae_dP_from_r): R = U^T g and P = U^T x, both exactly zero in the padded columns
-// because the panel is, so no masks are needed; components with w_k = 0 get dP_k = 0 through
-// their zero coefficients. Writes dP [K*dm], dlogit [K] and returns dc, dphi.
-template <typename T>
-inline void soft_dP_dense(const T* R, const T* P, const T* w, T c, T phi, int K, int dm, T* dP,
-                          T* dlogit, T* dc, T* dphi) {
-  T dcs = T(0);
-  for (int k = 0; k < K; ++k) {
-    T rp = T(0);
-    for (int j = 0; j < dm; ++j) rp += R[k * dm + j] * P[k * dm + j];
-    dlogit[k] = rp;
-    dcs += w[k] * rp;
-  }
-  const T hbar = c * dcs;
-  T dph = T(0);
-  for (int k = 0; k < K; ++k) {
-    const T dl = w[k] * (c * dlogit[k] - hbar);
-    dlogit[k] = dl;
-    T sq = T(0);
-    for (int j = 0; j < dm; ++j) sq += P[k * dm + j] * P[k * dm + j];
-    dph += dl * sq;
-    const T a = c * w[k], b = T(2) * phi * dl;
-    for (int j = 0; j < dm; ++j) dP[k * dm + j] = a * R[k * dm + j] + b * P[k * dm + j];
-  }
-  *dc = dcs;
-  *dphi = dph;
-}
-
 // Forward of S <= kBlock consecutive samples of one instance: y, proj [S, K*dm], w [S, K].
 template <typename T>
 void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* dims, const T* c,
@@ -237,29 +303,23 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     s.rowY[t] = y + (int64_t)t * n;
   }
   project(s.rowA.data(), S, n, pn.Uf(), Dp, s.P.data(), Dp);
+  comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);  // ||P_k||^2
   for (int t = 0; t < S; ++t) {
     const T* Pt = s.P.data() + (int64_t)t * Dp;
+    const T* sq = s.sums.data() + (int64_t)t * g.Kp;
     T* wt = w + (int64_t)t * K;
-    block_sq(Pt, g, s.sq.data());
     std::copy(Pt, Pt + D, proj + (int64_t)t * D);
     if (mode == kSoft) {  // logits now, weights for the whole block below
-      for (int k = 0; k < K; ++k)
-        wt[k] = phi[t] * s.sq[k] + (bias ? bias[(int64_t)t * K + k] : T(0));
+      for (int k = 0; k < K; ++k) wt[k] = phi[t] * sq[k] + (bias ? bias[(int64_t)t * K + k] : T(0));
     } else {
-      const int k0 = assign ? (int)assign[t] : kernels::dae_argmax(s.sq.data(), K);
+      const int k0 = assign ? (int)assign[t] : kernels::dae_argmax(sq, K);
       for (int k = 0; k < K; ++k) wt[k] = k == k0 ? T(1) : T(0);
       s.comp[t] = k0;
     }
   }
   if (mode == kSoft) {
     block_softmax(w, S, K);
-    for (int t = 0; t < S; ++t) {
-      const T* Pt = s.P.data() + (int64_t)t * Dp;
-      const T* wt = w + (int64_t)t * K;
-      T* Ct = s.C.data() + (int64_t)t * Dp;
-      for (int k = 0; k < K; ++k)
-        for (int j = 0; j < dm; ++j) Ct[k * dm + j] = c[t] * wt[k] * Pt[k * dm + j];
-    }
+    soft_block_coefs(s.P.data(), w, c, S, pn, s);
     expand(s.C.data(), Dp, S, D, pn.UfT(), n, s.rowY.data());
     return;
   }
@@ -296,20 +356,17 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       if (dx) s.rowY[t] = dx + (int64_t)t * n;
     }
     project(s.rowA.data(), S, n, pn.Uf(), Dp, s.R.data(), Dp);
-    for (int t = 0; t < S; ++t) {
-      T* dPt = s.dP.data() + (int64_t)t * Dp;
-      const T* Pt = proj + (int64_t)t * D;
-      const T* wt = w + (int64_t)t * K;
-      soft_dP_dense<T>(s.R.data() + (int64_t)t * Dp, Pt, wt, c[t], phi[t], K, dm, dPt,
-                       dbias + (int64_t)t * K, dc + t, dphi + t);
-      if (acc) {
-        T* Ct = s.C.data() + (int64_t)t * Dp;
-        for (int k = 0; k < K; ++k)
-          for (int j = 0; j < dm; ++j) Ct[k * dm + j] = c[t] * wt[k] * Pt[k * dm + j];
-      }
+    for (int t = 0; t < S; ++t) {  // the saved projections as full-panel rows
+      T* Pt = s.P.data() + (int64_t)t * Dp;
+      std::copy(proj + (int64_t)t * D, proj + (int64_t)(t + 1) * D, Pt);
+      std::fill(Pt + D, Pt + Dp, T(0));
     }
+    comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2
+    soft_block_coefs(s.P.data(), w, c, S, pn, s);                  // C (for dU) and s.E
+    soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc, dphi,
+                     s);
     if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), n, s.rowY.data());
-    if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, n, acc, Dp);
+    if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc);
     return;
   }
   // hard: one group per component. Visiting gy, x (and dx) rows in that scattered order defeats
@@ -350,8 +407,8 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
     }
     if (dx) expand(s.dP.data(), dW, cnt, dk, pn.UcT(k), n, s.rowY.data());
     if (acc) {
-      T* acc_k = acc + (int64_t)n * Dp + (int64_t)k * n * dW;
-      outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), dW, cnt, n, acc_k, dW);
+      outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), dW, cnt, dk, n,
+            acc + g.comp_acc_offset(k));
     }
   }
   if (dx) s.scatter_sorted(s.z.data(), S, n, dx);
@@ -366,7 +423,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
                  uint64_t seed, uint32_t step, T inv_M, T* loss, T* acc, BlockScratch<T>& s) {
   using namespace kernels;
   const PanelGeom& g = pn.g;
-  const int n = g.n, K = g.K, dm = g.dm, D = g.D, Dp = g.Dp, dW = g.dW;
+  const int n = g.n, K = g.K, D = g.D, Dp = g.Dp, dW = g.dW;
   philox_index_level_slots(seed, step, p, m0, S, N, L, s.idx.data(), s.lev.data());
   // The drawn rows of X are scattered over the training set: start fetching them now, the normals
   // take long enough to hide the latency.
@@ -389,6 +446,9 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     const T* x0 = s.rowA[t];
     const T lam = levels[(int64_t)s.lev[t] * kLvCols + kLvLambda];
     T err = T(0);
+#if defined(_OPENMP)
+#pragma omp simd reduction(+ : err)  // vector partial sums, not one chain of n dependent adds
+#endif
     for (int e = 0; e < n; ++e) {
       const T d = yt[e] - x0[e];
       err += d * d;
@@ -404,41 +464,30 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       s.rowC[t] = s.rowY[t];
     }
     project(s.rowB.data(), S, n, pn.Uf(), Dp, s.P.data(), Dp);
+    comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2, kept for below
     for (int t = 0; t < S; ++t) {
       const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
       const T* lb = level_bias ? level_bias + (int64_t)s.lev[t] * K : nullptr;
+      const T* sq = s.sums2.data() + (int64_t)t * g.Kp;
       T* wt = s.w.data() + (int64_t)t * K;
-      block_sq(s.P.data() + (int64_t)t * Dp, g, s.sq.data());
-      for (int k = 0; k < K; ++k) wt[k] = lv[kLvPhi] * s.sq[k] + (lb ? lb[k] : T(0));
+      s.cs[t] = lv[kLvC];
+      s.phis[t] = lv[kLvPhi];
+      for (int k = 0; k < K; ++k) wt[k] = s.phis[t] * sq[k] + (lb ? lb[k] : T(0));
     }
     block_softmax(s.w.data(), S, K);
-    for (int t = 0; t < S; ++t) {
-      const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
-      const T* Pt = s.P.data() + (int64_t)t * Dp;
-      const T* wt = s.w.data() + (int64_t)t * K;
-      T* Ct = s.C.data() + (int64_t)t * Dp;
-      for (int k = 0; k < K; ++k)
-        for (int j = 0; j < dm; ++j) Ct[k * dm + j] = lv[kLvC] * wt[k] * Pt[k * dm + j];
-    }
+    soft_block_coefs(s.P.data(), s.w.data(), s.cs.data(), S, pn, s);
     expand(s.C.data(), Dp, S, D, pn.UfT(), n, s.rowY.data());
     for (int t = 0; t < S; ++t) loss_and_grad(t, s.rowY[t]);
     project(s.rowC.data(), S, n, pn.Uf(), Dp, s.R.data(), Dp);
-    for (int t = 0; t < S; ++t) {
-      const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
-      T dc, dphi;
-      soft_dP_dense<T>(s.R.data() + (int64_t)t * Dp, s.P.data() + (int64_t)t * Dp,
-                       s.w.data() + (int64_t)t * K, lv[kLvC], lv[kLvPhi], K, dm,
-                       s.dP.data() + (int64_t)t * Dp, s.dlogit.data(), &dc, &dphi);
-    }
-    outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, n, acc, Dp);
+    soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),
+                     s.phis.data(), S, pn, s.dlogit.data(), s.dcs.data(), s.dphis.data(), s);
+    outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, D, n, acc);
     return;
   }
   // hard: the component of the clean sample (eq. (17)), then one group per component
   project(s.rowA.data(), S, n, pn.Uf(), Dp, s.P.data(), Dp);
-  for (int t = 0; t < S; ++t) {
-    block_sq(s.P.data() + (int64_t)t * Dp, g, s.sq.data());
-    s.comp[t] = dae_argmax(s.sq.data(), K);
-  }
+  comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
+  for (int t = 0; t < S; ++t) s.comp[t] = dae_argmax(s.sums.data() + (int64_t)t * g.Kp, K);
   s.sort_by_component(S, K);
   for (int k = 0; k < K; ++k) {
     const int u0 = s.start[k], cnt = s.start[k + 1] - u0;
@@ -468,8 +517,8 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       T* dPu = s.dP.data() + (int64_t)u * dW;
       for (int j = 0; j < dW; ++j) dPu[j] = j < dk ? cl * Ru[j] : T(0);
     }
-    T* acc_k = acc + (int64_t)n * Dp + (int64_t)k * n * dW;
-    outer(xrows.data(), s.dP.data(), s.rowC.data(), s.C.data(), dW, cnt, n, acc_k, dW);
+    outer(xrows.data(), s.dP.data(), s.rowC.data(), s.C.data(), dW, cnt, dk, n,
+          acc + g.comp_acc_offset(k));
   }
 }
 

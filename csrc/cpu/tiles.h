@@ -4,7 +4,7 @@
 // U [n, w] (w columns, a multiple of the vector width; the panel is a few KiB and stays in L1):
 //   project  out[S, w] = A[S, n] @ U[n, w]                    (P = U^T x, r = U^T g)
 //   expand   Y[S, n]   = C[S, J] @ UT[J, n]                   (reconstruction, dx)
-//   outer    dU[n, w] += A^T[n, S] @ B[S, w] + A2^T @ B2      (gradient wrt the basis)
+//   outer    dU^T[J, n] += B^T[J, S] @ A[S, n] + B2^T @ A2   (gradient wrt the basis)
 // Each keeps a tile of accumulators in vector registers across the whole inner dimension, so a
 // multiply-add costs one FMA and a fraction of a load, instead of the dot-product-per-output form
 // (one horizontal reduction per output). Vectors are GCC vector extensions of 32 bytes: AVX2/FMA
@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 // Builds without AVX (MOLRG_NATIVE=OFF) pass these 32-byte vectors in two SSE registers; the
 // functions are inline and never cross a library boundary, so the ABI note does not apply.
@@ -46,6 +47,33 @@ inline int round_up_vec(int n) {
   return (n + W - 1) / W * W;
 }
 
+// Calls f(std::integral_constant<int, m>) for the runtime count 0 < m < RT: the rows left after
+// the full tiles run as one tile of exactly m rows, not m one-row tiles (a one-row tile is FMA-
+// latency bound: a few accumulators and n dependent steps each).
+template <int RT, typename F>
+inline void with_tail(int m, F&& f) {
+  if constexpr (RT > 1) {
+    if (m == RT - 1) f(std::integral_constant<int, RT - 1>{});
+    else with_tail<RT - 1>(m, f);
+  }
+}
+
+// Calls f(i0, std::integral_constant<int, nb>) for the chunks of up to four vectors that cover
+// [0, np), np = n rounded up to the vector width: the column blocks of expand and outer.
+template <typename T, typename F>
+inline void for_vector_chunks(int n, F&& f) {
+  constexpr int W = simd<T>::W;
+  const int np = round_up_vec<T>(n);
+  for (int i0 = 0; i0 < np;) {
+    const int nb = std::min(4, (np - i0) / W);
+    if (nb == 4) f(i0, std::integral_constant<int, 4>{});
+    else if (nb == 3) f(i0, std::integral_constant<int, 3>{});
+    else if (nb == 2) f(i0, std::integral_constant<int, 2>{});
+    else f(i0, std::integral_constant<int, 1>{});
+    i0 += nb * W;
+  }
+}
+
 // ---- project: out[r, 0:NV*W] = sum_i A[r][i] U[i, 0:NV*W] for RT rows.
 template <typename T, int NV, int RT>
 inline void project_tile(const T* const* A, int n, const T* U, int ustride, T* out, int ostride) {
@@ -73,7 +101,10 @@ inline void project_cols(const T* const* A, int R, int n, const T* U, int ustrid
   int r = 0;
   for (; r + RT <= R; r += RT)
     project_tile<T, NV, RT>(A + r, n, U, ustride, out + (int64_t)r * ostride, ostride);
-  for (; r < R; ++r) project_tile<T, NV, 1>(A + r, n, U, ustride, out + (int64_t)r * ostride, ostride);
+  with_tail<RT>(R - r, [&](auto m) {
+    project_tile<T, NV, decltype(m)::value>(A + r, n, U, ustride, out + (int64_t)r * ostride,
+                                            ostride);
+  });
 }
 
 // out [R, w] (row stride ostride) = A [R rows of n] @ U [n, w]; w a multiple of the width.
@@ -127,75 +158,92 @@ inline void expand_rows(const T* C, int cstride, int R, int J, const T* UT, int 
   int r = 0;
   for (; r + RT <= R; r += RT)
     expand_tile<T, NB, RT>(C + (int64_t)r * cstride, cstride, J, UT, np, i0, n, Y + r);
-  for (; r < R; ++r) expand_tile<T, NB, 1>(C + (int64_t)r * cstride, cstride, J, UT, np, i0, n, Y + r);
+  with_tail<RT>(R - r, [&](auto m) {
+    expand_tile<T, NB, decltype(m)::value>(C + (int64_t)r * cstride, cstride, J, UT, np, i0, n,
+                                           Y + r);
+  });
 }
 
 // Y [R rows of n] = C [R, J] (row stride cstride) @ UT [J, np] (np = n rounded up, zero padded).
 template <typename T>
 inline void expand(const T* C, int cstride, int R, int J, const T* UT, int n, T* const* Y) {
-  constexpr int W = simd<T>::W;
   const int np = round_up_vec<T>(n);
-  for (int i0 = 0; i0 < np;) {
-    const int nb = std::min(4, (np - i0) / W);
-    if (nb == 4) expand_rows<T, 4, 3>(C, cstride, R, J, UT, np, i0, n, Y);
-    else if (nb == 3) expand_rows<T, 3, 4>(C, cstride, R, J, UT, np, i0, n, Y);
-    else if (nb == 2) expand_rows<T, 2, 6>(C, cstride, R, J, UT, np, i0, n, Y);
-    else expand_rows<T, 1, 8>(C, cstride, R, J, UT, np, i0, n, Y);
-    i0 += nb * W;
-  }
+  for_vector_chunks<T>(n, [&](int i0, auto nb) {
+    constexpr int NB = decltype(nb)::value;
+    constexpr int RT = NB == 1 ? 8 : 12 / NB;  // rows per tile: 3, 4, 6, 8
+    expand_rows<T, NB, RT>(C, cstride, R, J, UT, np, i0, n, Y);
+  });
 }
 
-// ---- outer: dU[i, 0:NV*W] += sum_r A[r][i] B[r, :] + A2[r][i] B2[r, :] for RI rows i.
-template <typename T, int NV, int RI>
-inline void outer_tile(const T* const* A, const T* B, const T* const* A2, const T* B2,
-                       int bstride, int R, int i0, T* dU, int ustride) {
+// ---- outer: dUT[j0 + jj][i0 : i0 + NB*W] += sum_r B[r, j0 + jj] A[r][i0 : ...] for RJ columns of
+// B. The accumulators run along n (no padding of the basis columns is multiplied), each gets one
+// FMA per row r, and a row costs NB vector loads and RJ broadcasts for RJ*NB FMAs. Full: the
+// NB vectors lie inside the rows of A; otherwise the last ones are read through a zero-filled
+// copy, so nothing past a row's n entries is touched.
+template <typename T, int NB, int RJ, bool Full>
+inline void outer_tile(const T* const* A, const T* B, int bstride, int R, int j0, int i0, int n,
+                       T* dUT, int np) {
   using S = simd<T>;
   using v = typename S::v;
   constexpr int W = S::W;
-  v acc[RI][NV];
-  for (int i = 0; i < RI; ++i)
-    for (int q = 0; q < NV; ++q) acc[i][q] = v{};
+  v acc[RJ][NB];
+  for (int jj = 0; jj < RJ; ++jj)
+    for (int q = 0; q < NB; ++q) acc[jj][q] = v{};
   for (int r = 0; r < R; ++r) {
-    v b[NV], b2[NV];
-    for (int q = 0; q < NV; ++q) {
-      b[q] = S::load(B + (int64_t)r * bstride + q * W);
-      b2[q] = S::load(B2 + (int64_t)r * bstride + q * W);
-    }
+    v b[RJ];
+    for (int jj = 0; jj < RJ; ++jj) b[jj] = S::set1(B[(int64_t)r * bstride + j0 + jj]);
     const T* a = A[r] + i0;
-    const T* a2 = A2[r] + i0;
-    for (int i = 0; i < RI; ++i) {
-      const v ai = S::set1(a[i]), a2i = S::set1(a2[i]);
-      for (int q = 0; q < NV; ++q) {  // two separate FMAs into the accumulator
-        acc[i][q] += ai * b[q];
-        acc[i][q] += a2i * b2[q];
+    for (int q = 0; q < NB; ++q) {
+      v av;
+      if (Full) {
+        av = S::load(a + q * W);
+      } else {
+        T tmp[W] = {};
+        const int m = std::min(W, n - i0 - q * W);
+        for (int e = 0; e < m; ++e) tmp[e] = a[q * W + e];
+        av = S::load(tmp);
       }
+      for (int jj = 0; jj < RJ; ++jj) acc[jj][q] += b[jj] * av;
     }
   }
-  for (int i = 0; i < RI; ++i)
-    for (int q = 0; q < NV; ++q) {
-      T* p = dU + (int64_t)(i0 + i) * ustride + q * W;
-      S::store(p, S::load(p) + acc[i][q]);
+  for (int jj = 0; jj < RJ; ++jj)
+    for (int q = 0; q < NB; ++q) {
+      T* p = dUT + (int64_t)(j0 + jj) * np + i0 + q * W;
+      S::store(p, S::load(p) + acc[jj][q]);
     }
 }
 
-template <typename T, int NV, int RI>
-inline void outer_cols(const T* const* A, const T* B, const T* const* A2, const T* B2,
-                       int bstride, int R, int n, T* dU, int ustride) {
-  int i = 0;
-  for (; i + RI <= n; i += RI) outer_tile<T, NV, RI>(A, B, A2, B2, bstride, R, i, dU, ustride);
-  for (; i < n; ++i) outer_tile<T, NV, 1>(A, B, A2, B2, bstride, R, i, dU, ustride);
+template <typename T, int NB, int RJ>
+inline void outer_rows(const T* const* A, const T* B, int bstride, int R, int J, int i0, int n,
+                       T* dUT, int np) {
+  constexpr int W = simd<T>::W;
+  auto run = [&](auto full) {
+    int j = 0;
+    for (; j + RJ <= J; j += RJ)
+      outer_tile<T, NB, RJ, decltype(full)::value>(A, B, bstride, R, j, i0, n, dUT, np);
+    with_tail<RJ>(J - j, [&](auto m) {
+      outer_tile<T, NB, decltype(m)::value, decltype(full)::value>(A, B, bstride, R, j, i0, n,
+                                                                   dUT, np);
+    });
+  };
+  if (i0 + NB * W <= n) run(std::true_type{});
+  else run(std::false_type{});
 }
 
-// dU [n, w] += A^T B + A2^T B2 with A, A2 [R rows of n] and B, B2 [R, w] (row stride bstride).
+// dUT [J rows of np] += B^T A + B2^T A2, with A, A2 [R rows of n], B, B2 [R, >= J] (row stride
+// bstride) and np = n rounded up to the vector width: the gradient wrt the basis, transposed.
 template <typename T>
 inline void outer(const T* const* A, const T* B, const T* const* A2, const T* B2, int bstride,
-                  int R, int n, T* dU, int w) {
-  constexpr int W = simd<T>::W;
-  for (int c = 0; c < w;) {
-    const int nv = std::min(2, (w - c) / W);
-    if (nv == 2) outer_cols<T, 2, 4>(A, B + c, A2, B2 + c, bstride, R, n, dU + c, w);
-    else outer_cols<T, 1, 6>(A, B + c, A2, B2 + c, bstride, R, n, dU + c, w);
-    c += nv * W;
+                  int R, int J, int n, T* dUT) {
+  const int np = round_up_vec<T>(n);
+  for (int pass = 0; pass < 2; ++pass) {
+    const T* const* Ap = pass ? A2 : A;
+    const T* Bp = pass ? B2 : B;
+    for_vector_chunks<T>(n, [&](int i0, auto nb) {
+      constexpr int NB = decltype(nb)::value;
+      constexpr int RJ = 15 / (NB + 1);  // 16 vector registers: RJ*NB + RJ + 1 (3, 3, 5, 7)
+      outer_rows<T, NB, RJ>(Ap, Bp, bstride, R, J, i0, n, dUT, np);
+    });
   }
 }
 
