@@ -197,6 +197,21 @@ struct OdScratch {
     mm_into(view2d(C.data(), rows, cnt, cnt), view2d(xa, rows, n, n), view2d(Xa, cnt, n, n).t());
   }
 
+  // The tile walk both passes share: for every block of training rows in [jb0, jb1) (made
+  // current) and every tile of at most kQueryTile of the nq queries (cross terms computed), calls
+  // tile(jb, ib, rows).
+  template <typename F>
+  void for_each_tile(const OdPlan& pl, int64_t jb0, int64_t jb1, int64_t nq, F&& tile) {
+    for (int64_t jb = jb0; jb < jb1; jb += pl.blk) {
+      load_block(jb, std::min(pl.blk, jb1 - jb));
+      for (int64_t ib = 0; ib < nq; ib += kQueryTile) {
+        const int64_t rows = std::min(kQueryTile, nq - ib);
+        cross(ib, rows);
+        tile(jb, ib, rows);
+      }
+    }
+  }
+
   // Logits of tile row r (query ib + r) after cross(); returns their maximum.
   Acc row_logits(int64_t ib, int64_t r) {
     const int64_t i = ib + r;
@@ -218,27 +233,22 @@ void forward_item(const T* x, const T* X, const T* sp, const T* gp, const OdSize
   std::fill(yacc, yacc + nq * n, T(0));
   std::fill(m, m + nq, -std::numeric_limits<Acc>::infinity());
   std::fill(l, l + nq, Acc(0));
-  for (int64_t jb = j0; jb < j1; jb += pl.blk) {
-    const int64_t cnt = std::min(pl.blk, j1 - jb);
-    sc.load_block(jb, cnt);
-    for (int64_t ib = 0; ib < nq; ib += kQueryTile) {
-      const int64_t rows = std::min(kQueryTile, nq - ib);
-      sc.cross(ib, rows);
-      bool any = false;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = ib + r;
-        const Acc bm = sc.row_logits(ib, r);
-        m[i] = od_online_rescale(m[i], bm, &l[i], yacc + i * n, n);
-        const Acc ps = od_row_exp(sc.C.data() + r * cnt, cnt, m[i], sc.P.data() + r * cnt);
-        l[i] += ps;
-        any |= ps > 0;
-      }
-      // At small noise most tiles lie far below the running maxima: every weight underflows.
-      if (!any) continue;
-      view2d(yacc + ib * n, rows, n, n)
-          .addmm_(view2d(sc.P.data(), rows, cnt, cnt), view2d(X + jb * n, cnt, n, n));
+  sc.for_each_tile(pl, j0, j1, nq, [&](int64_t jb, int64_t ib, int64_t rows) {
+    const int64_t cnt = sc.cnt;
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = ib + r;
+      const Acc bm = sc.row_logits(ib, r);
+      m[i] = od_online_rescale(m[i], bm, &l[i], yacc + i * n, n);
+      const Acc ps = od_row_exp(sc.C.data() + r * cnt, cnt, m[i], sc.P.data() + r * cnt);
+      l[i] += ps;
+      any |= ps > 0;
     }
-  }
+    // At small noise most tiles lie far below the running maxima: every weight underflows.
+    if (!any) return;
+    view2d(yacc + ib * n, rows, n, n)
+        .addmm_(view2d(sc.P.data(), rows, cnt, cnt), view2d(X + jb * n, cnt, n, n));
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cpu(const at::Tensor& x, const at::Tensor& X,
@@ -311,32 +321,27 @@ void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* g
   std::fill(acc, acc + nq * n, T(0));
   std::fill(qsum, qsum + nq, Acc(0));
   std::fill(wsum, wsum + nq, Acc(0));
-  for (int64_t jb = j0; jb < j1; jb += pl.blk) {
-    const int64_t cnt = std::min(pl.blk, j1 - jb);
-    sc.load_block(jb, cnt);
-    const auto Xt = view2d(X + jb * n, cnt, n, n);
-    for (int64_t ib = 0; ib < nq; ib += kQueryTile) {
-      const int64_t rows = std::min(kQueryTile, nq - ib);
-      sc.cross(ib, rows);
-      bool any = false;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = ib + r;
-        const Acc lse_i = Acc(lsep[q0 + i]);
-        // lse >= every logit up to its own rounding; more means lse belongs to other inputs.
-        if (od_lse_exceeded<T, Acc>(sc.row_logits(ib, r), lse_i)) bad[i] = 1;
-        const Acc ws = od_row_exp(sc.C.data() + r * cnt, cnt, lse_i, W.data() + r * cnt);
-        wsum[i] += ws;
-        any |= ws > 0;
-      }
-      if (!any) continue;  // every weight of the tile underflows (small noise)
-      auto A = view2d(sc.P.data(), rows, cnt, cnt);  // a_ij = <g_i, X_j>, then q_ij
-      mm_into(A, view2d(gyp + (q0 + ib) * n, rows, n, n), Xt.t());
-      for (int64_t r = 0; r < rows; ++r)
-        qsum[ib + r] +=
-            od_row_coef<T, Acc>(W.data() + r * cnt, sc.P.data() + r * cnt, cnt, gy[ib + r]);
-      view2d(acc + ib * n, rows, n, n).addmm_(A, Xt);
+  sc.for_each_tile(pl, j0, j1, nq, [&](int64_t jb, int64_t ib, int64_t rows) {
+    const int64_t cnt = sc.cnt;
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = ib + r;
+      const Acc lse_i = Acc(lsep[q0 + i]);
+      // lse >= every logit up to its own rounding; more means lse belongs to other inputs.
+      if (od_lse_exceeded<T, Acc>(sc.row_logits(ib, r), lse_i)) bad[i] = 1;
+      const Acc ws = od_row_exp(sc.C.data() + r * cnt, cnt, lse_i, W.data() + r * cnt);
+      wsum[i] += ws;
+      any |= ws > 0;
     }
-  }
+    if (!any) return;  // every weight of the tile underflows (small noise)
+    const auto Xt = view2d(X + jb * n, cnt, n, n);
+    auto A = view2d(sc.P.data(), rows, cnt, cnt);  // a_ij = <g_i, X_j>, then q_ij
+    mm_into(A, view2d(gyp + (q0 + ib) * n, rows, n, n), Xt.t());
+    for (int64_t r = 0; r < rows; ++r)
+      qsum[ib + r] +=
+          od_row_coef<T, Acc>(W.data() + r * cnt, sc.P.data() + r * cnt, cnt, gy[ib + r]);
+    view2d(acc + ib * n, rows, n, n).addmm_(A, Xt);
+  });
 }
 
 at::Tensor optimal_denoiser_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
