@@ -6,7 +6,8 @@ tile rows or of the SIMD width, n = 1 and n not a multiple of the width (tail ve
 wider than one tile (several column chunks, with a remainder chunk), component panels of one,
 two and three vectors, K = 1, heterogeneous dims with padded columns, float64 (gradcheck), P
 large enough for the per-instance gradient path and P = 1 for the per-thread accumulators, and
-the sharp soft-max (phi = 1e8) where some weights are exactly zero.
+the sharp soft-max (phi = 1e8) where some weights are exactly zero; hard mode on the GEMM path by
+(instance, component) groups, including components no sample is assigned to.
 """
 import pytest
 import torch
@@ -35,6 +36,7 @@ CASES = [
     (1, 130, 64, [8, 8, 8, 8]),  # D = 32, component panels of one vector
     (3, 65, 20, [16]),  # K = 1, dm = 16: two-vector component panel
     (2, 37, 700, [12, 20, 5]),  # large panel (> 64 KiB): batched-GEMM path, padded columns
+    (2, 200, 700, [12, 20, 5]),  # B n dmax >= 2^21: hard mode by component groups
     (1, 0, 700, [20, 20, 20]),  # large panel, empty batch
 ]
 
@@ -87,3 +89,50 @@ def test_gradcheck_packed_path(mode):
     assert torch.autograd.gradcheck(
         lambda x, U, c, phi: M.subspace_dae(x, U, c, phi, None, dims, mode), (x, U, c, phi)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hard_groups_with_empty_components(dtype):
+    """Large panel, hard mode, every sample of instance 0 forced to component 1 and of instance 1
+    to components 0 and 2 only: the empty groups get zero gradient, the rest match the reference."""
+    g = torch.Generator().manual_seed(7)
+    P, B, n, dims = 2, 160, 800, [10, 20, 16]
+    K, dm = len(dims), max(dims)
+    x = torch.randn(P, B, n, generator=g, dtype=dtype)
+    U = torch.randn(P, K, n, dm, generator=g, dtype=dtype) / n**0.5
+    c = torch.rand(P, B, generator=g, dtype=dtype) + 0.5
+    gy = torch.randn(P, B, n, generator=g, dtype=dtype)
+    assign = torch.stack([torch.ones(B, dtype=torch.long), 2 * (torch.arange(B) % 2)])
+
+    def run(f):
+        xr, Ur, cr = (t.clone().requires_grad_() for t in (x, U, c))
+        phi = torch.ones(P, B, dtype=dtype, requires_grad=True)
+        y = f(xr, Ur, cr, phi, None, dims, "hard", assign)
+        (y * gy).sum().backward()
+        return y.detach(), xr.grad, Ur.grad, cr.grad, phi.grad
+
+    ours, ref = run(M.subspace_dae), run(R.subspace_dae)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    for a, b in zip(ours[:4], ref[:4]):
+        torch.testing.assert_close(a, b, **tol)
+    dU = ours[2]
+    assert torch.count_nonzero(dU[0, [0, 2]]) == 0 and torch.count_nonzero(dU[1, 1]) == 0
+    assert torch.count_nonzero(dU[0, 1, :, : dims[1]]) > 0
+    # phi does not enter the hard mode: zero gradient here, none from the reference's graph
+    assert torch.count_nonzero(ours[4]) == 0 and ref[4] is None
+
+
+def test_opcheck_hard_groups():
+    """opcheck (schema, fake kernel, autograd registration) on the grouped hard GEMM path."""
+    g = torch.Generator().manual_seed(3)
+    P, B, n, dims = 1, 160, 700, [12, 20, 5]
+    x = torch.randn(P, B, n, generator=g, dtype=torch.float64, requires_grad=True)
+    U = (torch.randn(P, 3, n, 20, generator=g, dtype=torch.float64) / n**0.5).requires_grad_()
+    c = (torch.rand(P, B, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    phi = torch.ones(P, B, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.molrg.subspace_dae, (x, U, c, phi, None, None, dims, 1))
+    with torch.no_grad():
+        y, proj, w = torch.ops.molrg.subspace_dae(x, U, c, phi, None, None, dims, 1)
+    torch.library.opcheck(torch.ops.molrg.subspace_dae_backward,
+                          (torch.randn_like(y), x.detach(), U.detach(), c.detach(), phi, proj, w,
+                           dims, 1, True, True))

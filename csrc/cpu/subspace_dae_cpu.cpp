@@ -40,6 +40,76 @@ at::Tensor stacked_bases(const at::Tensor& U, const DaeSizes& s) {
   return (U * mask).permute({0, 2, 1, 3}).reshape({s.P, s.n, s.K * s.dm});
 }
 
+// Hard mode on the GEMM path: each sample uses one component, so after the projection onto all
+// K bases (needed for the assignment) the reconstruction and the whole backward run per
+// (instance, component) group of samples against U_k [n, d_k] alone: 2 n K d + 10 n d flops per
+// sample instead of 10 n K d. Each group costs a handful of ATen calls (~0.1 ms), so groups are
+// used only when the samples carry enough work: B n dmax >= 2^21 (e.g. n = 3072, d = 40, B >= 18).
+bool use_hard_groups(const DaeSizes& s, int64_t mode) {
+  return mode == kHard && s.B * s.n * s.dm >= (int64_t(1) << 21);
+}
+
+// Calls f(p, k, idx) for every non-empty group: idx (int64) = the rows of instance p whose
+// component comp [P, B] is k.
+template <typename F>
+void for_each_group(const at::Tensor& comp, const DaeSizes& s, F&& f) {
+  for (int64_t p = 0; p < s.P; ++p) {
+    auto order = std::get<1>(comp[p].sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+    auto counts = at::bincount(comp[p], {}, s.K);
+    const int64_t* cp = counts.data_ptr<int64_t>();
+    int64_t start = 0;
+    for (int64_t k = 0; k < s.K; ++k) {
+      if (cp[k] > 0) f(p, k, order.narrow(0, start, cp[k]));
+      start += cp[k];
+    }
+  }
+}
+
+// y of every sample from its own component: y_t = c_t U_k P_{t,k} (k = comp[p, t]).
+at::Tensor hard_reconstruct_groups(const at::Tensor& U, const at::Tensor& c,
+                                   const at::Tensor& projf, const at::Tensor& comp,
+                                   const DaeSizes& s) {
+  auto y = at::empty({s.P, s.B, s.n}, projf.options());
+  for_each_group(comp, s, [&](int64_t p, int64_t k, const at::Tensor& idx) {
+    const int64_t dk = s.dims[k];
+    auto Pk = projf[p].narrow(1, k * s.dm, dk).index_select(0, idx);  // [m, d_k]
+    auto coef = Pk * c[p].index_select(0, idx).unsqueeze(1);
+    y[p].index_copy_(0, idx, at::mm(coef, U[p][k].narrow(1, 0, dk).t()));
+  });
+  return y;
+}
+
+// Backward of the hard mode by (instance, component) groups (the kernels::dae_dP_from_r hard
+// formulas): r = U_k^T g, dP_k = c r, dc = <r, P_k>, dx = U_k dP_k,
+// dU_k = sum over the group of x dP_k^T + g (c P_k)^T; dphi = dbias = 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hard_backward_groups(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& U, const at::Tensor& c,
+    const at::Tensor& proj, const at::Tensor& w, const DaeSizes& s, bool need_dx, bool need_dU) {
+  auto dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  auto dU = need_dU ? at::zeros_like(U) : at::empty({0}, x.options());
+  auto dc = at::empty({s.P, s.B}, x.options());
+  auto dphi = at::zeros({s.P, s.B}, x.options());
+  auto dbias = at::zeros({s.P, s.B, s.K}, x.options());
+  auto comp = w.argmax(-1);  // w is one-hot
+  for_each_group(comp, s, [&](int64_t p, int64_t k, const at::Tensor& idx) {
+    const int64_t dk = s.dims[k];
+    auto Uk = U[p][k].narrow(1, 0, dk);                                    // [n, d_k]
+    auto g = grad_y[p].index_select(0, idx);                               // [m, n]
+    auto Pk = proj[p].select(1, k).narrow(1, 0, dk).index_select(0, idx);  // [m, d_k]
+    auto ck = c[p].index_select(0, idx).unsqueeze(1);
+    auto r = at::mm(g, Uk);
+    dc[p].index_copy_(0, idx, (r * Pk).sum(1));
+    auto dP = r * ck;
+    if (need_dx) dx[p].index_copy_(0, idx, at::mm(dP, Uk.t()));
+    if (need_dU) {
+      auto dUk = at::mm(x[p].index_select(0, idx).t(), dP);
+      dUk.addmm_(g.t(), Pk * ck);
+      dU[p][k].narrow(1, 0, dk).copy_(dUk);
+    }
+  });
+  return {dx, dU, dc, dphi, dbias};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gemm(
     const at::Tensor& x, const at::Tensor& U, const at::Tensor& c, const at::Tensor& phi,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& assign,
@@ -47,7 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gemm(
   auto Ub = stacked_bases(U, s);
   auto projf = at::bmm(x, Ub);  // [P, B, K*dm], padded columns exactly 0
   auto w = at::empty({s.P, s.B, s.K}, x.options());
-  auto coef = at::empty_like(projf);
+  const bool groups = use_hard_groups(s, mode);
+  auto coef = groups ? at::Tensor() : at::empty_like(projf);
+  auto comp = groups ? at::empty({s.P, s.B}, x.options().dtype(at::kLong)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_cpu_gemm", [&] {
     const scalar_t* pp = projf.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
@@ -55,7 +127,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gemm(
     const scalar_t* bp = bias ? bias->data_ptr<scalar_t>() : nullptr;
     const int64_t* ap = assign ? assign->data_ptr<int64_t>() : nullptr;
     scalar_t* wp = w.data_ptr<scalar_t>();
-    scalar_t* cf = coef.data_ptr<scalar_t>();
+    scalar_t* cf = groups ? nullptr : coef.data_ptr<scalar_t>();
+    int64_t* kp = groups ? comp.data_ptr<int64_t>() : nullptr;
     const int K = (int)s.K, dm = (int)s.dm;
     at::parallel_for(0, s.P * s.B, 1024, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> sq(K);
@@ -70,6 +143,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gemm(
         if (mode == kHard && k0 < 0) k0 = dae_argmax(sq.data(), K);
         dae_weights<scalar_t>(sq.data(), bp ? bp + idx * K : nullptr, php[idx], K, (int)mode,
                               k0, wp + idx * K);
+        if (kp) {
+          kp[idx] = k0;
+          continue;
+        }
         for (int k = 0; k < K; ++k) {
           const scalar_t a = cp[idx] * wp[idx * K + k];
           for (int j = 0; j < dm; ++j) cf[idx * K * dm + k * dm + j] = a * pk[k * dm + j];
@@ -77,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gemm(
       }
     });
   });
-  auto y = at::bmm(coef, Ub.transpose(1, 2));
+  auto y = groups ? hard_reconstruct_groups(U, c, projf, comp, s)
+                  : at::bmm(coef, Ub.transpose(1, 2));
   return {y, projf.view({s.P, s.B, s.K, s.dm}), w};
 }
 
@@ -85,6 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& U, const at::Tensor& c,
     const at::Tensor& phi, const at::Tensor& proj, const at::Tensor& w, const DaeSizes& s,
     int64_t mode, bool need_dx, bool need_dU) {
+  if (use_hard_groups(s, mode))
+    return hard_backward_groups(grad_y, x, U, c, proj, w, s, need_dx, need_dU);
   auto Ub = stacked_bases(U, s);
   auto r = at::bmm(grad_y, Ub);  // [P, B, K*dm]
   auto dP = at::empty_like(r);
