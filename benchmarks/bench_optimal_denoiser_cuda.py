@@ -53,28 +53,20 @@ def test_forward_dense_eager(benchmark, size):
     benchmark(cuda_synced(lambda: _dense(x, X, s, gamma)))
 
 
+def _grad_step(f, x, X, s, gamma):
+    """One forward + backward of sum(f(...)^2) w.r.t. the queries x."""
+    x.requires_grad_()
+    return lambda: torch.autograd.grad(f(x, X, s, gamma).square().sum(), x)[0]
+
+
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.benchmark(group="cuda-optimal-fwd-bwd")
 def test_fwd_bwd_ours(benchmark, size):
-    x, X, s, gamma = _problem(size)
-    x.requires_grad_()
-
-    def step():
-        (dx,) = torch.autograd.grad(
-            torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 512)[0].square().sum(), x)
-        return dx
-
-    benchmark(cuda_synced(step))
+    ours = lambda *a: torch.ops.molrg.optimal_denoiser(*a, 512)[0]  # noqa: E731
+    benchmark(cuda_synced(_grad_step(ours, *_problem(size))))
 
 
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.benchmark(group="cuda-optimal-fwd-bwd")
 def test_fwd_bwd_dense_eager(benchmark, size):
-    x, X, s, gamma = _problem(size)
-    x.requires_grad_()
-
-    def step():
-        (dx,) = torch.autograd.grad(_dense(x, X, s, gamma).square().sum(), x)
-        return dx
-
-    benchmark(cuda_synced(step))
+    benchmark(cuda_synced(_grad_step(_dense, *_problem(size))))

@@ -1,0 +1,81 @@
+"""The benchmark runner (`python -m benchmarks` / `molrg bench`) on tiny shapes: every case runs,
+the table's ratios are consistent with the times, and the JSON keeps them with the machine's
+measured peak."""
+import json
+import os
+
+import pytest
+
+import torch
+
+from molrg_ext import bench
+
+
+def test_run_writes_rows_with_ratios_and_peak(tmp_path, one_thread):
+    out = tmp_path / "bench.json"
+    rows = bench.run(dae_shapes=[(16, 2, 3, 128)], train_shapes=[(16, 2, 3, 32, 2)],
+                     peers=("eager",), modes=("soft", "hard"), repeats=1, out=str(out),
+                     progress=False)
+    kinds = [(r["kind"], r["mode"]) for r in rows]
+    assert kinds == [("dae", "soft"), ("dae", "hard"), ("train", "hard"), ("train", "soft")]
+    for r in rows:
+        t = r["seconds"]
+        assert t["ours"] > 0 and t["eager"] > 0
+        assert abs(r["speedup"]["eager"] - t["eager"] / t["ours"]) < 1e-12
+        assert r["flops"] > 0 and r["gflops_ours"] == pytest.approx(r["flops"] / t["ours"] / 1e9)
+        if r["kind"] == "train":
+            assert "eager-loop" in t
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert saved["meta"]["threads"] == torch.get_num_threads() == 1
+    assert saved["meta"]["peak_gflops_fp32"] > 0
+
+
+def test_peaks_count_the_threads_in_use():
+    n1, n2 = bench.nominal_peak_gflops(threads=1), bench.nominal_peak_gflops(threads=2)
+    if n1 is None:
+        pytest.skip("no /proc/cpuinfo clock on this machine")
+    assert n2 == pytest.approx(n1 * min(2, os.cpu_count()))
+    assert bench.peak_gflops(size=256, repeats=2) > 0
+
+
+def test_merge_runs_keeps_each_implementation_minimum():
+    from molrg_ext.bench_report import markdown_table, merge_runs
+
+    def run(ours, eager, peak):
+        row = {"kind": "dae", "shape": [48, 2, 6, 1024], "mode": "soft",
+               "seconds": {"ours": ours, "eager": eager}, "gflops_ours": 6.0e6 / ours / 1e9,
+               "speedup": {"eager": eager / ours}}
+        return {"meta": {"threads": 2, "peak_gflops_fp32": peak, "loadavg": [1, 1, 1]},
+                "rows": [row]}
+
+    merged = merge_runs([run(2e-3, 5e-3, 150.0), run(1e-3, 6e-3, 170.0)])
+    (row,) = merged["rows"]
+    assert row["seconds"] == {"ours": 1e-3, "eager": 5e-3}
+    assert row["speedup"]["eager"] == pytest.approx(5.0)
+    assert row["gflops_ours"] == pytest.approx(6.0)
+    assert row["seconds_per_run"] == [{"ours": 2e-3, "eager": 5e-3}, {"ours": 1e-3, "eager": 6e-3}]
+    assert merged["meta"]["peak_gflops_fp32"] == 170.0 and merged["meta"]["runs"] == 2
+    table = markdown_table(merged).splitlines()
+    assert table[0] == "| kind | shape | mode | ours ms | eager ms | x eager | GFLOP/s | % of 170 |"
+    assert table[2] == "| dae | (48, 2, 6, 1024) | soft | 1.00 | 5.00 | 5.00 | 6.0 | 4 |"
+    with pytest.raises(ValueError, match="no runs"):
+        merge_runs([])
+
+
+def test_floor_table_compares_targets_with_the_machine_floor():
+    from molrg_ext.bench_report import dae_bytes, floor_table
+
+    assert dae_bytes(48, 2, 6, 1) == 4 * (4 * 48 + 2 * 12 + 4 + 2 + 2)
+    row = {"kind": "dae", "shape": [48, 2, 6, 65536], "mode": "soft", "flops": 3.77e8,
+           "seconds": {"ours": 8e-3, "eager": 25e-3, "compile": 17e-3}}
+    roof = {"fma_peak_gflops": 190.0, "read_gbs": 20.0, "triad_gbs": 23.0}
+    line = floor_table({"rows": [row]}, roof).splitlines()[2]
+    # compute 3.77e8 / 190e9 = 1.98 ms; memory 65536 * 896 B / 23 GB/s = 2.55 ms;
+    # target 17 ms / 10 = 1.70 ms, below the floor
+    assert line == ("| dae | (48, 2, 6, 65536) | soft | 1.98 | 2.55 | >= 10x eager/compile | 1.70 |"
+                    " yes |")
+    row["seconds"]["compile"] = 40e-3  # then 25 ms / 10 = 2.5 ms: still below 2.55
+    assert floor_table({"rows": [row]}, roof).splitlines()[2].endswith("| 2.50 | yes |")
+    row["seconds"]["eager"] = 30e-3
+    assert floor_table({"rows": [row]}, roof).splitlines()[2].endswith("| 3.00 | no |")
