@@ -1,0 +1,92 @@
+// Roofline probe of this machine: the fp32 FMA peak (8-lane FMAs into 10 independent
+// accumulators per thread, so neither latency nor loads limit it) and the memory bandwidth of
+// streaming reads, writes and a triad over 256 MiB arrays, with T OpenMP threads.
+// Build and run: benchmarks/roofline/run.sh [threads]. Prints one JSON object.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+static double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+__attribute__((noinline)) static float fma_loop(long iters) {
+  __m256 a[10];
+  for (int i = 0; i < 10; ++i) a[i] = _mm256_set1_ps(0.001f * i);
+  const __m256 m = _mm256_set1_ps(0.9999f), b = _mm256_set1_ps(1e-6f);
+  for (long it = 0; it < iters; ++it)
+    for (int i = 0; i < 10; ++i) a[i] = _mm256_fmadd_ps(a[i], m, b);
+  __m256 s = a[0];
+  for (int i = 1; i < 10; ++i) s = _mm256_add_ps(s, a[i]);
+  float o[8];
+  _mm256_storeu_ps(o, s);
+  return o[0];
+}
+
+template <typename F>
+static double best_of(int reps, F&& f) {
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const double t0 = now();
+    f();
+    best = std::min(best, now() - t0);
+  }
+  return best;
+}
+
+int main(int argc, char** argv) {
+  const int T = argc > 1 ? std::atoi(argv[1]) : omp_get_max_threads();
+  omp_set_num_threads(T);
+  const long iters = 20000000;
+  float sink = 0;
+  const double tf = best_of(5, [&] {
+#pragma omp parallel reduction(+ : sink)
+    sink += fma_loop(iters);
+  });
+  const double gflops = 2.0 * 8 * 10 * iters * T / tf / 1e9;
+
+  const size_t N = (size_t)64 << 20;  // 64 Mi floats = 256 MiB per array
+  float* a = static_cast<float*>(std::aligned_alloc(64, N * 4));
+  float* b = static_cast<float*>(std::aligned_alloc(64, N * 4));
+  float* c = static_cast<float*>(std::aligned_alloc(64, N * 4));
+#pragma omp parallel for
+  for (size_t i = 0; i < N; ++i) a[i] = 1.0f, b[i] = 2.0f, c[i] = 0.0f;
+  float acc = 0;
+  const double tr = best_of(5, [&] {
+    float s = 0;
+#pragma omp parallel reduction(+ : s)
+    {
+      __m256 v[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+#pragma omp for
+      for (size_t i = 0; i < N; i += 32)
+        for (int q = 0; q < 4; ++q) v[q] = _mm256_add_ps(v[q], _mm256_load_ps(a + i + 8 * q));
+      float o[8];
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+      for (float e : o) s += e;
+    }
+    acc += s;
+  });
+  const double tw = best_of(5, [&] {
+#pragma omp parallel for simd
+    for (size_t i = 0; i < N; ++i) c[i] = 1.5f;
+  });
+  const double tt = best_of(5, [&] {
+#pragma omp parallel for simd
+    for (size_t i = 0; i < N; ++i) c[i] = a[i] + 0.5f * b[i];
+  });
+  const double MB = N * 4.0 / 1e9;
+  std::printf(
+      "{\"threads\": %d, \"fma_peak_gflops\": %.1f, \"read_gbs\": %.1f, \"write_gbs\": %.1f, "
+      "\"triad_gbs\": %.1f, \"_\": %g}\n",
+      T, gflops, MB / tr, MB / tw, 3 * MB / tt, (double)(sink + acc + c[N / 2]));
+  std::free(a);
+  std::free(b);
+  std::free(c);
+  return 0;
+}
