@@ -39,20 +39,30 @@ inline void philox_index_level_slots(uint64_t seed, uint32_t step, uint32_t p, u
   }
 }
 
-// Philox4x32-10 of counters (c0, m0 + l, p, step), l = 0 .. 7, into v[0..3][l].
+// Philox4x32-10 of counters (c0, m0 + l, p, step), l = 0 .. 7, into v[0..3][l]. The round keys
+// depend only on the seed: Philox8Keys holds them (broadcast once per run of slots).
 #if defined(__AVX2__)
+struct Philox8Keys {
+  __m256i k0[10], k1[10];
+  Philox8Keys(uint32_t a, uint32_t b) {
+    for (int r = 0; r < 10; ++r, a += 0x9E3779B9u, b += 0xBB67AE85u) {
+      k0[r] = _mm256_set1_epi32((int)a);
+      k1[r] = _mm256_set1_epi32((int)b);
+    }
+  }
+};
+
 // AVX2: the 32 x 32 -> 64-bit products of the eight lanes in two vpmuludq (even and odd lanes),
-// their high and low halves re-interleaved with blends; about half the instructions of what the
-// compiler makes of the scalar code.
+// their high halves re-interleaved with a blend; the low halves by vpmulld.
 inline void philox8_mulhilo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   const __m256i pe = _mm256_mul_epu32(a, m);
   const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
   hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
-  lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+  lo = _mm256_mullo_epi32(a, m);
 }
 
-inline void philox8(uint32_t c0, uint32_t m0, uint32_t p, uint32_t step, uint32_t k0,
-                    uint32_t k1, uint32_t (*v)[kPhiloxLanes]) {
+inline void philox8(const Philox8Keys& key, uint32_t c0, uint32_t m0, uint32_t p, uint32_t step,
+                    uint32_t (*v)[kPhiloxLanes]) {
   static_assert(kPhiloxLanes == 8, "philox8 fills 8 lanes");
   const __m256i M0 = _mm256_set1_epi32((int)0xD2511F53u), M1 = _mm256_set1_epi32((int)0xCD9E8D57u);
   __m256i x0 = _mm256_set1_epi32((int)c0);
@@ -62,41 +72,67 @@ inline void philox8(uint32_t c0, uint32_t m0, uint32_t p, uint32_t step, uint32_
     __m256i hi0, lo0, hi1, lo1;
     philox8_mulhilo(x0, M0, hi0, lo0);
     philox8_mulhilo(x2, M1, hi1, lo1);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32((int)k0));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32((int)k1));
-    x0 = n0;
+    x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), key.k0[r]);
     x1 = lo1;
-    x2 = n2;
+    x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), key.k1[r]);
     x3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
   }
   _mm256_storeu_si256((__m256i*)v[0], x0);
   _mm256_storeu_si256((__m256i*)v[1], x1);
   _mm256_storeu_si256((__m256i*)v[2], x2);
   _mm256_storeu_si256((__m256i*)v[3], x3);
 }
+
+// out[l * ld + j] = z[j][l] for an 8 x 8 float block (unpack, shuffle, 128-bit permute).
+inline bool store_transposed8(const float (*z)[kPhiloxLanes], float* out, int64_t ld) {
+  __m256 r[8], t[8], u[8];
+  for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(z[j]);
+  for (int j = 0; j < 8; j += 2) {
+    t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);      // r_j[0] r_j+1[0] r_j[1] r_j+1[1] | [4], [5]
+    t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);  // the same for lanes 2, 3 | 6, 7
+  }
+  for (int h = 0; h < 8; h += 4) {  // h = 0: rows r0..r3, h = 4: rows r4..r7
+    u[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);      // lane 0 | lane 4
+    u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);  // lane 1 | lane 5
+    u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+    u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+  }
+  for (int l = 0; l < 4; ++l) {
+    _mm256_storeu_ps(out + l * ld, _mm256_permute2f128_ps(u[l], u[l + 4], 0x20));
+    _mm256_storeu_ps(out + (l + 4) * ld, _mm256_permute2f128_ps(u[l], u[l + 4], 0x31));
+  }
+  return true;
+}
 #else
-inline void philox8(uint32_t c0, uint32_t m0, uint32_t p, uint32_t step, uint32_t k0,
-                    uint32_t k1, uint32_t (*v)[kPhiloxLanes]) {
+struct Philox8Keys {
+  uint32_t k0, k1;
+  Philox8Keys(uint32_t a, uint32_t b) : k0(a), k1(b) {}
+};
+
+inline void philox8(const Philox8Keys& key, uint32_t c0, uint32_t m0, uint32_t p, uint32_t step,
+                    uint32_t (*v)[kPhiloxLanes]) {
   MOLRG_LANES
   for (int l = 0; l < kPhiloxLanes; ++l) {
-    const Philox4 b = philox4x32_10(c0, m0 + (uint32_t)l, p, step, k0, k1);
+    const Philox4 b = philox4x32_10(c0, m0 + (uint32_t)l, p, step, key.k0, key.k1);
     v[0][l] = b.v[0];
     v[1][l] = b.v[1];
     v[2][l] = b.v[2];
     v[3][l] = b.v[3];
   }
 }
+
+inline bool store_transposed8(const float (*)[kPhiloxLanes], float*, int64_t) { return false; }
 #endif
+// No vector transpose for double: the caller stores element by element.
+inline bool store_transposed8(const double (*)[kPhiloxLanes], double*, int64_t) { return false; }
 
 // Normals of Philox block 1 + q for Ln consecutive slots: z[j][l] is normal 4q + j of slot m0 + l.
 template <typename T>
-inline void philox_normals_block(uint32_t k0, uint32_t k1, uint32_t step, uint32_t p, uint32_t m0,
+inline void philox_normals_block(const Philox8Keys& key, uint32_t step, uint32_t p, uint32_t m0,
                                  uint32_t q, T (*z)[kPhiloxLanes]) {
   constexpr int Ln = kPhiloxLanes;
   uint32_t v[4][Ln];
-  philox8(1u + q, m0, p, step, k0, k1, v);
+  philox8(key, 1u + q, m0, p, step, v);
   MOLRG_LANES
   for (int l = 0; l < Ln; ++l) {
     kernels::box_muller<T>(v[0][l], v[1][l], &z[0][l], &z[1][l]);
@@ -104,22 +140,25 @@ inline void philox_normals_block(uint32_t k0, uint32_t k1, uint32_t step, uint32
   }
 }
 
-// eps [count, n]: the normals of slots m0 .. m0 + count - 1 of instance p.
+// eps [count, n]: the normals of slots m0 .. m0 + count - 1 of instance p. Two Philox blocks at a
+// time give 8 normals of 8 slots: an 8 x 8 block, stored transposed into the slots' rows.
 template <typename T>
 inline void philox_normals_slots(uint64_t seed, uint32_t step, uint32_t p, uint32_t m0,
                                  int count, int n, T* eps) {
   constexpr int Ln = kPhiloxLanes;
-  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  const Philox8Keys key((uint32_t)seed, (uint32_t)(seed >> 32));
   for (int t0 = 0; t0 < count; t0 += Ln) {
     const int lanes = std::min(Ln, count - t0);
-    for (int q = 0; 4 * q < n; ++q) {
-      T z[4][Ln];
-      philox_normals_block<T>(k0, k1, step, p, m0 + (uint32_t)t0, (uint32_t)q, z);
-      const int e0 = 4 * q, ne = std::min(4, n - e0);
-      for (int l = 0; l < lanes; ++l) {
-        T* out = eps + (int64_t)(t0 + l) * n + e0;
-        for (int j = 0; j < ne; ++j) out[j] = z[j][l];
-      }
+    T* rows = eps + (int64_t)t0 * n;
+    for (int e0 = 0; e0 < n; e0 += 8) {
+      T z[8][Ln];
+      const uint32_t q = (uint32_t)(e0 / 4);
+      philox_normals_block<T>(key, step, p, m0 + (uint32_t)t0, q, z);
+      const int ne = std::min(8, n - e0);
+      if (ne > 4) philox_normals_block<T>(key, step, p, m0 + (uint32_t)t0, q + 1, z + 4);
+      if (ne == 8 && lanes == Ln && store_transposed8(z, rows + e0, n)) continue;
+      for (int l = 0; l < lanes; ++l)
+        for (int j = 0; j < ne; ++j) rows[(int64_t)l * n + e0 + j] = z[j][l];
     }
   }
 }

@@ -13,7 +13,8 @@
 //     below 2e-17 in double with 12 terms);
 //   bm_sincos_2pi(u), u in [0, 1]: q = round(4u), v = u - q/4 in [-1/8, 1/8] (exact), a = 2 pi v
 //     in [-pi/4, pi/4], Taylor series of sin and cos at a (to a^9 / a^8 in float, a^17 / a^16 in
-//     double), then a rotation by q quarter turns.
+//     double; Horner in a^2 on the folded coefficients, one FMA per term), then a rotation by q
+//     quarter turns.
 // Straight-line code with selects only, so a SIMD loop over lanes vectorises it; the CPU and CUDA
 // kernels call the same functions.
 #pragma once
@@ -61,28 +62,42 @@ MOLRG_HD T sm_exp(T x) {
   return tiny ? T(0) : p * two_i;
 }
 
-// Natural log of a positive normal number u <= 1 (the uniforms of philox_open01).
+// Natural log of a positive normal number u <= 1 (the uniforms of philox_open01). The reduction
+// to m in [sqrt(1/2), sqrt(2)) works on the bits (a mantissa above sqrt(2)'s takes one off the
+// exponent field, i.e. halves m): integer arithmetic on a 0/1 flag, not a select between two
+// values of m, which GCC would otherwise turn into two copies of the series.
 template <typename T>
 MOLRG_HD T bm_log(T u) {
   using Tr = BmTraits<T>;
   using Bits = typename Tr::Bits;
   Bits b;
   memcpy(&b, &u, sizeof b);
-  T e = (T)((int)(b >> Tr::kMant) - Tr::kBias);  // sign bit is 0
   constexpr Bits kMantMask = (Bits(1) << Tr::kMant) - 1;
   constexpr Bits kOne = Bits(Tr::kBias) << Tr::kMant;  // bits of 1.0
-  b = (b & kMantMask) | kOne;
+  const T sqrt2 = T(1.4142135623730951);
+  Bits s2;
+  memcpy(&s2, &sqrt2, sizeof s2);
+  const Bits mant = b & kMantMask;
+  const Bits big = (Bits)(mant > (s2 & kMantMask));  // 1 when m >= sqrt(2) before reduction
+  // sign bit is 0: the exponent field minus the bias, plus one when m is halved
+  const T e = (T)((typename Tr::Int)(b >> Tr::kMant) - Tr::kBias + (typename Tr::Int)big);
+  const Bits mb = (mant | kOne) - (big << Tr::kMant);
   T m;
-  memcpy(&m, &b, sizeof m);  // m in [1, 2)
-  const bool big = m > T(1.4142135623730951);
-  m = big ? m * T(0.5) : m;
-  e = big ? e + T(1) : e;
+  memcpy(&m, &mb, sizeof m);  // m in [sqrt(1/2), sqrt(2)]
   const T t = (m - T(1)) / (m + T(1));
   const T t2 = t * t;
   T p = T(1) / T(2 * Tr::kLogTerms - 1);
   MOLRG_UNROLL
   for (int k = Tr::kLogTerms - 2; k >= 0; --k) p = p * t2 + T(1) / T(2 * k + 1);
   return T(2) * t * p + e * T(0.69314718055994530942);
+}
+
+// Taylor coefficients (-1)^k / (2k + o)! of sin (o = 1) and cos (o = 0), for Horner in a^2.
+template <typename T>
+MOLRG_HD constexpr T bm_trig_coef(int k, int o) {
+  T f = T(1);
+  for (int i = 2; i <= 2 * k + o; ++i) f *= T(i);
+  return (k % 2 ? T(-1) : T(1)) / f;
 }
 
 // sin(2 pi u) and cos(2 pi u) for u in [0, 1].
@@ -93,12 +108,12 @@ MOLRG_HD void bm_sincos_2pi(T u, T* sn, T* cs) {
   const T a = T(6.283185307179586477) * v;
   const T a2 = a * a;
   constexpr int N = BmTraits<T>::kTrigTerms;
-  // sin a = a (1 - a^2/(2*3) (1 - a^2/(4*5) (...))), cos a = 1 - a^2/(1*2) (1 - a^2/(3*4) (...))
-  T ps = T(1), pc = T(1);
+  // sin a = a sum_k (-1)^k a^2k / (2k+1)!, cos a = sum_k (-1)^k a^2k / (2k)!, k = 0 .. N (Horner)
+  T ps = bm_trig_coef<T>(N, 1), pc = bm_trig_coef<T>(N, 0);
   MOLRG_UNROLL
-  for (int k = N; k >= 1; --k) {
-    ps = T(1) - a2 * ps * (T(1) / T((2 * k) * (2 * k + 1)));
-    pc = T(1) - a2 * pc * (T(1) / T((2 * k - 1) * (2 * k)));
+  for (int k = N - 1; k >= 0; --k) {
+    ps = ps * a2 + bm_trig_coef<T>(k, 1);
+    pc = pc * a2 + bm_trig_coef<T>(k, 0);
   }
   const T s = a * ps, c = pc;
   // angle = a + q pi/2: swap sin and cos for odd q, then sin changes sign for q = 2, 3 and cos
