@@ -104,11 +104,25 @@ def dae_bytes(n, K, d, B, itemsize=4) -> int:
     return itemsize * B * (4 * n + 2 * K * d + 2 * K + 2 + K)
 
 
+def _roofline_for(roofline: dict, threads) -> dict:
+    if "fma_peak_gflops" in roofline:
+        return roofline
+    key = f"threads_{threads}"
+    if key not in roofline:
+        have = sorted(k for k in roofline if k.startswith("threads_"))
+        raise ValueError(f"roofline: no entry {key!r} for the benchmark's thread count "
+                         f"(have {have}); run benchmarks/roofline/run.sh {threads}")
+    return roofline[key]
+
+
 def floor_table(merged: dict, roofline: dict) -> str:
     """Per case: the time the machine cannot beat (max of flops at the measured FMA peak and the
     least traffic at the best measured bandwidth), the time the issue's target asks for (the
     fastest listed peer divided by the target ratio), and whether the target is below the floor.
-    Training rows get only the compute floor (their traffic depends on the draws)."""
+    Training rows get only the compute floor (their traffic depends on the draws). ``roofline`` is
+    one output of benchmarks/roofline/run.sh, or several keyed ``threads_<T>`` (the entry of the
+    benchmark's thread count is used)."""
+    roofline = _roofline_for(roofline, merged.get("meta", {}).get("threads"))
     fma = roofline["fma_peak_gflops"] * 1e9
     bw = max(roofline["read_gbs"], roofline["triad_gbs"]) * 1e9
     lines = ["| kind | shape | mode | compute floor ms | memory floor ms | target | target ms |"

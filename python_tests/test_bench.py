@@ -79,3 +79,10 @@ def test_floor_table_compares_targets_with_the_machine_floor():
     assert floor_table({"rows": [row]}, roof).splitlines()[2].endswith("| 2.50 | yes |")
     row["seconds"]["eager"] = 30e-3
     assert floor_table({"rows": [row]}, roof).splitlines()[2].endswith("| 3.00 | no |")
+    # a roofline file with one entry per thread count: the benchmark's own count is used
+    both = {"threads_1": {"fma_peak_gflops": 1.0, "read_gbs": 1.0, "triad_gbs": 1.0},
+            "threads_2": roof}
+    merged = {"rows": [row], "meta": {"threads": 2}}
+    assert floor_table(merged, both) == floor_table({"rows": [row]}, roof)
+    with pytest.raises(ValueError, match="threads_4"):
+        floor_table({"rows": [row], "meta": {"threads": 4}}, both)
