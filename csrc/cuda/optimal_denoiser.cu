@@ -149,6 +149,18 @@ __device__ __forceinline__ void load_query_constants(Smem& sm, const T* __restri
   }
 }
 
+// Last step of the forward and backward kernels: this split's per-query state (st0, st1) into
+// stats [2, splits, B] (split = blockIdx.y of gridDim.y).
+__device__ __forceinline__ void store_split_stats(const Smem& sm, int64_t B, int64_t qb, int qn,
+                                                  Acc* __restrict__ stats) {
+  __syncthreads();
+  const int t = threadIdx.x, split = blockIdx.y, splits = gridDim.y;
+  if (t < qn) {
+    stats[(int64_t)split * B + qb + t] = sm.st0[t];
+    stats[((int64_t)splits + split) * B + qb + t] = sm.st1[t];
+  }
+}
+
 // Forward: grid (query blocks, splits). Leaves, per split, the unnormalised state
 // ypart[sp, b] = sum_j exp(l_bj - m) X_j, m = stats[0][sp, b], l = stats[1][sp, b].
 template <typename T>
@@ -199,11 +211,7 @@ od_forward_kernel(const T* __restrict__ x, const T* __restrict__ X, const T* __r
     if (!__syncthreads_or(any)) continue;
     tile_accumulate<T, true>(sm, X, jt, jn, qn, n, rows);
   }
-  __syncthreads();
-  if (t < qn) {
-    stats[(int64_t)split * B + qb + t] = sm.st0[t];
-    stats[((int64_t)splits + split) * B + qb + t] = sm.st1[t];
-  }
+  store_split_stats(sm, B, qb, qn, stats);
 }
 
 // Merge of the forward splits, one thread per entry of y: y = sum_s e^{m_s - M} ypart_s / L,
@@ -292,11 +300,7 @@ od_backward_kernel(const T* __restrict__ g, const T* __restrict__ x, const T* __
     if (!__syncthreads_or(any)) continue;  // every weight of the tile underflows
     tile_accumulate<T, false>(sm, X, jt, jn, qn, n, rows);
   }
-  __syncthreads();
-  if (t < qn) {
-    stats[(int64_t)split * B + qb + t] = sm.st0[t];
-    stats[((int64_t)splits + split) * B + qb + t] = sm.st1[t];
-  }
+  store_split_stats(sm, B, qb, qn, stats);
 }
 
 // Backward finish, one thread per entry of dx: sums the splits and applies od_dx_entry
