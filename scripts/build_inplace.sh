@@ -18,8 +18,8 @@ cp -f build/inplace/_C*.so molrg_ext/
 # An installed molrg_ext (pip install -e . in particular: scikit-build-core's editable import hook
 # runs before PYTHONPATH) would shadow the module just built: say so instead of letting tests and
 # benchmarks silently run a stale binary.
-loaded=$(cd "$(pwd)" && PYTHONPATH=. "$PY" -c 'import molrg_ext._C as c; print(c.__file__)' 2>/dev/null || true)
-here=$(ls "$(pwd)"/molrg_ext/_C*.so | head -1)
+loaded=$(PYTHONPATH=. "$PY" -c 'import molrg_ext._C as c; print(c.__file__)' 2>/dev/null || true)
+here=$(ls "$PWD"/molrg_ext/_C*.so | head -1)
 if [ -n "$loaded" ] && [ "$(readlink -f "$loaded")" != "$(readlink -f "$here")" ]; then
   echo "build_inplace: warning: PYTHONPATH=. imports $loaded, not $here;" \
        "pip uninstall molrg_ext to use the working tree" >&2
