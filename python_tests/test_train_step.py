@@ -168,14 +168,17 @@ def test_matches_reference_float64(mode, P):
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_reference_odd_sizes(mode, dtype):
-    # n = 37 (tail vector), D = 51 (three column chunks), M = 70 (a partial block of slots),
-    # dims up to 17 (component panels of three vectors)
+# The hard CPU step takes its basis gradient through the Gram matrices U_k^T U_k once the batch is
+# at least twice sum(dims) = 60 (batch 70), and by projecting the n-space gradient below (batch 50).
+@pytest.mark.parametrize("batch", [70, 50])
+def test_matches_reference_odd_sizes(mode, dtype, batch):
+    # n = 37 (tail vector), D = 51 (three column chunks), M = 70 or 50 (a partial block of
+    # slots), dims up to 17 (component panels of three vectors)
     dims = [9, 17, 4]
     X, U = _problem(3, 23, 37, dims, dtype=dtype, seed=5)
     levels = M.make_levels(TinySchedule(), L=5, dims=dims, pi=[0.2, 0.5, 0.3])
-    loss, grad = M.train_step(X, U, dims, levels, 70, seed=3, step=9, mode=mode)
-    rl, rg = reference_step(X, U, dims, levels, 70, 3, 9, mode)
+    loss, grad = M.train_step(X, U, dims, levels, batch, seed=3, step=9, mode=mode)
+    rl, rg = reference_step(X, U, dims, levels, batch, 3, 9, mode)
     if dtype == torch.float64:
         torch.testing.assert_close(loss, rl, rtol=1e-10, atol=1e-11)
         torch.testing.assert_close(grad, rg, rtol=1e-10, atol=1e-11)

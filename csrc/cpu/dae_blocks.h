@@ -10,6 +10,7 @@
 //   component panels Uc_k [n, dW] the d_k columns of U_k, UcT_k [dm, np] its transpose
 //   indicator panels Ind [Dp, Kp]   Ind[k*dm + j, k] = 1 for j < d_k (0 elsewhere)
 //                    IndT [Kp, Dp]  its transpose
+//   Gram panels      G_k [dW, dW]   U_k^T U_k (0 past d_k); filled only for the hard training step
 // The indicators turn the per-component sums and broadcasts of the per-sample math (||P_k||^2,
 // <r_k, P_k>, c w_k P_k) into register-tiled products over the whole block: Sums [S, Kp] =
 // (A o B) Ind, Spread [S, Dp] = Coef IndT, with the elementwise products vectorised over rows.
@@ -41,7 +42,8 @@ struct PanelGeom {
   int64_t full_size() const { return (int64_t)n * Dp + (int64_t)D * np; }
   int64_t comp_stride() const { return (int64_t)n * dW + (int64_t)dm * np; }
   int64_t ind_offset() const { return full_size() + K * comp_stride(); }
-  int64_t size() const { return ind_offset() + 2 * (int64_t)Dp * Kp; }
+  int64_t gram_offset() const { return ind_offset() + 2 * (int64_t)Dp * Kp; }
+  int64_t size() const { return gram_offset() + (int64_t)K * dW * dW; }
   int64_t acc_size() const { return (int64_t)D * np + (int64_t)K * dm * np; }
   int64_t comp_acc_offset(int k) const { return (int64_t)D * np + (int64_t)k * dm * np; }
 };
@@ -70,11 +72,12 @@ struct Panels {  // views into one instance's packed panels
   const T* UcT(int k) const { return Uc(k) + (int64_t)g.n * g.dW; }
   const T* Ind() const { return base + g.ind_offset(); }
   const T* IndT() const { return Ind() + (int64_t)g.Dp * g.Kp; }
+  const T* Gram(int k) const { return base + g.gram_offset() + (int64_t)k * g.dW * g.dW; }
 };
 
-// Pack U [K, n, dm] of one instance into out [g.size()].
+// Pack U [K, n, dm] of one instance into out [g.size()]; the Gram panels stay 0 unless gram.
 template <typename T>
-void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out) {
+void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out, bool gram) {
   std::fill(out, out + g.size(), T(0));
   T* Uf = out;
   T* UfT = out + (int64_t)g.n * g.Dp;
@@ -96,6 +99,13 @@ void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out) 
         Uc[(int64_t)i * g.dW + j] = v;
         UcT[(int64_t)j * g.np + i] = v;
       }
+  }
+  if (!gram) return;
+  std::vector<const T*> rows(g.dm);
+  for (int k = 0; k < g.K; ++k) {  // G_k = UcT_k Uc_k, one register-tiled product
+    const T* Uc = out + g.full_size() + k * g.comp_stride();
+    for (int j = 0; j < dims[k]; ++j) rows[j] = Uc + (int64_t)g.n * g.dW + (int64_t)j * g.np;
+    project(rows.data(), dims[k], g.n, Uc, g.dW, out + g.gram_offset() + k * g.dW * g.dW, g.dW);
   }
 }
 
@@ -425,13 +435,40 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
   if (dx) s.scatter_sorted(s.z.data(), S, n, dx);
 }
 
+// dP rows u [cnt, dW] of a hard-mode group of component k (d_k = dk): dP_u = a_u (c_u Pk_u G_k -
+// Q0_t), a_u = 2 lambda c_u / M, t = sel[u], for the level of slot t. Pk rows (d_k entries) are
+// pointers; Q0 rows have stride qs.
+template <typename T>
+void hard_train_dP(const T* const* Pk, const T* Q0, int qs, const T* G, const int* sel, int cnt,
+                   int dk, int dW, const T* levels, T inv_M, const uint32_t* lev, T* dP) {
+  using namespace kernels;
+  project(Pk, cnt, dk, G, dW, dP, dW);  // Pk G_k, 0 past d_k
+  for (int u = 0; u < cnt; ++u) {
+    const int t = sel[u];
+    const T* lv = levels + (int64_t)lev[t] * kLvCols;
+    const T cl = lv[kLvC], a = T(2) * lv[kLvLambda] * inv_M * cl;
+    const T* Qt = Q0 + (int64_t)t * qs;
+    T* dPu = dP + (int64_t)u * dW;
+    for (int j = 0; j < dk; ++j) dPu[j] = a * (cl * dPu[j] - Qt[j]);
+  }
+}
+
+// Whether the hard training step takes dP = c g U_k in d-space (train_block), which needs the
+// Gram panels: their K products of n x d_k x d_k cost less than the M products of n x d_k they
+// replace once the batch is at least twice the summed subspace dimension.
+inline bool hard_train_uses_gram(int64_t M, const int32_t* dims, int K) {
+  int64_t sum = 0;
+  for (int k = 0; k < K; ++k) sum += dims[k];
+  return M >= 2 * sum;
+}
+
 // Fused training step on slots m0 .. m0 + S - 1 of instance p (kernels/train_step.h math):
 // writes the per-slot loss lambda ||x_theta - x_i||^2 and accumulates d/dU of the mean loss
-// (scaled by inv_M) into acc.
+// (scaled by inv_M) into acc. Hard mode with gram (the panels hold G_k) takes dP in d-space.
 template <typename T>
 void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const Panels<T>& pn,
                  const int32_t* dims, const T* levels, const T* level_bias, uint32_t L, int mode,
-                 uint64_t seed, uint32_t step, T inv_M, T* loss, T* acc, BlockScratch<T>& s) {
+                 bool gram, uint64_t seed, uint32_t step, T inv_M, T* loss, T* acc, BlockScratch<T>& s) {
   using namespace kernels;
   const PanelGeom& g = pn.g;
   const int n = g.n, K = g.K, D = g.D, Dp = g.Dp, dW = g.dW;
@@ -489,7 +526,8 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, D, n, acc);
     return;
   }
-  // hard: the component of the clean sample (eq. (17)), then one group per component
+  // hard: the component of the clean sample (eq. (17)), then one group per component. The
+  // clean projections Q0 = x_i U (s.P) stay for the gradient below.
   project(s.rowA.data(), S, n, pn.Uf(), Dp, s.P.data(), Dp);
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
   for (int t = 0; t < S; ++t) s.comp[t] = dae_argmax(s.sums.data() + (int64_t)t * g.Kp, K);
@@ -506,21 +544,29 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       s.rowY[u] = s.y.data() + (int64_t)t * n;
       s.rowC[u] = s.rowY[u];
     }
-    project(xrows.data(), cnt, n, pn.Uc(k), dW, s.P.data(), dW);
+    project(xrows.data(), cnt, n, pn.Uc(k), dW, s.E.data(), Dp);  // rows rowE[u] = x_t U_k
     for (int u = 0; u < cnt; ++u) {
       const T cl = levels[(int64_t)s.lev[sel[u]] * kLvCols + kLvC];
-      const T* Pu = s.P.data() + (int64_t)u * dW;
+      const T* Pu = s.rowE[u];
       T* Cu = s.C.data() + (int64_t)u * dW;
       for (int j = 0; j < dW; ++j) Cu[j] = j < dk ? cl * Pu[j] : T(0);
     }
     expand(s.C.data(), dW, cnt, dk, pn.UcT(k), n, s.rowY.data());
     for (int u = 0; u < cnt; ++u) loss_and_grad(sel[u], s.rowY[u]);
-    project(s.rowC.data(), cnt, n, pn.Uc(k), dW, s.R.data(), dW);
-    for (int u = 0; u < cnt; ++u) {
-      const T cl = levels[(int64_t)s.lev[sel[u]] * kLvCols + kLvC];
-      const T* Ru = s.R.data() + (int64_t)u * dW;
-      T* dPu = s.dP.data() + (int64_t)u * dW;
-      for (int j = 0; j < dW; ++j) dPu[j] = j < dk ? cl * Ru[j] : T(0);
+    if (gram) {
+      // dP = c g U_k with g = (2 lambda / M)(c U_k Pk - x_i), taken in d-space as
+      // (2 lambda c / M)(c Pk G_k - Q0_k), Pk = x_t U_k, Q0_k = x_i U_k: no second pass over the
+      // n-vectors.
+      hard_train_dP<T>(s.rowE.data(), s.P.data() + k * g.dm, Dp, pn.Gram(k), sel, cnt, dk, dW,
+                       levels, inv_M, s.lev.data(), s.dP.data());
+    } else {
+      project(s.rowC.data(), cnt, n, pn.Uc(k), dW, s.R.data(), dW);  // g U_k
+      for (int u = 0; u < cnt; ++u) {
+        const T cl = levels[(int64_t)s.lev[sel[u]] * kLvCols + kLvC];
+        const T* Ru = s.R.data() + (int64_t)u * dW;
+        T* dPu = s.dP.data() + (int64_t)u * dW;
+        for (int j = 0; j < dW; ++j) dPu[j] = j < dk ? cl * Ru[j] : T(0);
+      }
     }
     outer(xrows.data(), s.dP.data(), s.rowC.data(), s.C.data(), dW, cnt, dk, n,
           acc + g.comp_acc_offset(k));

@@ -10,15 +10,16 @@
 
 namespace molrg {
 
-// Packed panels of every instance [P, g.size()] (cpu/dae_blocks.h).
+// Packed panels of every instance [P, g.size()] (cpu/dae_blocks.h); the Gram panels only if gram.
 template <typename T>
-inline at::Tensor pack_panels(const at::Tensor& U, const cpu::PanelGeom& g, const DaeSizes& s) {
+inline at::Tensor pack_panels(const at::Tensor& U, const cpu::PanelGeom& g, const DaeSizes& s,
+                              bool gram = false) {
   auto pan = at::empty({s.P, g.size()}, U.options());
   const T* up = U.data_ptr<T>();
   T* out = pan.data_ptr<T>();
   at::parallel_for(0, s.P, 1, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p)
-      cpu::pack_instance<T>(up + p * s.K * s.n * s.dm, g, s.dims.data(), out + p * g.size());
+      cpu::pack_instance<T>(up + p * s.K * s.n * s.dm, g, s.dims.data(), out + p * g.size(), gram);
   });
   return pan;
 }

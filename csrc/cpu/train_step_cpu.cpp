@@ -40,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
 
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "train_step_cpu", [&] {
     const cpu::PanelGeom g = cpu::panel_geom<scalar_t>((int)s.n, (int)s.K, (int)s.dm);
-    auto pan = pack_panels<scalar_t>(U, g, s);
+    const bool gram = mode == kHard && cpu::hard_train_uses_gram(M, s.dims.data(), (int)s.K);
+    auto pan = pack_panels<scalar_t>(U, g, s, gram);
     const GradAccumulators<scalar_t> acc(g, P, X.options());
     const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* Xp = X.data_ptr<scalar_t>();
@@ -53,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
                                                             auto& sc) {
       cpu::train_block<scalar_t>(Xp + p * N * s.n, (uint32_t)N, S, (uint32_t)m0, (uint32_t)p,
                                  {panp + p * g.size(), g}, s.dims.data(), lvp, lbp, (uint32_t)L,
-                                 (int)mode, (uint64_t)seed, (uint32_t)step, inv_M,
+                                 (int)mode, gram, (uint64_t)seed, (uint32_t)step, inv_M,
                                  lossp + p * M + m0, acc.of(p), sc);
     });
     acc.unpack(g, s, grad);
