@@ -104,6 +104,13 @@ def dae_bytes(n, K, d, B, itemsize=4) -> int:
     return itemsize * B * (4 * n + 2 * K * d + 2 * K + 2 + K)
 
 
+def train_lines(n, K, d, M, P, itemsize=4) -> int:
+    """Least number of cache lines one fused training step fetches: the P * M drawn rows of X
+    (n values each, whole 64-byte lines). When the training sets are larger than the caches (the
+    benchmark's 64 x 4096 x 48 floats are 50 MB) these are scattered misses, one row at a time."""
+    return P * M * -(-n * itemsize // 64)
+
+
 def _roofline_for(roofline: dict, threads) -> dict:
     if "fma_peak_gflops" in roofline:
         return roofline
@@ -119,9 +126,10 @@ def floor_table(merged: dict, roofline: dict) -> str:
     """Per case: the time the machine cannot beat (max of flops at the measured FMA peak and the
     least traffic at the best measured bandwidth), the time the issue's target asks for (the
     fastest listed peer divided by the target ratio), and whether the target is below the floor.
-    Training rows get only the compute floor (their traffic depends on the draws). ``roofline`` is
-    one output of benchmarks/roofline/run.sh, or several keyed ``threads_<T>`` (the entry of the
-    benchmark's thread count is used)."""
+    Training rows: the compute floor of the denoiser math, and as memory floor the drawn rows'
+    lines at the probe's rate of independent scattered line loads (``random_line_ns`` per line and
+    thread), when the roofline has it. ``roofline`` is one output of benchmarks/roofline/run.sh,
+    or several keyed ``threads_<T>`` (the entry of the benchmark's thread count is used)."""
     roofline = _roofline_for(roofline, merged.get("meta", {}).get("threads"))
     fma = roofline["fma_peak_gflops"] * 1e9
     bw = max(roofline["read_gbs"], roofline["triad_gbs"]) * 1e9
@@ -132,7 +140,13 @@ def floor_table(merged: dict, roofline: dict) -> str:
         ratio, peers = TARGETS.get((r["kind"], n), (None, ()))
         have = [r["seconds"][p] for p in peers if p in r["seconds"]]
         tc = r["flops"] / fma if r.get("flops") else None
-        tm = dae_bytes(*r["shape"]) / bw if r["kind"] == "dae" else None
+        if r["kind"] == "dae":
+            tm = dae_bytes(*r["shape"]) / bw
+        elif r["kind"] == "train" and "random_line_ns" in roofline:
+            tm = (train_lines(*r["shape"]) * roofline["random_line_ns"] * 1e-9
+                  / roofline.get("threads", 1))
+        else:
+            tm = None
         floor = max(t for t in (tc, tm) if t is not None) if tc or tm else None
         want = min(have) / ratio if ratio and have else None
         verdict = "-" if want is None or floor is None else ("yes" if want < floor else "no")

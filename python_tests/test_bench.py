@@ -86,3 +86,19 @@ def test_floor_table_compares_targets_with_the_machine_floor():
     assert floor_table(merged, both) == floor_table({"rows": [row]}, roof)
     with pytest.raises(ValueError, match="threads_4"):
         floor_table({"rows": [row], "meta": {"threads": 4}}, both)
+    # training rows: the drawn rows' cache lines at the probe's scattered-line rate
+    from molrg_ext.bench_report import train_lines
+
+    assert train_lines(48, 2, 6, 1024, 64) == 64 * 1024 * 3
+    assert train_lines(37, 2, 6, 10, 1) == 10 * 3  # 148 bytes: at least 3 lines
+    trow = {"kind": "train", "shape": [48, 2, 6, 1024, 64], "mode": "hard", "flops": 3.0e8,
+            "seconds": {"ours": 9e-3, "eager-loop": 108e-3}}
+    assert floor_table({"rows": [trow]}, roof).splitlines()[2] == (
+        "| train | (48, 2, 6, 1024, 64) | hard | 1.58 | - | >= 20x eager-loop | 5.40 | no |")
+    # 196608 lines x 20 ns / 2 threads = 1.97 ms; with 80 ns per line 7.86 ms, above 5.4 ms
+    roof_lines = dict(roof, threads=2, random_line_ns=20.0)
+    assert floor_table({"rows": [trow]}, roof_lines).splitlines()[2] == (
+        "| train | (48, 2, 6, 1024, 64) | hard | 1.58 | 1.97 | >= 20x eager-loop | 5.40 | no |")
+    roof_lines["random_line_ns"] = 80.0
+    line = floor_table({"rows": [trow]}, roof_lines).splitlines()[2]
+    assert line.endswith("| 7.86 | >= 20x eager-loop | 5.40 | yes |")

@@ -1,14 +1,21 @@
 // Roofline probe of this machine: the fp32 FMA peak (8-lane FMAs into 10 independent
 // accumulators per thread, so neither latency nor loads limit it) and the memory bandwidth of
-// streaming reads, writes and a triad over 256 MiB arrays, with T OpenMP threads.
+// streaming reads, writes and a triad over 256 MiB arrays, with T OpenMP threads. Then the cost
+// of scattered cache lines, which bounds a gather of random training rows (the fused training
+// step reads 3 lines per drawn row at n = 48 float): the latency of one line (a pointer chase
+// through a random cycle of the lines of a 256 MiB array, one thread) and the throughput of
+// independent loads of random lines (T threads, each its own random line sequence).
 // Build and run: benchmarks/roofline/run.sh [threads]. Prints one JSON object.
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <numeric>
+#include <random>
 #include <vector>
 
 static double now() {
@@ -81,10 +88,39 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < N; ++i) c[i] = a[i] + 0.5f * b[i];
   });
   const double MB = N * 4.0 / 1e9;
+
+  // Scattered lines of the 256 MiB array a, viewed as 64-byte lines of 16 uint32 words.
+  const size_t lines = N / 16;
+  uint32_t* w = reinterpret_cast<uint32_t*>(a);
+  std::vector<uint32_t> perm(lines);
+  std::iota(perm.begin(), perm.end(), 0u);
+  std::shuffle(perm.begin(), perm.end(), std::mt19937(7));
+  for (size_t i = 0; i < lines; ++i) w[(size_t)perm[i] * 16] = perm[(i + 1) % lines];
+  const long hops = 2000000;
+  uint32_t at = perm[0];
+  const double tl = best_of(3, [&] {
+    for (long h = 0; h < hops; ++h) at = w[(size_t)at * 16];
+  });
+  const long loads = 4000000;  // per thread
+  uint64_t xs = 0;
+  const double tg = best_of(3, [&] {
+    uint64_t s = 0;
+#pragma omp parallel reduction(+ : s)
+    {
+      uint64_t r = 0x9E3779B97F4A7C15ull * (uint64_t)(omp_get_thread_num() + 1);
+      for (long i = 0; i < loads; ++i) {  // the line index does not depend on the loaded value
+        r = r * 6364136223846793005ull + 1442695040888963407ull;
+        s += w[(size_t)((r >> 33) % lines) * 16];
+      }
+    }
+    xs += s;
+  });
   std::printf(
       "{\"threads\": %d, \"fma_peak_gflops\": %.1f, \"read_gbs\": %.1f, \"write_gbs\": %.1f, "
-      "\"triad_gbs\": %.1f, \"_\": %g}\n",
-      T, gflops, MB / tr, MB / tw, 3 * MB / tt, (double)(sink + acc + c[N / 2]));
+      "\"triad_gbs\": %.1f, \"line_latency_ns\": %.0f, \"random_line_ns\": %.1f, "
+      "\"random_line_gbs\": %.2f, \"_\": %g}\n",
+      T, gflops, MB / tr, MB / tw, 3 * MB / tt, tl / hops * 1e9, tg / loads * 1e9,
+      64.0 * loads * T / tg / 1e9, (double)(sink + acc + c[N / 2] + at + xs));
   std::free(a);
   std::free(b);
   std::free(c);
