@@ -108,11 +108,13 @@ def test_philox_reference_matches_published_vectors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_draws_follow_the_documented_stream(dtype):
+# n = 13: rows by 8 normals then 5; n = 37: by 16 (four Philox blocks at once), 16, then 5
+@pytest.mark.parametrize("n", [13, 37])
+def test_draws_follow_the_documented_stream(dtype, n):
     """philox_draws (the CPU kernels' lane-parallel generator) against the stream layout of
     kernels/philox.h computed independently: Philox counters (block, m, p, step), key = seed,
     multiply-shift indices, Box-Muller with numpy's log/sin/cos."""
-    seed, step, P, Mb, N, L, n = (5 << 32) + 77, 12, 2, 70, 1000, 64, 13  # 70: partial lanes
+    seed, step, P, Mb, N, L = (5 << 32) + 77, 12, 2, 70, 1000, 64  # 70: partial lanes
     idx, lev, eps = M.philox_draws(seed, step, P, Mb, N, L, n, dtype)
     p, m = np.meshgrid(np.arange(P), np.arange(Mb), indexing="ij")
     key = (seed & 0xFFFFFFFF, seed >> 32)
