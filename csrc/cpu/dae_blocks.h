@@ -469,7 +469,8 @@ inline bool hard_train_uses_gram(int64_t M, const int32_t* dims, int K) {
 template <typename T>
 void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const Panels<T>& pn,
                  const int32_t* dims, const T* levels, const T* level_bias, uint32_t L, int mode,
-                 bool gram, uint64_t seed, uint32_t step, T inv_M, T* loss, T* acc, BlockScratch<T>& s) {
+                 bool gram, uint64_t seed, uint32_t step, T inv_M, T* loss, T* acc,
+                 BlockScratch<T>& s) {
   using namespace kernels;
   const PanelGeom& g = pn.g;
   const int n = g.n, K = g.K, D = g.D, Dp = g.Dp, dW = g.dW;
