@@ -191,6 +191,20 @@ def test_matches_reference_odd_sizes(mode, dtype, batch):
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("P", [1, 4])  # P = 1: blocks split over threads; P = 4: by instance
+def test_matches_reference_many_blocks(mode, P):
+    # batch 200 = blocks of 64, 64, 64 and 8 slots: each block after the first of an instance
+    # takes the draws and rows the block before it prefetched
+    dims = [3, 5]
+    X, U = _problem(P, 301, 21, dims, seed=8)
+    levels = M.make_levels(TinySchedule(), L=7, dims=dims)
+    loss, grad = M.train_step(X, U, dims, levels, 200, seed=6, step=2, mode=mode)
+    rl, rg = reference_step(X, U, dims, levels, 200, 6, 2, mode)
+    torch.testing.assert_close(loss, rl, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(grad, rg, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_matches_reference_float32_equal_dims(mode):
     dims = [3, 3]
     X, U = _problem(3, 20, 48, dims, torch.float32, seed=1)

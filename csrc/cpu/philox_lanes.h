@@ -173,24 +173,48 @@ inline void store_normals(const T (*z)[kPhiloxLanes], int ne, int lanes, T* rows
 // 2 (-12%) and 3 (a partial transpose) and as fast as 6, in a standalone harness of the normals.
 constexpr int kWideBlocks = 4;
 
+// Software prefetches of a list of cache lines, a few at a time: the caller spreads them over a
+// long compute-bound loop, so that they never wait for a free miss buffer (a burst of them does).
+struct LinePrefetch {
+  const char* const* lines;
+  int count, done = 0, per_call;
+  LinePrefetch(const char* const* l, int c) : lines(l), count(c), per_call(c) {}
+  // Spread the lines over `calls` calls of next(), as evenly as whole lines allow.
+  void spread(int calls) { per_call = calls > 0 ? (count + calls - 1) / calls : count; }
+  void next() { issue(std::min(count, done + per_call)); }
+  void finish() { issue(count); }
+  void issue(int end) {
+    for (; done < end; ++done) __builtin_prefetch(lines[done], 0, 3);
+  }
+};
+
 // eps [count, n]: the normals of slots m0 .. m0 + count - 1 of instance p. kWideBlocks Philox
 // blocks at a time (rounds interleaved) give 4 kWideBlocks normals of 8 slots, stored by 8 x 8
-// transposes into the slots' rows; the rest of a row by two blocks (8 normals) or one.
+// transposes into the slots' rows; the rest of a row by two blocks (8 normals) or one. If pf is
+// given, its lines are prefetched a few per step along the way (the training step fetches the
+// scattered rows of its next block of samples there: the normals are its longest stretch of
+// compute without loads from memory).
 template <typename T>
 inline void philox_normals_slots(uint64_t seed, uint32_t step, uint32_t p, uint32_t m0,
-                                 int count, int n, T* eps) {
+                                 int count, int n, T* eps, LinePrefetch* pf = nullptr) {
   constexpr int Ln = kPhiloxLanes;
   const Philox8Keys key((uint32_t)seed, (uint32_t)(seed >> 32));
+  if (pf) {  // steps per run of 8 slots: the wide ones, then the rest of a row by 8 normals
+    const int wide = n / (4 * kWideBlocks), rest = (n % (4 * kWideBlocks) + 7) / 8;
+    pf->spread((count + Ln - 1) / Ln * (wide + rest));
+  }
   for (int t0 = 0; t0 < count; t0 += Ln) {
     const int lanes = std::min(Ln, count - t0);
     T* rows = eps + (int64_t)t0 * n;
     int e0 = 0;
     for (; e0 + 4 * kWideBlocks <= n; e0 += 4 * kWideBlocks) {
+      if (pf) pf->next();
       T z[4 * kWideBlocks][Ln];
       philox_normals_block<T, kWideBlocks>(key, step, p, m0 + (uint32_t)t0, (uint32_t)(e0 / 4), z);
       store_normals<T>(z, 4 * kWideBlocks, lanes, rows + e0, n);
     }
     for (; e0 < n; e0 += 8) {
+      if (pf) pf->next();
       T z[8][Ln];
       const uint32_t q = (uint32_t)(e0 / 4);
       const int ne = std::min(8, n - e0);
@@ -199,6 +223,7 @@ inline void philox_normals_slots(uint64_t seed, uint32_t step, uint32_t p, uint3
       store_normals<T>(z, ne, lanes, rows + e0, n);
     }
   }
+  if (pf) pf->finish();  // any left (none unless n = 0)
 }
 
 }  // namespace molrg::cpu

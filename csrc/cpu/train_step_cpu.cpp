@@ -55,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
       cpu::train_block<scalar_t>(Xp + p * N * s.n, (uint32_t)N, S, (uint32_t)m0, (uint32_t)p,
                                  {panp + p * g.size(), g}, s.dims.data(), lvp, lbp, (uint32_t)L,
                                  (int)mode, gram, (uint64_t)seed, (uint32_t)step, inv_M,
-                                 lossp + p * M + m0, acc.of(p), sc);
+                                 lossp + p * M + m0, acc.of(p), sc,
+                                 (int)std::min<int64_t>(cpu::kBlock, M - m0 - S));
     });
     acc.unpack(g, s, grad);
   });
