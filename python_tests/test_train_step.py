@@ -205,6 +205,24 @@ def test_matches_reference_many_blocks(mode, P):
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_by_instance_results_do_not_depend_on_the_threads(mode):
+    # P >= 2 threads: each instance is done by one thread, whichever takes it, block after block
+    dims = [4, 2]
+    X, U = _problem(6, 90, 16, dims, torch.float32, seed=2)
+    levels = M.make_levels(TinySchedule(), L=9)
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            out.append(M.train_step(X, U, dims, levels, 150, seed=1, step=3, mode=mode))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in out[1:]:
+        assert torch.equal(loss, out[0][0]) and torch.equal(grad, out[0][1])
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_matches_reference_float32_equal_dims(mode):
     dims = [3, 3]
     X, U = _problem(3, 20, 48, dims, torch.float32, seed=1)
