@@ -528,6 +528,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
   auto loss_and_grad = [&](int t, T* yt) {
     const T* x0 = s.rowA[t];
     const T lam = levels[(int64_t)s.lev[t] * kLvCols + kLvLambda];
+    const T gscale = T(2) * lam * inv_M;
     T err = T(0);
 #if defined(_OPENMP)
 #pragma omp simd reduction(+ : err)  // vector partial sums, not one chain of n dependent adds
@@ -535,9 +536,8 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     for (int e = 0; e < n; ++e) {
       const T d = yt[e] - x0[e];
       err += d * d;
+      yt[e] = gscale * d;
     }
-    const T gscale = T(2) * lam * inv_M;
-    for (int e = 0; e < n; ++e) yt[e] = gscale * (yt[e] - x0[e]);
     loss[t] = lam * err;
   };
   if (mode == kSoft) {
