@@ -111,6 +111,15 @@ def train_lines(n, K, d, M, P, itemsize=4) -> int:
     return P * M * -(-n * itemsize // 64)
 
 
+def _line_ns(roofline: dict, n: int, itemsize=4) -> float:
+    """The probe's cost of one scattered line of a training row of n values, per thread: its rate
+    for rows of three adjacent lines of a benchmark-sized set (``row3_line_ns``) when a row is
+    three lines and the probe measured it, else its rate for lone lines of 256 MiB."""
+    if -(-n * itemsize // 64) == 3 and "row3_line_ns" in roofline:
+        return roofline["row3_line_ns"]
+    return roofline["random_line_ns"]
+
+
 def _roofline_for(roofline: dict, threads) -> dict:
     if "fma_peak_gflops" in roofline:
         return roofline
@@ -127,8 +136,9 @@ def floor_table(merged: dict, roofline: dict) -> str:
     least traffic at the best measured bandwidth), the time the issue's target asks for (the
     fastest listed peer divided by the target ratio), and whether the target is below the floor.
     Training rows: the compute floor of the denoiser math, and as memory floor the drawn rows'
-    lines at the probe's rate of independent scattered line loads (``random_line_ns`` per line and
-    thread), when the roofline has it. ``roofline`` is one output of benchmarks/roofline/run.sh,
+    lines at the probe's rate of independent scattered loads (per line and thread: of rows of
+    three lines, ``row3_line_ns``, or of lone lines, ``random_line_ns``), when the roofline has
+    it. ``roofline`` is one output of benchmarks/roofline/run.sh,
     or several keyed ``threads_<T>`` (the entry of the benchmark's thread count is used)."""
     roofline = _roofline_for(roofline, merged.get("meta", {}).get("threads"))
     fma = roofline["fma_peak_gflops"] * 1e9
@@ -143,7 +153,7 @@ def floor_table(merged: dict, roofline: dict) -> str:
         if r["kind"] == "dae":
             tm = dae_bytes(*r["shape"]) / bw
         elif r["kind"] == "train" and "random_line_ns" in roofline:
-            tm = (train_lines(*r["shape"]) * roofline["random_line_ns"] * 1e-9
+            tm = (train_lines(*r["shape"]) * _line_ns(roofline, r["shape"][0]) * 1e-9
                   / roofline.get("threads", 1))
         else:
             tm = None

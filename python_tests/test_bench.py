@@ -102,3 +102,10 @@ def test_floor_table_compares_targets_with_the_machine_floor():
     roof_lines["random_line_ns"] = 80.0
     line = floor_table({"rows": [trow]}, roof_lines).splitlines()[2]
     assert line.endswith("| 7.86 | >= 20x eager-loop | 5.40 | yes |")
+    # rows of three lines (n = 48 float32) at the probe's row rate when it has one: 10 ns -> 0.98
+    roof_lines["row3_line_ns"] = 10.0
+    line = floor_table({"rows": [trow]}, roof_lines).splitlines()[2]
+    assert line.endswith("| 0.98 | >= 20x eager-loop | 5.40 | no |")
+    trow64 = dict(trow, shape=[64, 2, 6, 1024, 64])  # 256-byte rows: four lone lines each
+    line = floor_table({"rows": [trow64]}, roof_lines).splitlines()[2]
+    assert "| 10.49 |" in line  # 262144 lines x 80 ns / 2 threads

@@ -4,7 +4,8 @@
 // of scattered cache lines, which bounds a gather of random training rows (the fused training
 // step reads 3 lines per drawn row at n = 48 float): the latency of one line (a pointer chase
 // through a random cycle of the lines of a 256 MiB array, one thread) and the throughput of
-// independent loads of random lines (T threads, each its own random line sequence).
+// independent loads of random lines (T threads, each its own random line sequence), and the same
+// for random rows of three adjacent lines of a training set of the benchmark's size.
 // Build and run: benchmarks/roofline/run.sh [threads]. Prints one JSON object.
 #include <immintrin.h>
 #include <omp.h>
@@ -115,12 +116,33 @@ int main(int argc, char** argv) {
     }
     xs += s;
   });
+  // Scattered rows as the training-step benchmark reads them: rows of three adjacent lines (192
+  // bytes, one float32 row of n = 48) drawn at random from a 48 MiB set (its 64 x 4096 rows), one
+  // word of each line, rows independent. Adjacent lines share a DRAM page, the set's page tables
+  // stay cached and part of the set stays in L3 from one repetition to the next, as from one
+  // training step to the next, so a line costs less than a lone line of 256 MiB.
+  const long rows = 1500000;  // per thread
+  const size_t nrows = (size_t)64 * 4096;
+  const double trw = best_of(3, [&] {
+    uint64_t s = 0;
+#pragma omp parallel reduction(+ : s)
+    {
+      uint64_t r = 0xD1B54A32D192ED03ull * (uint64_t)(omp_get_thread_num() + 1);
+      for (long i = 0; i < rows; ++i) {
+        r = r * 6364136223846793005ull + 1442695040888963407ull;
+        const uint32_t* row = w + (size_t)((r >> 33) % nrows) * 48;
+        s += row[0] + row[16] + row[32];
+      }
+    }
+    xs += s;
+  });
   std::printf(
       "{\"threads\": %d, \"fma_peak_gflops\": %.1f, \"read_gbs\": %.1f, \"write_gbs\": %.1f, "
       "\"triad_gbs\": %.1f, \"line_latency_ns\": %.0f, \"random_line_ns\": %.1f, "
-      "\"random_line_gbs\": %.2f, \"_\": %g}\n",
+      "\"random_line_gbs\": %.2f, \"row3_line_ns\": %.1f, \"_\": %g}\n",
       T, gflops, MB / tr, MB / tw, 3 * MB / tt, tl / hops * 1e9, tg / loads * 1e9,
-      64.0 * loads * T / tg / 1e9, (double)(sink + acc + c[N / 2] + at + xs));
+      64.0 * loads * T / tg / 1e9, trw / (3.0 * rows) * 1e9,
+      (double)(sink + acc + c[N / 2] + at + xs));
   std::free(a);
   std::free(b);
   std::free(c);
