@@ -3,6 +3,10 @@ the table's ratios are consistent with the times, and the JSON keeps them with t
 measured peak."""
 import json
 import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +113,22 @@ def test_floor_table_compares_targets_with_the_machine_floor():
     trow64 = dict(trow, shape=[64, 2, 6, 1024, 64])  # 256-byte rows: four lone lines each
     line = floor_table({"rows": [trow64]}, roof_lines).splitlines()[2]
     assert "| 10.49 |" in line  # 262144 lines x 80 ns / 2 threads
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or shutil.which("git") is None,
+                    reason="needs g++ and git")
+def test_paired_harness_builds_and_compares(tmp_path):
+    # benchmarks/paired/run.sh links csrc/ of HEAD (A) and of the working tree (B) into one
+    # binary and alternates them; the same kernels give a ratio near 1
+    root = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(["bash", str(root / "benchmarks/paired/run.sh"), "HEAD", "soft", "4",
+                          "64"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    m = re.search(r"B/A median ([0-9.]+) \(quartiles ([0-9.]+), ([0-9.]+)\) over 4 pairs",
+                  out.stdout)
+    assert m, out.stdout
+    assert 0.5 < float(m.group(1)) < 2.0

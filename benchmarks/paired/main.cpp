@@ -1,0 +1,60 @@
+// Paired harness: two builds of the training step (A, B: variant.cpp) alternate step by step in
+// one process, A first on even rounds and B first on odd ones, and each round's time ratio B/A
+// is kept. On a shared VM whose speed drifts by 10-50% within minutes, the median of these
+// paired ratios is far steadier than comparing separate runs.
+// Usage: pair MODE(soft|hard) ROUNDS [N rows per instance, default 4096]; OMP_NUM_THREADS sets
+// the threads. Shape: P = 64 instances, n = 48, K = 2, d = 6, M = 1024, 64 noise levels.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+extern "C" double run_A(const float*, int, int, int, int, int, int, const float*, const float*,
+                        int, int, uint32_t, float*);
+extern "C" double run_B(const float*, int, int, int, int, int, int, const float*, const float*,
+                        int, int, uint32_t, float*);
+
+int main(int argc, char** argv) {
+  if (argc < 3 || (strcmp(argv[1], "soft") && strcmp(argv[1], "hard"))) {
+    fprintf(stderr, "usage: %s soft|hard ROUNDS [N]\n", argv[0]);
+    return 2;
+  }
+  const int mode = strcmp(argv[1], "hard") == 0, rounds = std::max(2, atoi(argv[2]));
+  const int N = argc > 3 ? atoi(argv[3]) : 4096;
+  const int P = 64, n = 48, K = 2, d = 6, M = 1024, L = 64;
+  std::mt19937 rng(0);
+  std::normal_distribution<float> nd;
+  std::vector<float> X((size_t)P * N * n), U((size_t)P * K * n * d), lv(L * 5);
+  std::vector<float> loss((size_t)P * M);
+  for (auto& v : X) v = nd(rng);
+  for (auto& v : U) v = nd(rng) / std::sqrt((float)n);
+  for (int l = 0; l < L; ++l) {  // EDM-like sigmas 0.002 .. 80, s = 1 / sqrt(1 + sigma^2)
+    const float sg = 0.002f * std::pow(80.f / 0.002f, l / float(L - 1));
+    const float s = 1 / std::sqrt(1 + sg * sg);
+    const float row[5] = {s, s * sg, 1.f, 1 / (1 + sg * sg), 1 / (sg * sg + 1e-3f)};
+    std::copy(row, row + 5, lv.begin() + 5 * l);
+  }
+  std::vector<double> ta, tb, ratio;
+  auto a = [&](uint32_t st) {
+    return run_A(X.data(), P, N, n, K, d, M, U.data(), lv.data(), L, mode, st, loss.data());
+  };
+  auto b = [&](uint32_t st) {
+    return run_B(X.data(), P, N, n, K, d, M, U.data(), lv.data(), L, mode, st, loss.data());
+  };
+  for (int r = 0; r < rounds; ++r) {
+    double x, y;
+    if (r % 2) y = b(r + 1), x = a(r + 1);
+    else x = a(r + 1), y = b(r + 1);
+    ta.push_back(x), tb.push_back(y), ratio.push_back(y / x);
+  }
+  for (auto* v : {&ta, &tb, &ratio}) std::sort(v->begin(), v->end());
+  auto q = [](const std::vector<double>& v, double f) { return v[(size_t)(f * (v.size() - 1))]; };
+  printf("%s N=%d: A min %.2f median %.2f ms | B min %.2f median %.2f ms | B/A median %.3f "
+         "(quartiles %.3f, %.3f) over %d pairs\n", argv[1], N, ta[0] * 1e3, q(ta, .5) * 1e3,
+         tb[0] * 1e3, q(tb, .5) * 1e3, q(ratio, .5), q(ratio, .25), q(ratio, .75), rounds);
+  return 0;
+}

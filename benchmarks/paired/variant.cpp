@@ -1,0 +1,45 @@
+// One build of the CPU training step (csrc/cpu/dae_blocks.h train_block) for the paired harness:
+// compiled twice, from two source trees, with -Dmolrg=<namespace> -DVFUNC=<symbol> so that both
+// live in one process (run.sh). -DNEXT_S: the tree's train_block takes the next block's slot count
+// (79a0694 and later). Times one step of P instances x M slots; both builds run with the threads
+// claiming instances one at a time (as parallel_blocks does since 83b2ce3), so a pair compares
+// the kernels only.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/dae_blocks.h"
+
+using namespace molrg::cpu;
+
+extern "C" double VFUNC(const float* X, int P, int N, int n, int K, int d, int M, const float* U,
+                        const float* levels, int L, int mode, uint32_t step, float* loss) {
+  const PanelGeom g = panel_geom<float>(n, K, d);
+  std::vector<int32_t> dims(K, d);
+  const bool gram = mode == kHard && hard_train_uses_gram(M, dims.data(), K);
+  std::vector<float> pan((size_t)P * g.size()), acc((size_t)P * g.acc_size(), 0.f);
+  const double t0 = omp_get_wtime();
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int p = 0; p < P; ++p)
+      pack_instance<float>(U + (size_t)p * K * n * d, g, dims.data(), pan.data() + p * g.size(),
+                           gram);
+    BlockScratch<float> sc(g);
+#pragma omp for schedule(dynamic, 1)
+    for (int p = 0; p < P; ++p)
+      for (int m0 = 0; m0 < M; m0 += kBlock) {
+        const int S = std::min(kBlock, M - m0);
+        train_block<float>(X + (size_t)p * N * n, N, S, m0, p, {pan.data() + p * g.size(), g},
+                           dims.data(), levels, nullptr, L, mode, gram, 7, step, 1.0f / M,
+                           loss + (size_t)p * M + m0, acc.data() + p * g.acc_size(), sc
+#ifdef NEXT_S
+                           , std::min(kBlock, M - m0 - S)
+#endif
+        );
+      }
+  }
+  return omp_get_wtime() - t0;
+}
