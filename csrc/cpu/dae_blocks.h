@@ -455,20 +455,20 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
   if (dx) s.scatter_sorted(s.z.data(), S, n, dx);
 }
 
-// dP rows u [cnt, dW] of a hard-mode group of component k (d_k = dk): dP_u = a_u (c_u Pk_u G_k -
-// Q0_t), a_u = 2 lambda c_u / M, t = sel[u], for the level of slot t. Pk rows (d_k entries) are
-// pointers; Q0 rows have stride qs.
+// dP rows u [cnt, dW] (row stride ds) of a hard-mode group of component k (d_k = dk): dP_u =
+// a_u (c_u Pk_u G_k - Q0_t), a_u = 2 lambda c_u / M, t = sel[u], for the level of slot t. Pk rows
+// (d_k entries) are pointers; Q0 rows have stride qs.
 template <typename T>
 void hard_train_dP(const T* const* Pk, const T* Q0, int qs, const T* G, const int* sel, int cnt,
-                   int dk, int dW, const T* levels, T inv_M, const uint32_t* lev, T* dP) {
+                   int dk, int dW, const T* levels, T inv_M, const uint32_t* lev, T* dP, int ds) {
   using namespace kernels;
-  project(Pk, cnt, dk, G, dW, dP, dW);  // Pk G_k, 0 past d_k
+  project(Pk, cnt, dk, G, dW, dP, ds);  // Pk G_k, 0 past d_k
   for (int u = 0; u < cnt; ++u) {
     const int t = sel[u];
     const T* lv = levels + (int64_t)lev[t] * kLvCols;
     const T cl = lv[kLvC], a = T(2) * lv[kLvLambda] * inv_M * cl;
     const T* Qt = Q0 + (int64_t)t * qs;
-    T* dPu = dP + (int64_t)u * dW;
+    T* dPu = dP + (int64_t)u * ds;
     for (int j = 0; j < dk; ++j) dPu[j] = a * (cl * dPu[j] - Qt[j]);
   }
 }
@@ -524,17 +524,18 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     for (int e = 0; e < n; ++e) xt[e] = sc * x0[e] + gm * xt[e];
     s.rowA[t] = x0;
   }
-  // Loss of row t and g = dL/dy in place of y.
-  auto loss_and_grad = [&](int t, T* yt) {
+  // Row t holds yh with y = c yh (soft: c = 1): the loss of slot t, and c g (g = dL/dy) in place.
+  auto loss_and_grad = [&](int t, T* yt, bool scaled) {
     const T* x0 = s.rowA[t];
-    const T lam = levels[(int64_t)s.lev[t] * kLvCols + kLvLambda];
-    const T gscale = T(2) * lam * inv_M;
+    const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
+    const T lam = lv[kLvLambda], c = scaled ? lv[kLvC] : T(1);
+    const T gscale = T(2) * lam * inv_M * c;
     T err = T(0);
 #if defined(_OPENMP)
 #pragma omp simd reduction(+ : err)  // vector partial sums, not one chain of n dependent adds
 #endif
     for (int e = 0; e < n; ++e) {
-      const T d = yt[e] - x0[e];
+      const T d = c * yt[e] - x0[e];
       err += d * d;
       yt[e] = gscale * d;
     }
@@ -560,7 +561,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     block_softmax(s.w.data(), S, K);
     soft_block_coefs(s.P.data(), s.w.data(), s.cs.data(), S, pn, s);
     expand(s.C.data(), Dp, S, D, pn.UfT(), n, s.rowY.data());
-    for (int t = 0; t < S; ++t) loss_and_grad(t, s.rowY[t]);
+    for (int t = 0; t < S; ++t) loss_and_grad(t, s.rowY[t], false);
     project(s.rowC.data(), S, n, pn.Uf(), Dp, s.R.data(), Dp);
     soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),
                      s.phis.data(), S, pn, s.dlogit.data(), s.dcs.data(), s.dphis.data(), s);
@@ -585,31 +586,21 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       s.rowY[u] = s.y.data() + (int64_t)t * n;
       s.rowC[u] = s.rowY[u];
     }
-    project(xrows.data(), cnt, n, pn.Uc(k), dW, s.E.data(), Dp);  // rows rowE[u] = x_t U_k
-    for (int u = 0; u < cnt; ++u) {
-      const T cl = levels[(int64_t)s.lev[sel[u]] * kLvCols + kLvC];
-      const T* Pu = s.rowE[u];
-      T* Cu = s.C.data() + (int64_t)u * dW;
-      for (int j = 0; j < dW; ++j) Cu[j] = j < dk ? cl * Pu[j] : T(0);
-    }
-    expand(s.C.data(), dW, cnt, dk, pn.UcT(k), n, s.rowY.data());
-    for (int u = 0; u < cnt; ++u) loss_and_grad(sel[u], s.rowY[u]);
+    // Pk = x_t U_k (rows rowE[u], stride Dp, 0 past d_k); y = c U_k Pk is expanded without the
+    // c, which the loss pass applies, leaving c g in the rows: the gradient's terms c g (x) Pk and
+    // dP = c g U_k need no per-sample scaling of Pk or of g U_k.
+    project(xrows.data(), cnt, n, pn.Uc(k), dW, s.E.data(), Dp);
+    expand(s.E.data(), Dp, cnt, dk, pn.UcT(k), n, s.rowY.data());
+    for (int u = 0; u < cnt; ++u) loss_and_grad(sel[u], s.rowY[u], true);
     if (gram) {
       // dP = c g U_k with g = (2 lambda / M)(c U_k Pk - x_i), taken in d-space as
-      // (2 lambda c / M)(c Pk G_k - Q0_k), Pk = x_t U_k, Q0_k = x_i U_k: no second pass over the
-      // n-vectors.
+      // (2 lambda c / M)(c Pk G_k - Q0_k), Q0_k = x_i U_k: no second pass over the n-vectors.
       hard_train_dP<T>(s.rowE.data(), s.P.data() + k * g.dm, Dp, pn.Gram(k), sel, cnt, dk, dW,
-                       levels, inv_M, s.lev.data(), s.dP.data());
+                       levels, inv_M, s.lev.data(), s.dP.data(), Dp);
     } else {
-      project(s.rowC.data(), cnt, n, pn.Uc(k), dW, s.R.data(), dW);  // g U_k
-      for (int u = 0; u < cnt; ++u) {
-        const T cl = levels[(int64_t)s.lev[sel[u]] * kLvCols + kLvC];
-        const T* Ru = s.R.data() + (int64_t)u * dW;
-        T* dPu = s.dP.data() + (int64_t)u * dW;
-        for (int j = 0; j < dW; ++j) dPu[j] = j < dk ? cl * Ru[j] : T(0);
-      }
+      project(s.rowC.data(), cnt, n, pn.Uc(k), dW, s.dP.data(), Dp);  // (c g) U_k
     }
-    outer(xrows.data(), s.dP.data(), s.rowC.data(), s.C.data(), dW, cnt, dk, n,
+    outer(xrows.data(), s.dP.data(), s.rowC.data(), s.E.data(), Dp, cnt, dk, n,
           acc + g.comp_acc_offset(k));
   }
 }
