@@ -190,8 +190,9 @@ struct BlockScratch {
   // Loads one word of every cache line of the S drawn rows X[idx[t]], back to back: the first
   // block of a run, whose rows no block before it prefetched. The rows are scattered over a
   // training set larger than the caches; on the project VM a line takes 300-480 ns and a core
-  // keeps ~20 misses in flight, so these loads stall the core for about S * 3 * 17 ns. The later
-  // blocks' rows are prefetched while the block before them draws its normals (train_block).
+  // keeps ~20 misses in flight, so these loads stall the core for about 17 ns per line. The
+  // later blocks' rows are prefetched while the block before them draws its normals
+  // (train_block).
   void touch_rows(const T* X, int n, int S) {
     for (int t = 0; t < S; ++t) {
       const volatile unsigned char* row = (const volatile unsigned char*)(X + (int64_t)idx[t] * n);
