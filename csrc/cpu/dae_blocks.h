@@ -131,8 +131,9 @@ struct BlockScratch {
   std::vector<T*> rowY, rowE, rowE2;
   std::vector<int> comp, sel, pos, start;
   std::vector<uint32_t> idx, lev;
-  // The next block's draws and the cache lines of its rows, prefetched during this block
-  // (train_block); next_p, next_m0 name that block (next_p = -1: none).
+  // The next block's draws, whose rows are prefetched during this block (train_block), and the
+  // cache lines of a set of rows (list_lines); next_p, next_m0 name that block (next_p = -1:
+  // none).
   std::vector<uint32_t> nidx, nlev;
   std::vector<const char*> lines;
   int64_t next_p = -1;
@@ -175,13 +176,13 @@ struct BlockScratch {
     nidx.resize(kBlock);
     nlev.resize(kBlock);
   }
-  // The cache lines of rows X[nidx[t]], t < S, from the line of a row's first byte to the line
-  // of its last one, into lines.
-  void list_next_lines(const T* X, int n, int S) {
+  // The cache lines of rows X[r[t]], t < S, from the line of a row's first byte to the line of
+  // its last one, into lines.
+  void list_lines(const T* X, int n, const uint32_t* r, int S) {
     lines.clear();
     const int64_t bytes = (int64_t)n * (int64_t)sizeof(T);
     for (int t = 0; t < S; ++t) {
-      const char* row = (const char*)(X + (int64_t)nidx[t] * n);
+      const char* row = (const char*)(X + (int64_t)r[t] * n);
       const uintptr_t last = (uintptr_t)(row + bytes - 1);
       for (uintptr_t a = (uintptr_t)row & ~(uintptr_t)63; a <= last; a += 64)
         lines.push_back((const char*)a);
@@ -194,10 +195,8 @@ struct BlockScratch {
   // later blocks' rows are prefetched while the block before them draws its normals
   // (train_block).
   void touch_rows(const T* X, int n, int S) {
-    for (int t = 0; t < S; ++t) {
-      const volatile unsigned char* row = (const volatile unsigned char*)(X + (int64_t)idx[t] * n);
-      for (int64_t off = 0; off < (int64_t)n * (int64_t)sizeof(T); off += 64) (void)row[off];
-    }
+    list_lines(X, n, idx.data(), S);
+    for (const char* line : lines) (void)*(const volatile char*)line;
   }
   // Order the S samples by component: sel = samples of component 0, then 1, ... (each group
   // in sample order), start[k] = first position of group k, pos[t] = position of sample t.
@@ -511,7 +510,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
   if (next_S > 0) {
     philox_index_level_slots(seed, step, p, m0 + (uint32_t)S, next_S, N, L, s.nidx.data(),
                              s.nlev.data());
-    s.list_next_lines(X, n, next_S);
+    s.list_lines(X, n, s.nidx.data(), next_S);
     s.next_p = p;
     s.next_m0 = m0 + (uint32_t)S;
   }
