@@ -104,18 +104,24 @@ def dae_bytes(n, K, d, B, itemsize=4) -> int:
     return itemsize * B * (4 * n + 2 * K * d + 2 * K + 2 + K)
 
 
+def _row_lines(n, itemsize=4) -> int:
+    """64-byte cache lines of a row of n values (at least; a row off a line boundary takes one
+    more)."""
+    return -(-n * itemsize // 64)
+
+
 def train_lines(n, K, d, M, P, itemsize=4) -> int:
     """Least number of cache lines one fused training step fetches: the P * M drawn rows of X
     (n values each, whole 64-byte lines). When the training sets are larger than the caches (the
     benchmark's 64 x 4096 x 48 floats are 50 MB) these are scattered misses, one row at a time."""
-    return P * M * -(-n * itemsize // 64)
+    return P * M * _row_lines(n, itemsize)
 
 
 def _line_ns(roofline: dict, n: int, itemsize=4) -> float:
     """The probe's cost of one scattered line of a training row of n values, per thread: its rate
     for rows of three adjacent lines of a benchmark-sized set (``row3_line_ns``) when a row is
     three lines and the probe measured it, else its rate for lone lines of 256 MiB."""
-    if -(-n * itemsize // 64) == 3 and "row3_line_ns" in roofline:
+    if _row_lines(n, itemsize) == 3 and "row3_line_ns" in roofline:
         return roofline["row3_line_ns"]
     return roofline["random_line_ns"]
 

@@ -102,40 +102,37 @@ int main(int argc, char** argv) {
   const double tl = best_of(3, [&] {
     for (long h = 0; h < hops; ++h) at = w[(size_t)at * 16];
   });
-  const long loads = 4000000;  // per thread
+  // Best of 3 of `count` loads per thread at random indices below `range` (a per-thread LCG
+  // seeded by `seed`, so no address depends on a loaded value); load(i) reads at index i.
   uint64_t xs = 0;
-  const double tg = best_of(3, [&] {
-    uint64_t s = 0;
+  auto scattered = [&](long count, uint64_t seed, size_t range, auto load) {
+    return best_of(3, [&] {
+      uint64_t s = 0;
 #pragma omp parallel reduction(+ : s)
-    {
-      uint64_t r = 0x9E3779B97F4A7C15ull * (uint64_t)(omp_get_thread_num() + 1);
-      for (long i = 0; i < loads; ++i) {  // the line index does not depend on the loaded value
-        r = r * 6364136223846793005ull + 1442695040888963407ull;
-        s += w[(size_t)((r >> 33) % lines) * 16];
+      {
+        uint64_t r = seed * (uint64_t)(omp_get_thread_num() + 1);
+        for (long i = 0; i < count; ++i) {
+          r = r * 6364136223846793005ull + 1442695040888963407ull;
+          s += load((size_t)((r >> 33) % range));
+        }
       }
-    }
-    xs += s;
-  });
+      xs += s;
+    });
+  };
+  const long loads = 4000000;  // per thread
+  const double tg = scattered(loads, 0x9E3779B97F4A7C15ull, lines,
+                              [&](size_t i) -> uint64_t { return w[i * 16]; });
   // Scattered rows as the training-step benchmark reads them: rows of three adjacent lines (192
   // bytes, one float32 row of n = 48) drawn at random from a 48 MiB set (its 64 x 4096 rows), one
   // word of each line, rows independent. Adjacent lines share a DRAM page, the set's page tables
   // stay cached and part of the set stays in L3 from one repetition to the next, as from one
   // training step to the next, so a line costs less than a lone line of 256 MiB.
   const long rows = 1500000;  // per thread
-  const size_t nrows = (size_t)64 * 4096;
-  const double trw = best_of(3, [&] {
-    uint64_t s = 0;
-#pragma omp parallel reduction(+ : s)
-    {
-      uint64_t r = 0xD1B54A32D192ED03ull * (uint64_t)(omp_get_thread_num() + 1);
-      for (long i = 0; i < rows; ++i) {
-        r = r * 6364136223846793005ull + 1442695040888963407ull;
-        const uint32_t* row = w + (size_t)((r >> 33) % nrows) * 48;
-        s += row[0] + row[16] + row[32];
-      }
-    }
-    xs += s;
-  });
+  const double trw = scattered(rows, 0xD1B54A32D192ED03ull, (size_t)64 * 4096,
+                               [&](size_t i) -> uint64_t {
+                                 const uint32_t* row = w + i * 48;
+                                 return row[0] + row[16] + row[32];
+                               });
   std::printf(
       "{\"threads\": %d, \"fma_peak_gflops\": %.1f, \"read_gbs\": %.1f, \"write_gbs\": %.1f, "
       "\"triad_gbs\": %.1f, \"line_latency_ns\": %.0f, \"random_line_ns\": %.1f, "
