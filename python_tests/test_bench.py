@@ -132,3 +132,10 @@ def test_paired_harness_builds_and_compares(tmp_path):
                   out.stdout)
     assert m, out.stdout
     assert 0.5 < float(m.group(1)) < 2.0
+    # it also compares the two builds' outputs: with csrc/ unchanged since HEAD they are the
+    # same code, and their slot losses and gradients must agree to the bit
+    assert "outputs: A and B" in out.stdout
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "csrc"],
+                           capture_output=True, text=True).stdout.strip()
+    if not dirty:
+        assert "bit-identical" in out.stdout, out.stdout

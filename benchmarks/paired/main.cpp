@@ -14,9 +14,19 @@
 #include <vector>
 
 extern "C" double run_A(const float*, int, int, int, int, int, int, const float*, const float*,
-                        int, int, uint32_t, float*);
+                        int, int, uint32_t, float*, float*);
 extern "C" double run_B(const float*, int, int, int, int, int, int, const float*, const float*,
-                        int, int, uint32_t, float*);
+                        int, int, uint32_t, float*, float*);
+
+// Largest |a - b| / max(|a|, |b|, 1e-30) over two arrays (0 when they are bit-identical).
+static double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs((double)a[i] - b[i]);
+    if (d > 0) m = std::max(m, d / std::max({std::fabs((double)a[i]), std::fabs((double)b[i]), 1e-30}));
+  }
+  return m;
+}
 
 int main(int argc, char** argv) {
   if (argc < 3 || (strcmp(argv[1], "soft") && strcmp(argv[1], "hard"))) {
@@ -38,12 +48,22 @@ int main(int argc, char** argv) {
     const float row[5] = {s, s * sg, 1.f, 1 / (1 + sg * sg), 1 / (sg * sg + 1e-3f)};
     std::copy(row, row + 5, lv.begin() + 5 * l);
   }
+  // Step 1 of both builds, outputs kept: do they agree?
+  const size_t acc_size = (size_t)P * 2 * K * d * ((n + 7) / 8 * 8);
+  std::vector<float> la((size_t)P * M), lb((size_t)P * M), ga(acc_size), gb(acc_size);
+  run_A(X.data(), P, N, n, K, d, M, U.data(), lv.data(), L, mode, 1, la.data(), ga.data());
+  run_B(X.data(), P, N, n, K, d, M, U.data(), lv.data(), L, mode, 1, lb.data(), gb.data());
+  const double dl = max_rel_diff(la, lb), dg = max_rel_diff(ga, gb);
+  if (dl == 0 && dg == 0) printf("outputs: A and B bit-identical (slot losses and gradients)\n");
+  else printf("outputs: A and B differ, max relative difference: slot losses %.3g, gradients %.3g\n", dl, dg);
   std::vector<double> ta, tb, ratio;
   auto a = [&](uint32_t st) {
-    return run_A(X.data(), P, N, n, K, d, M, U.data(), lv.data(), L, mode, st, loss.data());
+    return run_A(X.data(), P, N, n, K, d, M, U.data(), lv.data(), L, mode, st, loss.data(),
+                 nullptr);
   };
   auto b = [&](uint32_t st) {
-    return run_B(X.data(), P, N, n, K, d, M, U.data(), lv.data(), L, mode, st, loss.data());
+    return run_B(X.data(), P, N, n, K, d, M, U.data(), lv.data(), L, mode, st, loss.data(),
+                 nullptr);
   };
   for (int r = 0; r < rounds; ++r) {
     double x, y;

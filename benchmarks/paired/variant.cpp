@@ -3,7 +3,8 @@
 // live in one process (run.sh). -DNEXT_S: the tree's train_block takes the next block's slot count
 // (79a0694 and later). Times one step of P instances x M slots; both builds run with the threads
 // claiming instances one at a time (as parallel_blocks does since 83b2ce3), so a pair compares
-// the kernels only.
+// the kernels only. grad, if given, receives the gradient accumulators [P, 2 K d n8] (n8: n
+// rounded up to 8), so that the harness can tell whether two builds give the same numbers.
 #include <omp.h>
 
 #include <algorithm>
@@ -15,7 +16,8 @@
 using namespace molrg::cpu;
 
 extern "C" double VFUNC(const float* X, int P, int N, int n, int K, int d, int M, const float* U,
-                        const float* levels, int L, int mode, uint32_t step, float* loss) {
+                        const float* levels, int L, int mode, uint32_t step, float* loss,
+                        float* grad) {
   const PanelGeom g = panel_geom<float>(n, K, d);
   std::vector<int32_t> dims(K, d);
   const bool gram = mode == kHard && hard_train_uses_gram(M, dims.data(), K);
@@ -41,5 +43,7 @@ extern "C" double VFUNC(const float* X, int P, int N, int n, int K, int d, int M
         );
       }
   }
-  return omp_get_wtime() - t0;
+  const double dt = omp_get_wtime() - t0;
+  if (grad) std::copy(acc.begin(), acc.end(), grad);  // the raw accumulators, for the comparison
+  return dt;
 }

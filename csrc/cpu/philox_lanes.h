@@ -26,19 +26,6 @@ constexpr int kPhiloxLanes = 8;
 #define MOLRG_LANES
 #endif
 
-// Sample index and level of slots m0 .. m0 + count - 1 of instance p.
-inline void philox_index_level_slots(uint64_t seed, uint32_t step, uint32_t p, uint32_t m0,
-                                     int count, uint32_t N, uint32_t L, uint32_t* idx,
-                                     uint32_t* level) {
-  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  MOLRG_LANES
-  for (int t = 0; t < count; ++t) {
-    const Philox4 b = philox4x32_10(0u, m0 + (uint32_t)t, p, step, k0, k1);
-    idx[t] = kernels::philox_below(b.v[0], N);
-    level[t] = kernels::philox_below(b.v[1], L);
-  }
-}
-
 // Philox4x32-10 of counters (c0 + b, m0 + l, p, step), b < NB blocks, l = 0 .. 7, into
 // v[b][0..3][l]. The round keys depend only on the seed: Philox8Keys holds them (broadcast once
 // per run of slots). One block is a chain of ten dependent rounds (multiply, shift, blend, xor);
@@ -139,6 +126,24 @@ inline void philox8(const Philox8Keys& key, uint32_t c0, uint32_t m0, uint32_t p
 
 inline bool store_transposed8(const float (*)[kPhiloxLanes], float*, int64_t) { return false; }
 #endif
+
+// Sample index and level of slots m0 .. m0 + count - 1 of instance p (Philox block 0 of each
+// slot), eight slots per philox8 call: the rounds of a slot are a chain of dependent multiplies,
+// and slot by slot they cost a few percent of a soft training step.
+inline void philox_index_level_slots(uint64_t seed, uint32_t step, uint32_t p, uint32_t m0,
+                                     int count, uint32_t N, uint32_t L, uint32_t* idx,
+                                     uint32_t* level) {
+  const Philox8Keys key((uint32_t)seed, (uint32_t)(seed >> 32));
+  for (int t0 = 0; t0 < count; t0 += kPhiloxLanes) {
+    uint32_t v[1][4][kPhiloxLanes];
+    philox8<1>(key, 0u, m0 + (uint32_t)t0, p, step, v);
+    const int lanes = std::min(kPhiloxLanes, count - t0);
+    for (int l = 0; l < lanes; ++l) {
+      idx[t0 + l] = kernels::philox_below(v[0][0][l], N);
+      level[t0 + l] = kernels::philox_below(v[0][1][l], L);
+    }
+  }
+}
 // No vector transpose for double: the caller stores element by element.
 inline bool store_transposed8(const double (*)[kPhiloxLanes], double*, int64_t) { return false; }
 
