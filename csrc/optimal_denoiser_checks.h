@@ -1,7 +1,6 @@
 // Input validation of molrg::optimal_denoiser and optimal_denoiser_backward shared by the CPU and
 // CUDA bindings (every message names the argument). The scan of x, X and lse for NaN/Inf is left to
-// each binding: the CPU one scans raw memory in parallel without temporaries, the CUDA one uses
-// check_finite (checks.h).
+// each binding (check_finite, checks.h: CPU tensors are scanned in place, without temporaries).
 #pragma once
 
 #include "checks.h"

@@ -36,8 +36,16 @@ inline int64_t check_train_step_levels(const at::Tensor& X, const at::Tensor& le
   const int64_t L = levels.size(0);
   check_rng_args(seed, step, s.P, batch, s.B, L, op);
   check_finite(levels, op, "levels");
-  TORCH_CHECK((levels.select(1, kLvLambda) >= 0).all().item<bool>(), op,
-              ": levels lambda column must be >= 0");
+  bool lam_ok = true;
+  if (levels.is_cpu()) {  // a few hundred values: a loop, not three ATen ops
+    AT_DISPATCH_FLOATING_TYPES(levels.scalar_type(), "check_train_step_levels", [&] {
+      const scalar_t* lv = levels.const_data_ptr<scalar_t>();
+      for (int64_t l = 0; l < L; ++l) lam_ok &= lv[l * kLvCols + kLvLambda] >= 0;
+    });
+  } else {
+    lam_ok = (levels.select(1, kLvLambda) >= 0).all().item<bool>();
+  }
+  TORCH_CHECK(lam_ok, op, ": levels lambda column must be >= 0");
   if (level_bias) {
     check_like(*level_bias, X, op, "level_bias", "X");
     check_shape(*level_bias, {L, s.K}, op, "level_bias");
@@ -49,12 +57,17 @@ inline int64_t check_train_step_levels(const at::Tensor& X, const at::Tensor& le
 
 // The training set X is large and constant: instead of scanning it every step, the step checks
 // its mean loss per instance, which is non-finite exactly when a drawn sample is (or the step
-// overflowed). Returns the loss.
-inline at::Tensor checked_train_loss(const at::Tensor& slot_loss, const char* op) {
-  auto loss = slot_loss.mean(1);
-  TORCH_CHECK(at::isfinite(loss).all().item<bool>(), op,
+// overflowed).
+inline void check_train_loss_finite(bool finite, const char* op) {
+  TORCH_CHECK(finite, op,
               ": the loss is not finite: X contains NaN or Inf values in the drawn samples (or "
               "the step overflowed)");
+}
+
+// The mean loss per instance [P] of the slot losses [P, M], checked. Returns the loss.
+inline at::Tensor checked_train_loss(const at::Tensor& slot_loss, const char* op) {
+  auto loss = slot_loss.mean(1);
+  check_train_loss_finite(at::isfinite(loss).all().item<bool>(), op);
   return loss;
 }
 

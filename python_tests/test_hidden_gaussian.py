@@ -277,6 +277,11 @@ def test_optimal_bad_inputs():
         optimal_denoiser(torch.full((3, 4), float("nan")), X, 1.0)
     with pytest.raises(RuntimeError, match="X contains NaN"):
         optimal_denoiser(x, torch.full((10, 4), float("inf")), 1.0)
+    # a training set above the scan's 2^16-value grain, scanned in parallel: one bad value, last
+    Xbig = torch.randn(20000, 4, dtype=x.dtype)
+    Xbig[-1, -1] = float("nan")
+    with pytest.raises(RuntimeError, match="X contains NaN"):
+        optimal_denoiser(x, Xbig, 1.0)
     one = torch.ones(3)
     with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
         torch.ops.molrg.optimal_denoiser(x, X, one, torch.zeros(3), 4)

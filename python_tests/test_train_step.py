@@ -361,6 +361,17 @@ def test_bad_inputs():
     Xn[1, :, 3] = float("nan")  # every sample of instance 1 is non-finite
     with pytest.raises(RuntimeError, match="X contains NaN"):
         call(X=Xn)
+    # the same with enough instances for each thread to own whole ones (the other code path)
+    P = 2 * torch.get_num_threads() + 1
+    Xb, Ub = _problem(P, 6, 5, dims)
+    Xb[P - 1, :, 0] = float("inf")
+    with pytest.raises(RuntimeError, match="X contains NaN"):
+        M.train_step(Xb, Ub, dims, lv, 8, 0, 0)
+    for dtype in (torch.float64, torch.float32):
+        Un = U.to(dtype).clone()
+        Un[1, 0, 2, 1] = float("nan")
+        with pytest.raises(RuntimeError, match="U contains NaN or Inf"):
+            call(X=X.to(dtype), U=Un)
     bad = lv._replace(c=lv.c.clone().fill_(float("inf")))
     with pytest.raises(RuntimeError, match="levels contains NaN or Inf"):
         call(levels=bad)

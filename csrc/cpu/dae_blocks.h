@@ -138,6 +138,9 @@ struct BlockScratch {
   std::vector<const char*> lines;
   int64_t next_p = -1;
   uint32_t next_m0 = 0;
+  // One instance's packed panels and gradient accumulators, for callers that pack, run and
+  // unpack an instance on the thread that owns it (the training step); sized by them.
+  std::vector<T> pan, acc;
   explicit BlockScratch(const PanelGeom& g) {
     const int64_t wide = (int64_t)kBlock * std::max(g.Dp, g.dW);
     P.assign(wide, T(0));

@@ -61,15 +61,25 @@ struct GradAccumulators {
   }
 };
 
+// Runs fn(p, scratch) for every instance p < P, each on one thread: the threads take the next
+// unclaimed instance from a shared counter instead of a fixed share (on a shared VM one core often
+// runs 20-40% slower than the other for a while, and a fixed half would make the other wait).
+template <typename T, typename F>
+inline void parallel_instances(const cpu::PanelGeom& g, int64_t P, F&& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, P, 1, [&](int64_t, int64_t) {
+    cpu::BlockScratch<T> sc(g);
+    for (int64_t p = next.fetch_add(1); p < P; p = next.fetch_add(1)) fn(p, sc);
+  });
+}
+
 // Runs fn(p, start, S, scratch) on every block of kBlock samples [start, start + S) of every
 // instance p, split over threads with at::parallel_for: by instance (a thread owns whole instances,
 // so it may write their gradients directly) or block by block.
-// By instance, the threads take the next unclaimed instance from a shared counter instead of a
-// fixed share: on a shared VM one core often runs 20-40% slower than the other for a while, and a
-// fixed half would make the other wait. Each instance is still done by one thread, block after
-// block, so the results do not depend on which thread took it. Block by block (few instances),
-// the split stays fixed: there the threads' partial gradients are summed in thread order, and a
-// fixed split keeps that sum reproducible.
+// By instance, the threads claim instances (parallel_instances). Each instance is still done by
+// one thread, block after block, so the results do not depend on which thread took it. Block by
+// block (few instances), the split stays fixed: there the threads' partial gradients are summed in
+// thread order, and a fixed split keeps that sum reproducible.
 template <typename T, typename F>
 inline void parallel_blocks(const cpu::PanelGeom& g, int64_t P, int64_t B, bool by_instance,
                             F&& fn) {
@@ -81,11 +91,8 @@ inline void parallel_blocks(const cpu::PanelGeom& g, int64_t P, int64_t B, bool 
     }
   };
   if (by_instance) {
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, P, 1, [&](int64_t, int64_t) {
-      cpu::BlockScratch<T> sc(g);
-      for (int64_t p = next.fetch_add(1); p < P; p = next.fetch_add(1))
-        run(p * nb, (p + 1) * nb, sc);
+    parallel_instances<T>(g, P, [&](int64_t p, cpu::BlockScratch<T>& sc) {
+      run(p * nb, (p + 1) * nb, sc);
     });
   } else {
     at::parallel_for(0, P * nb, 1, [&](int64_t b0, int64_t b1) {

@@ -47,30 +47,12 @@ constexpr int64_t kQueryTile = 128;  // queries per GEMM tile
 // Training points per tile in the backward (its schema has no block argument).
 constexpr int64_t kDefaultBackwardBlock = 512;
 
-// check_finite without temporaries (at::isfinite would allocate ~7 bytes per element of X: the
-// largest allocation of the whole op at N n = 4M): one parallel pass over the raw values.
-void check_finite_inplace(const at::Tensor& t, const char* op, const char* name) {
-  bool ok = true;
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "check_finite_inplace", [&] {
-    const scalar_t* p = t.const_data_ptr<scalar_t>();
-    ok = at::parallel_reduce(
-        0, t.numel(), 1 << 16, true,
-        [&](int64_t b, int64_t e, bool acc) {
-          bool fin = true;
-          for (int64_t k = b; k < e; ++k) fin &= std::isfinite(p[k]);
-          return acc && fin;
-        },
-        [](bool a, bool b) { return a && b; });
-  });
-  TORCH_CHECK(ok, op, ": ", name, " contains NaN or Inf values");
-}
-
 // The shared checks (optimal_denoiser_checks.h), then the NaN/Inf scan of x and X.
 OdSizes check_od(const at::Tensor& x, const at::Tensor& X, const at::Tensor& s,
                  const at::Tensor& gamma, const char* op) {
   OdSizes z = check_od_args(x, X, s, gamma, op);
-  check_finite_inplace(x, op, "x");
-  check_finite_inplace(X, op, "X");
+  check_finite(x, op, "x");
+  check_finite(X, op, "X");
   return z;
 }
 
@@ -351,7 +333,7 @@ at::Tensor optimal_denoiser_backward_cpu(const at::Tensor& grad_y, const at::Ten
   constexpr const char* op = "optimal_denoiser_backward";
   OdSizes z = check_od(x, X, s, gamma, op);
   check_od_backward_args(grad_y, y, lse, x, z, op);
-  check_finite_inplace(lse, op, "lse");
+  check_finite(lse, op, "lse");
   auto dx = at::empty_like(x);
   if (z.B == 0) return dx;
   const OdPlan pl = plan_for(z, kDefaultBackwardBlock);

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "../train_step_checks.h"
@@ -31,36 +32,74 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
   check_dae_mode(mode, kTs);
   DaeSizes s = check_dae_xU(X, U, dims, kTs);  // s.B is N, the training-set size
   TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
-  // X is not scanned: checked_train_loss catches a drawn non-finite sample (train_step_checks.h).
+  // X is not scanned: the loss check catches a drawn non-finite sample (train_step_checks.h).
   check_finite(U, kTs, "U");
   const int64_t L = check_train_step_levels(X, levels, level_bias, s, batch, seed, step, kTs);
   const int64_t P = s.P, M = batch;
-  auto slot_loss = at::empty({P, M}, X.options());
+  auto loss = at::empty({P}, X.options());
   auto grad = at::empty_like(U);
+  // The loss of instance p is the mean of its M slot losses: each block sums its own (in double,
+  // slot order) into block_sum, and the block sums are added in block order below, so the result
+  // does not depend on the threads.
+  const int64_t nb = (M + cpu::kBlock - 1) / cpu::kBlock;
+  std::vector<double> block_sum(P * nb);
+  bool finite = true;
 
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "train_step_cpu", [&] {
     const cpu::PanelGeom g = cpu::panel_geom<scalar_t>((int)s.n, (int)s.K, (int)s.dm);
     const bool gram = mode == kHard && cpu::hard_train_uses_gram(M, s.dims.data(), (int)s.K);
-    auto pan = pack_panels<scalar_t>(U, g, s, gram);
-    const GradAccumulators<scalar_t> acc(g, P, X.options());
-    const scalar_t* panp = pan.data_ptr<scalar_t>();
+    const scalar_t* Up = U.data_ptr<scalar_t>();
     const scalar_t* Xp = X.data_ptr<scalar_t>();
     const scalar_t* lvp = levels.data_ptr<scalar_t>();
     const scalar_t* lbp = level_bias ? level_bias->data_ptr<scalar_t>() : nullptr;
-    scalar_t* lossp = slot_loss.data_ptr<scalar_t>();
+    scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t inv_M = scalar_t(1) / scalar_t(M);
-    const int64_t N = s.B;
-    parallel_blocks<scalar_t>(g, P, M, acc.by_instance, [&](int64_t p, int64_t m0, int S,
-                                                            auto& sc) {
+    const int64_t N = s.B, Usize = s.K * s.n * s.dm;
+    // Slots m0 .. m0 + S - 1 of instance p against its panels pan, gradient into acc.
+    auto block = [&](int64_t p, int64_t m0, int S, const scalar_t* pan, scalar_t* acc,
+                     cpu::BlockScratch<scalar_t>& sc) {
+      scalar_t slot_loss[cpu::kBlock];
       cpu::train_block<scalar_t>(Xp + p * N * s.n, (uint32_t)N, S, (uint32_t)m0, (uint32_t)p,
-                                 {panp + p * g.size(), g}, s.dims.data(), lvp, lbp, (uint32_t)L,
-                                 (int)mode, gram, (uint64_t)seed, (uint32_t)step, inv_M,
-                                 lossp + p * M + m0, acc.of(p), sc,
+                                 {pan, g}, s.dims.data(), lvp, lbp, (uint32_t)L, (int)mode, gram,
+                                 (uint64_t)seed, (uint32_t)step, inv_M, slot_loss, acc, sc,
                                  (int)std::min<int64_t>(cpu::kBlock, M - m0 - S));
-    });
-    acc.unpack(g, s, grad);
+      double sum = 0;
+      for (int t = 0; t < S; ++t) sum += (double)slot_loss[t];
+      block_sum[p * nb + m0 / cpu::kBlock] = sum;
+    };
+    if (P >= 2 * at::get_num_threads()) {
+      // Enough instances for every thread: the thread that claims an instance packs its panels,
+      // runs its blocks and writes its gradient, all in its own buffers (which stay in cache),
+      // in one parallel region.
+      parallel_instances<scalar_t>(g, P, [&](int64_t p, cpu::BlockScratch<scalar_t>& sc) {
+        sc.pan.resize(g.size());
+        sc.acc.assign(g.acc_size(), scalar_t(0));
+        cpu::pack_instance<scalar_t>(Up + p * Usize, g, s.dims.data(), sc.pan.data(), gram);
+        for (int64_t m0 = 0; m0 < M; m0 += cpu::kBlock)
+          block(p, m0, (int)std::min<int64_t>(cpu::kBlock, M - m0), sc.pan.data(), sc.acc.data(),
+                sc);
+        cpu::unpack_grad<scalar_t>(sc.acc.data(), g, s.dims.data(), gp + p * Usize);
+      });
+    } else {  // few instances: their blocks are split over the threads
+      auto pan = pack_panels<scalar_t>(U, g, s, gram);
+      const GradAccumulators<scalar_t> acc(g, P, X.options());
+      const scalar_t* panp = pan.data_ptr<scalar_t>();
+      parallel_blocks<scalar_t>(g, P, M, acc.by_instance, [&](int64_t p, int64_t m0, int S,
+                                                              auto& sc) {
+        block(p, m0, S, panp + p * g.size(), acc.of(p), sc);
+      });
+      acc.unpack(g, s, grad);
+    }
+    scalar_t* lossp = loss.data_ptr<scalar_t>();
+    for (int64_t p = 0; p < P; ++p) {
+      double sum = 0;
+      for (int64_t b = 0; b < nb; ++b) sum += block_sum[p * nb + b];
+      lossp[p] = (scalar_t)(sum / (double)M);
+      finite &= std::isfinite(lossp[p]);
+    }
   });
-  return {checked_train_loss(slot_loss, kTs), grad};
+  check_train_loss_finite(finite, kTs);
+  return {loss, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> philox_draws_cpu(int64_t seed, int64_t step,
