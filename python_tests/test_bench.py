@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,28 @@ def test_paired_harness_builds_and_compares(tmp_path):
                            capture_output=True, text=True).stdout.strip()
     if not dirty:
         assert "bit-identical" in out.stdout, out.stdout
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("git") is None
+                    or shutil.which("ninja") is None, reason="needs cmake, ninja and git")
+def test_op_paired_harness_builds_and_compares():
+    # benchmarks/paired/op_run.sh builds HEAD's extension with its namespaces renamed (molrg_ref)
+    # and times torch.ops.molrg.train_step against it call by call; with the tested build at HEAD
+    # too (CI installs HEAD), both are the same code and must agree
+    root = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    env = dict(os.environ, PYTHON=sys.executable,
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run(["bash", str(root / "benchmarks/paired/op_run.sh"), "HEAD", "4", "64",
+                          "4"], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for mode in ("hard", "soft"):
+        m = re.search(mode + r" M=64 P=4: .* this/ref median ([0-9.]+) \(quartiles", out.stdout)
+        assert m, out.stdout
+        assert 0.2 < float(m.group(1)) < 5.0
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "csrc"],
+                           capture_output=True, text=True).stdout.strip()
+    if not dirty:
+        assert out.stdout.count("outputs agree (gradients bit-identical") == 2, out.stdout
