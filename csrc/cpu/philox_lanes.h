@@ -127,6 +127,9 @@ inline void philox8(const Philox8Keys& key, uint32_t c0, uint32_t m0, uint32_t p
 inline bool store_transposed8(const float (*)[kPhiloxLanes], float*, int64_t) { return false; }
 #endif
 
+// No vector transpose for double: the caller stores element by element.
+inline bool store_transposed8(const double (*)[kPhiloxLanes], double*, int64_t) { return false; }
+
 // Sample index and level of slots m0 .. m0 + count - 1 of instance p (Philox block 0 of each
 // slot), eight slots per philox8 call: the rounds of a slot are a chain of dependent multiplies,
 // and slot by slot they cost a few percent of a soft training step.
@@ -144,8 +147,6 @@ inline void philox_index_level_slots(uint64_t seed, uint32_t step, uint32_t p, u
     }
   }
 }
-// No vector transpose for double: the caller stores element by element.
-inline bool store_transposed8(const double (*)[kPhiloxLanes], double*, int64_t) { return false; }
 
 // Normals of Philox blocks 1 + q .. q + NB for Ln consecutive slots: z[j][l] is normal 4q + j of
 // slot m0 + l, j < 4 NB.
