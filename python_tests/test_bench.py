@@ -146,22 +146,26 @@ def test_paired_harness_builds_and_compares(tmp_path):
                     or shutil.which("ninja") is None, reason="needs cmake, ninja and git")
 def test_op_paired_harness_builds_and_compares():
     # benchmarks/paired/op_run.sh builds HEAD's extension with its namespaces renamed (molrg_ref)
-    # and times torch.ops.molrg.train_step against it call by call; with the tested build at HEAD
-    # too (CI installs HEAD), both are the same code and must agree
+    # and times torch.ops.molrg.train_step (then the denoiser's forward and backward ops) against
+    # it call by call; with the tested build at HEAD too (CI installs HEAD), both are the same
+    # code and must agree
     root = Path(__file__).resolve().parents[1]
     if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
                       capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
     env = dict(os.environ, PYTHON=sys.executable,
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    out = subprocess.run(["bash", str(root / "benchmarks/paired/op_run.sh"), "HEAD", "4", "64",
-                          "4"], capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    for mode in ("hard", "soft"):
-        m = re.search(mode + r" M=64 P=4: .* this/ref median ([0-9.]+) \(quartiles", out.stdout)
-        assert m, out.stdout
-        assert 0.2 < float(m.group(1)) < 5.0
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "csrc"],
                            capture_output=True, text=True).stdout.strip()
-    if not dirty:
-        assert out.stdout.count("outputs agree (gradients bit-identical") == 2, out.stdout
+    # the training step, then the denoiser's forward and backward ops (same build of HEAD)
+    for op, exact in (("train", "gradients"), ("dae", "y")):
+        out = subprocess.run(["bash", str(root / "benchmarks/paired/op_run.sh"), "HEAD", "4", "64",
+                              "4", op], capture_output=True, text=True, env=env, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        for mode in ("hard", "soft"):
+            m = re.search(mode + " " + op + r" M=64 P=4: .* this/ref median ([0-9.]+) \(quartiles",
+                          out.stdout)
+            assert m, out.stdout
+            assert 0.2 < float(m.group(1)) < 5.0
+        if not dirty:
+            assert out.stdout.count(f"outputs agree ({exact} bit-identical") == 2, out.stdout

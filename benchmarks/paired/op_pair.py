@@ -4,9 +4,13 @@ was renamed with -Dmolrg=molrg_ref, loaded from REF_SO), call by call in one pro
 run.sh, which times train_block alone, this includes everything the op does per call: the checks,
 packing the bases, the parallel regions, the gradient and loss outputs.
 
-Usage: python benchmarks/paired/op_pair.py REF_SO [rounds] [M] [P]   (torch threads: 2)
-Prints, per mode, whether the two builds agree (gradients bit for bit, loss to 1e-5) and the
-median and quartiles of the per-pair time ratios (this build / ref).
+Usage: python benchmarks/paired/op_pair.py REF_SO [rounds] [M] [P] [OP]   (torch threads: 2)
+OP = train (default): the training step, M slots for each of P instances, N = 4096 rows each.
+OP = dae: the denoiser's forward and backward ops (subspace_dae, then subspace_dae_backward for
+dU, as autograd calls them), M samples for each of P instances. Shape n = 48, K = 2, d = 6.
+Prints, per mode, whether the two builds agree (train: gradients bit for bit, loss to 1e-5;
+dae: y bit for bit, dU to 1e-5) and the median and quartiles of the per-pair time ratios (this
+build / ref).
 """
 import sys
 import time
@@ -22,26 +26,48 @@ def main(argv):
     rounds = int(argv[2]) if len(argv) > 2 else 40
     M = int(argv[3]) if len(argv) > 3 else 1024
     P = int(argv[4]) if len(argv) > 4 else 64
+    op = argv[5] if len(argv) > 5 else "train"
+    if op not in ("train", "dae"):
+        raise SystemExit(f"op_pair.py: OP must be train or dae, got {op!r}")
     torch.set_num_threads(2)
     torch.ops.load_library(ref_so)
     g = torch.Generator().manual_seed(0)
     N, n, K, d = 4096, 48, 2, 6
-    X = torch.randn(P, N, n, generator=g)
+    dims = [d] * K
     U = torch.randn(P, K, n, d, generator=g) / n ** 0.5
-    table = _levels().table(torch.float32)
+    if op == "train":
+        X = torch.randn(P, N, n, generator=g)
+        table = _levels().table(torch.float32)
+    else:
+        x, gy = torch.randn(P, M, n, generator=g), torch.randn(P, M, n, generator=g)
+        c, phi = torch.full((P, M), 0.9), torch.full((P, M), 2.0)
     for mode, name in ((1, "hard"), (0, "soft")):
+        def call(ns, s):
+            if op == "train":
+                return ns.train_step(X, U, table, None, dims, M, 0, s, mode)
+            y, proj, w = ns.subspace_dae(x, U, c, phi, None, None, dims, mode)
+            return y, ns.subspace_dae_backward(gy, x, U, c, phi, proj, w, dims, mode, False,
+                                               True)[1]
+
         def ours(s):
-            return torch.ops.molrg.train_step(X, U, table, None, [d] * K, M, 0, s, mode)
+            return call(torch.ops.molrg, s)
 
         def ref(s):
-            return torch.ops.molrg_ref.train_step(X, U, table, None, [d] * K, M, 0, s, mode)
+            return call(torch.ops.molrg_ref, s)
 
         a, b = ref(1), ours(1)
-        rel = ((a[0] - b[0]).abs() / a[0].abs().clamp_min(1e-30)).max().item()
-        same = torch.equal(a[1], b[1]) and rel <= 1e-5
-        print(f"{name}: outputs {'agree' if same else 'DIFFER'} (gradients "
-              f"{'bit-identical' if torch.equal(a[1], b[1]) else 'differ'}, loss max rel diff "
-              f"{rel:.2g})")
+        # train: (loss, grad), the gradients bit for bit and the loss per instance to 1e-5;
+        # dae: (y, dU), y bit for bit and dU against its largest entry (sums of M terms each,
+        # which a change of summation order moves in the last bits)
+        if op == "train":
+            exact, rel = 1, ((a[0] - b[0]).abs() / a[0].abs().clamp_min(1e-30)).max().item()
+        else:
+            exact, rel = 0, ((a[1] - b[1]).abs().max() / a[1].abs().max().clamp_min(1e-30)).item()
+        same = torch.equal(a[exact], b[exact]) and rel <= 1e-5
+        names = ("gradients", "loss") if op == "train" else ("y", "dU")
+        print(f"{name}: outputs {'agree' if same else 'DIFFER'} ({names[0]} "
+              f"{'bit-identical' if torch.equal(a[exact], b[exact]) else 'differ'}, "
+              f"{names[1]} max rel diff {rel:.2g})")
         t_ref, t_ours, ratio = [], [], []
         for s in range(rounds):
             t = {}
@@ -55,7 +81,7 @@ def main(argv):
         for v in (t_ref, t_ours, ratio):
             v.sort()
         q = lambda v, f: v[int(f * (len(v) - 1))]  # noqa: E731
-        print(f"{name} M={M} P={P}: ref median {q(t_ref, .5) * 1e3:.2f} ms | this build median "
+        print(f"{name} {op} M={M} P={P}: ref median {q(t_ref, .5) * 1e3:.2f} ms | this build median "
               f"{q(t_ours, .5) * 1e3:.2f} ms | this/ref median {q(ratio, .5):.3f} (quartiles "
               f"{q(ratio, .25):.3f}, {q(ratio, .75):.3f}) over {rounds} pairs")
 
