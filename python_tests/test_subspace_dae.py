@@ -246,6 +246,27 @@ def test_float32_and_float64_agree():
     torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_block_split_results_do_not_depend_on_the_threads(mode):
+    # One instance of 2500 samples: 40 blocks in chunks of 16, 16 and 8 blocks, claimed by the
+    # threads in any order; dU sums the chunks' partial gradients in chunk order.
+    x, U, c, phi, bias, dims = make_inputs(P=1, B=2500, n=24, dims=(5, 3), dtype=torch.float32,
+                                           seed=4, requires_grad=True)
+    g = torch.randn(1, 2500, 24, generator=torch.Generator().manual_seed(5))
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y = molrg_ext.subspace_dae(x, U, c, phi, bias, dims, mode)
+            results.append((y.detach(), *torch.autograd.grad(y, (x, U), g)))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_parallel_backward_matches_single_thread():
     x, U, c, phi, bias, dims = make_inputs(P=3, B=500, n=20, dims=(4, 6), requires_grad=True)
     g = torch.randn(3, 500, 20, dtype=torch.float64)

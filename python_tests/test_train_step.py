@@ -223,6 +223,29 @@ def test_by_instance_results_do_not_depend_on_the_threads(mode):
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_block_split_results_do_not_depend_on_the_threads(mode):
+    # P = 1 < 2 threads: the 33 blocks of 2100 slots are split over the threads in chunks of 16,
+    # 16 and 1 blocks, whose partial gradients are summed in chunk order
+    dims = [3, 5]
+    X, U = _problem(1, 500, 20, dims, torch.float32, seed=3)
+    levels = M.make_levels(TinySchedule(), L=9)
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            out.append(M.train_step(X, U, dims, levels, 2100, seed=4, step=1, mode=mode))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in out[1:]:
+        assert torch.equal(loss, out[0][0]) and torch.equal(grad, out[0][1])
+    rl, rg = reference_step(X.double(), U.double(), dims, M.make_levels(TinySchedule(), L=9),
+                            2100, 4, 1, mode)
+    torch.testing.assert_close(out[0][0].double(), rl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[0][1].double(), rg, rtol=1e-3, atol=1e-3 * rg.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_matches_reference_float32_equal_dims(mode):
     dims = [3, 3]
     X, U = _problem(3, 20, 48, dims, torch.float32, seed=1)

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "../checks.h"
@@ -39,25 +40,50 @@ inline void unpack_grads(const at::Tensor& acc, const cpu::PanelGeom& g, const D
   });
 }
 
-// Gradient accumulators of the blocked kernels for P instances. With enough instances
-// (P >= 2 threads) a thread owns whole instances (by_instance: parallel_blocks splits by instance)
-// and one accumulator per instance suffices; otherwise one per thread and instance, summed once.
+// Blocks per chunk when the blocks of few instances are split over the threads
+// (parallel_blocks): at least 16 (1024 samples), and at most 256 chunks per instance. A function
+// of the block count only, so the chunks, and the order in which their partial gradients are
+// summed, do not depend on the threads.
+inline int64_t chunk_blocks(int64_t nb) { return std::max<int64_t>(16, (nb + 255) / 256); }
+inline int64_t chunks_per_instance(int64_t B) {
+  const int64_t nb = (B + cpu::kBlock - 1) / cpu::kBlock, cb = chunk_blocks(nb);
+  return std::max<int64_t>(1, (nb + cb - 1) / cb);
+}
+
+// Gradient accumulators of the blocked kernels for P instances of B samples. With enough
+// instances (P >= 2 threads) a thread owns whole instances (by_instance: parallel_blocks splits by
+// instance) and one accumulator per instance suffices; otherwise one per chunk of blocks
+// (chunks_per_instance per instance), summed in chunk order once at the end.
 template <typename T>
 struct GradAccumulators {
   bool by_instance;
-  int64_t P, size;
+  int64_t P, size, per_instance;
   at::Tensor acc;
   T* base;
-  GradAccumulators(const cpu::PanelGeom& g, int64_t P_, const at::TensorOptions& opt)
-      : by_instance(P_ >= 2 * at::get_num_threads()), P(P_), size(g.acc_size()) {
-    acc = at::zeros({by_instance ? int64_t(1) : int64_t(at::get_num_threads()), P, size}, opt);
+  GradAccumulators(const cpu::PanelGeom& g, int64_t P_, int64_t B, const at::TensorOptions& opt)
+      : by_instance(P_ >= 2 * at::get_num_threads()), P(P_), size(g.acc_size()),
+        per_instance(by_instance ? 1 : chunks_per_instance(B)) {
+    acc = at::zeros({P, per_instance, size}, opt);
     base = acc.data_ptr<T>();
   }
-  // The accumulator of instance p for the calling thread (inside parallel_blocks).
-  T* of(int64_t p) const { return base + ((by_instance ? 0 : at::get_thread_num() * P) + p) * size; }
-  // dU [P, K, n, dm] from the (reduced) accumulators.
+  // The accumulator of a slot of parallel_blocks (the instance, or the chunk).
+  T* of(int64_t slot) const { return base + slot * size; }
+  // dU [P, K, n, dm] from the accumulators, the chunks of an instance summed in chunk order.
   void unpack(const cpu::PanelGeom& g, const DaeSizes& s, at::Tensor& dU) const {
-    unpack_grads<T>(by_instance ? acc.select(0, 0) : acc.sum(0), g, s, dU);
+    if (per_instance == 1) return unpack_grads<T>(acc.select(1, 0), g, s, dU);
+    auto red = at::empty({P, size}, acc.options());
+    T* rp = red.data_ptr<T>();
+    const int64_t C = per_instance, sz = size;
+    at::parallel_for(0, P * sz, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t p = i / sz, j = i % sz;
+        const T* a = base + p * C * sz + j;
+        T sum = a[0];
+        for (int64_t c = 1; c < C; ++c) sum += a[c * sz];
+        rp[i] = sum;
+      }
+    });
+    unpack_grads<T>(red, g, s, dU);
   }
 };
 
@@ -73,33 +99,40 @@ inline void parallel_instances(const cpu::PanelGeom& g, int64_t P, F&& fn) {
   });
 }
 
-// Runs fn(p, start, S, scratch) on every block of kBlock samples [start, start + S) of every
-// instance p, split over threads with at::parallel_for: by instance (a thread owns whole instances,
-// so it may write their gradients directly) or block by block.
-// By instance, the threads claim instances (parallel_instances). Each instance is still done by
-// one thread, block after block, so the results do not depend on which thread took it. Block by
-// block (few instances), the split stays fixed: there the threads' partial gradients are summed in
-// thread order, and a fixed split keeps that sum reproducible.
+// Runs fn(p, start, S, scratch, slot) on every block of kBlock samples [start, start + S) of
+// every instance p, split over threads: by instance (a thread owns whole instances, so it may
+// write their gradients directly; slot = p) or by chunks of chunk_blocks consecutive blocks of one
+// instance (slot = the chunk's index, p * chunks_per_instance(B) + its rank in the instance).
+// Either way the threads claim the next unclaimed instance or chunk from a shared counter: on a
+// shared VM one core often runs 20-40% slower than the other for a while, and a fixed share
+// would make the other wait. An instance or a chunk is done by one thread, block after block,
+// and the chunks' partial gradients are summed in chunk order (GradAccumulators), so the results
+// do not depend on the threads.
 template <typename T, typename F>
 inline void parallel_blocks(const cpu::PanelGeom& g, int64_t P, int64_t B, bool by_instance,
                             F&& fn) {
   const int64_t nb = (B + cpu::kBlock - 1) / cpu::kBlock;
-  auto run = [&](int64_t b0, int64_t b1, cpu::BlockScratch<T>& sc) {
+  auto run = [&](int64_t p, int64_t b0, int64_t b1, cpu::BlockScratch<T>& sc, int64_t slot) {
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t p = blk / nb, start = (blk % nb) * cpu::kBlock;
-      fn(p, start, (int)std::min<int64_t>(cpu::kBlock, B - start), sc);
+      const int64_t start = blk * cpu::kBlock;
+      fn(p, start, (int)std::min<int64_t>(cpu::kBlock, B - start), sc, slot);
     }
   };
   if (by_instance) {
     parallel_instances<T>(g, P, [&](int64_t p, cpu::BlockScratch<T>& sc) {
-      run(p * nb, (p + 1) * nb, sc);
+      run(p, 0, nb, sc, p);
     });
-  } else {
-    at::parallel_for(0, P * nb, 1, [&](int64_t b0, int64_t b1) {
-      cpu::BlockScratch<T> sc(g);
-      run(b0, b1, sc);
-    });
+    return;
   }
+  const int64_t cb = chunk_blocks(nb), C = chunks_per_instance(B), total = P * C;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, total, 1, [&](int64_t, int64_t) {
+    cpu::BlockScratch<T> sc(g);
+    for (int64_t ch = next.fetch_add(1); ch < total; ch = next.fetch_add(1)) {
+      const int64_t p = ch / C, b0 = (ch % C) * cb;
+      run(p, b0, std::min(nb, b0 + cb), sc, ch);
+    }
+  });
 }
 
 }  // namespace molrg

@@ -238,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* pp = proj.data_ptr<scalar_t>();
     scalar_t* wp = w.data_ptr<scalar_t>();
-    parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc) {
+    parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc,
+                                                      int64_t) {
       const int64_t i0 = p * s.B + start;
       cpu::dae_forward_block<scalar_t>(
           xp + i0 * s.n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0, php + i0,
@@ -282,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     const cpu::PanelGeom g = cpu::panel_geom<scalar_t>((int)s.n, (int)s.K, (int)s.dm);
     auto pan = pack_panels<scalar_t>(U, g, s);
     std::optional<GradAccumulators<scalar_t>> acc;
-    if (need_dU) acc.emplace(g, s.P, x.options());
+    if (need_dU) acc.emplace(g, s.P, s.B, x.options());
     const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* gp = grad_y.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -297,12 +298,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     const int64_t K = s.K, n = s.n, D = s.K * s.dm;
     const bool by_instance = acc && acc->by_instance;
     parallel_blocks<scalar_t>(g, s.P, s.B, by_instance, [&](int64_t p, int64_t start, int S,
-                                                             auto& sc) {
+                                                             auto& sc, int64_t slot) {
       const int64_t i0 = p * s.B + start;
       cpu::dae_backward_block<scalar_t>(
           gp + i0 * n, xp + i0 * n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0,
           php + i0, pp + i0 * D, wp + i0 * K, (int)mode, dxp ? dxp + i0 * n : nullptr, dcp + i0,
-          dphip + i0, dbp + i0 * K, acc ? acc->of(p) : nullptr, sc);
+          dphip + i0, dbp + i0 * K, acc ? acc->of(slot) : nullptr, sc);
     });
     if (acc) acc->unpack(g, s, dU);
   });
@@ -324,7 +325,8 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
     const scalar_t* panp = pan.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     int64_t* op = out.data_ptr<int64_t>();
-    parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc) {
+    parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc,
+                                                      int64_t) {
       const int64_t i0 = p * s.B + start;
       cpu::assign_block<scalar_t>(xp + i0 * s.n, S, {panp + p * g.size(), g}, op + i0, sc);
     });

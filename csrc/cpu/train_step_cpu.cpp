@@ -82,11 +82,11 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
       });
     } else {  // few instances: their blocks are split over the threads
       auto pan = pack_panels<scalar_t>(U, g, s, gram);
-      const GradAccumulators<scalar_t> acc(g, P, X.options());
+      const GradAccumulators<scalar_t> acc(g, P, M, X.options());
       const scalar_t* panp = pan.data_ptr<scalar_t>();
       parallel_blocks<scalar_t>(g, P, M, acc.by_instance, [&](int64_t p, int64_t m0, int S,
-                                                              auto& sc) {
-        block(p, m0, S, panp + p * g.size(), acc.of(p), sc);
+                                                              auto& sc, int64_t slot) {
+        block(p, m0, S, panp + p * g.size(), acc.of(slot), sc);
       });
       acc.unpack(g, s, grad);
     }
