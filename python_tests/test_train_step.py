@@ -205,42 +205,26 @@ def test_matches_reference_many_blocks(mode, P):
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
-def test_by_instance_results_do_not_depend_on_the_threads(mode):
-    # P >= 2 threads: each instance is done by one thread, whichever takes it, block after block
-    dims = [4, 2]
-    X, U = _problem(6, 90, 16, dims, torch.float32, seed=2)
+@pytest.mark.parametrize("P, N, n, dims, batch", [(6, 90, 16, [4, 2], 150),
+                                                  (1, 500, 20, [3, 5], 2100)],
+                         ids=["by_instance", "block_split"])
+def test_results_do_not_depend_on_the_threads(mode, P, N, n, dims, batch):
+    # by_instance (P >= 2 threads): each instance is done by one thread, whichever takes it, block
+    # after block. block_split (P = 1): the 33 blocks of 2100 slots go to the threads in chunks of
+    # 16, 16 and 1 blocks, whose partial gradients are summed in chunk order.
+    X, U = _problem(P, N, n, dims, torch.float32, seed=P)
     levels = M.make_levels(TinySchedule(), L=9)
     threads = torch.get_num_threads()
     try:
         out = []
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            out.append(M.train_step(X, U, dims, levels, 150, seed=1, step=3, mode=mode))
+            out.append(M.train_step(X, U, dims, levels, batch, seed=4, step=1, mode=mode))
     finally:
         torch.set_num_threads(threads)
     for loss, grad in out[1:]:
         assert torch.equal(loss, out[0][0]) and torch.equal(grad, out[0][1])
-
-
-@pytest.mark.parametrize("mode", ["hard", "soft"])
-def test_block_split_results_do_not_depend_on_the_threads(mode):
-    # P = 1 < 2 threads: the 33 blocks of 2100 slots are split over the threads in chunks of 16,
-    # 16 and 1 blocks, whose partial gradients are summed in chunk order
-    dims = [3, 5]
-    X, U = _problem(1, 500, 20, dims, torch.float32, seed=3)
-    levels = M.make_levels(TinySchedule(), L=9)
-    threads = torch.get_num_threads()
-    try:
-        out = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            out.append(M.train_step(X, U, dims, levels, 2100, seed=4, step=1, mode=mode))
-    finally:
-        torch.set_num_threads(threads)
-    for loss, grad in out[1:]:
-        assert torch.equal(loss, out[0][0]) and torch.equal(grad, out[0][1])
-    rl, rg = reference_step(X.double(), U.double(), dims, M.make_levels(TinySchedule(), L=9),
-                            2100, 4, 1, mode)
+    rl, rg = reference_step(X.double(), U.double(), dims, levels, batch, 4, 1, mode)
     torch.testing.assert_close(out[0][0].double(), rl, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[0][1].double(), rg, rtol=1e-3, atol=1e-3 * rg.abs().max().item())
 
