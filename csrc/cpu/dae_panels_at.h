@@ -106,8 +106,10 @@ inline void parallel_instances(const cpu::PanelGeom& g, int64_t P, F&& fn) {
 // Either way the threads claim the next unclaimed instance or chunk from a shared counter: on a
 // shared VM one core often runs 20-40% slower than the other for a while, and a fixed share
 // would make the other wait. An instance or a chunk is done by one thread, block after block,
-// and the chunks' partial gradients are summed in chunk order (GradAccumulators), so the results
-// do not depend on the threads.
+// and the chunks' partial gradients are summed in chunk order (GradAccumulators), so either split
+// gives the same results whatever the thread count. The two splits sum an instance of more than
+// one chunk (B > 1024 samples) in different orders, so a P between the thread counts of two runs
+// (by instance in one, by chunks in the other) can differ in the last bits between them.
 template <typename T, typename F>
 inline void parallel_blocks(const cpu::PanelGeom& g, int64_t P, int64_t B, bool by_instance,
                             F&& fn) {
