@@ -139,7 +139,21 @@ inline void expand_tile(const T* C, int cstride, int J, const T* UT, int np, int
       for (int b = 0; b < NB; ++b) acc[r][b] += a * u[b];
     }
   }
+  // The stores' loops are unrolled by pragma: left to GCC (the tail branch makes their body large),
+  // they stayed loops over a runtime (r, b), which kept acc in memory for the whole tile (spilled
+  // after the product, then copied to Y by 16-byte moves).
+  if (i0 + NB * W <= n) {  // whole vectors
+    T* y[RT];  // the row pointers read once (a store through Y[r] might otherwise alias them)
+    for (int r = 0; r < RT; ++r) y[r] = Y[r] + i0;
+#pragma GCC unroll 16
+    for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) S::store(y[r] + b * W, acc[r][b]);
+    return;
+  }
+#pragma GCC unroll 16
   for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 4
     for (int b = 0; b < NB; ++b) {
       const int i = i0 + b * W;
       if (i + W <= n) {
