@@ -91,7 +91,10 @@ inline void project_tile(const T* const* A, int n, const T* U, int ustride, T* o
       for (int q = 0; q < NV; ++q) acc[r][q] += a * u[q];
     }
   }
+  // unrolled (pragma): as a loop over a runtime (r, q), acc stayed in memory (see expand_tile)
+#pragma GCC unroll 16
   for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 4
     for (int q = 0; q < NV; ++q) S::store(out + (int64_t)r * ostride + q * W, acc[r][q]);
 }
 
@@ -220,7 +223,9 @@ inline void outer_tile(const T* const* A, const T* B, int bstride, int R, int j0
       for (int jj = 0; jj < RJ; ++jj) acc[jj][q] += b[jj] * av;
     }
   }
+#pragma GCC unroll 16
   for (int jj = 0; jj < RJ; ++jj)
+#pragma GCC unroll 4
     for (int q = 0; q < NB; ++q) {
       T* p = dUT + (int64_t)(j0 + jj) * np + i0 + q * W;
       S::store(p, S::load(p) + acc[jj][q]);
