@@ -87,15 +87,16 @@ struct GradAccumulators {
   }
 };
 
-// Runs fn(p, scratch) for every instance p < P, each on one thread: the threads take the next
-// unclaimed instance from a shared counter instead of a fixed share (on a shared VM one core often
-// runs 20-40% slower than the other for a while, and a fixed half would make the other wait).
+// Runs fn(i, scratch) for every item i < count (an instance, or a chunk of an instance's blocks),
+// each on one thread with that thread's scratch: the threads take the next unclaimed item from a
+// shared counter instead of a fixed share (on a shared VM one core often runs 20-40% slower than
+// the other for a while, and a fixed half would make the other wait).
 template <typename T, typename F>
-inline void parallel_instances(const cpu::PanelGeom& g, int64_t P, F&& fn) {
+inline void parallel_claim(const cpu::PanelGeom& g, int64_t count, F&& fn) {
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, P, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, count, 1, [&](int64_t, int64_t) {
     cpu::BlockScratch<T> sc(g);
-    for (int64_t p = next.fetch_add(1); p < P; p = next.fetch_add(1)) fn(p, sc);
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i, sc);
   });
 }
 
@@ -121,19 +122,13 @@ inline void parallel_blocks(const cpu::PanelGeom& g, int64_t P, int64_t B, bool 
     }
   };
   if (by_instance) {
-    parallel_instances<T>(g, P, [&](int64_t p, cpu::BlockScratch<T>& sc) {
-      run(p, 0, nb, sc, p);
-    });
+    parallel_claim<T>(g, P, [&](int64_t p, cpu::BlockScratch<T>& sc) { run(p, 0, nb, sc, p); });
     return;
   }
-  const int64_t cb = chunk_blocks(nb), C = chunks_per_instance(B), total = P * C;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, total, 1, [&](int64_t, int64_t) {
-    cpu::BlockScratch<T> sc(g);
-    for (int64_t ch = next.fetch_add(1); ch < total; ch = next.fetch_add(1)) {
-      const int64_t p = ch / C, b0 = (ch % C) * cb;
-      run(p, b0, std::min(nb, b0 + cb), sc, ch);
-    }
+  const int64_t cb = chunk_blocks(nb), C = chunks_per_instance(B);
+  parallel_claim<T>(g, P * C, [&](int64_t ch, cpu::BlockScratch<T>& sc) {
+    const int64_t p = ch / C, b0 = (ch % C) * cb;
+    run(p, b0, std::min(nb, b0 + cb), sc, ch);
   });
 }
 

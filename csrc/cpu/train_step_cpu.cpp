@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
       // Enough instances for every thread: the thread that claims an instance packs its panels,
       // runs its blocks and writes its gradient, all in its own buffers (which stay in cache),
       // in one parallel region.
-      parallel_instances<scalar_t>(g, P, [&](int64_t p, cpu::BlockScratch<scalar_t>& sc) {
+      parallel_claim<scalar_t>(g, P, [&](int64_t p, cpu::BlockScratch<scalar_t>& sc) {
         sc.pan.resize(g.size());
         sc.acc.assign(g.acc_size(), scalar_t(0));
         cpu::pack_instance<scalar_t>(Up + p * Usize, g, s.dims.data(), sc.pan.data(), gram);
