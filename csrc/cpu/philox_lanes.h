@@ -2,7 +2,7 @@
 // computed in SIMD lanes across slots (host only, torch-free). The values are those of
 // kernels::philox_index_level / philox_normals slot by slot (same formulas, same counters);
 // only the evaluation order differs, so that the ten Philox rounds, the log and the sin/cos of
-// eight slots run in one set of vector instructions.
+// kPhiloxLanes slots (16 with AVX-512, 8 otherwise) run in one set of vector instructions.
 #pragma once
 
 #include <algorithm>
@@ -18,23 +18,77 @@ namespace molrg::cpu {
 using kernels::Philox4;
 using kernels::philox4x32_10;
 
-constexpr int kPhiloxLanes = 8;
-
 #if defined(_OPENMP)
 #define MOLRG_LANES _Pragma("omp simd")
 #else
 #define MOLRG_LANES
 #endif
 
-// Philox4x32-10 of counters (c0 + b, m0 + l, p, step), b < NB blocks, l = 0 .. 7, into
-// v[b][0..3][l]. The round keys depend only on the seed: Philox8Keys holds them (broadcast once
+// Philox4x32-10 of counters (c0 + b, m0 + l, p, step), b < NB blocks, l < kPhiloxLanes, into
+// v[b][0..3][l]. The round keys depend only on the seed: PhiloxLaneKeys holds them (broadcast once
 // per run of slots). One block is a chain of ten dependent rounds (multiply, shift, blend, xor);
 // the rounds of NB blocks (2 or 4) run interleaved, which gives the core independent work (two
-// blocks: 48 -> 41 ns alone on the project VM).
-#if defined(__AVX2__)
-struct Philox8Keys {
+// blocks: 48 -> 41 ns alone on an AVX2 VM). Lanes: 16 with AVX-512, 8 with AVX2, 8 scalar ones
+// otherwise.
+#if defined(__AVX512F__) && !defined(MOLRG_VEC256)
+constexpr int kPhiloxLanes = 16;
+
+struct PhiloxLaneKeys {
+  __m512i k0[10], k1[10];
+  PhiloxLaneKeys(uint32_t a, uint32_t b) {
+    for (int r = 0; r < 10; ++r, a += 0x9E3779B9u, b += 0xBB67AE85u) {
+      k0[r] = _mm512_set1_epi32((int)a);
+      k1[r] = _mm512_set1_epi32((int)b);
+    }
+  }
+};
+
+// AVX-512: the 32 x 32 -> 64-bit products of the even and odd lanes by two vpmuludq; the high
+// and the low halves re-interleaved by one two-source permute each (no vpmulld, which takes two
+// uops and ten cycles on Intel cores); the two xors of a round in one vpternlogd.
+template <int NB>
+inline void philox_lanes(const PhiloxLaneKeys& key, uint32_t c0, uint32_t m0, uint32_t p,
+                         uint32_t step, uint32_t (*v)[4][kPhiloxLanes]) {
+  const __m512i M0 = _mm512_set1_epi32((int)0xD2511F53u), M1 = _mm512_set1_epi32((int)0xCD9E8D57u);
+  // 32-bit words of the products: even lanes' in pe (lo, hi), odd lanes' in po (index 16 + ...)
+  const __m512i HI = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  const __m512i LO = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const __m512i slots = _mm512_add_epi32(
+      _mm512_set1_epi32((int)m0),
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i x0[NB], x1[NB], x2[NB], x3[NB];
+  for (int b = 0; b < NB; ++b) {
+    x0[b] = _mm512_set1_epi32((int)(c0 + (uint32_t)b));
+    x1[b] = slots;
+    x2[b] = _mm512_set1_epi32((int)p);
+    x3[b] = _mm512_set1_epi32((int)step);
+  }
+  for (int r = 0; r < 10; ++r)
+    for (int b = 0; b < NB; ++b) {
+      const __m512i pe0 = _mm512_mul_epu32(x0[b], M0);
+      const __m512i po0 = _mm512_mul_epu32(_mm512_srli_epi64(x0[b], 32), M0);
+      const __m512i pe1 = _mm512_mul_epu32(x2[b], M1);
+      const __m512i po1 = _mm512_mul_epu32(_mm512_srli_epi64(x2[b], 32), M1);
+      const __m512i hi0 = _mm512_permutex2var_epi32(pe0, HI, po0);
+      const __m512i hi1 = _mm512_permutex2var_epi32(pe1, HI, po1);
+      x0[b] = _mm512_ternarylogic_epi32(hi1, x1[b], key.k0[r], 0x96);  // xor of all three
+      x2[b] = _mm512_ternarylogic_epi32(hi0, x3[b], key.k1[r], 0x96);
+      x1[b] = _mm512_permutex2var_epi32(pe1, LO, po1);
+      x3[b] = _mm512_permutex2var_epi32(pe0, LO, po0);
+    }
+  for (int b = 0; b < NB; ++b) {
+    _mm512_storeu_si512((void*)v[b][0], x0[b]);
+    _mm512_storeu_si512((void*)v[b][1], x1[b]);
+    _mm512_storeu_si512((void*)v[b][2], x2[b]);
+    _mm512_storeu_si512((void*)v[b][3], x3[b]);
+  }
+}
+#elif defined(__AVX2__)
+constexpr int kPhiloxLanes = 8;
+
+struct PhiloxLaneKeys {
   __m256i k0[10], k1[10];
-  Philox8Keys(uint32_t a, uint32_t b) {
+  PhiloxLaneKeys(uint32_t a, uint32_t b) {
     for (int r = 0; r < 10; ++r, a += 0x9E3779B9u, b += 0xBB67AE85u) {
       k0[r] = _mm256_set1_epi32((int)a);
       k1[r] = _mm256_set1_epi32((int)b);
@@ -52,9 +106,8 @@ inline void philox8_mulhilo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
 }
 
 template <int NB>
-inline void philox8(const Philox8Keys& key, uint32_t c0, uint32_t m0, uint32_t p, uint32_t step,
-                    uint32_t (*v)[4][kPhiloxLanes]) {
-  static_assert(kPhiloxLanes == 8, "philox8 fills 8 lanes");
+inline void philox_lanes(const PhiloxLaneKeys& key, uint32_t c0, uint32_t m0, uint32_t p,
+                         uint32_t step, uint32_t (*v)[4][kPhiloxLanes]) {
   const __m256i M0 = _mm256_set1_epi32((int)0xD2511F53u), M1 = _mm256_set1_epi32((int)0xCD9E8D57u);
   const __m256i slots =
       _mm256_add_epi32(_mm256_set1_epi32((int)m0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -82,11 +135,35 @@ inline void philox8(const Philox8Keys& key, uint32_t c0, uint32_t m0, uint32_t p
     _mm256_storeu_si256((__m256i*)v[b][3], x3[b]);
   }
 }
+#else
+constexpr int kPhiloxLanes = 8;
 
-// out[l * ld + j] = z[j][l] for an 8 x 8 float block (unpack, shuffle, 128-bit permute).
-inline bool store_transposed8(const float (*z)[kPhiloxLanes], float* out, int64_t ld) {
+struct PhiloxLaneKeys {
+  uint32_t k0, k1;
+  PhiloxLaneKeys(uint32_t a, uint32_t b) : k0(a), k1(b) {}
+};
+
+template <int NB>
+inline void philox_lanes(const PhiloxLaneKeys& key, uint32_t c0, uint32_t m0, uint32_t p,
+                         uint32_t step, uint32_t (*v)[4][kPhiloxLanes]) {
+  for (int b = 0; b < NB; ++b) {
+    MOLRG_LANES
+    for (int l = 0; l < kPhiloxLanes; ++l) {
+      const Philox4 o = philox4x32_10(c0 + (uint32_t)b, m0 + (uint32_t)l, p, step, key.k0, key.k1);
+      v[b][0][l] = o.v[0];
+      v[b][1][l] = o.v[1];
+      v[b][2][l] = o.v[2];
+      v[b][3][l] = o.v[3];
+    }
+  }
+}
+#endif
+
+#if defined(__AVX2__)
+// out[l * ld + j] = z[j * zs + l] for an 8 x 8 float block (unpack, shuffle, 128-bit permute).
+inline bool store_transposed8(const float* z, int zs, float* out, int64_t ld) {
   __m256 r[8], t[8], u[8];
-  for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(z[j]);
+  for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(z + j * zs);
   for (int j = 0; j < 8; j += 2) {
     t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);      // r_j[0] r_j+1[0] r_j[1] r_j+1[1] | [4], [5]
     t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);  // the same for lanes 2, 3 | 6, 7
@@ -104,42 +181,22 @@ inline bool store_transposed8(const float (*z)[kPhiloxLanes], float* out, int64_
   return true;
 }
 #else
-struct Philox8Keys {
-  uint32_t k0, k1;
-  Philox8Keys(uint32_t a, uint32_t b) : k0(a), k1(b) {}
-};
-
-template <int NB>
-inline void philox8(const Philox8Keys& key, uint32_t c0, uint32_t m0, uint32_t p, uint32_t step,
-                    uint32_t (*v)[4][kPhiloxLanes]) {
-  for (int b = 0; b < NB; ++b) {
-    MOLRG_LANES
-    for (int l = 0; l < kPhiloxLanes; ++l) {
-      const Philox4 o = philox4x32_10(c0 + (uint32_t)b, m0 + (uint32_t)l, p, step, key.k0, key.k1);
-      v[b][0][l] = o.v[0];
-      v[b][1][l] = o.v[1];
-      v[b][2][l] = o.v[2];
-      v[b][3][l] = o.v[3];
-    }
-  }
-}
-
-inline bool store_transposed8(const float (*)[kPhiloxLanes], float*, int64_t) { return false; }
+inline bool store_transposed8(const float*, int, float*, int64_t) { return false; }
 #endif
 
 // No vector transpose for double: the caller stores element by element.
-inline bool store_transposed8(const double (*)[kPhiloxLanes], double*, int64_t) { return false; }
+inline bool store_transposed8(const double*, int, double*, int64_t) { return false; }
 
 // Sample index and level of slots m0 .. m0 + count - 1 of instance p (Philox block 0 of each
-// slot), eight slots per philox8 call: the rounds of a slot are a chain of dependent multiplies,
-// and slot by slot they cost a few percent of a soft training step.
+// slot), kPhiloxLanes slots per philox_lanes call: the rounds of a slot are a chain of dependent
+// multiplies, and slot by slot they cost a few percent of a soft training step.
 inline void philox_index_level_slots(uint64_t seed, uint32_t step, uint32_t p, uint32_t m0,
                                      int count, uint32_t N, uint32_t L, uint32_t* idx,
                                      uint32_t* level) {
-  const Philox8Keys key((uint32_t)seed, (uint32_t)(seed >> 32));
+  const PhiloxLaneKeys key((uint32_t)seed, (uint32_t)(seed >> 32));
   for (int t0 = 0; t0 < count; t0 += kPhiloxLanes) {
     uint32_t v[1][4][kPhiloxLanes];
-    philox8<1>(key, 0u, m0 + (uint32_t)t0, p, step, v);
+    philox_lanes<1>(key, 0u, m0 + (uint32_t)t0, p, step, v);
     const int lanes = std::min(kPhiloxLanes, count - t0);
     for (int l = 0; l < lanes; ++l) {
       idx[t0 + l] = kernels::philox_below(v[0][0][l], N);
@@ -151,11 +208,11 @@ inline void philox_index_level_slots(uint64_t seed, uint32_t step, uint32_t p, u
 // Normals of Philox blocks 1 + q .. q + NB for Ln consecutive slots: z[j][l] is normal 4q + j of
 // slot m0 + l, j < 4 NB.
 template <typename T, int NB>
-inline void philox_normals_block(const Philox8Keys& key, uint32_t step, uint32_t p, uint32_t m0,
+inline void philox_normals_block(const PhiloxLaneKeys& key, uint32_t step, uint32_t p, uint32_t m0,
                                  uint32_t q, T (*z)[kPhiloxLanes]) {
   constexpr int Ln = kPhiloxLanes;
   uint32_t v[NB][4][Ln];
-  philox8<NB>(key, 1u + q, m0, p, step, v);
+  philox_lanes<NB>(key, 1u + q, m0, p, step, v);
   for (int b = 0; b < NB; ++b) {
     MOLRG_LANES
     for (int l = 0; l < Ln; ++l) {
@@ -170,13 +227,19 @@ template <typename T>
 inline void store_normals(const T (*z)[kPhiloxLanes], int ne, int lanes, T* rows, int n) {
   int j0 = 0;
   if (lanes == kPhiloxLanes)
-    while (j0 + 8 <= ne && store_transposed8(z + j0, rows + j0, n)) j0 += 8;
+    for (; j0 + 8 <= ne; j0 += 8) {
+      bool done = true;
+      for (int h = 0; h < kPhiloxLanes && done; h += 8)  // 8 x 8 blocks: 8 normals of 8 slots
+        done = store_transposed8(&z[j0][h], kPhiloxLanes, rows + (int64_t)h * n + j0, n);
+      if (!done) break;
+    }
   for (int l = 0; l < lanes; ++l)
     for (int j = j0; j < ne; ++j) rows[(int64_t)l * n + j] = z[j][l];
 }
 
-// Philox blocks per step along a row: 4 (16 normals, two 8 x 8 transposes) measured faster than
-// 2 (-12%) and 3 (a partial transpose) and as fast as 6, in a standalone harness of the normals.
+// Philox blocks per step along a row: 4 (16 normals, two 8 x 8 transposes per 8 slots) measured
+// faster than 2 (-12%) and 3 (a partial transpose) and as fast as 6, in a standalone harness of
+// the normals (AVX2).
 constexpr int kWideBlocks = 4;
 
 // Software prefetches of a list of cache lines, a few at a time: the caller spreads them over a
@@ -195,8 +258,8 @@ struct LinePrefetch {
 };
 
 // eps [count, n]: the normals of slots m0 .. m0 + count - 1 of instance p. kWideBlocks Philox
-// blocks at a time (rounds interleaved) give 4 kWideBlocks normals of 8 slots, stored by 8 x 8
-// transposes into the slots' rows; the rest of a row by two blocks (8 normals) or one. If pf is
+// blocks at a time (rounds interleaved) give 4 kWideBlocks normals of kPhiloxLanes slots, stored
+// by 8 x 8 transposes into the slots' rows; the rest of a row by two blocks (8 normals) or one. If pf is
 // given, its lines are prefetched a few per step along the way (the training step fetches the
 // scattered rows of its next block of samples there: the normals are its longest stretch of
 // compute without loads from memory).
@@ -204,8 +267,8 @@ template <typename T>
 inline void philox_normals_slots(uint64_t seed, uint32_t step, uint32_t p, uint32_t m0,
                                  int count, int n, T* eps, LinePrefetch* pf = nullptr) {
   constexpr int Ln = kPhiloxLanes;
-  const Philox8Keys key((uint32_t)seed, (uint32_t)(seed >> 32));
-  if (pf) {  // steps per run of 8 slots: the wide ones, then the rest of a row by 8 normals
+  const PhiloxLaneKeys key((uint32_t)seed, (uint32_t)(seed >> 32));
+  if (pf) {  // steps per run of Ln slots: the wide ones, then the rest of a row by 8 normals
     const int wide = n / (4 * kWideBlocks), rest = (n % (4 * kWideBlocks) + 7) / 8;
     pf->spread((count + Ln - 1) / Ln * (wide + rest));
   }

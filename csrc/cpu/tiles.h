@@ -7,9 +7,10 @@
 //   outer    dU^T[J, n] += B^T[J, S] @ A[S, n] + B2^T @ A2   (gradient wrt the basis)
 // Each keeps a tile of accumulators in vector registers across the whole inner dimension, so a
 // multiply-add costs one FMA and a fraction of a load, instead of the dot-product-per-output form
-// (one horizontal reduction per output). Vectors are GCC vector extensions of 32 bytes: AVX2/FMA
-// instructions under -march=native on this class of machine, two SSE halves otherwise; float and
-// double share the code. Rows of A, A2 and Y are pointer arrays, so samples can be gathered
+// (one horizontal reduction per output). Vectors are GCC vector extensions of kVecBytes: 64
+// (AVX-512) where -march=native targets it, 32 otherwise (AVX2/FMA, or two SSE halves); float and
+// double share the code. The width changes only how many columns one instruction covers: every
+// output is the same sum in the same order, so the results do not depend on it. Rows of A, A2 and Y are pointer arrays, so samples can be gathered
 // (hard mode groups the samples of a block by component) without copying them.
 #pragma once
 
@@ -17,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 // Builds without AVX (MOLRG_NATIVE=OFF) pass these 32-byte vectors in two SSE registers; the
 // functions are inline and never cross a library boundary, so the ABI note does not apply.
@@ -24,19 +26,30 @@
 
 namespace molrg::cpu {
 
+// Vector width and register count: 64-byte vectors and 32 registers where the build targets
+// AVX-512 (-march=native on such a machine), 32-byte vectors and 16 registers otherwise (AVX2,
+// or two SSE halves). The panels' padding (round_up_vec) and the tile shapes follow.
+#if defined(__AVX512F__) && !defined(MOLRG_VEC256)
+constexpr int kVecBytes = 64, kVecRegs = 32;
+#else
+constexpr int kVecBytes = 32, kVecRegs = 16;
+#endif
+
 template <typename T>
 struct simd {
-  typedef T v __attribute__((vector_size(32)));
-  static constexpr int W = 32 / (int)sizeof(T);
+  typedef T v __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / (int)sizeof(T);
   static inline v load(const T* p) {
     v r;
     std::memcpy(&r, p, sizeof r);
     return r;
   }
   static inline void store(T* p, const v& a) { std::memcpy(p, &a, sizeof a); }
-  static inline v set1(T a) {  // a uniform constructor: one broadcast instruction
-    if constexpr (W == 8) return v{a, a, a, a, a, a, a, a};
-    else return v{a, a, a, a};
+  static inline v set1(T a) { return bcast(a, std::make_integer_sequence<int, W>{}); }
+  // a uniform constructor: one broadcast instruction
+  template <int... I>
+  static inline v bcast(T a, std::integer_sequence<int, I...>) {
+    return v{((void)I, a)...};
   }
 };
 
@@ -116,9 +129,11 @@ inline void project(const T* const* A, int R, int n, const T* U, int w, T* out, 
   constexpr int W = simd<T>::W;
   for (int c = 0; c < w;) {
     const int nv = std::min(3, (w - c) / W);
-    if (nv == 3) project_cols<T, 3, 4>(A, R, n, U + c, w, out + c, ostride);
-    else if (nv == 2) project_cols<T, 2, 6>(A, R, n, U + c, w, out + c, ostride);
-    else project_cols<T, 1, 8>(A, R, n, U + c, w, out + c, ostride);
+    // rows per tile: RT * nv accumulators, nv panel vectors and a broadcast in the registers
+    constexpr int F = kVecRegs / 16;
+    if (nv == 3) project_cols<T, 3, 4 * F>(A, R, n, U + c, w, out + c, ostride);
+    else if (nv == 2) project_cols<T, 2, 6 * F>(A, R, n, U + c, w, out + c, ostride);
+    else project_cols<T, 1, 8 * F>(A, R, n, U + c, w, out + c, ostride);
     c += nv * W;
   }
 }
@@ -187,7 +202,8 @@ inline void expand(const T* C, int cstride, int R, int J, const T* UT, int n, T*
   const int np = round_up_vec<T>(n);
   for_vector_chunks<T>(n, [&](int i0, auto nb) {
     constexpr int NB = decltype(nb)::value;
-    constexpr int RT = NB == 1 ? 8 : 12 / NB;  // rows per tile: 3, 4, 6, 8
+    constexpr int F = kVecRegs / 16;  // rows per tile: 3, 4, 6, 8 (16 registers) or twice that
+    constexpr int RT = (NB == 1 ? 8 : 12 / NB) * F;
     expand_rows<T, NB, RT>(C, cstride, R, J, UT, np, i0, n, Y);
   });
 }
@@ -260,7 +276,8 @@ inline void outer(const T* const* A, const T* B, const T* const* A2, const T* B2
     const T* Bp = pass ? B2 : B;
     for_vector_chunks<T>(n, [&](int i0, auto nb) {
       constexpr int NB = decltype(nb)::value;
-      constexpr int RJ = 15 / (NB + 1);  // 16 vector registers: RJ*NB + RJ + 1 (3, 3, 5, 7)
+      // RJ*NB accumulators + RJ broadcasts + 1 load: 3, 3, 5, 7 (16 registers), 6, 7, 10, 15 (32)
+      constexpr int RJ = (kVecRegs - 1) / (NB + 1);
       outer_rows<T, NB, RJ>(Ap, Bp, bstride, R, J, i0, n, dUT, np);
     });
   }
