@@ -238,16 +238,21 @@ def time_callable(fn: Callable, repeats: int = 5, warmup: int = 1, min_time: flo
 
 def nominal_peak_gflops(threads: Optional[int] = None) -> Optional[float]:
     """Nominal fp32 FMA peak of `threads` cores (default: torch's thread count): cores x 2 FMA
-    units x 8 lanes x 2 flops x the base GHz of /proc/cpuinfo (AVX2 + FMA assumed). Boost clocks
-    make the real peak higher. None when /proc/cpuinfo cannot be read."""
+    units x lanes x 2 flops x the base GHz of /proc/cpuinfo, with 16 lanes where the flags list
+    avx512f and 8 otherwise (AVX2 + FMA assumed). Boost clocks make the real peak higher; some
+    AVX-512 cores have one 512-bit FMA unit and so half this. None when /proc/cpuinfo cannot be
+    read."""
     try:
-        mhz = [float(l.split(":")[1]) for l in open("/proc/cpuinfo") if l.startswith("cpu MHz")]
+        lines = open("/proc/cpuinfo").read().splitlines()
+        mhz = [float(l.split(":")[1]) for l in lines if l.startswith("cpu MHz")]
     except (OSError, ValueError, IndexError):
         return None
     if not mhz:
         return None
+    flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+    lanes = 16 if "avx512f" in flags else 8
     cores = min(len(mhz), threads or torch.get_num_threads())
-    return cores * 2 * 8 * 2 * (sum(mhz) / len(mhz)) / 1000.0
+    return cores * 2 * lanes * 2 * (sum(mhz) / len(mhz)) / 1000.0
 
 
 def peak_gflops(size: int = 2048, repeats: int = 12) -> float:
