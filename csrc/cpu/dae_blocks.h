@@ -250,16 +250,38 @@ inline void comp_spread(const T* coef, int cstride, int S, const Panels<T>& pn, 
 // Soft-mode reconstruction coefficients of a block: C [S, Dp] (s.C) with C_k = c w_k P_k, from
 // full-panel rows P [S, Dp] (padding 0) and weights w [S, K]; the spread c w_k stays in s.E.
 template <typename T>
+void soft_block_coefs_from_ca(const T* P, int S, const Panels<T>& pn, BlockScratch<T>& s);
+
+template <typename T>
 void soft_block_coefs(const T* P, const T* w, const T* c, int S, const Panels<T>& pn,
                       BlockScratch<T>& s) {
   const int K = pn.g.K;
   for (int t = 0; t < S; ++t)
     for (int k = 0; k < K; ++k) s.ca[(int64_t)t * K + k] = c[t] * w[(int64_t)t * K + k];
+  soft_block_coefs_from_ca(P, S, pn, s);
+}
+
+// The same from c w_k already in s.ca [S, K].
+template <typename T>
+void soft_block_coefs_from_ca(const T* P, int S, const Panels<T>& pn, BlockScratch<T>& s) {
+  const int K = pn.g.K;
   comp_spread(s.ca.data(), K, S, pn, s.rowE.data());
   const int64_t SD = (int64_t)S * pn.g.Dp;
   const T* a = s.E.data();
   T* C = s.C.data();
   for (int64_t e = 0; e < SD; ++e) C[e] = a[e] * P[e];
+}
+
+// dP [S, Dp] (s.dP) = E o R + E2 o P, with E2 the spread of s.cb = 2 phi dlogit [S, K] and E the
+// spread c w_k that soft_block_coefs left in s.E.
+template <typename T>
+void soft_block_dP(const T* R, const T* P, int S, const Panels<T>& pn, BlockScratch<T>& s) {
+  comp_spread(s.cb.data(), pn.g.K, S, pn, s.rowE2.data());
+  const int64_t SD = (int64_t)S * pn.g.Dp;
+  const T* a = s.E.data();
+  const T* b = s.E2.data();
+  T* dP = s.dP.data();
+  for (int64_t e = 0; e < SD; ++e) dP[e] = a[e] * R[e] + b[e] * P[e];
 }
 
 // Soft-mode backward of a block (the kernels::dae_dP_from_r formulas) from the full-panel rows
@@ -293,12 +315,7 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
     dc[t] = dcs;
     dphi[t] = dph;
   }
-  comp_spread(s.cb.data(), K, S, pn, s.rowE2.data());
-  const int64_t SD = (int64_t)S * g.Dp;
-  const T* a = s.E.data();
-  const T* b = s.E2.data();
-  T* dP = s.dP.data();
-  for (int64_t e = 0; e < SD; ++e) dP[e] = a[e] * R[e] + b[e] * P[e];
+  soft_block_dP(R, P, S, pn, s);
 }
 
 // Hard assignment argmax_k ||U_k^T x||^2 (ties to the lowest k) of S consecutive samples.
@@ -332,6 +349,69 @@ inline void block_softmax(T* lw, int S, int K) {
     for (int k = 0; k < K; ++k) total += l[k];
     const T inv = T(1) / total;
     for (int k = 0; k < K; ++k) l[k] *= inv;
+  }
+}
+
+// The soft training step's per-sample soft-max math for a compile-time K, one SIMD lane per
+// sample: the same operations in the same order as the generic code (block_softmax, the c w_k of
+// soft_block_coefs, soft_block_grads), which runs them sample by sample in loops over K (a few
+// iterations each, about a tenth of a soft step). Lanes read the [S, Kp] sums with a stride.
+//   train_soft_weights: w [S, K] = softmax_k(phi ||P_k||^2 + bias_k(level)) and ca = c w;
+//   train_soft_dlogit:  cb [S, K] = 2 phi dlogit_k, dlogit_k = w_k (c <r_k, P_k> - c sum_j w_j <r_j, P_j>)
+// (the training step needs no dc, dphi or dlogit itself).
+template <typename T, int K, bool Bias>
+inline void train_soft_weights(const T* sq, int Kp, const T* phis, const T* cs, const T* lbias,
+                               const uint32_t* lev, int S, T* w, T* ca) {
+#if defined(_OPENMP)
+#pragma omp simd
+#endif
+  for (int t = 0; t < S; ++t) {
+    T l[K];
+    for (int k = 0; k < K; ++k)
+      l[k] = phis[t] * sq[(int64_t)t * Kp + k] + (Bias ? lbias[(int64_t)lev[t] * K + k] : T(0));
+    T mx = l[0];
+    for (int k = 1; k < K; ++k) mx = l[k] > mx ? l[k] : mx;
+    T total = T(0);
+    for (int k = 0; k < K; ++k) {
+      l[k] = kernels::sm_exp<T>(l[k] - mx);
+      total += l[k];
+    }
+    const T inv = T(1) / total;
+    for (int k = 0; k < K; ++k) {
+      const T wk = l[k] * inv;
+      w[(int64_t)t * K + k] = wk;
+      ca[(int64_t)t * K + k] = cs[t] * wk;
+    }
+  }
+}
+
+template <typename T, int K>
+inline void train_soft_dlogit(const T* rp, int Kp, const T* w, const T* cs, const T* phis, int S,
+                              T* cb) {
+#if defined(_OPENMP)
+#pragma omp simd
+#endif
+  for (int t = 0; t < S; ++t) {
+    T dcs = T(0);
+    for (int k = 0; k < K; ++k) dcs += w[(int64_t)t * K + k] * rp[(int64_t)t * Kp + k];
+    const T hbar = cs[t] * dcs;
+    for (int k = 0; k < K; ++k) {
+      const T dl = w[(int64_t)t * K + k] * (cs[t] * rp[(int64_t)t * Kp + k] - hbar);
+      cb[(int64_t)t * K + k] = T(2) * phis[t] * dl;
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, K>) for K = 1 .. 4, f(std::integral_constant<int, 0>) for
+// any other K (the generic code).
+template <typename F>
+inline void with_small_K(int K, F&& f) {
+  switch (K) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 0>{});
   }
 }
 
@@ -554,20 +634,45 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2, kept for below
     for (int t = 0; t < S; ++t) {
       const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
-      const T* lb = level_bias ? level_bias + (int64_t)s.lev[t] * K : nullptr;
-      const T* sq = s.sums2.data() + (int64_t)t * g.Kp;
-      T* wt = s.w.data() + (int64_t)t * K;
       s.cs[t] = lv[kLvC];
       s.phis[t] = lv[kLvPhi];
-      for (int k = 0; k < K; ++k) wt[k] = s.phis[t] * sq[k] + (lb ? lb[k] : T(0));
     }
-    block_softmax(s.w.data(), S, K);
-    soft_block_coefs(s.P.data(), s.w.data(), s.cs.data(), S, pn, s);
+    with_small_K(K, [&](auto kc) {
+      constexpr int KC = decltype(kc)::value;
+      if constexpr (KC > 0) {
+        if (level_bias)
+          train_soft_weights<T, KC, true>(s.sums2.data(), g.Kp, s.phis.data(), s.cs.data(),
+                                          level_bias, s.lev.data(), S, s.w.data(), s.ca.data());
+        else
+          train_soft_weights<T, KC, false>(s.sums2.data(), g.Kp, s.phis.data(), s.cs.data(),
+                                           nullptr, s.lev.data(), S, s.w.data(), s.ca.data());
+        soft_block_coefs_from_ca(s.P.data(), S, pn, s);
+      } else {
+        for (int t = 0; t < S; ++t) {
+          const T* lb = level_bias ? level_bias + (int64_t)s.lev[t] * K : nullptr;
+          const T* sq = s.sums2.data() + (int64_t)t * g.Kp;
+          T* wt = s.w.data() + (int64_t)t * K;
+          for (int k = 0; k < K; ++k) wt[k] = s.phis[t] * sq[k] + (lb ? lb[k] : T(0));
+        }
+        block_softmax(s.w.data(), S, K);
+        soft_block_coefs(s.P.data(), s.w.data(), s.cs.data(), S, pn, s);
+      }
+    });
     expand(s.C.data(), Dp, S, D, pn.UfT(), n, s.rowY.data());
     for (int t = 0; t < S; ++t) loss_and_grad(t, s.rowY[t], false);
     project(s.rowC.data(), S, n, pn.Uf(), Dp, s.R.data(), Dp);
-    soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),
-                     s.phis.data(), S, pn, s.dlogit.data(), s.dcs.data(), s.dphis.data(), s);
+    with_small_K(K, [&](auto kc) {
+      constexpr int KC = decltype(kc)::value;
+      if constexpr (KC > 0) {
+        comp_sums(s.R.data(), s.P.data(), S, pn, s.sums.data(), s);  // <r_k, P_k>
+        train_soft_dlogit<T, KC>(s.sums.data(), g.Kp, s.w.data(), s.cs.data(), s.phis.data(), S,
+                                 s.cb.data());
+        soft_block_dP(s.R.data(), s.P.data(), S, pn, s);
+      } else {
+        soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),
+                         s.phis.data(), S, pn, s.dlogit.data(), s.dcs.data(), s.dphis.data(), s);
+      }
+    });
     outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, D, n, acc);
     return;
   }
