@@ -22,6 +22,7 @@
 // both into dU [K, n, dm].
 #pragma once
 
+#include <utility>
 #include <vector>
 
 #include "../kernels/series_math.h"
@@ -359,6 +360,16 @@ inline void block_softmax(T* lw, int S, int K) {
 //   train_soft_weights: w [S, K] = softmax_k(phi ||P_k||^2 + bias_k(level)) and ca = c w;
 //   train_soft_dlogit:  cb [S, K] = 2 phi dlogit_k, dlogit_k = w_k (c <r_k, P_k> - c sum_j w_j <r_j, P_j>)
 // (the training step needs no dc, dphi or dlogit itself).
+// f(std::integral_constant<int, k>) for k = 0 .. N-1, expanded in the source: GCC vectorises an
+// omp simd loop over samples only when these per-component steps are straight-line code (as
+// loops over a constant K it left them to be unrolled after vectorisation, and gave up).
+template <int N, typename F>
+inline void unrolled(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
 template <typename T, int K, bool Bias>
 inline void train_soft_weights(const T* sq, int Kp, const T* phis, const T* cs, const T* lbias,
                                const uint32_t* lev, int S, T* w, T* ca) {
@@ -367,21 +378,22 @@ inline void train_soft_weights(const T* sq, int Kp, const T* phis, const T* cs, 
 #endif
   for (int t = 0; t < S; ++t) {
     T l[K];
-    for (int k = 0; k < K; ++k)
+    unrolled<K>([&](auto k) {
       l[k] = phis[t] * sq[(int64_t)t * Kp + k] + (Bias ? lbias[(int64_t)lev[t] * K + k] : T(0));
+    });
     T mx = l[0];
-    for (int k = 1; k < K; ++k) mx = l[k] > mx ? l[k] : mx;
+    unrolled<K>([&](auto k) { mx = l[k] > mx ? l[k] : mx; });
     T total = T(0);
-    for (int k = 0; k < K; ++k) {
+    unrolled<K>([&](auto k) {
       l[k] = kernels::sm_exp<T>(l[k] - mx);
       total += l[k];
-    }
+    });
     const T inv = T(1) / total;
-    for (int k = 0; k < K; ++k) {
+    unrolled<K>([&](auto k) {
       const T wk = l[k] * inv;
       w[(int64_t)t * K + k] = wk;
       ca[(int64_t)t * K + k] = cs[t] * wk;
-    }
+    });
   }
 }
 
@@ -393,12 +405,12 @@ inline void train_soft_dlogit(const T* rp, int Kp, const T* w, const T* cs, cons
 #endif
   for (int t = 0; t < S; ++t) {
     T dcs = T(0);
-    for (int k = 0; k < K; ++k) dcs += w[(int64_t)t * K + k] * rp[(int64_t)t * Kp + k];
+    unrolled<K>([&](auto k) { dcs += w[(int64_t)t * K + k] * rp[(int64_t)t * Kp + k]; });
     const T hbar = cs[t] * dcs;
-    for (int k = 0; k < K; ++k) {
+    unrolled<K>([&](auto k) {
       const T dl = w[(int64_t)t * K + k] * (cs[t] * rp[(int64_t)t * Kp + k] - hbar);
       cb[(int64_t)t * K + k] = T(2) * phis[t] * dl;
-    }
+    });
   }
 }
 
