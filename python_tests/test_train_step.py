@@ -191,6 +191,20 @@ def test_matches_reference_odd_sizes(mode, dtype, batch):
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("batch", [250, 60])  # hard: through the Gram panels (>= 2 sum(dims)), not
+def test_matches_reference_panels_of_several_chunks(mode, batch):
+    # n = 150, dims up to 50, K d = 200: every packed panel (the full and component bases, their
+    # transposes, the Gram matrices of d = 50) spans several column chunks, AVX2 and AVX-512 alike
+    dims = [20, 50, 9, 17]
+    X, U = _problem(2, 40, 150, dims, seed=4)
+    levels = M.make_levels(TinySchedule(), L=5, dims=dims)
+    loss, grad = M.train_step(X, U, dims, levels, batch, seed=6, step=2, mode=mode)
+    rl, rg = reference_step(X, U, dims, levels, batch, 6, 2, mode)
+    torch.testing.assert_close(loss, rl, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(grad, rg, rtol=1e-9, atol=1e-10 * rg.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
 @pytest.mark.parametrize("P", [1, 4])  # P = 1: blocks split over threads; P = 4: by instance
 def test_matches_reference_many_blocks(mode, P):
     # batch 200 = blocks of 64, 64, 64 and 8 slots: each block after the first of an instance

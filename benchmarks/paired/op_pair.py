@@ -4,10 +4,11 @@ was renamed with -Dmolrg=molrg_ref, loaded from REF_SO), call by call in one pro
 run.sh, which times train_block alone, this includes everything the op does per call: the checks,
 packing the bases, the parallel regions, the gradient and loss outputs.
 
-Usage: python benchmarks/paired/op_pair.py REF_SO [rounds] [M] [P] [OP]   (torch threads: 2)
+Usage: python benchmarks/paired/op_pair.py REF_SO [rounds] [M] [P] [OP] [n,K,d]   (threads: 2)
 OP = train (default): the training step, M slots for each of P instances, N = 4096 rows each.
 OP = dae: the denoiser's forward and backward ops (subspace_dae, then subspace_dae_backward for
-dU, as autograd calls them), M samples for each of P instances. Shape n = 48, K = 2, d = 6.
+dU, as autograd calls them), M samples for each of P instances. Shape n, K, d: 48, 2, 6 unless
+given.
 Prints, per mode, whether the two builds agree (train: gradients bit for bit, loss to 1e-5;
 dae: y bit for bit, dU to 1e-5) and the median and quartiles of the per-pair time ratios (this
 build / ref).
@@ -32,7 +33,8 @@ def main(argv):
     torch.set_num_threads(2)
     torch.ops.load_library(ref_so)
     g = torch.Generator().manual_seed(0)
-    N, n, K, d = 4096, 48, 2, 6
+    n, K, d = (int(v) for v in (argv[6] if len(argv) > 6 else "48,2,6").split(","))
+    N = 4096
     dims = [d] * K
     U = torch.randn(P, K, n, d, generator=g) / n ** 0.5
     if op == "train":

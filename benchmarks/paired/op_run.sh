@@ -3,13 +3,14 @@
 # on the CPU only with its op and C++ namespaces renamed to molrg_ref (-Dmolrg=molrg_ref), against
 # the build that `import molrg_ext` finds (with PYTHONPATH=. after scripts/build_inplace.sh: the
 # working tree; otherwise the installed one), alternating call by call in one process. Usage:
-#   benchmarks/paired/op_run.sh REV [rounds] [M] [P] [OP] (PYTHON: the interpreter, default python3)
+#   benchmarks/paired/op_run.sh REV [rounds] [M] [P] [OP] [n,K,d]   (PYTHON: the interpreter,
+#   default python3; n,K,d default 48,2,6)
 # OP = train (default) or dae (the denoiser's forward and backward ops on M samples per instance).
 # The build of REV (about 1.5 min on 2 cores) is kept in build/op_ref/REV_HASH for later runs.
 set -euo pipefail
 dir=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$dir/../.." && pwd)
-rev=${1:?usage: op_run.sh REV [rounds] [M] [P] [OP]}
+rev=${1:?usage: op_run.sh REV [rounds] [M] [P] [OP] [n,K,d]}
 PY=${PYTHON:-python3}
 hash=$(git -C "$root" rev-parse "$rev^{commit}")
 out="$root/build/op_ref/$hash"
@@ -21,4 +22,5 @@ if ! ls "$out"/build/_C*.so >/dev/null 2>&1; then
       -DCMAKE_CXX_FLAGS="-Dmolrg=molrg_ref" && cmake --build "$out/build"; } >"$out/build.log" 2>&1 ||
     { tail -30 "$out/build.log" >&2; exit 1; }
 fi
-"$PY" "$dir/op_pair.py" "$(ls "$out"/build/_C*.so | head -1)" "${2:-40}" "${3:-1024}" "${4:-64}" "${5:-train}"
+"$PY" "$dir/op_pair.py" "$(ls "$out"/build/_C*.so | head -1)" "${2:-40}" "${3:-1024}" \
+  "${4:-64}" "${5:-train}" "${6:-48,2,6}"

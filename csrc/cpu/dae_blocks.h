@@ -77,17 +77,25 @@ struct Panels {  // views into one instance's packed panels
 };
 
 // Pack U [K, n, dm] of one instance into out [g.size()]; the Gram panels stay 0 unless gram.
+// Every panel is stored chunked (tiles.h): those the projection reads (Uf, Uc_k, Ind, G_k) by
+// kProjectChunk, those the expansion reads (UfT, UcT_k, IndT) by kExpandChunk.
 template <typename T>
 void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out, bool gram) {
   std::fill(out, out + g.size(), T(0));
+  auto pj = [](int row, int col, int rows, int w) {  // projection panel [rows, w]
+    return chunked_offset<T, kProjectChunk>(row, col, rows, w);
+  };
+  auto ex = [](int row, int col, int rows, int w) {  // expansion panel [rows, w]
+    return chunked_offset<T, kExpandChunk>(row, col, rows, w);
+  };
   T* Uf = out;
   T* UfT = out + (int64_t)g.n * g.Dp;
   T* Ind = out + g.ind_offset();
   T* IndT = Ind + (int64_t)g.Dp * g.Kp;
   for (int k = 0; k < g.K; ++k)
     for (int j = 0; j < dims[k]; ++j) {
-      Ind[(int64_t)(k * g.dm + j) * g.Kp + k] = T(1);
-      IndT[(int64_t)k * g.Dp + k * g.dm + j] = T(1);
+      Ind[pj(k * g.dm + j, k, g.Dp, g.Kp)] = T(1);
+      IndT[ex(k, k * g.dm + j, g.Kp, g.Dp)] = T(1);
     }
   for (int k = 0; k < g.K; ++k) {
     T* Uc = out + g.full_size() + k * g.comp_stride();
@@ -95,18 +103,27 @@ void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out, 
     for (int i = 0; i < g.n; ++i)
       for (int j = 0; j < dims[k]; ++j) {
         const T v = U[((int64_t)k * g.n + i) * g.dm + j];
-        Uf[(int64_t)i * g.Dp + k * g.dm + j] = v;
-        UfT[(int64_t)(k * g.dm + j) * g.np + i] = v;
-        Uc[(int64_t)i * g.dW + j] = v;
-        UcT[(int64_t)j * g.np + i] = v;
+        Uf[pj(i, k * g.dm + j, g.n, g.Dp)] = v;
+        UfT[ex(k * g.dm + j, i, g.D, g.np)] = v;
+        Uc[pj(i, j, g.n, g.dW)] = v;
+        UcT[ex(j, i, g.dm, g.np)] = v;
       }
   }
   if (!gram) return;
+  // G_k = U_k^T U_k: one register-tiled product of the rows of U_k^T (copied out row-major)
+  // against Uc_k, into a row-major [dm, dW], then into the chunked Gram panel [dW, dW].
+  std::vector<T> ut((size_t)g.dm * g.n), gk((size_t)g.dm * g.dW);
   std::vector<const T*> rows(g.dm);
-  for (int k = 0; k < g.K; ++k) {  // G_k = UcT_k Uc_k, one register-tiled product
+  for (int k = 0; k < g.K; ++k) {
     const T* Uc = out + g.full_size() + k * g.comp_stride();
-    for (int j = 0; j < dims[k]; ++j) rows[j] = Uc + (int64_t)g.n * g.dW + (int64_t)j * g.np;
-    project(rows.data(), dims[k], g.n, Uc, g.dW, out + g.gram_offset() + k * g.dW * g.dW, g.dW);
+    for (int j = 0; j < dims[k]; ++j) {
+      for (int i = 0; i < g.n; ++i) ut[(size_t)j * g.n + i] = U[((int64_t)k * g.n + i) * g.dm + j];
+      rows[j] = ut.data() + (size_t)j * g.n;
+    }
+    project(rows.data(), dims[k], g.n, Uc, g.n, g.dW, gk.data(), g.dW);
+    T* G = out + g.gram_offset() + k * g.dW * g.dW;
+    for (int a = 0; a < dims[k]; ++a)
+      for (int b = 0; b < g.dW; ++b) G[pj(a, b, g.dW, g.dW)] = gk[(size_t)a * g.dW + b];
   }
 }
 
@@ -238,14 +255,14 @@ inline void comp_sums(const T* A, const T* B, int S, const Panels<T>& pn, T* out
   const int64_t SD = (int64_t)S * g.Dp;
   T* q = s.Q.data();
   for (int64_t e = 0; e < SD; ++e) q[e] = A[e] * B[e];
-  project(s.rowQ.data(), S, g.Dp, pn.Ind(), g.Kp, out, g.Kp);
+  project(s.rowQ.data(), S, g.Dp, pn.Ind(), g.Dp, g.Kp, out, g.Kp);
 }
 
 // Y [S rows of Dp] = coef [S, K] (row stride cstride) spread over the columns of each component:
 // Y[t, k*dm + j] = coef[t, k] for j < d_k, 0 in the padding.
 template <typename T>
 inline void comp_spread(const T* coef, int cstride, int S, const Panels<T>& pn, T* const* Y) {
-  expand(coef, cstride, S, pn.g.K, pn.IndT(), pn.g.Dp, Y);
+  expand(coef, cstride, S, pn.g.K, pn.IndT(), pn.g.Kp, pn.g.Dp, Y);
 }
 
 // Soft-mode reconstruction coefficients of a block: C [S, Dp] (s.C) with C_k = c w_k P_k, from
@@ -324,7 +341,7 @@ template <typename T>
 void assign_block(const T* x, int S, const Panels<T>& pn, int64_t* out, BlockScratch<T>& s) {
   const PanelGeom& g = pn.g;
   for (int t = 0; t < S; ++t) s.rowA[t] = x + (int64_t)t * g.n;
-  project(s.rowA.data(), S, g.n, pn.Uf(), g.Dp, s.P.data(), g.Dp);
+  project(s.rowA.data(), S, g.n, pn.Uf(), g.n, g.Dp, s.P.data(), g.Dp);
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
   for (int t = 0; t < S; ++t) out[t] = kernels::dae_argmax(s.sums.data() + (int64_t)t * g.Kp, g.K);
 }
@@ -438,7 +455,7 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     s.rowA[t] = x + (int64_t)t * n;
     s.rowY[t] = y + (int64_t)t * n;
   }
-  project(s.rowA.data(), S, n, pn.Uf(), Dp, s.P.data(), Dp);
+  project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp);
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);  // ||P_k||^2
   for (int t = 0; t < S; ++t) {
     const T* Pt = s.P.data() + (int64_t)t * Dp;
@@ -456,7 +473,7 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
   if (mode == kSoft) {
     block_softmax(w, S, K);
     soft_block_coefs(s.P.data(), w, c, S, pn, s);
-    expand(s.C.data(), Dp, S, D, pn.UfT(), n, s.rowY.data());
+    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
     return;
   }
   // hard: one group per component (the x rows were read in order by the projection above)
@@ -473,7 +490,7 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
       for (int j = 0; j < dW; ++j) Cu[j] = j < dims[k] ? a * Pt[j] : T(0);
       s.rowY[u] = y + (int64_t)t * n;
     }
-    expand(s.C.data(), dW, cnt, dims[k], pn.UcT(k), n, s.rowY.data());
+    expand(s.C.data(), dW, cnt, dims[k], pn.UcT(k), dm, n, s.rowY.data());
   }
 }
 
@@ -491,7 +508,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       s.rowB[t] = x + (int64_t)t * n;
       if (dx) s.rowY[t] = dx + (int64_t)t * n;
     }
-    project(s.rowA.data(), S, n, pn.Uf(), Dp, s.R.data(), Dp);
+    project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp);
     for (int t = 0; t < S; ++t) {  // the saved projections as full-panel rows
       T* Pt = s.P.data() + (int64_t)t * Dp;
       std::copy(proj + (int64_t)t * D, proj + (int64_t)(t + 1) * D, Pt);
@@ -501,7 +518,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
     soft_block_coefs(s.P.data(), w, c, S, pn, s);                  // C (for dU) and s.E
     soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc, dphi,
                      s);
-    if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), n, s.rowY.data());
+    if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
     if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc);
     return;
   }
@@ -525,7 +542,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       s.rowB[u] = s.xt.data() + (int64_t)(u0 + u) * n;
       s.rowY[u] = s.z.data() + (int64_t)(u0 + u) * n;
     }
-    project(s.rowA.data(), cnt, n, pn.Uc(k), dW, s.R.data(), dW);
+    project(s.rowA.data(), cnt, n, pn.Uc(k), n, dW, s.R.data(), dW);
     for (int u = 0; u < cnt; ++u) {
       const int t = s.sel[u0 + u];
       const T wk = w[(int64_t)t * K + k], a = c[t] * wk;
@@ -541,7 +558,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
         Cu[j] = j < dk ? a * Pt[j] : T(0);
       }
     }
-    if (dx) expand(s.dP.data(), dW, cnt, dk, pn.UcT(k), n, s.rowY.data());
+    if (dx) expand(s.dP.data(), dW, cnt, dk, pn.UcT(k), dm, n, s.rowY.data());
     if (acc) {
       outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), dW, cnt, dk, n,
             acc + g.comp_acc_offset(k));
@@ -557,7 +574,7 @@ template <typename T>
 void hard_train_dP(const T* const* Pk, const T* Q0, int qs, const T* G, const int* sel, int cnt,
                    int dk, int dW, const T* levels, T inv_M, const uint32_t* lev, T* dP, int ds) {
   using namespace kernels;
-  project(Pk, cnt, dk, G, dW, dP, ds);  // Pk G_k, 0 past d_k
+  project(Pk, cnt, dk, G, dW, dW, dP, ds);  // Pk G_k, 0 past d_k
   for (int u = 0; u < cnt; ++u) {
     const int t = sel[u];
     const T* lv = levels + (int64_t)lev[t] * kLvCols;
@@ -642,7 +659,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       s.rowY[t] = s.y.data() + (int64_t)t * n;
       s.rowC[t] = s.rowY[t];
     }
-    project(s.rowB.data(), S, n, pn.Uf(), Dp, s.P.data(), Dp);
+    project(s.rowB.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp);
     comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2, kept for below
     for (int t = 0; t < S; ++t) {
       const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
@@ -670,9 +687,9 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
         soft_block_coefs(s.P.data(), s.w.data(), s.cs.data(), S, pn, s);
       }
     });
-    expand(s.C.data(), Dp, S, D, pn.UfT(), n, s.rowY.data());
+    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
     for (int t = 0; t < S; ++t) loss_and_grad(t, s.rowY[t], false);
-    project(s.rowC.data(), S, n, pn.Uf(), Dp, s.R.data(), Dp);
+    project(s.rowC.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp);
     with_small_K(K, [&](auto kc) {
       constexpr int KC = decltype(kc)::value;
       if constexpr (KC > 0) {
@@ -690,7 +707,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
   }
   // hard: the component of the clean sample (eq. (17)), then one group per component. The
   // clean projections Q0 = x_i U (s.P) stay for the gradient below.
-  project(s.rowA.data(), S, n, pn.Uf(), Dp, s.P.data(), Dp);
+  project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp);
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
   for (int t = 0; t < S; ++t) s.comp[t] = dae_argmax(s.sums.data() + (int64_t)t * g.Kp, K);
   s.sort_by_component(S, K);
@@ -709,8 +726,8 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     // Pk = x_t U_k (rows rowE[u], stride Dp, 0 past d_k); y = c U_k Pk is expanded without the
     // c, which the loss pass applies, leaving c g in the rows: the gradient's terms c g (x) Pk and
     // dP = c g U_k need no per-sample scaling of Pk or of g U_k.
-    project(xrows.data(), cnt, n, pn.Uc(k), dW, s.E.data(), Dp);
-    expand(s.E.data(), Dp, cnt, dk, pn.UcT(k), n, s.rowY.data());
+    project(xrows.data(), cnt, n, pn.Uc(k), n, dW, s.E.data(), Dp);
+    expand(s.E.data(), Dp, cnt, dk, pn.UcT(k), g.dm, n, s.rowY.data());
     for (int u = 0; u < cnt; ++u) loss_and_grad(sel[u], s.rowY[u], true);
     if (gram) {
       // dP = c g U_k with g = (2 lambda / M)(c U_k Pk - x_i), taken in d-space as
@@ -718,7 +735,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       hard_train_dP<T>(s.rowE.data(), s.P.data() + k * g.dm, Dp, pn.Gram(k), sel, cnt, dk, dW,
                        levels, inv_M, s.lev.data(), s.dP.data(), Dp);
     } else {
-      project(s.rowC.data(), cnt, n, pn.Uc(k), dW, s.dP.data(), Dp);  // (c g) U_k
+      project(s.rowC.data(), cnt, n, pn.Uc(k), n, dW, s.dP.data(), Dp);  // (c g) U_k
     }
     outer(xrows.data(), s.dP.data(), s.rowC.data(), s.E.data(), Dp, cnt, dk, n,
           acc + g.comp_acc_offset(k));
