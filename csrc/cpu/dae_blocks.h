@@ -370,13 +370,6 @@ inline void block_softmax(T* lw, int S, int K) {
   }
 }
 
-// The soft training step's per-sample soft-max math for a compile-time K, one SIMD lane per
-// sample: the same operations in the same order as the generic code (block_softmax, the c w_k of
-// soft_block_coefs, soft_block_grads), which runs them sample by sample in loops over K (a few
-// iterations each, about a tenth of a soft step). Lanes read the [S, Kp] sums with a stride.
-//   train_soft_weights: w [S, K] = softmax_k(phi ||P_k||^2 + bias_k(level)) and ca = c w;
-//   train_soft_dlogit:  cb [S, K] = 2 phi dlogit_k, dlogit_k = w_k (c <r_k, P_k> - c sum_j w_j <r_j, P_j>)
-// (the training step needs no dc, dphi or dlogit itself).
 // f(std::integral_constant<int, k>) for k = 0 .. N-1, expanded in the source: GCC vectorises an
 // omp simd loop over samples only when these per-component steps are straight-line code (as
 // loops over a constant K it left them to be unrolled after vectorisation, and gave up).
@@ -387,16 +380,33 @@ inline void unrolled(F&& f) {
   }(std::make_integer_sequence<int, N>{});
 }
 
-template <typename T, int K, bool Bias>
-inline void train_soft_weights(const T* sq, int Kp, const T* phis, const T* cs, const T* lbias,
-                               const uint32_t* lev, int S, T* w, T* ca) {
+// The per-sample soft-max math of a block for a compile-time K, one SIMD lane per sample: the
+// same operations in the same order as the generic code (block_softmax, the c w_k of
+// soft_block_coefs, soft_block_grads), which runs them sample by sample in loops over K (a few
+// iterations each: about a tenth of a soft training step). Lanes read the [S, Kp] sums with a
+// stride.
+//   soft_weights: w [S, K] = softmax_k(phi ||P_k||^2 + bias_k) and ca = c w, the bias row of
+//     sample t being row t (BiasRows::kSample, the denoiser) or row lev[t] (kLevel, the training
+//     step's per-level bias) of bias, or none;
+//   soft_dlogit:  cb [S, K] = 2 phi dlogit_k with
+//     dlogit_k = w_k (c <r_k, P_k> - c sum_j w_j <r_j, P_j>), and with Full also dlogit [S, K],
+//     dc [S] = sum_k w_k <r_k, P_k> and dphi [S] = sum_k dlogit_k ||P_k||^2 (the denoiser's
+//     backward; the training step needs none).
+enum class BiasRows { kNone, kSample, kLevel };
+
+template <typename T, int K, BiasRows BR>
+inline void soft_weights(const T* sq, int Kp, const T* phis, const T* cs, const T* bias,
+                         const uint32_t* lev, int S, T* w, T* ca) {
 #if defined(_OPENMP)
 #pragma omp simd
 #endif
   for (int t = 0; t < S; ++t) {
     T l[K];
     unrolled<K>([&](auto k) {
-      l[k] = phis[t] * sq[(int64_t)t * Kp + k] + (Bias ? lbias[(int64_t)lev[t] * K + k] : T(0));
+      T b = T(0);
+      if constexpr (BR == BiasRows::kSample) b = bias[(int64_t)t * K + k];
+      if constexpr (BR == BiasRows::kLevel) b = bias[(int64_t)lev[t] * K + k];
+      l[k] = phis[t] * sq[(int64_t)t * Kp + k] + b;
     });
     T mx = l[0];
     unrolled<K>([&](auto k) { mx = l[k] > mx ? l[k] : mx; });
@@ -414,9 +424,9 @@ inline void train_soft_weights(const T* sq, int Kp, const T* phis, const T* cs, 
   }
 }
 
-template <typename T, int K>
-inline void train_soft_dlogit(const T* rp, int Kp, const T* w, const T* cs, const T* phis, int S,
-                              T* cb) {
+template <typename T, int K, bool Full>
+inline void soft_dlogit(const T* rp, const T* sq, int Kp, const T* w, const T* cs, const T* phis,
+                        int S, T* cb, T* dlogit, T* dc, T* dphi) {
 #if defined(_OPENMP)
 #pragma omp simd
 #endif
@@ -424,10 +434,19 @@ inline void train_soft_dlogit(const T* rp, int Kp, const T* w, const T* cs, cons
     T dcs = T(0);
     unrolled<K>([&](auto k) { dcs += w[(int64_t)t * K + k] * rp[(int64_t)t * Kp + k]; });
     const T hbar = cs[t] * dcs;
+    T dph = T(0);
     unrolled<K>([&](auto k) {
       const T dl = w[(int64_t)t * K + k] * (cs[t] * rp[(int64_t)t * Kp + k] - hbar);
+      if constexpr (Full) {
+        dlogit[(int64_t)t * K + k] = dl;
+        dph += dl * sq[(int64_t)t * Kp + k];
+      }
       cb[(int64_t)t * K + k] = T(2) * phis[t] * dl;
     });
+    if constexpr (Full) {
+      dc[t] = dcs;
+      dphi[t] = dph;
+    }
   }
 }
 
@@ -462,8 +481,10 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     const T* sq = s.sums.data() + (int64_t)t * g.Kp;
     T* wt = w + (int64_t)t * K;
     std::copy(Pt, Pt + D, proj + (int64_t)t * D);
-    if (mode == kSoft) {  // logits now, weights for the whole block below
-      for (int k = 0; k < K; ++k) wt[k] = phi[t] * sq[k] + (bias ? bias[(int64_t)t * K + k] : T(0));
+    if (mode == kSoft) {  // logits now (K > 4), weights for the whole block below
+      if (K > 4)
+        for (int k = 0; k < K; ++k)
+          wt[k] = phi[t] * sq[k] + (bias ? bias[(int64_t)t * K + k] : T(0));
     } else {
       const int k0 = assign ? (int)assign[t] : kernels::dae_argmax(sq, K);
       for (int k = 0; k < K; ++k) wt[k] = k == k0 ? T(1) : T(0);
@@ -471,8 +492,21 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     }
   }
   if (mode == kSoft) {
-    block_softmax(w, S, K);
-    soft_block_coefs(s.P.data(), w, c, S, pn, s);
+    with_small_K(K, [&](auto kc) {
+      constexpr int KC = decltype(kc)::value;
+      if constexpr (KC > 0) {
+        if (bias)
+          soft_weights<T, KC, BiasRows::kSample>(s.sums.data(), g.Kp, phi, c, bias, nullptr, S, w,
+                                                 s.ca.data());
+        else
+          soft_weights<T, KC, BiasRows::kNone>(s.sums.data(), g.Kp, phi, c, nullptr, nullptr, S,
+                                               w, s.ca.data());
+        soft_block_coefs_from_ca(s.P.data(), S, pn, s);
+      } else {
+        block_softmax(w, S, K);
+        soft_block_coefs(s.P.data(), w, c, S, pn, s);
+      }
+    });
     expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
     return;
   }
@@ -515,9 +549,25 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       std::fill(Pt + D, Pt + Dp, T(0));
     }
     comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2
-    soft_block_coefs(s.P.data(), w, c, S, pn, s);                  // C (for dU) and s.E
-    soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc, dphi,
-                     s);
+    with_small_K(K, [&](auto kc) {
+      constexpr int KC = decltype(kc)::value;
+      if constexpr (KC > 0) {
+#if defined(_OPENMP)
+#pragma omp simd
+#endif
+        for (int t = 0; t < S; ++t)  // c w_k, spread and times P below: C (for dU) and s.E
+          unrolled<KC>([&](auto k) { s.ca[(int64_t)t * KC + k] = c[t] * w[(int64_t)t * KC + k]; });
+        soft_block_coefs_from_ca(s.P.data(), S, pn, s);
+        comp_sums(s.R.data(), s.P.data(), S, pn, s.sums.data(), s);  // <r_k, P_k>
+        soft_dlogit<T, KC, true>(s.sums.data(), s.sums2.data(), g.Kp, w, c, phi, S, s.cb.data(),
+                                 dbias, dc, dphi);
+        soft_block_dP(s.R.data(), s.P.data(), S, pn, s);
+      } else {
+        soft_block_coefs(s.P.data(), w, c, S, pn, s);  // C (for dU) and s.E
+        soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc,
+                         dphi, s);
+      }
+    });
     if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
     if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc);
     return;
@@ -670,11 +720,12 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       constexpr int KC = decltype(kc)::value;
       if constexpr (KC > 0) {
         if (level_bias)
-          train_soft_weights<T, KC, true>(s.sums2.data(), g.Kp, s.phis.data(), s.cs.data(),
-                                          level_bias, s.lev.data(), S, s.w.data(), s.ca.data());
+          soft_weights<T, KC, BiasRows::kLevel>(s.sums2.data(), g.Kp, s.phis.data(), s.cs.data(),
+                                                level_bias, s.lev.data(), S, s.w.data(),
+                                                s.ca.data());
         else
-          train_soft_weights<T, KC, false>(s.sums2.data(), g.Kp, s.phis.data(), s.cs.data(),
-                                           nullptr, s.lev.data(), S, s.w.data(), s.ca.data());
+          soft_weights<T, KC, BiasRows::kNone>(s.sums2.data(), g.Kp, s.phis.data(), s.cs.data(),
+                                               nullptr, nullptr, S, s.w.data(), s.ca.data());
         soft_block_coefs_from_ca(s.P.data(), S, pn, s);
       } else {
         for (int t = 0; t < S; ++t) {
@@ -694,8 +745,8 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       constexpr int KC = decltype(kc)::value;
       if constexpr (KC > 0) {
         comp_sums(s.R.data(), s.P.data(), S, pn, s.sums.data(), s);  // <r_k, P_k>
-        train_soft_dlogit<T, KC>(s.sums.data(), g.Kp, s.w.data(), s.cs.data(), s.phis.data(), S,
-                                 s.cb.data());
+        soft_dlogit<T, KC, false>(s.sums.data(), nullptr, g.Kp, s.w.data(), s.cs.data(),
+                                  s.phis.data(), S, s.cb.data(), nullptr, nullptr, nullptr);
         soft_block_dP(s.R.data(), s.P.data(), S, pn, s);
       } else {
         soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),

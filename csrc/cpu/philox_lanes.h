@@ -259,10 +259,10 @@ struct LinePrefetch {
 
 // eps [count, n]: the normals of slots m0 .. m0 + count - 1 of instance p. kWideBlocks Philox
 // blocks at a time (rounds interleaved) give 4 kWideBlocks normals of kPhiloxLanes slots, stored
-// by 8 x 8 transposes into the slots' rows; the rest of a row by two blocks (8 normals) or one. If pf is
-// given, its lines are prefetched a few per step along the way (the training step fetches the
-// scattered rows of its next block of samples there: the normals are its longest stretch of
-// compute without loads from memory).
+// by 8 x 8 transposes into the slots' rows; the rest of a row by two blocks (8 normals) or one.
+// If pf is given, its lines are prefetched a few per step along the way (the training step
+// fetches the scattered rows of its next block of samples there: the normals are its longest
+// stretch of compute without loads from memory).
 template <typename T>
 inline void philox_normals_slots(uint64_t seed, uint32_t step, uint32_t p, uint32_t m0,
                                  int count, int n, T* eps, LinePrefetch* pf = nullptr) {

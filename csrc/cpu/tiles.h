@@ -10,8 +10,9 @@
 // (one horizontal reduction per output). Vectors are GCC vector extensions of kVecBytes: 64
 // (AVX-512) where -march=native targets it, 32 otherwise (AVX2/FMA, or two SSE halves); float and
 // double share the code. The width changes only how many columns one instruction covers: every
-// output is the same sum in the same order, so the results do not depend on it. Rows of A, A2 and Y are pointer arrays, so samples can be gathered
-// (hard mode groups the samples of a block by component) without copying them.
+// output is the same sum in the same order, so the results do not depend on it. Rows of A, A2
+// and Y are pointer arrays, so samples can be gathered (hard mode groups the samples of a block
+// by component) without copying them.
 #pragma once
 
 #include <algorithm>
