@@ -4,5 +4,5 @@
 set -euo pipefail
 dir=$(cd "$(dirname "$0")" && pwd)
 exe=$(mktemp -d)/roofline
-g++ -O3 -march=native -fopenmp -std=c++17 "$dir/roofline.cpp" -o "$exe"
+g++ -O3 -march=native -ffp-contract=fast -fopenmp -std=c++17 "$dir/roofline.cpp" -o "$exe"
 "$exe" "$@"

@@ -24,115 +24,97 @@ using kernels::philox4x32_10;
 #define MOLRG_LANES
 #endif
 
+// The lane type and the one step that differs between instruction sets: the 32 x 32 -> 64-bit
+// products of a round, split into high and low halves (x times the constant m, lane by lane).
+#if defined(__AVX512F__) && !defined(MOLRG_VEC256)
+constexpr int kPhiloxLanes = 16;
+using LaneVec = __m512i;
+inline LaneVec lane_set1(uint32_t a) { return _mm512_set1_epi32((int)a); }
+inline LaneVec lane_slots(uint32_t m0) {  // m0, m0 + 1, ..., m0 + 15
+  return _mm512_add_epi32(lane_set1(m0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                           11, 12, 13, 14, 15));
+}
+inline LaneVec lane_xor3(LaneVec a, LaneVec b, LaneVec c) {
+  return _mm512_ternarylogic_epi32(a, b, c, 0x96);  // one vpternlogd
+}
+inline void lane_store(uint32_t* p, LaneVec a) { _mm512_storeu_si512((void*)p, a); }
+// AVX-512: the products of the even and odd lanes by two vpmuludq, the high and the low halves
+// re-interleaved by one two-source permute each (no vpmulld: two uops and ten cycles on Intel
+// cores).
+inline void lane_mulhilo(LaneVec x, LaneVec m, LaneVec& hi, LaneVec& lo) {
+  // 32-bit words of the products: even lanes' in pe (lo, hi), odd lanes' in po (16 + ...)
+  const LaneVec HI = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  const LaneVec LO = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const LaneVec pe = _mm512_mul_epu32(x, m);
+  const LaneVec po = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
+  hi = _mm512_permutex2var_epi32(pe, HI, po);
+  lo = _mm512_permutex2var_epi32(pe, LO, po);
+}
+#elif defined(__AVX2__)
+constexpr int kPhiloxLanes = 8;
+using LaneVec = __m256i;
+inline LaneVec lane_set1(uint32_t a) { return _mm256_set1_epi32((int)a); }
+inline LaneVec lane_slots(uint32_t m0) {  // m0, m0 + 1, ..., m0 + 7
+  return _mm256_add_epi32(lane_set1(m0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline LaneVec lane_xor3(LaneVec a, LaneVec b, LaneVec c) {
+  return _mm256_xor_si256(_mm256_xor_si256(a, b), c);
+}
+inline void lane_store(uint32_t* p, LaneVec a) { _mm256_storeu_si256((__m256i*)p, a); }
+// AVX2: the products of the even and odd lanes by two vpmuludq, the high halves re-interleaved
+// with a blend; the low halves by vpmulld.
+inline void lane_mulhilo(LaneVec x, LaneVec m, LaneVec& hi, LaneVec& lo) {
+  const LaneVec pe = _mm256_mul_epu32(x, m);
+  const LaneVec po = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+  lo = _mm256_mullo_epi32(x, m);
+}
+#endif
+
 // Philox4x32-10 of counters (c0 + b, m0 + l, p, step), b < NB blocks, l < kPhiloxLanes, into
 // v[b][0..3][l]. The round keys depend only on the seed: PhiloxLaneKeys holds them (broadcast once
 // per run of slots). One block is a chain of ten dependent rounds (multiply, shift, blend, xor);
 // the rounds of NB blocks (2 or 4) run interleaved, which gives the core independent work (two
 // blocks: 48 -> 41 ns alone on an AVX2 VM). Lanes: 16 with AVX-512, 8 with AVX2, 8 scalar ones
 // otherwise.
-#if defined(__AVX512F__) && !defined(MOLRG_VEC256)
-constexpr int kPhiloxLanes = 16;
-
+#if defined(__AVX2__)
 struct PhiloxLaneKeys {
-  __m512i k0[10], k1[10];
+  LaneVec k0[10], k1[10];
   PhiloxLaneKeys(uint32_t a, uint32_t b) {
     for (int r = 0; r < 10; ++r, a += 0x9E3779B9u, b += 0xBB67AE85u) {
-      k0[r] = _mm512_set1_epi32((int)a);
-      k1[r] = _mm512_set1_epi32((int)b);
+      k0[r] = lane_set1(a);
+      k1[r] = lane_set1(b);
     }
   }
 };
 
-// AVX-512: the 32 x 32 -> 64-bit products of the even and odd lanes by two vpmuludq; the high
-// and the low halves re-interleaved by one two-source permute each (no vpmulld, which takes two
-// uops and ten cycles on Intel cores); the two xors of a round in one vpternlogd.
 template <int NB>
 inline void philox_lanes(const PhiloxLaneKeys& key, uint32_t c0, uint32_t m0, uint32_t p,
                          uint32_t step, uint32_t (*v)[4][kPhiloxLanes]) {
-  const __m512i M0 = _mm512_set1_epi32((int)0xD2511F53u), M1 = _mm512_set1_epi32((int)0xCD9E8D57u);
-  // 32-bit words of the products: even lanes' in pe (lo, hi), odd lanes' in po (index 16 + ...)
-  const __m512i HI = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-  const __m512i LO = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-  const __m512i slots = _mm512_add_epi32(
-      _mm512_set1_epi32((int)m0),
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  __m512i x0[NB], x1[NB], x2[NB], x3[NB];
+  const LaneVec M0 = lane_set1(0xD2511F53u), M1 = lane_set1(0xCD9E8D57u);
+  const LaneVec slots = lane_slots(m0);
+  LaneVec x0[NB], x1[NB], x2[NB], x3[NB];
   for (int b = 0; b < NB; ++b) {
-    x0[b] = _mm512_set1_epi32((int)(c0 + (uint32_t)b));
+    x0[b] = lane_set1(c0 + (uint32_t)b);
     x1[b] = slots;
-    x2[b] = _mm512_set1_epi32((int)p);
-    x3[b] = _mm512_set1_epi32((int)step);
+    x2[b] = lane_set1(p);
+    x3[b] = lane_set1(step);
   }
   for (int r = 0; r < 10; ++r)
     for (int b = 0; b < NB; ++b) {
-      const __m512i pe0 = _mm512_mul_epu32(x0[b], M0);
-      const __m512i po0 = _mm512_mul_epu32(_mm512_srli_epi64(x0[b], 32), M0);
-      const __m512i pe1 = _mm512_mul_epu32(x2[b], M1);
-      const __m512i po1 = _mm512_mul_epu32(_mm512_srli_epi64(x2[b], 32), M1);
-      const __m512i hi0 = _mm512_permutex2var_epi32(pe0, HI, po0);
-      const __m512i hi1 = _mm512_permutex2var_epi32(pe1, HI, po1);
-      x0[b] = _mm512_ternarylogic_epi32(hi1, x1[b], key.k0[r], 0x96);  // xor of all three
-      x2[b] = _mm512_ternarylogic_epi32(hi0, x3[b], key.k1[r], 0x96);
-      x1[b] = _mm512_permutex2var_epi32(pe1, LO, po1);
-      x3[b] = _mm512_permutex2var_epi32(pe0, LO, po0);
-    }
-  for (int b = 0; b < NB; ++b) {
-    _mm512_storeu_si512((void*)v[b][0], x0[b]);
-    _mm512_storeu_si512((void*)v[b][1], x1[b]);
-    _mm512_storeu_si512((void*)v[b][2], x2[b]);
-    _mm512_storeu_si512((void*)v[b][3], x3[b]);
-  }
-}
-#elif defined(__AVX2__)
-constexpr int kPhiloxLanes = 8;
-
-struct PhiloxLaneKeys {
-  __m256i k0[10], k1[10];
-  PhiloxLaneKeys(uint32_t a, uint32_t b) {
-    for (int r = 0; r < 10; ++r, a += 0x9E3779B9u, b += 0xBB67AE85u) {
-      k0[r] = _mm256_set1_epi32((int)a);
-      k1[r] = _mm256_set1_epi32((int)b);
-    }
-  }
-};
-
-// AVX2: the 32 x 32 -> 64-bit products of the eight lanes in two vpmuludq (even and odd lanes),
-// their high halves re-interleaved with a blend; the low halves by vpmulld.
-inline void philox8_mulhilo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
-  const __m256i pe = _mm256_mul_epu32(a, m);
-  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
-  lo = _mm256_mullo_epi32(a, m);
-}
-
-template <int NB>
-inline void philox_lanes(const PhiloxLaneKeys& key, uint32_t c0, uint32_t m0, uint32_t p,
-                         uint32_t step, uint32_t (*v)[4][kPhiloxLanes]) {
-  const __m256i M0 = _mm256_set1_epi32((int)0xD2511F53u), M1 = _mm256_set1_epi32((int)0xCD9E8D57u);
-  const __m256i slots =
-      _mm256_add_epi32(_mm256_set1_epi32((int)m0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i x0[NB], x1[NB], x2[NB], x3[NB];
-  for (int b = 0; b < NB; ++b) {
-    x0[b] = _mm256_set1_epi32((int)(c0 + (uint32_t)b));
-    x1[b] = slots;
-    x2[b] = _mm256_set1_epi32((int)p);
-    x3[b] = _mm256_set1_epi32((int)step);
-  }
-  for (int r = 0; r < 10; ++r)
-    for (int b = 0; b < NB; ++b) {
-      __m256i hi0, lo0, hi1, lo1;
-      philox8_mulhilo(x0[b], M0, hi0, lo0);
-      philox8_mulhilo(x2[b], M1, hi1, lo1);
-      x0[b] = _mm256_xor_si256(_mm256_xor_si256(hi1, x1[b]), key.k0[r]);
+      LaneVec hi0, lo0, hi1, lo1;
+      lane_mulhilo(x0[b], M0, hi0, lo0);
+      lane_mulhilo(x2[b], M1, hi1, lo1);
+      x0[b] = lane_xor3(hi1, x1[b], key.k0[r]);
       x1[b] = lo1;
-      x2[b] = _mm256_xor_si256(_mm256_xor_si256(hi0, x3[b]), key.k1[r]);
+      x2[b] = lane_xor3(hi0, x3[b], key.k1[r]);
       x3[b] = lo0;
     }
   for (int b = 0; b < NB; ++b) {
-    _mm256_storeu_si256((__m256i*)v[b][0], x0[b]);
-    _mm256_storeu_si256((__m256i*)v[b][1], x1[b]);
-    _mm256_storeu_si256((__m256i*)v[b][2], x2[b]);
-    _mm256_storeu_si256((__m256i*)v[b][3], x3[b]);
+    lane_store(v[b][0], x0[b]);
+    lane_store(v[b][1], x1[b]);
+    lane_store(v[b][2], x2[b]);
+    lane_store(v[b][3], x3[b]);
   }
 }
 #else
