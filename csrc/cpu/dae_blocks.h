@@ -161,7 +161,7 @@ struct BlockScratch {
   std::vector<T> pan, acc;
   explicit BlockScratch(const PanelGeom& g) {
     const int64_t wide = (int64_t)kBlock * std::max(g.Dp, g.dW);
-    P.assign(wide, T(0));
+    P.assign(wide + simd<T>::W, T(0));  // + a vector: the hard-mode copies read whole vectors
     C.assign(wide, T(0));
     R.assign(wide, T(0));
     dP.assign(wide, T(0));
@@ -516,12 +516,14 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
   for (int k = 0; k < K; ++k) {
     const int u0 = s.start[k], cnt = s.start[k + 1] - u0;
     if (cnt == 0) continue;
+    using V = simd<T>;
     for (int u = 0; u < cnt; ++u) {
       const int t = s.sel[u0 + u];
-      const T a = c[t] * w[(int64_t)t * K + k];
+      const typename V::v a = V::set1(c[t] * w[(int64_t)t * K + k]);
       const T* Pt = s.P.data() + (int64_t)t * Dp + k * dm;
       T* Cu = s.C.data() + (int64_t)u * dW;
-      for (int j = 0; j < dW; ++j) Cu[j] = j < dims[k] ? a * Pt[j] : T(0);
+      // whole vectors: expand reads the d_k columns only, and s.P ends in a vector of padding
+      for (int j = 0; j < dims[k]; j += V::W) V::store(Cu + j, a * V::load(Pt + j));
       s.rowY[u] = y + (int64_t)t * n;
     }
     expand(s.C.data(), dW, cnt, dims[k], pn.UcT(k), dm, n, s.rowY.data());
@@ -603,10 +605,11 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       T rp = T(0);
       for (int j = 0; j < dk; ++j) rp += Ru[j] * Pt[j];
       dc[t] = wk * rp;
-      for (int j = 0; j < dW; ++j) {
-        dPu[j] = j < dk ? a * Ru[j] : T(0);
-        Cu[j] = j < dk ? a * Pt[j] : T(0);
-      }
+      // expand and outer read the d_k columns only: dP in whole vectors, C up to d_k (Pt lies in
+      // the caller's proj, whose last row has no padding)
+      using V = simd<T>;
+      for (int j = 0; j < dk; j += V::W) V::store(dPu + j, V::set1(a) * V::load(Ru + j));
+      for (int j = 0; j < dk; ++j) Cu[j] = a * Pt[j];
     }
     if (dx) expand(s.dP.data(), dW, cnt, dk, pn.UcT(k), dm, n, s.rowY.data());
     if (acc) {
@@ -631,7 +634,12 @@ void hard_train_dP(const T* const* Pk, const T* Q0, int qs, const T* G, const in
     const T cl = lv[kLvC], a = T(2) * lv[kLvLambda] * inv_M * cl;
     const T* Qt = Q0 + (int64_t)t * qs;
     T* dPu = dP + (int64_t)u * ds;
-    for (int j = 0; j < dk; ++j) dPu[j] = a * (cl * dPu[j] - Qt[j]);
+    // whole vectors: the lanes past d_k get values nobody reads (outer takes d_k columns), and
+    // Q0's last row is followed by a vector of padding (BlockScratch::P)
+    using V = simd<T>;
+    const typename V::v av = V::set1(a), cv = V::set1(cl);
+    for (int j = 0; j < dk; j += V::W)
+      V::store(dPu + j, av * (cv * V::load(dPu + j) - V::load(Qt + j)));
   }
 }
 
