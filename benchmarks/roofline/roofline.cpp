@@ -1,11 +1,12 @@
 // Roofline probe of this machine: the fp32 FMA peak (FMAs of the widest vectors, 8 or 16 lanes,
 // into 10 independent accumulators per thread, so neither latency nor loads limit it) and the
 // memory bandwidth of streaming reads, writes and a triad over 256 MiB arrays, with T OpenMP
-// threads. Then the cost of scattered cache lines, which bounds a gather of random training rows (the fused training
-// step reads 3 lines per drawn row at n = 48 float): the latency of one line (a pointer chase
-// through a random cycle of the lines of a 256 MiB array, one thread) and the throughput of
-// independent loads of random lines (T threads, each its own random line sequence), and the same
-// for random rows of three adjacent lines of a training set of the benchmark's size.
+// threads. Then the cost of scattered cache lines, which bounds a gather of random training
+// rows (the fused training step reads 3 lines per drawn row at n = 48 float): the latency of one
+// line (a pointer chase through a random cycle of the lines of a 256 MiB array, one thread) and
+// the throughput of independent loads of random lines (T threads, each its own random line
+// sequence), and the same for random rows of three adjacent lines of a training set of the
+// benchmark's size.
 // Build and run: benchmarks/roofline/run.sh [threads]. Prints one JSON object.
 #include <immintrin.h>
 #include <omp.h>
