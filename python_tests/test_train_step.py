@@ -205,6 +205,19 @@ def test_matches_reference_panels_of_several_chunks(mode, batch):
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_matches_reference_more_than_four_components(mode):
+    # K = 6: the generic per-sample soft-max code (K <= 4 runs it one sample per vector lane),
+    # with the per-level logit bias
+    dims = [3, 5, 2, 4, 6, 1]
+    X, U = _problem(2, 40, 20, dims, seed=4)
+    levels = M.make_levels(TinySchedule(), L=5, dims=dims)
+    loss, grad = M.train_step(X, U, dims, levels, 130, seed=6, step=2, mode=mode)
+    rl, rg = reference_step(X, U, dims, levels, 130, 6, 2, mode)
+    torch.testing.assert_close(loss, rl, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(grad, rg, rtol=1e-9, atol=1e-10 * rg.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
 @pytest.mark.parametrize("P", [1, 4])  # P = 1: blocks split over threads; P = 4: by instance
 def test_matches_reference_many_blocks(mode, P):
     # batch 200 = blocks of 64, 64, 64 and 8 slots: each block after the first of an instance

@@ -265,111 +265,6 @@ inline void comp_spread(const T* coef, int cstride, int S, const Panels<T>& pn, 
   expand(coef, cstride, S, pn.g.K, pn.IndT(), pn.g.Kp, pn.g.Dp, Y);
 }
 
-// Soft-mode reconstruction coefficients of a block: C [S, Dp] (s.C) with C_k = c w_k P_k, from
-// full-panel rows P [S, Dp] (padding 0) and weights w [S, K]; the spread c w_k stays in s.E.
-template <typename T>
-void soft_block_coefs_from_ca(const T* P, int S, const Panels<T>& pn, BlockScratch<T>& s);
-
-template <typename T>
-void soft_block_coefs(const T* P, const T* w, const T* c, int S, const Panels<T>& pn,
-                      BlockScratch<T>& s) {
-  const int K = pn.g.K;
-  for (int t = 0; t < S; ++t)
-    for (int k = 0; k < K; ++k) s.ca[(int64_t)t * K + k] = c[t] * w[(int64_t)t * K + k];
-  soft_block_coefs_from_ca(P, S, pn, s);
-}
-
-// The same from c w_k already in s.ca [S, K].
-template <typename T>
-void soft_block_coefs_from_ca(const T* P, int S, const Panels<T>& pn, BlockScratch<T>& s) {
-  const int K = pn.g.K;
-  comp_spread(s.ca.data(), K, S, pn, s.rowE.data());
-  const int64_t SD = (int64_t)S * pn.g.Dp;
-  const T* a = s.E.data();
-  T* C = s.C.data();
-  for (int64_t e = 0; e < SD; ++e) C[e] = a[e] * P[e];
-}
-
-// dP [S, Dp] (s.dP) = E o R + E2 o P, with E2 the spread of s.cb = 2 phi dlogit [S, K] and E the
-// spread c w_k that soft_block_coefs left in s.E.
-template <typename T>
-void soft_block_dP(const T* R, const T* P, int S, const Panels<T>& pn, BlockScratch<T>& s) {
-  comp_spread(s.cb.data(), pn.g.K, S, pn, s.rowE2.data());
-  const int64_t SD = (int64_t)S * pn.g.Dp;
-  const T* a = s.E.data();
-  const T* b = s.E2.data();
-  T* dP = s.dP.data();
-  for (int64_t e = 0; e < SD; ++e) dP[e] = a[e] * R[e] + b[e] * P[e];
-}
-
-// Soft-mode backward of a block (the kernels::dae_dP_from_r formulas) from the full-panel rows
-// R = U^T g and P = U^T x [S, Dp] (padding 0), sq [S, Kp] = ||P_k||^2 (comp_sums), weights
-// w [S, K], per-sample c and phi, after soft_block_coefs(P, w, c) has left c w_k spread in s.E:
-//   h_k = c <r_k, P_k>, dlogit_k = w_k (h_k - sum_j w_j h_j), dc = sum_k w_k <r_k, P_k>,
-//   dphi = sum_k dlogit_k ||P_k||^2, dP_k = c w_k r_k + 2 phi dlogit_k P_k.
-// Writes dP [S, Dp] into s.dP and dlogit [S, K], dc [S], dphi [S]. Components with w_k = 0 get
-// dlogit_k = 0 and dP_k = 0 through their zero coefficients.
-template <typename T>
-void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, const T* c,
-                      const T* phi, int S, const Panels<T>& pn, T* dlogit, T* dc, T* dphi,
-                      BlockScratch<T>& s) {
-  const PanelGeom& g = pn.g;
-  const int K = g.K, Kp = g.Kp;
-  comp_sums(R, P, S, pn, s.sums.data(), s);  // <r_k, P_k>
-  for (int t = 0; t < S; ++t) {
-    const T* rp = s.sums.data() + (int64_t)t * Kp;
-    const T* sq = sq_rows + (int64_t)t * Kp;
-    const T* wt = w + (int64_t)t * K;
-    T* dl = dlogit + (int64_t)t * K;
-    T dcs = T(0);
-    for (int k = 0; k < K; ++k) dcs += wt[k] * rp[k];
-    const T hbar = c[t] * dcs;
-    T dph = T(0);
-    for (int k = 0; k < K; ++k) {
-      dl[k] = wt[k] * (c[t] * rp[k] - hbar);
-      dph += dl[k] * sq[k];
-      s.cb[(int64_t)t * K + k] = T(2) * phi[t] * dl[k];
-    }
-    dc[t] = dcs;
-    dphi[t] = dph;
-  }
-  soft_block_dP(R, P, S, pn, s);
-}
-
-// Hard assignment argmax_k ||U_k^T x||^2 (ties to the lowest k) of S consecutive samples.
-template <typename T>
-void assign_block(const T* x, int S, const Panels<T>& pn, int64_t* out, BlockScratch<T>& s) {
-  const PanelGeom& g = pn.g;
-  for (int t = 0; t < S; ++t) s.rowA[t] = x + (int64_t)t * g.n;
-  project(s.rowA.data(), S, g.n, pn.Uf(), g.n, g.Dp, s.P.data(), g.Dp);
-  comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
-  for (int t = 0; t < S; ++t) out[t] = kernels::dae_argmax(s.sums.data() + (int64_t)t * g.Kp, g.K);
-}
-
-// Soft-max over k of S rows of logits lw [S, K], in place (max-subtracted, as
-// kernels::dae_weights): the exponentials of the whole block in one vectorised loop.
-template <typename T>
-inline void block_softmax(T* lw, int S, int K) {
-  for (int t = 0; t < S; ++t) {
-    T* l = lw + (int64_t)t * K;
-    T mx = l[0];
-    for (int k = 1; k < K; ++k) mx = l[k] > mx ? l[k] : mx;
-    for (int k = 0; k < K; ++k) l[k] -= mx;
-  }
-  const int64_t SK = (int64_t)S * K;
-#if defined(_OPENMP)
-#pragma omp simd
-#endif
-  for (int64_t e = 0; e < SK; ++e) lw[e] = kernels::sm_exp<T>(lw[e]);
-  for (int t = 0; t < S; ++t) {
-    T* l = lw + (int64_t)t * K;
-    T total = T(0);
-    for (int k = 0; k < K; ++k) total += l[k];
-    const T inv = T(1) / total;
-    for (int k = 0; k < K; ++k) l[k] *= inv;
-  }
-}
-
 // f(std::integral_constant<int, k>) for k = 0 .. N-1, expanded in the source: GCC vectorises an
 // omp simd loop over samples only when these per-component steps are straight-line code (as
 // loops over a constant K it left them to be unrolled after vectorisation, and gave up).
@@ -463,6 +358,155 @@ inline void with_small_K(int K, F&& f) {
   }
 }
 
+// Soft-mode reconstruction coefficients of a block from c w_k in s.ca [S, K]: C [S, Dp] (s.C)
+// with C_k = c w_k P_k, from full-panel rows P [S, Dp] (padding 0); the spread c w_k stays in s.E.
+template <typename T>
+void soft_block_coefs_from_ca(const T* P, int S, const Panels<T>& pn, BlockScratch<T>& s) {
+  const int K = pn.g.K;
+  comp_spread(s.ca.data(), K, S, pn, s.rowE.data());
+  const int64_t SD = (int64_t)S * pn.g.Dp;
+  const T* a = s.E.data();
+  T* C = s.C.data();
+  for (int64_t e = 0; e < SD; ++e) C[e] = a[e] * P[e];
+}
+
+// The same from weights w [S, K] and per-sample c.
+template <typename T>
+void soft_block_coefs(const T* P, const T* w, const T* c, int S, const Panels<T>& pn,
+                      BlockScratch<T>& s) {
+  const int K = pn.g.K;
+  for (int t = 0; t < S; ++t)
+    for (int k = 0; k < K; ++k) s.ca[(int64_t)t * K + k] = c[t] * w[(int64_t)t * K + k];
+  soft_block_coefs_from_ca(P, S, pn, s);
+}
+
+// dP [S, Dp] (s.dP) = E o R + E2 o P, with E2 the spread of s.cb = 2 phi dlogit [S, K] and E the
+// spread c w_k that soft_block_coefs left in s.E.
+template <typename T>
+void soft_block_dP(const T* R, const T* P, int S, const Panels<T>& pn, BlockScratch<T>& s) {
+  comp_spread(s.cb.data(), pn.g.K, S, pn, s.rowE2.data());
+  const int64_t SD = (int64_t)S * pn.g.Dp;
+  const T* a = s.E.data();
+  const T* b = s.E2.data();
+  T* dP = s.dP.data();
+  for (int64_t e = 0; e < SD; ++e) dP[e] = a[e] * R[e] + b[e] * P[e];
+}
+
+// Soft-mode backward of a block (the kernels::dae_dP_from_r formulas) from the full-panel rows
+// R = U^T g and P = U^T x [S, Dp] (padding 0), sq [S, Kp] = ||P_k||^2 (comp_sums), weights
+// w [S, K], per-sample c and phi, after soft_block_coefs(P, w, c) has left c w_k spread in s.E:
+//   h_k = c <r_k, P_k>, dlogit_k = w_k (h_k - sum_j w_j h_j), dc = sum_k w_k <r_k, P_k>,
+//   dphi = sum_k dlogit_k ||P_k||^2, dP_k = c w_k r_k + 2 phi dlogit_k P_k.
+// Writes dP [S, Dp] into s.dP and, unless dlogit is null (the training step, which needs none of
+// them), dlogit [S, K], dc [S], dphi [S]. Components with w_k = 0 get dlogit_k = 0 and dP_k = 0
+// through their zero coefficients. K <= 4: soft_dlogit, one sample per SIMD lane.
+template <typename T>
+void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, const T* c,
+                      const T* phi, int S, const Panels<T>& pn, T* dlogit, T* dc, T* dphi,
+                      BlockScratch<T>& s) {
+  const PanelGeom& g = pn.g;
+  const int K = g.K, Kp = g.Kp;
+  comp_sums(R, P, S, pn, s.sums.data(), s);  // <r_k, P_k>
+  with_small_K(K, [&](auto kc) {
+    constexpr int KC = decltype(kc)::value;
+    if constexpr (KC > 0) {  // one sample per SIMD lane
+      if (dlogit)
+        soft_dlogit<T, KC, true>(s.sums.data(), sq_rows, Kp, w, c, phi, S, s.cb.data(), dlogit,
+                                 dc, dphi);
+      else
+        soft_dlogit<T, KC, false>(s.sums.data(), nullptr, Kp, w, c, phi, S, s.cb.data(), nullptr,
+                                  nullptr, nullptr);
+    } else {
+      for (int t = 0; t < S; ++t) {
+        const T* rp = s.sums.data() + (int64_t)t * Kp;
+        const T* sq = sq_rows + (int64_t)t * Kp;
+        const T* wt = w + (int64_t)t * K;
+        T* dl = (dlogit ? dlogit : s.dlogit.data()) + (int64_t)t * K;
+        T dcs = T(0);
+        for (int k = 0; k < K; ++k) dcs += wt[k] * rp[k];
+        const T hbar = c[t] * dcs;
+        T dph = T(0);
+        for (int k = 0; k < K; ++k) {
+          dl[k] = wt[k] * (c[t] * rp[k] - hbar);
+          dph += dl[k] * sq[k];
+          s.cb[(int64_t)t * K + k] = T(2) * phi[t] * dl[k];
+        }
+        if (dc) dc[t] = dcs;
+        if (dphi) dphi[t] = dph;
+      }
+    }
+  });
+  soft_block_dP(R, P, S, pn, s);
+}
+
+// Hard assignment argmax_k ||U_k^T x||^2 (ties to the lowest k) of S consecutive samples.
+template <typename T>
+void assign_block(const T* x, int S, const Panels<T>& pn, int64_t* out, BlockScratch<T>& s) {
+  const PanelGeom& g = pn.g;
+  for (int t = 0; t < S; ++t) s.rowA[t] = x + (int64_t)t * g.n;
+  project(s.rowA.data(), S, g.n, pn.Uf(), g.n, g.Dp, s.P.data(), g.Dp);
+  comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
+  for (int t = 0; t < S; ++t) out[t] = kernels::dae_argmax(s.sums.data() + (int64_t)t * g.Kp, g.K);
+}
+
+// Soft-max over k of S rows of logits lw [S, K], in place (max-subtracted, as
+// kernels::dae_weights): the exponentials of the whole block in one vectorised loop.
+template <typename T>
+inline void block_softmax(T* lw, int S, int K) {
+  for (int t = 0; t < S; ++t) {
+    T* l = lw + (int64_t)t * K;
+    T mx = l[0];
+    for (int k = 1; k < K; ++k) mx = l[k] > mx ? l[k] : mx;
+    for (int k = 0; k < K; ++k) l[k] -= mx;
+  }
+  const int64_t SK = (int64_t)S * K;
+#if defined(_OPENMP)
+#pragma omp simd
+#endif
+  for (int64_t e = 0; e < SK; ++e) lw[e] = kernels::sm_exp<T>(lw[e]);
+  for (int t = 0; t < S; ++t) {
+    T* l = lw + (int64_t)t * K;
+    T total = T(0);
+    for (int k = 0; k < K; ++k) total += l[k];
+    const T inv = T(1) / total;
+    for (int k = 0; k < K; ++k) l[k] *= inv;
+  }
+}
+
+// Soft-mode weights and reconstruction coefficients of a block: w [S, K] = softmax_k(phi
+// ||P_k||^2 + bias_k) from sq [S, Kp] = ||P_k||^2, the bias row of sample t chosen by br (row t
+// or row lev[t] of bias, or none), then C and s.E as soft_block_coefs. K <= 4: soft_weights, one
+// sample per SIMD lane; otherwise the logits sample by sample and block_softmax.
+template <typename T>
+void soft_block_weights(const T* P, const T* sq, const T* phi, const T* c, const T* bias,
+                        BiasRows br, const uint32_t* lev, int S, const Panels<T>& pn, T* w,
+                        BlockScratch<T>& s) {
+  const int K = pn.g.K, Kp = pn.g.Kp;
+  with_small_K(K, [&](auto kc) {
+    constexpr int KC = decltype(kc)::value;
+    if constexpr (KC > 0) {
+      if (br == BiasRows::kSample)
+        soft_weights<T, KC, BiasRows::kSample>(sq, Kp, phi, c, bias, lev, S, w, s.ca.data());
+      else if (br == BiasRows::kLevel)
+        soft_weights<T, KC, BiasRows::kLevel>(sq, Kp, phi, c, bias, lev, S, w, s.ca.data());
+      else
+        soft_weights<T, KC, BiasRows::kNone>(sq, Kp, phi, c, bias, lev, S, w, s.ca.data());
+      soft_block_coefs_from_ca(P, S, pn, s);
+    } else {
+      for (int t = 0; t < S; ++t) {
+        const T* b = br == BiasRows::kSample  ? bias + (int64_t)t * K
+                     : br == BiasRows::kLevel ? bias + (int64_t)lev[t] * K
+                                              : nullptr;
+        const T* sqt = sq + (int64_t)t * Kp;
+        T* wt = w + (int64_t)t * K;
+        for (int k = 0; k < K; ++k) wt[k] = phi[t] * sqt[k] + (b ? b[k] : T(0));
+      }
+      block_softmax(w, S, K);
+      soft_block_coefs(P, w, c, S, pn, s);
+    }
+  });
+}
+
 // Forward of S <= kBlock consecutive samples of one instance: y, proj [S, K*dm], w [S, K].
 template <typename T>
 void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* dims, const T* c,
@@ -481,32 +525,15 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     const T* sq = s.sums.data() + (int64_t)t * g.Kp;
     T* wt = w + (int64_t)t * K;
     std::copy(Pt, Pt + D, proj + (int64_t)t * D);
-    if (mode == kSoft) {  // logits now (K > 4), weights for the whole block below
-      if (K > 4)
-        for (int k = 0; k < K; ++k)
-          wt[k] = phi[t] * sq[k] + (bias ? bias[(int64_t)t * K + k] : T(0));
-    } else {
+    if (mode == kHard) {  // soft: the weights for the whole block below
       const int k0 = assign ? (int)assign[t] : kernels::dae_argmax(sq, K);
       for (int k = 0; k < K; ++k) wt[k] = k == k0 ? T(1) : T(0);
       s.comp[t] = k0;
     }
   }
   if (mode == kSoft) {
-    with_small_K(K, [&](auto kc) {
-      constexpr int KC = decltype(kc)::value;
-      if constexpr (KC > 0) {
-        if (bias)
-          soft_weights<T, KC, BiasRows::kSample>(s.sums.data(), g.Kp, phi, c, bias, nullptr, S, w,
-                                                 s.ca.data());
-        else
-          soft_weights<T, KC, BiasRows::kNone>(s.sums.data(), g.Kp, phi, c, nullptr, nullptr, S,
-                                               w, s.ca.data());
-        soft_block_coefs_from_ca(s.P.data(), S, pn, s);
-      } else {
-        block_softmax(w, S, K);
-        soft_block_coefs(s.P.data(), w, c, S, pn, s);
-      }
-    });
+    soft_block_weights(s.P.data(), s.sums.data(), phi, c, bias,
+                       bias ? BiasRows::kSample : BiasRows::kNone, nullptr, S, pn, w, s);
     expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
     return;
   }
@@ -551,25 +578,9 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       std::fill(Pt + D, Pt + Dp, T(0));
     }
     comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2
-    with_small_K(K, [&](auto kc) {
-      constexpr int KC = decltype(kc)::value;
-      if constexpr (KC > 0) {
-#if defined(_OPENMP)
-#pragma omp simd
-#endif
-        for (int t = 0; t < S; ++t)  // c w_k, spread and times P below: C (for dU) and s.E
-          unrolled<KC>([&](auto k) { s.ca[(int64_t)t * KC + k] = c[t] * w[(int64_t)t * KC + k]; });
-        soft_block_coefs_from_ca(s.P.data(), S, pn, s);
-        comp_sums(s.R.data(), s.P.data(), S, pn, s.sums.data(), s);  // <r_k, P_k>
-        soft_dlogit<T, KC, true>(s.sums.data(), s.sums2.data(), g.Kp, w, c, phi, S, s.cb.data(),
-                                 dbias, dc, dphi);
-        soft_block_dP(s.R.data(), s.P.data(), S, pn, s);
-      } else {
-        soft_block_coefs(s.P.data(), w, c, S, pn, s);  // C (for dU) and s.E
-        soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc,
-                         dphi, s);
-      }
-    });
+    soft_block_coefs(s.P.data(), w, c, S, pn, s);                  // C (for dU) and s.E
+    soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc, dphi,
+                     s);
     if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
     if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc);
     return;
@@ -724,43 +735,14 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       s.cs[t] = lv[kLvC];
       s.phis[t] = lv[kLvPhi];
     }
-    with_small_K(K, [&](auto kc) {
-      constexpr int KC = decltype(kc)::value;
-      if constexpr (KC > 0) {
-        if (level_bias)
-          soft_weights<T, KC, BiasRows::kLevel>(s.sums2.data(), g.Kp, s.phis.data(), s.cs.data(),
-                                                level_bias, s.lev.data(), S, s.w.data(),
-                                                s.ca.data());
-        else
-          soft_weights<T, KC, BiasRows::kNone>(s.sums2.data(), g.Kp, s.phis.data(), s.cs.data(),
-                                               nullptr, nullptr, S, s.w.data(), s.ca.data());
-        soft_block_coefs_from_ca(s.P.data(), S, pn, s);
-      } else {
-        for (int t = 0; t < S; ++t) {
-          const T* lb = level_bias ? level_bias + (int64_t)s.lev[t] * K : nullptr;
-          const T* sq = s.sums2.data() + (int64_t)t * g.Kp;
-          T* wt = s.w.data() + (int64_t)t * K;
-          for (int k = 0; k < K; ++k) wt[k] = s.phis[t] * sq[k] + (lb ? lb[k] : T(0));
-        }
-        block_softmax(s.w.data(), S, K);
-        soft_block_coefs(s.P.data(), s.w.data(), s.cs.data(), S, pn, s);
-      }
-    });
+    soft_block_weights(s.P.data(), s.sums2.data(), s.phis.data(), s.cs.data(), level_bias,
+                       level_bias ? BiasRows::kLevel : BiasRows::kNone, s.lev.data(), S, pn,
+                       s.w.data(), s);
     expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
     for (int t = 0; t < S; ++t) loss_and_grad(t, s.rowY[t], false);
     project(s.rowC.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp);
-    with_small_K(K, [&](auto kc) {
-      constexpr int KC = decltype(kc)::value;
-      if constexpr (KC > 0) {
-        comp_sums(s.R.data(), s.P.data(), S, pn, s.sums.data(), s);  // <r_k, P_k>
-        soft_dlogit<T, KC, false>(s.sums.data(), nullptr, g.Kp, s.w.data(), s.cs.data(),
-                                  s.phis.data(), S, s.cb.data(), nullptr, nullptr, nullptr);
-        soft_block_dP(s.R.data(), s.P.data(), S, pn, s);
-      } else {
-        soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),
-                         s.phis.data(), S, pn, s.dlogit.data(), s.dcs.data(), s.dphis.data(), s);
-      }
-    });
+    soft_block_grads<T>(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),
+                        s.phis.data(), S, pn, nullptr, nullptr, nullptr, s);
     outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, D, n, acc);
     return;
   }
