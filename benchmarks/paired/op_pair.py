@@ -65,12 +65,12 @@ def main(argv):
             exact, rel = 1, ((a[0] - b[0]).abs() / a[0].abs().clamp_min(1e-30)).max().item()
         else:
             exact, rel = 0, ((a[1] - b[1]).abs().max() / a[1].abs().max().clamp_min(1e-30)).item()
-        same = torch.equal(a[exact], b[exact]) and rel <= 1e-5
+        bits = torch.equal(a[exact], b[exact])
+        same = bits and rel <= 1e-5
         names = ("gradients", "loss") if op == "train" else ("y", "dU")
         # how far apart when not bit for bit: against the largest entry (a cancelling sum's
         # rounding is large elementwise but not at the array's scale)
         scale = (a[exact] - b[exact]).abs().max() / a[exact].abs().max().clamp_min(1e-30)
-        bits = torch.equal(a[exact], b[exact])
         how = "bit-identical" if bits else f"differ by {scale.item():.2g} of the largest"
         print(f"{name}: outputs {'agree' if same else 'DIFFER'} ({names[0]} {how}, "
               f"{names[1]} max rel diff {rel:.2g})")
