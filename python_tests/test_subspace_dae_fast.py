@@ -136,3 +136,49 @@ def test_opcheck_hard_groups():
     torch.library.opcheck(torch.ops.molrg.subspace_dae_backward,
                           (torch.randn_like(y), x.detach(), U.detach(), c.detach(), phi, proj, w,
                            dims, 1, True, True))
+
+
+
+
+@pytest.mark.parametrize("n", [48, 1000], ids=["blocked", "gemm"])
+def test_subnormal_intermediates_flushed_to_zero(n):
+    """CPU kernels run with FTZ/DAZ (csrc/cpu/flush_subnormals.h): x86 takes a microcode assist
+    per instruction that touches a subnormal, and far components' soft-max weights make them.
+    Component 0 is zero here and component 1 has the normal but tiny weight exp(-86) = 4.5e-38,
+    so y = c w_1 U_1 P_1 is mostly subnormal in the reference (and in a build without the flags),
+    and so are some of the gradients of c and of the logit bias. Ours: dc and dbias (per-sample
+    loops on both paths) and y on the blocked path hold no subnormal (the GEMM path's y comes
+    from MKL, which runs without the flags), all within a few times the smallest normal of the
+    reference, and the caller's thread gets its floating-point mode back. n = 1000: n K d_max
+    4 bytes = 80 KB, beyond the blocked kernels' 64 KiB."""
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = lambda t: (t != 0) & (t.abs() < tiny)  # noqa: E731
+    g = torch.Generator().manual_seed(11)
+    P, B, dims = 1, 300, [10, 10]
+    x = torch.randn(P, B, n, generator=g)
+    U = torch.randn(P, 2, n, 10, generator=g) / n**0.5
+    U[:, 0] = 0
+    phi = torch.zeros(P, B)  # logits = bias
+    c = torch.full((P, B), 0.9, requires_grad=True)
+    bias = torch.zeros(P, B, 2)
+    bias[..., 1] = -86.0
+    bias.requires_grad_()
+    gy = torch.randn(P, B, n, generator=g)
+    y_ref = R.subspace_dae(x, U, c, phi, bias, dims, "soft")
+    y_ref.backward(gy)
+    y_ref = y_ref.detach()
+    y, proj, w = torch.ops.molrg.subspace_dae(x, U, c.detach(), phi, bias.detach(), None, dims, 0)
+    _, _, dc, _, dbias = torch.ops.molrg.subspace_dae_backward(
+        gy, x, U, c.detach(), phi, proj, w, dims, 0, False, False)
+    for ref, frac in ((y_ref, 0.3), (c.grad, 0.02), (bias.grad[..., 1], 0.02)):
+        assert subnormal(ref).float().mean() > frac
+    for ours in ((y, w, dc, dbias) if n == 48 else (w, dc, dbias)):
+        assert not subnormal(ours).any()
+    torch.testing.assert_close(w[..., 1], torch.full((P, B), 4.4738e-38), rtol=1e-4, atol=0)
+    # y_i = sum_j coef_j U_ij: every coefficient and every partial sum of the d_1 steps is
+    # flushed when below the smallest normal, each moving y_i by < tiny (|U_ij| < 1)
+    assert U.abs().max() < 1
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=(2 * dims[1] + 1) * tiny)
+    torch.testing.assert_close(dc, c.grad, rtol=1e-4, atol=2 * tiny)
+    torch.testing.assert_close(dbias, bias.grad, rtol=1e-4, atol=2 * tiny)
+    assert subnormal(torch.tensor([1e-38]) * torch.tensor([0.01])).all()

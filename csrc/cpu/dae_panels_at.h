@@ -10,6 +10,7 @@
 
 #include "../checks.h"
 #include "dae_blocks.h"
+#include "flush_subnormals.h"
 
 namespace molrg {
 
@@ -94,7 +95,7 @@ struct GradAccumulators {
 template <typename T, typename F>
 inline void parallel_claim(const cpu::PanelGeom& g, int64_t count, F&& fn) {
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, count, 1, [&](int64_t, int64_t) {
+  cpu::parallel_for_flushed(0, count, 1, [&](int64_t, int64_t) {
     cpu::BlockScratch<T> sc(g);
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i, sc);
   });
