@@ -91,6 +91,14 @@ def test_floor_table_compares_targets_with_the_machine_floor():
     assert floor_table(merged, both) == floor_table({"rows": [row]}, roof)
     with pytest.raises(ValueError, match="threads_4"):
         floor_table({"rows": [row], "meta": {"threads": 4}}, both)
+    # a cache-resident triad: x, g, y of 65536 x 48 floats are 36 MiB, within a 36 MiB set, so
+    # the memory floor is 50.3 MB / 62 GB/s = 0.81 ms and the compute floor (1.98) binds; at
+    # B = 65537 the arrays no longer fit and the streaming 23 GB/s is used again
+    cached = dict(roof, cached_triad_gbs=62.0, cached_set_mib=36)
+    assert floor_table({"rows": [row]}, cached).splitlines()[2] == (
+        "| dae | (48, 2, 6, 65536) | soft | 1.98 | 0.81 | >= 10x eager/compile | 2.00 | 99 | no |")
+    big = dict(row, shape=[48, 2, 6, 65537])
+    assert "| 2.19 |" in floor_table({"rows": [big]}, cached).splitlines()[2]
     # training rows: the drawn rows' cache lines at the probe's scattered-line rate
     from molrg_ext.bench_report import train_lines
 
