@@ -4,7 +4,8 @@
 // (79a0694 and later). Times one step of P instances x M slots; both builds run with the threads
 // claiming instances one at a time (as parallel_blocks does since 83b2ce3), so a pair compares
 // the kernels only. grad, if given, receives the gradient accumulators [P, 2 K d n8] (n8: n
-// rounded up to 8), so that the harness can tell whether two builds give the same numbers.
+// rounded up to 8), so that the harness can tell whether two builds give the same numbers. Each
+// build's threads run with FTZ/DAZ as the op's do, when its tree has cpu/flush_subnormals.h.
 #include <omp.h>
 
 #include <algorithm>
@@ -12,6 +13,12 @@
 #include <vector>
 
 #include "cpu/dae_blocks.h"
+#if __has_include("cpu/flush_subnormals.h")  // the op's threads run with FTZ/DAZ since f710e14
+#include "cpu/flush_subnormals.h"
+#define FLUSH_SUBNORMALS const FlushSubnormals ftz;
+#else
+#define FLUSH_SUBNORMALS
+#endif
 
 using namespace molrg::cpu;
 
@@ -25,6 +32,7 @@ extern "C" double VFUNC(const float* X, int P, int N, int n, int K, int d, int M
   const double t0 = omp_get_wtime();
 #pragma omp parallel
   {
+    FLUSH_SUBNORMALS
 #pragma omp for schedule(static)
     for (int p = 0; p < P; ++p)
       pack_instance<float>(U + (size_t)p * K * n * d, g, dims.data(), pan.data() + p * g.size(),

@@ -14,6 +14,16 @@
 
 namespace molrg {
 
+// at::parallel_for(begin, end, grain, f) with each call of f under cpu::FlushSubnormals (FTZ and
+// DAZ on the worker thread, restored when f returns).
+template <typename F>
+inline void parallel_for_flushed(int64_t begin, int64_t end, int64_t grain, F&& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    const cpu::FlushSubnormals ftz;
+    f(b, e);
+  });
+}
+
 // Packed panels of every instance [P, g.size()] (cpu/dae_blocks.h); the Gram panels only if gram.
 template <typename T>
 inline at::Tensor pack_panels(const at::Tensor& U, const cpu::PanelGeom& g, const DaeSizes& s,
@@ -95,7 +105,7 @@ struct GradAccumulators {
 template <typename T, typename F>
 inline void parallel_claim(const cpu::PanelGeom& g, int64_t count, F&& fn) {
   std::atomic<int64_t> next{0};
-  cpu::parallel_for_flushed(0, count, 1, [&](int64_t, int64_t) {
+  parallel_for_flushed(0, count, 1, [&](int64_t, int64_t) {
     cpu::BlockScratch<T> sc(g);
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i, sc);
   });

@@ -4,16 +4,12 @@
 // far from a sample are subnormal (exp of a logit gap of 87-103 in float32), and so are the
 // coefficients and gradient rows built from them: 0.5% of the weights in the n = 48 training
 // step benchmark, where every one costs assists in each product it enters. The CPU kernels
-// therefore run their work with FTZ and DAZ set on each worker thread, restored afterwards
-// (parallel_for_flushed); a value changes by less than the smallest normal (1.2e-38 in float32),
-// as on a GPU with flush-to-zero. The same goes for the operands the denoiser's GEMM path hands
-// to MKL: computed by our loops under FTZ, they are never subnormal. Other architectures: no-op.
+// therefore run their work with FTZ and DAZ set on each worker thread and restored afterwards
+// (parallel_for_flushed, dae_panels_at.h): a value changes by less than the smallest normal
+// (1.2e-38 in float32), as on a GPU with flush-to-zero. The operands the denoiser's GEMM path
+// hands to MKL are computed by those loops, so they hold no subnormal either. Torch-free (the
+// paired harness uses it too); a no-op off x86.
 #pragma once
-
-#include <ATen/Parallel.h>
-
-#include <cstdint>
-#include <utility>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__SSE2__)
 #include <xmmintrin.h>
@@ -39,14 +35,5 @@ class FlushSubnormals {
   FlushSubnormals(const FlushSubnormals&) = delete;
   FlushSubnormals& operator=(const FlushSubnormals&) = delete;
 };
-
-// at::parallel_for(begin, end, grain, f) with each call of f under FlushSubnormals.
-template <typename F>
-inline void parallel_for_flushed(int64_t begin, int64_t end, int64_t grain, F&& f) {
-  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
-    const FlushSubnormals ftz;
-    f(b, e);
-  });
-}
 
 }  // namespace molrg::cpu

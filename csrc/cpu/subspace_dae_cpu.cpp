@@ -14,7 +14,6 @@
 
 #include "../checks.h"
 #include "dae_panels_at.h"
-#include "flush_subnormals.h"
 
 namespace molrg {
 namespace {
@@ -136,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gemm(
     scalar_t* cf = groups ? nullptr : coef.data_ptr<scalar_t>();
     int64_t* kp = groups ? comp.data_ptr<int64_t>() : nullptr;
     const int K = (int)s.K, dm = (int)s.dm;
-    cpu::parallel_for_flushed(0, s.P * s.B, 1024, [&](int64_t begin, int64_t end) {
+    parallel_for_flushed(0, s.P * s.B, 1024, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> sq(K);
       for (int64_t idx = begin; idx < end; ++idx) {
         const scalar_t* pk = pp + idx * K * dm;
@@ -191,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     scalar_t* dbp = dbias.data_ptr<scalar_t>();
     const int K = (int)s.K, dm = (int)s.dm;
     const int32_t* dp = s.dims.data();
-    cpu::parallel_for_flushed(0, s.P * s.B, 1024, [&](int64_t begin, int64_t end) {
+    parallel_for_flushed(0, s.P * s.B, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t o = idx * K * dm;
         dae_dP_from_r<scalar_t>(rp + o, pp + o, wp + idx * K, cp[idx], php[idx], K, dm, dp,
