@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "cpu/dae_blocks.h"
-#if __has_include("cpu/flush_subnormals.h")  // the op's threads run with FTZ/DAZ since f710e14
+#if __has_include("cpu/flush_subnormals.h")  // FTZ/DAZ as in the op (torch-free from bf468b6)
 #include "cpu/flush_subnormals.h"
 #define FLUSH_SUBNORMALS const FlushSubnormals ftz;
 #else
