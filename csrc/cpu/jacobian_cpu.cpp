@@ -11,6 +11,7 @@
 
 #include "../jacobian_checks.h"
 #include "../kernels/jacobian.h"
+#include "flush_subnormals.h"
 
 namespace molrg {
 namespace {
@@ -57,6 +58,7 @@ std::tuple<at::Tensor, at::Tensor> dae_jacobian_spectrum_cpu(
     const int64_t per = std::max<int64_t>(1, n * D + r * r * r);
     const int64_t grain = std::max<int64_t>(1, 262144 / per);
     at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      const cpu::FlushSubnormals ftz;  // far components' soft-max weights (flush_subnormals.h)
       std::vector<scalar_t> buf(work);
       std::vector<int32_t> order(ri);
       for (int64_t idx = begin; idx < end; ++idx) {
