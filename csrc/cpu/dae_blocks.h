@@ -233,13 +233,13 @@ struct BlockScratch {
 };
 
 // Prefetches the S rows of n values at rows (one contiguous block of samples), line by line in
-// memory order (for writing if RW = 1): hard mode visits a block's rows group by group, which
-// the hardware prefetcher does not follow on data streamed from memory.
-template <int RW, typename T>
+// memory order: hard mode reads a block's rows group by group, an order the hardware prefetcher
+// does not follow on data streamed from memory.
+template <typename T>
 inline void prefetch_block(const T* rows, int S, int n) {
   const char* a = reinterpret_cast<const char*>(rows);
   const int64_t bytes = (int64_t)S * n * (int64_t)sizeof(T);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o, RW, 3);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o, 0, 3);
 }
 
 // out [S, Kp] (row stride Kp): out[t, k] = sum over the columns j of component k of
@@ -590,8 +590,8 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
     for (int k = 0; k < K; ++k) dbias[(int64_t)t * K + k] = T(0);
   }
   s.sort_by_component(S, K);
-  prefetch_block<0>(gy, S, n);
-  if (acc) prefetch_block<0>(x, S, n);
+  prefetch_block(gy, S, n);
+  if (acc) prefetch_block(x, S, n);
   for (int k = 0; k < K; ++k) {
     const int u0 = s.start[k], cnt = s.start[k + 1] - u0;
     if (cnt == 0) continue;

@@ -23,15 +23,13 @@ using namespace molrg::kernels;
 constexpr const char* kFwd = "subspace_dae";
 constexpr const char* kBwd = "subspace_dae_backward";
 
-// (The per-sample loops between the GEMMs run under FTZ/DAZ, cpu/flush_subnormals.h, so the
-// coefficient and gradient rows they hand to the GEMMs hold no subnormals: far components' soft-max
-// weights are subnormal, and with 0.45% of the coefficients subnormal, in the n = 3072 benchmark
-// problem, one MKL GEMM over them ran 13x slower, 41 -> 534 ms.)
-//
 // Large panels (U of one instance beyond ~64 KiB, e.g. n = 3072, K d = 400) do not stay in cache
 // while samples stream past, so the per-sample kernels would re-read U from memory for every
 // sample. There the projections, reconstructions and gradient contractions run as batched GEMMs
 // over all samples (at::bmm), and only the O(B K dm) per-sample soft-max math is hand-written.
+// That math runs under FTZ/DAZ (cpu/flush_subnormals.h), so the coefficient and gradient rows it
+// hands to the GEMMs hold no subnormal: with 0.45% of them subnormal (far components' weights) in
+// the n = 3072 benchmark problem, one MKL GEMM over them ran 13x slower (41 -> 534 ms).
 bool use_gemm(const DaeSizes& s, const at::Tensor& x) {
   return s.n * s.K * s.dm * (int64_t)x.element_size() > 64 * 1024;
 }
