@@ -181,4 +181,7 @@ def test_subnormal_intermediates_flushed_to_zero(n):
     torch.testing.assert_close(y, y_ref, rtol=0, atol=(2 * dims[1] + 1) * tiny)
     torch.testing.assert_close(dc, c.grad, rtol=1e-4, atol=2 * tiny)
     torch.testing.assert_close(dbias, bias.grad, rtol=1e-4, atol=2 * tiny)
+    # the caller's thread and the pool's workers (a tensor large enough to be split) still make
+    # subnormals: every guard restored the mode it found
     assert subnormal(torch.tensor([1e-38]) * torch.tensor([0.01])).all()
+    assert subnormal(torch.full((1 << 20,), 1e-38) * 0.01).all()
