@@ -144,7 +144,7 @@ void unpack_grad(const T* acc, const PanelGeom& g, const int32_t* dims, T* dU) {
 template <typename T>
 struct BlockScratch {
   std::vector<T> P, C, R, dP, xt, y, w;
-  std::vector<T> Q, E, E2, sums, sums2, ca, cb, cs, phis, dlogit, dcs, dphis;  // per-sample math
+  std::vector<T> Q, E, E2, sums, sums2, ca, cb, cs, phis, dlogit;  // per-sample math
   std::vector<const T*> rowA, rowB, rowC, rowQ;
   std::vector<T*> rowY, rowE, rowE2;
   std::vector<int> comp, sel, start;
@@ -174,7 +174,7 @@ struct BlockScratch {
     sums.assign((int64_t)kBlock * g.Kp, T(0));
     sums2.assign((int64_t)kBlock * g.Kp, T(0));
     for (auto* v : {&ca, &cb, &dlogit}) v->assign((int64_t)kBlock * g.K, T(0));
-    for (auto* v : {&cs, &phis, &dcs, &dphis}) v->assign(kBlock, T(0));
+    for (auto* v : {&cs, &phis}) v->assign(kBlock, T(0));
     rowQ.resize(kBlock);
     rowE.resize(kBlock);
     rowE2.resize(kBlock);
