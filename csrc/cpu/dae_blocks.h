@@ -707,11 +707,18 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
     const T lam = lv[kLvLambda], c = scaled ? lv[kLvC] : T(1);
     const T gscale = T(2) * lam * inv_M * c;
-    T err = T(0);
-#if defined(_OPENMP)
-#pragma omp simd reduction(+ : err)  // vector partial sums, not one chain of n dependent adds
-#endif
-    for (int e = 0; e < n; ++e) {
+    // vector partial sums added as a tree (simd::hsum), then the rest of the row
+    using V = simd<T>;
+    const typename V::v cv = V::set1(c), gv = V::set1(gscale);
+    typename V::v ev{};
+    int e = 0;
+    for (; e + V::W <= n; e += V::W) {
+      const typename V::v d = cv * V::load(yt + e) - V::load(x0 + e);
+      ev += d * d;
+      V::store(yt + e, gv * d);
+    }
+    T err = V::hsum(ev);
+    for (; e < n; ++e) {
       const T d = c * yt[e] - x0[e];
       err += d * d;
       yt[e] = gscale * d;

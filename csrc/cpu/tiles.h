@@ -48,6 +48,23 @@ struct simd {
   }
   static inline void store(T* p, const v& a) { std::memcpy(p, &a, sizeof a); }
   static inline v set1(T a) { return bcast(a, std::make_integer_sequence<int, W>{}); }
+  // Sum of the lanes as a tree (halves added pairwise: log2(W) dependent adds). An in-order sum
+  // (what GCC makes of an omp simd reduction) is a chain of W dependent scalar adds.
+  static inline T hsum(const v& a) { return tree_sum<W>(a); }
+  template <int L, typename VL>
+  static inline T tree_sum(const VL& a) {
+    if constexpr (L == 1) {
+      return a[0];
+    } else {
+      return tree_sum<L / 2>(half(a, std::make_integer_sequence<int, L / 2>{}, 0) +
+                             half(a, std::make_integer_sequence<int, L / 2>{}, L / 2));
+    }
+  }
+  template <typename VL, int... I>
+  static inline auto half(const VL& a, std::integer_sequence<int, I...>, int off) {
+    return off == 0 ? __builtin_shufflevector(a, a, I...)
+                    : __builtin_shufflevector(a, a, (I + (int)sizeof...(I))...);
+  }
   // a uniform constructor: one broadcast instruction
   template <int... I>
   static inline v bcast(T a, std::integer_sequence<int, I...>) {
