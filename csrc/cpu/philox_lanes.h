@@ -235,7 +235,7 @@ struct LinePrefetch {
   void next() { issue(std::min(count, done + per_call)); }
   void finish() { issue(count); }
   void issue(int end) {
-    for (; done < end; ++done) __builtin_prefetch(lines[done], 0, 3);
+    for (; done < end; ++done) __builtin_prefetch(lines[done], 0, 1);
   }
 };
 
