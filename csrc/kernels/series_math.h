@@ -3,14 +3,15 @@
 //
 // libm's expf/logf/sinf/cosf are scalar calls with branches: they cost most of the fused
 // training step's time on the CPU, and they cannot be vectorised. The arguments needed here are
-// restricted, so short series are enough:
+// restricted, so short series (and one fitted polynomial) are enough:
 //   sm_exp(x), x <= 0 (a max-subtracted logit): x = i ln 2 + r (Cody-Waite, |r| <= ln2 / 2),
 //       e^r by its Taylor series (to r^7 in float, r^13 in double), times 2^i built from bits;
 //       0 below the smallest normal result;
-//   bm_log(u), u in (0, 1] a normal number:  u = 2^e m with m in [sqrt(1/2), sqrt(2)), and
-//       log u = e ln 2 + 2 atanh(t),  t = (m - 1) / (m + 1),  |t| <= 0.1716,
-//     with the odd Taylor series of atanh (truncation below 3e-9 relative in float with 6 terms,
-//     below 2e-17 in double with 12 terms);
+//   bm_log(u), u in (0, 1] a normal number:  u = 2^e m with m in [sqrt(1/2), sqrt(2)),
+//       log u = e ln 2 + log m; in float log m = x - x^2/2 + x^3 P(x), x = m - 1, P a fitted
+//       polynomial of degree 7 (below 6.5e-9 relative, no division); in double
+//       log m = 2 atanh(t), t = (m - 1) / (m + 1), |t| <= 0.1716, by the odd Taylor series of
+//       atanh (12 terms, below 2e-17 relative);
 //   bm_sincos_2pi(u), u in [0, 1]: q = round(4u), v = u - q/4 in [-1/8, 1/8] (exact), a = 2 pi v
 //     in [-pi/4, pi/4], Taylor series of sin and cos at a (to a^9 / a^8 in float, a^17 / a^16 in
 //     double; Horner in a^2 on the folded coefficients, one FMA per term), then a rotation by q
@@ -29,7 +30,7 @@ template <typename T> struct BmTraits;
 template <> struct BmTraits<float> {
   using Bits = uint32_t;
   using Int = int32_t;
-  static constexpr int kMant = 23, kBias = 127, kLogTerms = 6, kTrigTerms = 4, kExpTerms = 7;
+  static constexpr int kMant = 23, kBias = 127, kTrigTerms = 4, kExpTerms = 7;
   static constexpr float kExpMin = -87.0f;  // e^x is a normal float above this
 };
 template <> struct BmTraits<double> {
