@@ -279,7 +279,7 @@ struct LinePrefetch {
   void spread(int calls) { per_call = calls > 0 ? (count + calls - 1) / calls : count; }
   void next() { issue(std::min(count, done + per_call)); }
   void finish() { issue(count); }
-  void issue(int end) {
+  void issue(int end) {  // into L2 (prefetcht2): the rows are read a block later
     for (; done < end; ++done) __builtin_prefetch(lines[done], 0, 1);
   }
 };

@@ -86,8 +86,9 @@ MOLRG_HD T bm_log(T u) {
   T m;
   memcpy(&m, &mb, sizeof m);  // m in [sqrt(1/2), sqrt(2)]
   if constexpr (sizeof(T) == 4) {
-    // float: log m = x + x^2 (-1/2 + x P(x)), x = m - 1, no division (a vector divide and the
-    // square root share one unit: they were most of Box-Muller's time on the CPU).
+    // float: log m = x + x^2 (-1/2 + x P(x)), x = m - 1, no division (on the CPU a vector divide
+    // shares one unit with Box-Muller's square root; without either, timing only, the training
+    // step took 0.96 of its time).
     // P (Horner): log(1 + x) = x - x^2 / 2 + x^3 P(x) on [sqrt(1/2) - 1, sqrt(2) - 1], degree
     // 7, fitted to the relative error of log(1 + x) by iteratively reweighted least squares
     // (Lawson's minimax iteration); with these float coefficients the error is at most 6.5e-9
