@@ -97,6 +97,23 @@ def _philox4x32_10(c, k):
     return c
 
 
+def _box_muller_reference(seed, step, P, Mb, n, uniform):
+    """Normals [P, Mb, 4 ceil(n / 4)] of the documented stream in float64: Philox blocks 1 + q of
+    counters (block, m, p, step), Box-Muller with numpy's log/sin/cos on uniform(u) of the 32-bit
+    draws (float64 values)."""
+    p, m = np.meshgrid(np.arange(P), np.arange(Mb), indexing="ij")
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    want = np.empty((P, Mb, 4 * ((n + 3) // 4)))
+    for q in range((n + 3) // 4):
+        u = _philox4x32_10([np.full_like(p, 1 + q), m, p, np.full_like(p, step)], key)
+        for h in range(2):
+            u1, u2 = uniform(u[2 * h]), uniform(u[2 * h + 1])
+            r = np.sqrt(-2 * np.log(np.minimum(u1, 1.0)))
+            want[..., 4 * q + 2 * h] = r * np.cos(2 * np.pi * u2)
+            want[..., 4 * q + 2 * h + 1] = r * np.sin(2 * np.pi * u2)
+    return want
+
+
 def test_philox_reference_matches_published_vectors():
     # known-answer vectors of the Random123 distribution for philox4x32-10
     kat = [(([0, 0, 0, 0], [0, 0]), [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
@@ -121,15 +138,8 @@ def test_draws_follow_the_documented_stream(dtype, n):
     b0 = _philox4x32_10([np.zeros_like(p), m, p, np.full_like(p, step)], key)
     np.testing.assert_array_equal(idx.numpy(), (b0[0] * np.uint64(N)) >> np.uint64(32))
     np.testing.assert_array_equal(lev.numpy(), (b0[1] * np.uint64(L)) >> np.uint64(32))
-    want = np.empty((P, Mb, 4 * ((n + 3) // 4)))
-    for q in range((n + 3) // 4):
-        u = _philox4x32_10([np.full_like(p, 1 + q), m, p, np.full_like(p, step)], key)
-        for h in range(2):
-            u1 = u[2 * h].astype(np.float64) * 2.0**-32 + 2.0**-33
-            u2 = u[2 * h + 1].astype(np.float64) * 2.0**-32 + 2.0**-33
-            r = np.sqrt(-2 * np.log(np.minimum(u1, 1.0)))
-            want[..., 4 * q + 2 * h] = r * np.cos(2 * np.pi * u2)
-            want[..., 4 * q + 2 * h + 1] = r * np.sin(2 * np.pi * u2)
+    want = _box_muller_reference(seed, step, P, Mb, n,
+                                 lambda u: u.astype(np.float64) * 2.0**-32 + 2.0**-33)
     tol = 1e-12 if dtype == torch.float64 else 5e-6  # float32: the uniforms round in float
     np.testing.assert_allclose(eps.double().numpy(), want[..., :n], rtol=0, atol=tol)
 
@@ -141,18 +151,12 @@ def test_float32_normals_within_a_few_ulps():
     (2.2e-7 measured; the atanh-series log before it gave the same)."""
     seed, step, P, Mb, n = (3 << 32) + 5, 9, 2, 4096, 16
     eps = M.philox_draws(seed, step, P, Mb, 10, 5, n)[2].double().numpy()
-    p, m = np.meshgrid(np.arange(P), np.arange(Mb), indexing="ij")
-    key = (seed & 0xFFFFFFFF, seed >> 32)
     f = np.float32
-    want = np.empty((P, Mb, n))
-    for q in range(n // 4):
-        u = _philox4x32_10([np.full_like(p, 1 + q), m, p, np.full_like(p, step)], key)
-        for h in range(2):
-            u1, u2 = ((u[2 * h + i].astype(f) * f(2.0**-32) + f(2.0**-33)).astype(np.float64)
-                      for i in range(2))
-            r = np.sqrt(-2 * np.log(np.minimum(u1, 1.0)))
-            want[..., 4 * q + 2 * h] = r * np.cos(2 * np.pi * u2)
-            want[..., 4 * q + 2 * h + 1] = r * np.sin(2 * np.pi * u2)
+
+    def float_uniform(u):
+        return (u.astype(f) * f(2.0**-32) + f(2.0**-33)).astype(np.float64)
+
+    want = _box_muller_reference(seed, step, P, Mb, n, float_uniform)
     err = np.abs(eps - want) / np.maximum(1.0, np.abs(want))
     assert err.max() < 5e-7, err.max()
     assert np.median(err) < 5e-8
