@@ -56,14 +56,14 @@ struct simd {
     if constexpr (L == 1) {
       return a[0];
     } else {
-      return tree_sum<L / 2>(half(a, std::make_integer_sequence<int, L / 2>{}, 0) +
-                             half(a, std::make_integer_sequence<int, L / 2>{}, L / 2));
+      return tree_sum<L / 2>(lanes<0>(a, std::make_integer_sequence<int, L / 2>{}) +
+                             lanes<L / 2>(a, std::make_integer_sequence<int, L / 2>{}));
     }
   }
-  template <typename VL, int... I>
-  static inline auto half(const VL& a, std::integer_sequence<int, I...>, int off) {
-    return off == 0 ? __builtin_shufflevector(a, a, I...)
-                    : __builtin_shufflevector(a, a, (I + (int)sizeof...(I))...);
+  // lanes Off .. Off + sizeof...(I) - 1 of a, as a vector of that many lanes
+  template <int Off, typename VL, int... I>
+  static inline auto lanes(const VL& a, std::integer_sequence<int, I...>) {
+    return __builtin_shufflevector(a, a, (I + Off)...);
   }
   // a uniform constructor: one broadcast instruction
   template <int... I>
