@@ -15,7 +15,9 @@ trap 'rm -rf "$tmp"' EXIT
 git -C "$root" archive "$rev" csrc | tar -x -C "$tmp"
 a_next=${A_NEXT_S:-$(git -C "$root" merge-base --is-ancestor 79a0694 "$rev" && echo 1 || echo 0)}
 b_next=${B_NEXT_S:-1}
-flags=(-O3 -march=native -fopenmp -std=c++20 -DNDEBUG -fno-math-errno -fno-trapping-math -Wno-psabi)
+# --param=avoid-fma-max-bits=0: as in CMakeLists.txt (FMA chains kept under GCC's AMD tunings)
+flags=(-O3 -march=native -fopenmp -std=c++20 -DNDEBUG -fno-math-errno -fno-trapping-math -Wno-psabi
+       --param=avoid-fma-max-bits=0)
 build() {  # build SRC_ROOT NAMESPACE SYMBOL NEXT_S OUT EXTRA_FLAGS
   g++ "${flags[@]}" $6 -I"$1/csrc" -Dmolrg="$2" -DVFUNC="$3" \
     $([ "$4" = 1 ] && echo -DNEXT_S || true) -c "$dir/variant.cpp" -o "$5"
