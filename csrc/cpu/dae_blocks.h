@@ -120,7 +120,7 @@ void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out, 
       for (int i = 0; i < g.n; ++i) ut[(size_t)j * g.n + i] = U[((int64_t)k * g.n + i) * g.dm + j];
       rows[j] = ut.data() + (size_t)j * g.n;
     }
-    project(rows.data(), dims[k], g.n, Uc, g.n, g.dW, gk.data(), g.dW);
+    project(rows.data(), dims[k], g.n, Uc, g.n, g.dW, gk.data(), g.dW, dims[k]);
     T* G = out + g.gram_offset() + k * g.dW * g.dW;
     for (int a = 0; a < dims[k]; ++a)
       for (int b = 0; b < g.dW; ++b) G[pj(a, b, g.dW, g.dW)] = gk[(size_t)a * g.dW + b];
@@ -251,7 +251,7 @@ inline void comp_sums(const T* A, const T* B, int S, const Panels<T>& pn, T* out
   const int64_t SD = (int64_t)S * g.Dp;
   T* q = s.Q.data();
   for (int64_t e = 0; e < SD; ++e) q[e] = A[e] * B[e];
-  project(s.rowQ.data(), S, g.Dp, pn.Ind(), g.Dp, g.Kp, out, g.Kp);
+  project(s.rowQ.data(), S, g.Dp, pn.Ind(), g.Dp, g.Kp, out, g.Kp, g.K);
 }
 
 // Y [S rows of Dp] = coef [S, K] (row stride cstride) spread over the columns of each component:
@@ -440,7 +440,7 @@ template <typename T>
 void assign_block(const T* x, int S, const Panels<T>& pn, int64_t* out, BlockScratch<T>& s) {
   const PanelGeom& g = pn.g;
   for (int t = 0; t < S; ++t) s.rowA[t] = x + (int64_t)t * g.n;
-  project(s.rowA.data(), S, g.n, pn.Uf(), g.n, g.Dp, s.P.data(), g.Dp);
+  project(s.rowA.data(), S, g.n, pn.Uf(), g.n, g.Dp, s.P.data(), g.Dp, g.D);
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
   for (int t = 0; t < S; ++t) out[t] = kernels::dae_argmax(s.sums.data() + (int64_t)t * g.Kp, g.K);
 }
@@ -514,7 +514,7 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     s.rowA[t] = x + (int64_t)t * n;
     s.rowY[t] = y + (int64_t)t * n;
   }
-  project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp);
+  project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp, D);
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);  // ||P_k||^2
   for (int t = 0; t < S; ++t) {
     const T* Pt = s.P.data() + (int64_t)t * Dp;
@@ -567,7 +567,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       s.rowB[t] = x + (int64_t)t * n;
       if (dx) s.rowY[t] = dx + (int64_t)t * n;
     }
-    project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp);
+    project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D);
     for (int t = 0; t < S; ++t) {  // the saved projections as full-panel rows
       T* Pt = s.P.data() + (int64_t)t * Dp;
       std::copy(proj + (int64_t)t * D, proj + (int64_t)(t + 1) * D, Pt);
@@ -602,7 +602,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       s.rowB[u] = x + (int64_t)t * n;
       if (dx) s.rowY[u] = dx + (int64_t)t * n;
     }
-    project(s.rowA.data(), cnt, n, pn.Uc(k), n, dW, s.R.data(), dW);
+    project(s.rowA.data(), cnt, n, pn.Uc(k), n, dW, s.R.data(), dW, dk);
     for (int u = 0; u < cnt; ++u) {
       const int t = s.sel[u0 + u];
       const T wk = w[(int64_t)t * K + k], a = c[t] * wk;
@@ -634,7 +634,7 @@ template <typename T>
 void hard_train_dP(const T* const* Pk, const T* Q0, int qs, const T* G, const int* sel, int cnt,
                    int dk, int dW, const T* levels, T inv_M, const uint32_t* lev, T* dP, int ds) {
   using namespace kernels;
-  project(Pk, cnt, dk, G, dW, dW, dP, ds);  // Pk G_k, 0 past d_k
+  project(Pk, cnt, dk, G, dW, dW, dP, ds, dk);  // Pk G_k, 0 past d_k
   for (int u = 0; u < cnt; ++u) {
     const int t = sel[u];
     const T* lv = levels + (int64_t)lev[t] * kLvCols;
@@ -731,7 +731,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       s.rowY[t] = s.y.data() + (int64_t)t * n;
       s.rowC[t] = s.rowY[t];
     }
-    project(s.rowB.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp);
+    project(s.rowB.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp, D);
     comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2, kept for below
     for (int t = 0; t < S; ++t) {
       const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
@@ -743,7 +743,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
                        s.w.data(), s);
     expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
     for (int t = 0; t < S; ++t) loss_and_grad(t, s.rowY[t], false);
-    project(s.rowC.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp);
+    project(s.rowC.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D);
     soft_block_grads<T>(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),
                         s.phis.data(), S, pn, nullptr, nullptr, nullptr, s);
     outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, D, n, acc);
@@ -751,7 +751,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
   }
   // hard: the component of the clean sample (eq. (17)), then one group per component. The
   // clean projections Q0 = x_i U (s.P) stay for the gradient below.
-  project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp);
+  project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp, D);
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
   for (int t = 0; t < S; ++t) s.comp[t] = dae_argmax(s.sums.data() + (int64_t)t * g.Kp, K);
   s.sort_by_component(S, K);
@@ -770,7 +770,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
     // Pk = x_t U_k (rows rowE[u], stride Dp, 0 past d_k); y = c U_k Pk is expanded without the
     // c, which the loss pass applies, leaving c g in the rows: the gradient's terms c g (x) Pk and
     // dP = c g U_k need no per-sample scaling of Pk or of g U_k.
-    project(xrows.data(), cnt, n, pn.Uc(k), n, dW, s.E.data(), Dp);
+    project(xrows.data(), cnt, n, pn.Uc(k), n, dW, s.E.data(), Dp, dk);
     expand(s.E.data(), Dp, cnt, dk, pn.UcT(k), g.dm, n, s.rowY.data());
     for (int u = 0; u < cnt; ++u) loss_and_grad(sel[u], s.rowY[u], true);
     if (gram) {
@@ -779,7 +779,7 @@ void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const P
       hard_train_dP<T>(s.rowE.data(), s.P.data() + k * g.dm, Dp, pn.Gram(k), sel, cnt, dk, dW,
                        levels, inv_M, s.lev.data(), s.dP.data(), Dp);
     } else {
-      project(s.rowC.data(), cnt, n, pn.Uc(k), n, dW, s.dP.data(), Dp);  // (c g) U_k
+      project(s.rowC.data(), cnt, n, pn.Uc(k), n, dW, s.dP.data(), Dp, dk);  // (c g) U_k
     }
     outer(xrows.data(), s.dP.data(), s.rowC.data(), s.E.data(), Dp, cnt, dk, n,
           acc + g.comp_acc_offset(k));

@@ -37,10 +37,11 @@ constexpr int kVecBytes = 64, kVecRegs = 32;
 constexpr int kVecBytes = 32, kVecRegs = 16;
 #endif
 
-template <typename T>
+// Bytes: the vector size, kVecBytes unless a kernel asks for half vectors (project, narrow panels)
+template <typename T, int Bytes = kVecBytes>
 struct simd {
-  typedef T v __attribute__((vector_size(kVecBytes)));
-  static constexpr int W = kVecBytes / (int)sizeof(T);
+  typedef T v __attribute__((vector_size(Bytes)));
+  static constexpr int W = Bytes / (int)sizeof(T);
   static inline v load(const T* p) {
     v r;
     std::memcpy(&r, p, sizeof r);
@@ -124,10 +125,12 @@ inline int64_t chunked_offset(int row, int col, int rows, int w) {
   return (int64_t)c0 * rows + (int64_t)row * cw + (col - c0);
 }
 
-// ---- project: out[r, 0:NV*W] = sum_i A[r][i] U[i, 0:NV*W] for RT rows.
-template <typename T, int NV, int RT>
+// ---- project: out[r, 0:NV*W] = sum_i A[r][i] U[i, 0:NV*W] for RT rows. Bytes < kVecBytes (half
+// vectors, NV = 1): the panel is one full vector wide with nothing past its first half, and
+// out[r, W:2W] is written as zeros.
+template <typename T, int NV, int RT, int Bytes = kVecBytes>
 inline void project_tile(const T* const* A, int n, const T* U, int ustride, T* out, int ostride) {
-  using S = simd<T>;
+  using S = simd<T, Bytes>;
   using v = typename S::v;
   constexpr int W = S::W;
   v acc[RT][NV];
@@ -143,20 +146,29 @@ inline void project_tile(const T* const* A, int n, const T* U, int ustride, T* o
   }
   // unrolled (pragma): as a loop over a runtime (r, q), acc stayed in memory (see expand_tile)
 #pragma GCC unroll 16
-  for (int r = 0; r < RT; ++r)
+  for (int r = 0; r < RT; ++r) {
 #pragma GCC unroll 4
     for (int q = 0; q < NV; ++q) S::store(out + (int64_t)r * ostride + q * W, acc[r][q]);
+    if constexpr (Bytes != kVecBytes) {
+      static_assert(NV == 1 && 2 * Bytes == kVecBytes, "half vectors: one column block");
+      S::store(out + (int64_t)r * ostride + W, v{});
+    }
+  }
 }
 
-template <typename T, int NV, int RT>
-inline void project_cols(const T* const* A, int R, int n, const T* U, int ustride, T* out,
-                         int ostride) {
+// Not inlined: the extension is linked with LTO (pybind11's default), and there GCC inlined both
+// column widths' tiles into project, where the half-vector ones ran slower than the full-vector
+// ones had (training step, hard, 1.06 in the op, against 0.95 in the paired harness built without
+// LTO). As one call per column block: 0.96 in the op (LTO), 0.93-0.95 in the harness.
+template <typename T, int NV, int RT, int Bytes = kVecBytes>
+__attribute__((noinline)) void project_cols(const T* const* A, int R, int n, const T* U,
+                                            int ustride, T* out, int ostride) {
   int r = 0;
   for (; r + RT <= R; r += RT)
-    project_tile<T, NV, RT>(A + r, n, U, ustride, out + (int64_t)r * ostride, ostride);
+    project_tile<T, NV, RT, Bytes>(A + r, n, U, ustride, out + (int64_t)r * ostride, ostride);
   with_tail<RT>(R - r, [&](auto m) {
-    project_tile<T, NV, decltype(m)::value>(A + r, n, U, ustride, out + (int64_t)r * ostride,
-                                            ostride);
+    project_tile<T, NV, decltype(m)::value, Bytes>(A + r, n, U, ustride,
+                                                   out + (int64_t)r * ostride, ostride);
   });
 }
 
@@ -168,12 +180,22 @@ inline void project_cols(const T* const* A, int R, int n, const T* U, int ustrid
 constexpr int project_rows(int nv) { return std::min(8, (kVecRegs - nv - 1) / nv); }
 
 // out [R, w] (row stride ostride) = A [R rows of n] @ U [n, w], U the first n rows of a chunked
-// panel [urows, w] (kProjectChunk); w a multiple of the width.
+// panel [urows, w] (kProjectChunk); w a multiple of the width. used (optional): the panel is zero
+// past its first `used` columns. With 64-byte vectors, a one-vector panel with used <= W / 2 (a
+// component of d_k <= 8, float) is multiplied in half vectors: the same sums in the same order,
+// and the FMAs of the zero half, which cost as much as the other half on cores that split 512-bit
+// operations in two (AMD Zen 4), are not issued.
 template <typename T>
 inline void project(const T* const* A, int R, int n, const T* U, int urows, int w, T* out,
-                    int ostride) {
+                    int ostride, int used = -1) {
   constexpr int W = simd<T>::W;
   static_assert(kProjectChunk == 3, "project's column blocks are the panel's chunks");
+  if constexpr (kVecBytes == 64) {
+    if (w == W && used >= 0 && 2 * used <= W) {
+      project_cols<T, 1, project_rows(1), kVecBytes / 2>(A, R, n, U, W, out, ostride);
+      return;
+    }
+  }
   for (int c = 0; c < w;) {
     const int nv = std::min(kProjectChunk, (w - c) / W);
     const T* Uc = U + (int64_t)c * urows;  // the chunk: urows rows of nv vectors
