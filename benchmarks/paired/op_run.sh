@@ -13,13 +13,15 @@ root=$(cd "$dir/../.." && pwd)
 rev=${1:?usage: op_run.sh REV [rounds] [M] [P] [OP] [n,K,d]}
 PY=${PYTHON:-python3}
 hash=$(git -C "$root" rev-parse "$rev^{commit}")
-out="$root/build/op_ref/$hash"
+# REF_CMAKE_ARGS: extra cmake arguments for the build of REV (its build is kept apart from the plain one)
+extra=${REF_CMAKE_ARGS:-}
+out="$root/build/op_ref/$hash${extra:+-$(echo "$extra" | md5sum | cut -c1-8)}"
 if ! ls "$out"/build/_C*.so >/dev/null 2>&1; then
   rm -rf "$out" && mkdir -p "$out/src"
   git -C "$root" archive "$hash" | tar -x -C "$out/src"
   { cmake -S "$out/src" -B "$out/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOLRG_CUDA=OFF \
       -DPython_EXECUTABLE="$("$PY" -c 'import sys; print(sys.executable)')" \
-      -DCMAKE_CXX_FLAGS="-Dmolrg=molrg_ref" && cmake --build "$out/build"; } >"$out/build.log" 2>&1 ||
+      -DCMAKE_CXX_FLAGS="-Dmolrg=molrg_ref" $extra && cmake --build "$out/build"; } >"$out/build.log" 2>&1 ||
     { tail -30 "$out/build.log" >&2; exit 1; }
 fi
 "$PY" "$dir/op_pair.py" "$(ls "$out"/build/_C*.so | head -1)" "${2:-40}" "${3:-1024}" \
