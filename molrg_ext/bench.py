@@ -236,21 +236,30 @@ def time_callable(fn: Callable, repeats: int = 5, warmup: int = 1, min_time: flo
     return statistics.median(times), min(times)
 
 
-def nominal_peak_gflops(threads: Optional[int] = None) -> Optional[float]:
+def nominal_peak_gflops(threads: Optional[int] = None,
+                        cpuinfo: Optional[str] = None) -> Optional[float]:
     """Nominal fp32 FMA peak of `threads` cores (default: torch's thread count): cores x 2 FMA
-    units x lanes x 2 flops x the base GHz of /proc/cpuinfo, with 16 lanes where the flags list
-    avx512f and 8 otherwise (AVX2 + FMA assumed). Boost clocks make the real peak higher; some
-    AVX-512 cores have one 512-bit FMA unit and so half this. None when /proc/cpuinfo cannot be
-    read."""
+    units x lanes x 2 flops x the base GHz of /proc/cpuinfo (or of the text `cpuinfo`), with 16
+    lanes where the flags list avx512f and 8 otherwise (AVX2 + FMA assumed). AMD's Zen 4 (family
+    25 with avx512f) runs a 512-bit FMA as two 256-bit halves on its two 256-bit units: 8 lanes.
+    Boost clocks make the real peak higher; some Intel AVX-512 cores have one 512-bit FMA unit and
+    so half this. None when the clock cannot be read."""
     try:
-        lines = open("/proc/cpuinfo").read().splitlines()
+        lines = (cpuinfo if cpuinfo is not None else open("/proc/cpuinfo").read()).splitlines()
         mhz = [float(l.split(":")[1]) for l in lines if l.startswith("cpu MHz")]
     except (OSError, ValueError, IndexError):
         return None
     if not mhz:
         return None
-    flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+
+    def field(name):
+        return next((l.split(":", 1)[1].strip() for l in lines
+                     if l.split(":", 1)[0].strip() == name), "")
+
+    flags = field("flags").split()
     lanes = 16 if "avx512f" in flags else 8
+    if field("vendor_id") == "AuthenticAMD" and field("cpu family") == "25":
+        lanes = 8
     cores = min(len(mhz), threads or torch.get_num_threads())
     return cores * 2 * lanes * 2 * (sum(mhz) / len(mhz)) / 1000.0
 

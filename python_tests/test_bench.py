@@ -44,6 +44,23 @@ def test_peaks_count_the_threads_in_use():
     assert bench.peak_gflops(size=256, repeats=2) > 0
 
 
+def test_nominal_peak_counts_fma_lanes_by_core():
+    def cpuinfo(vendor, family, flags, mhz=2000.0):
+        return "".join(f"processor\t: {i}\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
+                       f"cpu MHz\t\t: {mhz}\nflags\t\t: fpu fma avx2 {flags}\n\n"
+                       for i in range(2))
+
+    # 2 cores x 2 FMA units x lanes x 2 flops x 2 GHz
+    assert bench.nominal_peak_gflops(2, cpuinfo("GenuineIntel", "6", "avx512f")) == 256.0
+    assert bench.nominal_peak_gflops(2, cpuinfo("GenuineIntel", "6", "")) == 128.0
+    assert bench.nominal_peak_gflops(1, cpuinfo("GenuineIntel", "6", "avx512f")) == 128.0
+    # Zen 4 splits 512-bit FMAs over its two 256-bit units; Zen 3 has no AVX-512
+    assert bench.nominal_peak_gflops(2, cpuinfo("AuthenticAMD", "25", "avx512f")) == 128.0
+    assert bench.nominal_peak_gflops(2, cpuinfo("AuthenticAMD", "25", "")) == 128.0
+    assert bench.nominal_peak_gflops(2, cpuinfo("AuthenticAMD", "26", "avx512f")) == 256.0
+    assert bench.nominal_peak_gflops(2, "processor : 0\n") is None
+
+
 def test_merge_runs_keeps_each_implementation_minimum():
     from molrg_ext.bench_report import markdown_table, merge_runs
 
