@@ -242,6 +242,20 @@ inline void prefetch_block(const T* rows, int S, int n) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o, 0, 3);
 }
 
+// Prefetches into L2 the rows of the block that follows the block of S samples at `rows` (rows
+// of n values) in an instance of B samples starting at `start`: the blocked denoiser streams its
+// inputs block by block, with long compute between them, and the hardware prefetcher does not
+// keep ahead of it. The lines are requested a whole block (microseconds) before they are read.
+// Measured on the Zen 4 VM, forward of (48, 2, 6, 65536), hard: 6.3 -> 5.4 ms on one thread.
+template <typename T>
+inline void prefetch_next_block(const T* rows, int64_t start, int S, int64_t B, int64_t n) {
+  const int64_t next = std::min<int64_t>(S, B - start - S);
+  if (next <= 0) return;
+  const char* a = reinterpret_cast<const char*>(rows + (int64_t)S * n);
+  const int64_t bytes = next * n * (int64_t)sizeof(T);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o, 0, 1);
+}
+
 // out [S, Kp] (row stride Kp): out[t, k] = sum over the columns j of component k of
 // A[t, j] B[t, j], for full-panel rows A, B [S, Dp] (e.g. ||P_k||^2, <r_k, P_k>).
 template <typename T>

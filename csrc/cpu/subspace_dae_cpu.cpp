@@ -244,6 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
     parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc,
                                                       int64_t) {
       const int64_t i0 = p * s.B + start;
+      cpu::prefetch_next_block(xp + i0 * s.n, start, S, s.B, s.n);
       cpu::dae_forward_block<scalar_t>(
           xp + i0 * s.n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0, php + i0,
           bp ? bp + i0 * s.K : nullptr, ap ? ap + i0 : nullptr, (int)mode, pp + i0 * s.K * s.dm,
@@ -303,6 +304,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     parallel_blocks<scalar_t>(g, s.P, s.B, by_instance, [&](int64_t p, int64_t start, int S,
                                                              auto& sc, int64_t slot) {
       const int64_t i0 = p * s.B + start;
+      cpu::prefetch_next_block(gp + i0 * n, start, S, s.B, n);
+      if (acc) cpu::prefetch_next_block(xp + i0 * n, start, S, s.B, n);
       cpu::dae_backward_block<scalar_t>(
           gp + i0 * n, xp + i0 * n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0,
           php + i0, pp + i0 * D, wp + i0 * K, (int)mode, dxp ? dxp + i0 * n : nullptr, dcp + i0,
@@ -331,6 +334,7 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
     parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc,
                                                       int64_t) {
       const int64_t i0 = p * s.B + start;
+      cpu::prefetch_next_block(xp + i0 * s.n, start, S, s.B, s.n);
       cpu::assign_block<scalar_t>(xp + i0 * s.n, S, {panp + p * g.size(), g}, op + i0, sc);
     });
   });
