@@ -185,3 +185,31 @@ def test_subnormal_intermediates_flushed_to_zero(n):
     # subnormals: every guard restored the mode it found
     assert subnormal(torch.tensor([1e-38]) * torch.tensor([0.01])).all()
     assert subnormal(torch.full((1 << 20,), 1e-38) * 0.01).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_large_outputs_written_by_streaming_stores(mode, dtype):
+    """The blocked kernels write an output y or dx of at least 8 MiB (kStreamMinBytes, rows of
+    whole 64-byte lines: n = 48) with non-temporal stores. Per sample the math is the same as for
+    a small batch, written with plain stores: the outputs of the whole batch must equal those of
+    its slices bit for bit, and match the reference. B is odd, so the last block is partial."""
+    g = torch.Generator().manual_seed(5)
+    P, B, n, dims = 1, 45001, 48, [6, 6]
+    assert B * n * dtype.itemsize >= 8 << 20
+    x = torch.randn(P, B, n, generator=g, dtype=dtype)
+    U = torch.randn(P, 2, n, 6, generator=g, dtype=dtype) / n**0.5
+    c = torch.rand(P, B, generator=g, dtype=dtype) + 0.5
+    phi = torch.rand(P, B, generator=g, dtype=dtype) * 3
+    gy = torch.randn(P, B, n, generator=g, dtype=dtype)
+    y, dx, _ = _run(M.subspace_dae, x, U, c, phi, None, dims, mode, gy)
+    for s in range(0, B, 4096):  # slices of at most 4096 x 48 x 8 bytes = 1.5 MiB
+        sl = slice(s, s + 4096)
+        ys, dxs, _ = _run(M.subspace_dae, x[:, sl], U, c[:, sl], phi[:, sl], None, dims, mode,
+                          gy[:, sl])
+        assert torch.equal(y[:, sl], ys)
+        assert torch.equal(dx[:, sl], dxs)
+    y_ref, dx_ref, _ = _run(R.subspace_dae, x, U, c, phi, None, dims, mode, gy)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)

@@ -246,7 +246,8 @@ inline void prefetch_block(const T* rows, int S, int n) {
 // of n values) in an instance of B samples starting at `start`: the blocked denoiser streams its
 // inputs block by block, with long compute between them, and the hardware prefetcher does not
 // keep ahead of it. The lines are requested a whole block (microseconds) before they are read.
-// Measured on the Zen 4 VM, forward of (48, 2, 6, 65536), hard: 6.3 -> 5.4 ms on one thread.
+// On the Zen 4 VM (32 MiB L3), fwd+bwd of (48, 2, 6, 65536), paired in the op on two threads:
+// hard 0.86-0.89, soft 0.94-0.98 of the time without.
 template <typename T>
 inline void prefetch_next_block(const T* rows, int64_t start, int S, int64_t B, int64_t n) {
   const int64_t next = std::min<int64_t>(S, B - start - S);
@@ -254,6 +255,30 @@ inline void prefetch_next_block(const T* rows, int64_t start, int S, int64_t B, 
   const char* a = reinterpret_cast<const char*>(rows + (int64_t)S * n);
   const int64_t bytes = next * n * (int64_t)sizeof(T);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o, 0, 1);
+}
+
+// Outputs of at least this many bytes are written by non-temporal stores (stream_rows). On the
+// Zen 4 VM (1 MiB L2, 32 MiB L3, two threads) they cost 10-20% of the forward at 0.8-1.5 MB of
+// output (which the caches would have kept), nothing at 3 MB, and saved time from 6 MB on; fwd+bwd
+// of (48, 2, 6, 65536), 12.6 MB of y, paired in the op: hard 0.87, soft 0.95. The cost not
+// measured here: a caller that reads the output right away from a large L3 reads it from memory.
+#ifndef MOLRG_STREAM_MIN_BYTES
+#define MOLRG_STREAM_MIN_BYTES (8 << 20)
+#endif
+constexpr int64_t kStreamMinBytes = MOLRG_STREAM_MIN_BYTES;
+
+// Whether an output of rows of n values starting at base, `bytes` long in all, is written by
+// non-temporal stores (expand's stream): a vector target, rows that are whole 64-byte lines from
+// a 64-byte aligned base, and an output too large to be read back from the caches.
+template <typename T>
+inline bool stream_rows(const T* base, int64_t n, int64_t bytes) {
+#if defined(__AVX2__)
+  return (reinterpret_cast<uintptr_t>(base) % 64) == 0 && (n * (int64_t)sizeof(T)) % 64 == 0 &&
+         bytes >= kStreamMinBytes;
+#else
+  (void)base, (void)n, (void)bytes;
+  return false;
+#endif
 }
 
 // out [S, Kp] (row stride Kp): out[t, k] = sum over the columns j of component k of
@@ -518,10 +543,11 @@ void soft_block_weights(const T* P, const T* sq, const T* phi, const T* c, const
 }
 
 // Forward of S <= kBlock consecutive samples of one instance: y, proj [S, K*dm], w [S, K].
+// stream_y: y is written by non-temporal stores (expand; the caller fences).
 template <typename T>
 void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* dims, const T* c,
                        const T* phi, const T* bias, const int64_t* assign, int mode, T* proj,
-                       T* w, T* y, BlockScratch<T>& s) {
+                       T* w, T* y, BlockScratch<T>& s, bool stream_y = false) {
   const PanelGeom& g = pn.g;
   const int n = g.n, K = g.K, dm = g.dm, D = g.D, Dp = g.Dp;
   for (int t = 0; t < S; ++t) {
@@ -544,7 +570,7 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
   if (mode == kSoft) {
     soft_block_weights(s.P.data(), s.sums.data(), phi, c, bias,
                        bias ? BiasRows::kSample : BiasRows::kNone, nullptr, S, pn, w, s);
-    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
+    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_y);
     return;
   }
   // hard: one group per component (the x rows were read in order by the projection above)
@@ -563,16 +589,18 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
       for (int j = 0; j < dims[k]; j += V::W) V::store(Cu + j, a * V::load(Pt + j));
       s.rowY[u] = y + (int64_t)t * n;
     }
-    expand(s.C.data(), dW, cnt, dims[k], pn.UcT(k), dm, n, s.rowY.data());
+    expand(s.C.data(), dW, cnt, dims[k], pn.UcT(k), dm, n, s.rowY.data(), stream_y);
   }
 }
 
 // Backward of S consecutive samples of one instance: dx [S, n] (if non-null), dc, dphi, dbias,
-// and the instance's gradient accumulator acc [g.acc_size()] (if non-null).
+// and the instance's gradient accumulator acc [g.acc_size()] (if non-null). stream_dx: dx is
+// written by non-temporal stores (expand; the caller fences).
 template <typename T>
 void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, const int32_t* dims,
                         const T* c, const T* phi, const T* proj, const T* w, int mode, T* dx,
-                        T* dc, T* dphi, T* dbias, T* acc, BlockScratch<T>& s) {
+                        T* dc, T* dphi, T* dbias, T* acc, BlockScratch<T>& s,
+                        bool stream_dx = false) {
   const PanelGeom& g = pn.g;
   const int n = g.n, K = g.K, dm = g.dm, D = g.D, Dp = g.Dp, dW = g.dW;
   if (mode == kSoft) {
@@ -591,7 +619,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
     soft_block_coefs(s.P.data(), w, c, S, pn, s);                  // C (for dU) and s.E
     soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc, dphi,
                      s);
-    if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
+    if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_dx);
     if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc);
     return;
   }
@@ -633,7 +661,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       for (int j = 0; j < dk; j += V::W) V::store(dPu + j, V::set1(a) * V::load(Ru + j));
       for (int j = 0; j < dk; ++j) Cu[j] = a * Pt[j];
     }
-    if (dx) expand(s.dP.data(), dW, cnt, dk, pn.UcT(k), dm, n, s.rowY.data());
+    if (dx) expand(s.dP.data(), dW, cnt, dk, pn.UcT(k), dm, n, s.rowY.data(), stream_dx);
     if (acc) {
       outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), dW, cnt, dk, n,
             acc + g.comp_acc_offset(k));

@@ -241,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* pp = proj.data_ptr<scalar_t>();
     scalar_t* wp = w.data_ptr<scalar_t>();
+    const bool stream_y = cpu::stream_rows(yp, s.n, y.numel() * (int64_t)sizeof(scalar_t));
     parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc,
                                                       int64_t) {
       const int64_t i0 = p * s.B + start;
@@ -248,7 +249,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
       cpu::dae_forward_block<scalar_t>(
           xp + i0 * s.n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0, php + i0,
           bp ? bp + i0 * s.K : nullptr, ap ? ap + i0 : nullptr, (int)mode, pp + i0 * s.K * s.dm,
-          wp + i0 * s.K, yp + i0 * s.n, sc);
+          wp + i0 * s.K, yp + i0 * s.n, sc, stream_y);
+      if (stream_y) cpu::stream_fence();
     });
   });
   return {y, proj, w};
@@ -301,6 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     scalar_t* dbp = dbias.data_ptr<scalar_t>();
     const int64_t K = s.K, n = s.n, D = s.K * s.dm;
     const bool by_instance = acc && acc->by_instance;
+    const bool stream_dx = dxp && cpu::stream_rows(dxp, n, dx.numel() * (int64_t)sizeof(scalar_t));
     parallel_blocks<scalar_t>(g, s.P, s.B, by_instance, [&](int64_t p, int64_t start, int S,
                                                              auto& sc, int64_t slot) {
       const int64_t i0 = p * s.B + start;
@@ -309,7 +312,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
       cpu::dae_backward_block<scalar_t>(
           gp + i0 * n, xp + i0 * n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0,
           php + i0, pp + i0 * D, wp + i0 * K, (int)mode, dxp ? dxp + i0 * n : nullptr, dcp + i0,
-          dphip + i0, dbp + i0 * K, acc ? acc->of(slot) : nullptr, sc);
+          dphip + i0, dbp + i0 * K, acc ? acc->of(slot) : nullptr, sc, stream_dx);
+      if (stream_dx) cpu::stream_fence();
     });
     if (acc) acc->unpack(g, s, dU);
   });

@@ -21,6 +21,10 @@
 #include <type_traits>
 #include <utility>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 // Builds without AVX (MOLRG_NATIVE=OFF) pass these 32-byte vectors in two SSE registers; the
 // functions are inline and never cross a library boundary, so the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -37,6 +41,14 @@ constexpr int kVecBytes = 64, kVecRegs = 32;
 constexpr int kVecBytes = 32, kVecRegs = 16;
 #endif
 
+// Orders this thread's non-temporal stores (simd::stream) before its later stores: called before
+// the data written by them is handed to another thread or back to the caller.
+inline void stream_fence() {
+#if defined(__AVX2__)
+  _mm_sfence();
+#endif
+}
+
 // Bytes: the vector size, kVecBytes unless a kernel asks for half vectors (project, narrow panels)
 template <typename T, int Bytes = kVecBytes>
 struct simd {
@@ -48,6 +60,24 @@ struct simd {
     return r;
   }
   static inline void store(T* p, const v& a) { std::memcpy(p, &a, sizeof a); }
+  // A non-temporal store (to memory, past the caches, no read for ownership) where the vector is
+  // a 32- or 64-byte register of the target; p must be aligned to the vector size. Ordered only by
+  // stream_fence().
+  static inline void stream(T* p, const v& a) {
+#if defined(__AVX512F__)
+    if constexpr (Bytes == 64) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), (__m512i)a);
+      return;
+    }
+#endif
+#if defined(__AVX2__)
+    if constexpr (Bytes == 32) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)a);
+      return;
+    }
+#endif
+    store(p, a);
+  }
   static inline v set1(T a) { return bcast(a, std::make_integer_sequence<int, W>{}); }
   // Sum of the lanes as a tree (halves added pairwise: log2(W) dependent adds). An in-order sum
   // (what GCC makes of an omp simd reduction) is a chain of W dependent scalar adds.
@@ -208,8 +238,8 @@ inline void project(const T* const* A, int R, int n, const T* U, int urows, int 
 
 // ---- expand: Y[r][i0 : i0 + NB*W] = sum_{j<J} C[r, j] UTc[j, 0 : NB*W] for RT rows, UTc the
 // panel's chunk of columns i0 .. (rows NB*W apart); entries of the last vector beyond n are not
-// written.
-template <typename T, int NB, int RT>
+// written. Stream: the whole-vector rows are written by non-temporal stores (expand).
+template <typename T, int NB, int RT, bool Stream = false>
 inline void expand_tile(const T* C, int cstride, int J, const T* UTc, int i0, int n,
                         T* const* Y) {
   using S = simd<T>;
@@ -235,7 +265,10 @@ inline void expand_tile(const T* C, int cstride, int J, const T* UTc, int i0, in
 #pragma GCC unroll 16
     for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b) S::store(y[r] + b * W, acc[r][b]);
+      for (int b = 0; b < NB; ++b) {
+        if constexpr (Stream) S::stream(y[r] + b * W, acc[r][b]);
+        else S::store(y[r] + b * W, acc[r][b]);
+      }
     return;
   }
 #pragma GCC unroll 16
@@ -253,29 +286,34 @@ inline void expand_tile(const T* C, int cstride, int J, const T* UTc, int i0, in
     }
 }
 
-template <typename T, int NB, int RT>
+template <typename T, int NB, int RT, bool Stream>
 inline void expand_rows(const T* C, int cstride, int R, int J, const T* UTc, int i0, int n,
                         T* const* Y) {
   int r = 0;
   for (; r + RT <= R; r += RT)
-    expand_tile<T, NB, RT>(C + (int64_t)r * cstride, cstride, J, UTc, i0, n, Y + r);
+    expand_tile<T, NB, RT, Stream>(C + (int64_t)r * cstride, cstride, J, UTc, i0, n, Y + r);
   with_tail<RT>(R - r, [&](auto m) {
-    expand_tile<T, NB, decltype(m)::value>(C + (int64_t)r * cstride, cstride, J, UTc, i0, n,
-                                           Y + r);
+    expand_tile<T, NB, decltype(m)::value, Stream>(C + (int64_t)r * cstride, cstride, J, UTc,
+                                                   i0, n, Y + r);
   });
 }
 
 // Y [R rows of n] = C [R, J] (row stride cstride) @ UT [J, np], UT the first J rows of a chunked
-// panel [utrows, np] (kExpandChunk; np = n rounded up, zero padded).
+// panel [utrows, np] (kExpandChunk; np = n rounded up, zero padded). stream: the rows of Y are
+// an output larger than the caches, each row aligned to 64 bytes and a whole number of vectors
+// long (stream_rows): written by non-temporal stores, which skip reading every line in from
+// memory before overwriting it, and leave the caches to the inputs; the caller calls
+// stream_fence() before the rows are handed on.
 template <typename T>
 inline void expand(const T* C, int cstride, int R, int J, const T* UT, int utrows, int n,
-                   T* const* Y) {
+                   T* const* Y, bool stream = false) {
   static_assert(kExpandChunk == 4, "for_vector_chunks' column blocks are the panel's chunks");
   for_vector_chunks<T>(n, [&](int i0, auto nb) {
     constexpr int NB = decltype(nb)::value;
     constexpr int F = kVecRegs / 16;  // rows per tile: 3, 4, 6, 8 (16 registers) or twice that
     constexpr int RT = (NB == 1 ? 8 : 12 / NB) * F;
-    expand_rows<T, NB, RT>(C, cstride, R, J, UT + (int64_t)i0 * utrows, i0, n, Y);
+    if (stream) expand_rows<T, NB, RT, true>(C, cstride, R, J, UT + (int64_t)i0 * utrows, i0, n, Y);
+    else expand_rows<T, NB, RT, false>(C, cstride, R, J, UT + (int64_t)i0 * utrows, i0, n, Y);
   });
 }
 
