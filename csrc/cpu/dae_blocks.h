@@ -234,12 +234,13 @@ struct BlockScratch {
 
 // Prefetches the S rows of n values at rows (one contiguous block of samples), line by line in
 // memory order: hard mode reads a block's rows group by group, an order the hardware prefetcher
-// does not follow on data streamed from memory.
-template <typename T>
-inline void prefetch_block(const T* rows, int S, int n) {
+// does not follow on data streamed from memory. Locality: __builtin_prefetch's hint (3: into L1,
+// 1: into L2).
+template <int Locality = 3, typename T>
+inline void prefetch_block(const T* rows, int64_t S, int64_t n) {
   const char* a = reinterpret_cast<const char*>(rows);
-  const int64_t bytes = (int64_t)S * n * (int64_t)sizeof(T);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o, 0, 3);
+  const int64_t bytes = S * n * (int64_t)sizeof(T);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o, 0, Locality);
 }
 
 // Prefetches into L2 the rows of the block that follows the block of S samples at `rows` (rows
@@ -251,10 +252,7 @@ inline void prefetch_block(const T* rows, int S, int n) {
 template <typename T>
 inline void prefetch_next_block(const T* rows, int64_t start, int S, int64_t B, int64_t n) {
   const int64_t next = std::min<int64_t>(S, B - start - S);
-  if (next <= 0) return;
-  const char* a = reinterpret_cast<const char*>(rows + (int64_t)S * n);
-  const int64_t bytes = next * n * (int64_t)sizeof(T);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o, 0, 1);
+  if (next > 0) prefetch_block<1>(rows + (int64_t)S * n, next, n);
 }
 
 // Outputs of at least this many bytes are written by non-temporal stores (stream_rows). On the
