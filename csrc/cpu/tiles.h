@@ -312,8 +312,9 @@ inline void expand(const T* C, int cstride, int R, int J, const T* UT, int utrow
     constexpr int NB = decltype(nb)::value;
     constexpr int F = kVecRegs / 16;  // rows per tile: 3, 4, 6, 8 (16 registers) or twice that
     constexpr int RT = (NB == 1 ? 8 : 12 / NB) * F;
-    if (stream) expand_rows<T, NB, RT, true>(C, cstride, R, J, UT + (int64_t)i0 * utrows, i0, n, Y);
-    else expand_rows<T, NB, RT, false>(C, cstride, R, J, UT + (int64_t)i0 * utrows, i0, n, Y);
+    const T* UTc = UT + (int64_t)i0 * utrows;
+    if (stream) expand_rows<T, NB, RT, true>(C, cstride, R, J, UTc, i0, n, Y);
+    else expand_rows<T, NB, RT, false>(C, cstride, R, J, UTc, i0, n, Y);
   });
 }
 
