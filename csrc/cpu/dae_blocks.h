@@ -540,6 +540,26 @@ void soft_block_weights(const T* P, const T* sq, const T* phi, const T* c, const
   });
 }
 
+// The saved projections proj [S, D] of a block from its full-panel rows P [S, Dp], in row order:
+// a row whose whole vectors (Dp values) end inside the block's proj is copied as whole vectors,
+// spilling its padding zeros into the rows after it, which their own copies overwrite; the
+// others (at least the last row: what follows the block may belong to another thread) value by
+// value. std::copy of D values was a call to memmove per sample.
+template <typename T>
+inline void copy_proj_rows(const T* P, int S, int D, int Dp, T* proj) {
+  using V = simd<T>;
+  const int64_t end = (int64_t)S * D;
+  for (int t = 0; t < S; ++t) {
+    const T* src = P + (int64_t)t * Dp;
+    T* dst = proj + (int64_t)t * D;
+    if ((int64_t)t * D + Dp <= end) {
+      for (int j = 0; j < Dp; j += V::W) V::store(dst + j, V::load(src + j));
+    } else {
+      for (int j = 0; j < D; ++j) dst[j] = src[j];
+    }
+  }
+}
+
 // Forward of S <= kBlock consecutive samples of one instance: y, proj [S, K*dm], w [S, K].
 // stream_y: y is written by non-temporal stores (expand; the caller fences).
 template <typename T>
@@ -554,14 +574,14 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
   }
   project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp, D);
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);  // ||P_k||^2
-  for (int t = 0; t < S; ++t) {
-    const T* Pt = s.P.data() + (int64_t)t * Dp;
-    const T* sq = s.sums.data() + (int64_t)t * g.Kp;
-    T* wt = w + (int64_t)t * K;
-    std::copy(Pt, Pt + D, proj + (int64_t)t * D);
-    if (mode == kHard) {  // soft: the weights for the whole block below
-      const int k0 = assign ? (int)assign[t] : kernels::dae_argmax(sq, K);
-      for (int k = 0; k < K; ++k) wt[k] = k == k0 ? T(1) : T(0);
+  copy_proj_rows(s.P.data(), S, D, Dp, proj);
+  if (mode == kHard) {  // soft: the weights for the whole block below
+    // zeros, then the ones: GCC compiled k == k0 ? 1 : 0 to a branch per k, which the random
+    // components of a block mispredicted every other sample
+    std::fill(w, w + (int64_t)S * K, T(0));
+    for (int t = 0; t < S; ++t) {
+      const int k0 = assign ? (int)assign[t] : kernels::dae_argmax(s.sums.data() + (int64_t)t * g.Kp, K);
+      w[(int64_t)t * K + k0] = T(1);
       s.comp[t] = k0;
     }
   }
@@ -578,16 +598,17 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     const int u0 = s.start[k], cnt = s.start[k + 1] - u0;
     if (cnt == 0) continue;
     using V = simd<T>;
+    const int dk = dims[k];  // read once: the stores to C might alias dims
     for (int u = 0; u < cnt; ++u) {
       const int t = s.sel[u0 + u];
       const typename V::v a = V::set1(c[t] * w[(int64_t)t * K + k]);
       const T* Pt = s.P.data() + (int64_t)t * Dp + k * dm;
       T* Cu = s.C.data() + (int64_t)u * dW;
       // whole vectors: expand reads the d_k columns only, and s.P ends in a vector of padding
-      for (int j = 0; j < dims[k]; j += V::W) V::store(Cu + j, a * V::load(Pt + j));
+      for (int j = 0; j < dk; j += V::W) V::store(Cu + j, a * V::load(Pt + j));
       s.rowY[u] = y + (int64_t)t * n;
     }
-    expand(s.C.data(), dW, cnt, dims[k], pn.UcT(k), dm, n, s.rowY.data(), stream_y);
+    expand(s.C.data(), dW, cnt, dk, pn.UcT(k), dm, n, s.rowY.data(), stream_y);
   }
 }
 
