@@ -560,6 +560,31 @@ inline void copy_proj_rows(const T* P, int S, int D, int Dp, T* proj) {
   }
 }
 
+// The inverse of copy_proj_rows: full-panel rows P [S, Dp], zeros past D, from a block's saved
+// projections proj [S, D]. A row whose whole vectors end inside proj is copied as whole vectors,
+// the last one's lanes past D (the next row's values) set to zero by a select; the others value
+// by value. std::copy and std::fill per sample were two libc calls per sample.
+template <typename T>
+inline void pad_proj_rows(const T* proj, int S, int D, int Dp, T* P) {
+  using V = simd<T>;
+  const int64_t end = (int64_t)S * D;
+  const int last = Dp - V::W;  // the one vector that holds lanes past D (Dp rounds D up)
+  typename V::v lane;
+  for (int i = 0; i < V::W; ++i) lane[i] = T(i);
+  const auto keep = lane < V::set1(T(D - last));
+  for (int t = 0; t < S; ++t) {
+    const T* src = proj + (int64_t)t * D;
+    T* dst = P + (int64_t)t * Dp;
+    if ((int64_t)t * D + Dp <= end) {
+      for (int j = 0; j < last; j += V::W) V::store(dst + j, V::load(src + j));
+      V::store(dst + last, keep ? V::load(src + last) : typename V::v{});
+    } else {
+      for (int j = 0; j < D; ++j) dst[j] = src[j];
+      for (int j = D; j < Dp; ++j) dst[j] = T(0);
+    }
+  }
+}
+
 // Forward of S <= kBlock consecutive samples of one instance: y, proj [S, K*dm], w [S, K].
 // stream_y: y is written by non-temporal stores (expand; the caller fences).
 template <typename T>
@@ -630,11 +655,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       if (dx) s.rowY[t] = dx + (int64_t)t * n;
     }
     project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D);
-    for (int t = 0; t < S; ++t) {  // the saved projections as full-panel rows
-      T* Pt = s.P.data() + (int64_t)t * Dp;
-      std::copy(proj + (int64_t)t * D, proj + (int64_t)(t + 1) * D, Pt);
-      std::fill(Pt + D, Pt + Dp, T(0));
-    }
+    pad_proj_rows(proj, S, D, Dp, s.P.data());  // the saved projections as full-panel rows
     comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2
     soft_block_coefs(s.P.data(), w, c, S, pn, s);                  // C (for dU) and s.E
     soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc, dphi,
