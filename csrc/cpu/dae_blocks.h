@@ -154,6 +154,7 @@ struct BlockScratch {
   // none).
   std::vector<uint32_t> nidx, nlev;
   std::vector<const char*> lines;
+  int ahead_calls = 0;  // next() calls of this thread's last with_ahead (0: none yet)
   int64_t next_p = -1;
   uint32_t next_m0 = 0;
   // One instance's packed panels and gradient accumulators, for callers that pack, run and
@@ -217,6 +218,15 @@ struct BlockScratch {
     list_lines(X, n, idx.data(), S);
     for (const char* line : lines) (void)*(const volatile char*)line;
   }
+  // Runs f(&pf) (a block), pf's lines (the next block's rows, add_next_block) spread over as
+  // many next() calls as this thread's last block made: a block's kernels make about as many tile
+  // calls as the block before them.
+  template <typename F>
+  void with_ahead(RangePrefetch& pf, F&& f) {
+    pf.spread(ahead_calls > 0 ? ahead_calls : 16);
+    f(&pf);
+    ahead_calls = pf.calls;
+  }
   // Order the S samples by component: sel = samples of component 0, then 1, ... (each group
   // in sample order), start[k] = first position of group k.
   void sort_by_component(int S, int K) {
@@ -232,27 +242,19 @@ struct BlockScratch {
   }
 };
 
-// Prefetches the S rows of n values at rows (one contiguous block of samples), line by line in
-// memory order: hard mode reads a block's rows group by group, an order the hardware prefetcher
-// does not follow on data streamed from memory. Locality: __builtin_prefetch's hint (3: into L1,
-// 1: into L2).
-template <int Locality = 3, typename T>
-inline void prefetch_block(const T* rows, int64_t S, int64_t n) {
-  const char* a = reinterpret_cast<const char*>(rows);
-  const int64_t bytes = S * n * (int64_t)sizeof(T);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(a + o, 0, Locality);
-}
-
-// Prefetches into L2 the rows of the block that follows the block of S samples at `rows` (rows
-// of n values) in an instance of B samples starting at `start`: the blocked denoiser streams its
-// inputs block by block, with long compute between them, and the hardware prefetcher does not
-// keep ahead of it. The lines are requested a whole block (microseconds) before they are read.
-// On the Zen 4 VM (32 MiB L3), fwd+bwd of (48, 2, 6, 65536), paired in the op on two threads:
-// hard 0.86-0.89, soft 0.94-0.98 of the time without.
+// Adds to pf the rows of the block that follows the block of S samples at `rows` (rows of n
+// values) in an instance of B samples starting at `start`; pf is spread over the block's tiles
+// (BlockScratch::with_ahead). The blocked denoiser streams its inputs block by block, with long
+// compute between them, and the hardware prefetcher does not keep ahead of it on every machine:
+// on the Zen 4 VM (32 MiB L3), fwd+bwd of (48, 2, 6, 65536), paired in the op on two threads,
+// prefetching the next block's rows in one burst at a block's start took hard 0.86-0.89, soft
+// 0.94-0.98 of the time without. On the Xeon VM that burst cost more than it saved (without it:
+// hard 0.937, soft 0.969), as its prefetches waited for free miss buffers.
 template <typename T>
-inline void prefetch_next_block(const T* rows, int64_t start, int S, int64_t B, int64_t n) {
+inline void add_next_block(RangePrefetch& pf, const T* rows, int64_t start, int S, int64_t B,
+                           int64_t n) {
   const int64_t next = std::min<int64_t>(S, B - start - S);
-  if (next > 0) prefetch_block<1>(rows + (int64_t)S * n, next, n);
+  if (next > 0) pf.add(rows + (int64_t)S * n, next * n * (int64_t)sizeof(T));
 }
 
 // Outputs of at least this many bytes are written by non-temporal stores (stream_rows). On the
@@ -474,10 +476,12 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
 
 // Hard assignment argmax_k ||U_k^T x||^2 (ties to the lowest k) of S consecutive samples.
 template <typename T>
-void assign_block(const T* x, int S, const Panels<T>& pn, int64_t* out, BlockScratch<T>& s) {
+void assign_block(const T* x, int S, const Panels<T>& pn, int64_t* out, BlockScratch<T>& s,
+                  RangePrefetch* pf = nullptr) {
   const PanelGeom& g = pn.g;
   for (int t = 0; t < S; ++t) s.rowA[t] = x + (int64_t)t * g.n;
-  project(s.rowA.data(), S, g.n, pn.Uf(), g.n, g.Dp, s.P.data(), g.Dp, g.D);
+  project(s.rowA.data(), S, g.n, pn.Uf(), g.n, g.Dp, s.P.data(), g.Dp, g.D, pf);
+  if (pf) pf->finish();
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
   for (int t = 0; t < S; ++t) out[t] = kernels::dae_argmax(s.sums.data() + (int64_t)t * g.Kp, g.K);
 }
@@ -590,14 +594,15 @@ inline void pad_proj_rows(const T* proj, int S, int D, int Dp, T* P) {
 template <typename T>
 void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* dims, const T* c,
                        const T* phi, const T* bias, const int64_t* assign, int mode, T* proj,
-                       T* w, T* y, BlockScratch<T>& s, bool stream_y = false) {
+                       T* w, T* y, BlockScratch<T>& s, bool stream_y = false,
+                       RangePrefetch* pf = nullptr) {
   const PanelGeom& g = pn.g;
   const int n = g.n, K = g.K, dm = g.dm, D = g.D, Dp = g.Dp;
   for (int t = 0; t < S; ++t) {
     s.rowA[t] = x + (int64_t)t * n;
     s.rowY[t] = y + (int64_t)t * n;
   }
-  project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp, D);
+  project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp, D, pf);
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);  // ||P_k||^2
   copy_proj_rows(s.P.data(), S, D, Dp, proj);
   if (mode == kHard) {  // soft: the weights for the whole block below
@@ -614,7 +619,8 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
   if (mode == kSoft) {
     soft_block_weights(s.P.data(), s.sums.data(), phi, c, bias,
                        bias ? BiasRows::kSample : BiasRows::kNone, nullptr, S, pn, w, s);
-    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_y);
+    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_y, pf);
+    if (pf) pf->finish();
     return;
   }
   // hard: one group per component (the x rows were read in order by the projection above)
@@ -634,8 +640,9 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
       for (int j = 0; j < dk; j += V::W) V::store(Cu + j, a * V::load(Pt + j));
       s.rowY[u] = y + (int64_t)t * n;
     }
-    expand(s.C.data(), dW, cnt, dk, pn.UcT(k), dm, n, s.rowY.data(), stream_y);
+    expand(s.C.data(), dW, cnt, dk, pn.UcT(k), dm, n, s.rowY.data(), stream_y, pf);
   }
+  if (pf) pf->finish();
 }
 
 // Backward of S consecutive samples of one instance: dx [S, n] (if non-null), dc, dphi, dbias,
@@ -645,7 +652,7 @@ template <typename T>
 void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, const int32_t* dims,
                         const T* c, const T* phi, const T* proj, const T* w, int mode, T* dx,
                         T* dc, T* dphi, T* dbias, T* acc, BlockScratch<T>& s,
-                        bool stream_dx = false) {
+                        bool stream_dx = false, RangePrefetch* pf = nullptr) {
   const PanelGeom& g = pn.g;
   const int n = g.n, K = g.K, dm = g.dm, D = g.D, Dp = g.Dp, dW = g.dW;
   if (mode == kSoft) {
@@ -654,19 +661,22 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       s.rowB[t] = x + (int64_t)t * n;
       if (dx) s.rowY[t] = dx + (int64_t)t * n;
     }
-    project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D);
+    project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D, pf);
     pad_proj_rows(proj, S, D, Dp, s.P.data());  // the saved projections as full-panel rows
     comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2
     soft_block_coefs(s.P.data(), w, c, S, pn, s);                  // C (for dU) and s.E
     soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc, dphi,
                      s);
-    if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_dx);
-    if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc);
+    if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_dx, pf);
+    if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc, pf);
+    if (pf) pf->finish();
     return;
   }
-  // hard: one group per component, reading the gy and x rows (and writing dx) in group order,
-  // after prefetching the block's rows in memory order (they stream from memory or L3). This
-  // replaced copying the rows into component-ordered buffers: paired, 0.90-0.93 of the time.
+  // hard: one group per component, reading the gy and x rows (and writing dx) in group order;
+  // the rows are in L2 when the caller prefetched them during the block before (pf). This
+  // replaced copying the rows into component-ordered buffers: paired, 0.90-0.93 of the time. A
+  // burst of L1 prefetches of the block's rows in memory order, which went with it, cost 2%
+  // once the rows came spread over the block before (Xeon VM, paired, two threads).
   // dphi and dbias are zero in hard mode: filled once per block, as the forward's w (a zero loop
   // per sample was a memset call per sample)
   std::fill(dphi, dphi + S, T(0));
@@ -674,8 +684,6 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
   for (int t = 0; t < S; ++t)
     s.comp[t] = kernels::dae_argmax(w + (int64_t)t * K, K);  // w is one-hot
   s.sort_by_component(S, K);
-  prefetch_block(gy, S, n);
-  if (acc) prefetch_block(x, S, n);
   for (int k = 0; k < K; ++k) {
     const int u0 = s.start[k], cnt = s.start[k + 1] - u0;
     if (cnt == 0) continue;
@@ -686,7 +694,7 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       s.rowB[u] = x + (int64_t)t * n;
       if (dx) s.rowY[u] = dx + (int64_t)t * n;
     }
-    project(s.rowA.data(), cnt, n, pn.Uc(k), n, dW, s.R.data(), dW, dk);
+    project(s.rowA.data(), cnt, n, pn.Uc(k), n, dW, s.R.data(), dW, dk, pf);
     for (int u = 0; u < cnt; ++u) {
       const int t = s.sel[u0 + u];
       const T wk = w[(int64_t)t * K + k], a = c[t] * wk;
@@ -703,12 +711,13 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       for (int j = 0; j < dk; j += V::W) V::store(dPu + j, V::set1(a) * V::load(Ru + j));
       for (int j = 0; j < dk; ++j) Cu[j] = a * Pt[j];
     }
-    if (dx) expand(s.dP.data(), dW, cnt, dk, pn.UcT(k), dm, n, s.rowY.data(), stream_dx);
+    if (dx) expand(s.dP.data(), dW, cnt, dk, pn.UcT(k), dm, n, s.rowY.data(), stream_dx, pf);
     if (acc) {
       outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), dW, cnt, dk, n,
-            acc + g.comp_acc_offset(k));
+            acc + g.comp_acc_offset(k), pf);
     }
   }
+  if (pf) pf->finish();
 }
 
 // dP rows u [cnt, dW] (row stride ds) of a hard-mode group of component k (d_k = dk): dP_u =

@@ -12,6 +12,7 @@
 #endif
 
 #include "../kernels/philox.h"
+#include "prefetch.h"
 
 namespace molrg::cpu {
 
@@ -268,21 +269,6 @@ inline void store_normals(const T (*z)[kPhiloxLanes], int ne, int lanes, T* rows
 // faster than 2 (-12%) and 3 (a partial transpose) and as fast as 6, in a standalone harness of
 // the normals (AVX2).
 constexpr int kWideBlocks = 4;
-
-// Software prefetches of a list of cache lines, a few at a time: the caller spreads them over a
-// long compute-bound loop, so that they never wait for a free miss buffer (a burst of them does).
-struct LinePrefetch {
-  const char* const* lines;
-  int count, done = 0, per_call;
-  LinePrefetch(const char* const* l, int c) : lines(l), count(c), per_call(c) {}
-  // Spread the lines over `calls` calls of next(), as evenly as whole lines allow.
-  void spread(int calls) { per_call = calls > 0 ? (count + calls - 1) / calls : count; }
-  void next() { issue(std::min(count, done + per_call)); }
-  void finish() { issue(count); }
-  void issue(int end) {  // into L2 (prefetcht2): the rows are read a block later
-    for (; done < end; ++done) __builtin_prefetch(lines[done], 0, 1);
-  }
-};
 
 // eps [count, n]: the normals of slots m0 .. m0 + count - 1 of instance p. kWideBlocks Philox
 // blocks at a time (rounds interleaved) give 4 kWideBlocks normals of kPhiloxLanes slots, stored

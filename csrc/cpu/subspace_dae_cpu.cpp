@@ -245,11 +245,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
     parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc,
                                                       int64_t) {
       const int64_t i0 = p * s.B + start;
-      cpu::prefetch_next_block(xp + i0 * s.n, start, S, s.B, s.n);
-      cpu::dae_forward_block<scalar_t>(
-          xp + i0 * s.n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0, php + i0,
-          bp ? bp + i0 * s.K : nullptr, ap ? ap + i0 : nullptr, (int)mode, pp + i0 * s.K * s.dm,
-          wp + i0 * s.K, yp + i0 * s.n, sc, stream_y);
+      cpu::RangePrefetch ahead;
+      cpu::add_next_block(ahead, xp + i0 * s.n, start, S, s.B, s.n);
+      sc.with_ahead(ahead, [&](cpu::RangePrefetch* pf) {
+        cpu::dae_forward_block<scalar_t>(
+            xp + i0 * s.n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0, php + i0,
+            bp ? bp + i0 * s.K : nullptr, ap ? ap + i0 : nullptr, (int)mode,
+            pp + i0 * s.K * s.dm, wp + i0 * s.K, yp + i0 * s.n, sc, stream_y, pf);
+      });
       if (stream_y) cpu::stream_fence();
     });
   });
@@ -307,12 +310,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
     parallel_blocks<scalar_t>(g, s.P, s.B, by_instance, [&](int64_t p, int64_t start, int S,
                                                              auto& sc, int64_t slot) {
       const int64_t i0 = p * s.B + start;
-      cpu::prefetch_next_block(gp + i0 * n, start, S, s.B, n);
-      if (acc) cpu::prefetch_next_block(xp + i0 * n, start, S, s.B, n);
-      cpu::dae_backward_block<scalar_t>(
-          gp + i0 * n, xp + i0 * n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0,
-          php + i0, pp + i0 * D, wp + i0 * K, (int)mode, dxp ? dxp + i0 * n : nullptr, dcp + i0,
-          dphip + i0, dbp + i0 * K, acc ? acc->of(slot) : nullptr, sc, stream_dx);
+      cpu::RangePrefetch ahead;
+      cpu::add_next_block(ahead, gp + i0 * n, start, S, s.B, n);
+      if (acc) cpu::add_next_block(ahead, xp + i0 * n, start, S, s.B, n);
+      sc.with_ahead(ahead, [&](cpu::RangePrefetch* pf) {
+        cpu::dae_backward_block<scalar_t>(
+            gp + i0 * n, xp + i0 * n, S, {panp + p * g.size(), g}, s.dims.data(), cp + i0,
+            php + i0, pp + i0 * D, wp + i0 * K, (int)mode, dxp ? dxp + i0 * n : nullptr,
+            dcp + i0, dphip + i0, dbp + i0 * K, acc ? acc->of(slot) : nullptr, sc, stream_dx, pf);
+      });
       if (stream_dx) cpu::stream_fence();
     });
     if (acc) acc->unpack(g, s, dU);
@@ -338,8 +344,11 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
     parallel_blocks<scalar_t>(g, s.P, s.B, false, [&](int64_t p, int64_t start, int S, auto& sc,
                                                       int64_t) {
       const int64_t i0 = p * s.B + start;
-      cpu::prefetch_next_block(xp + i0 * s.n, start, S, s.B, s.n);
-      cpu::assign_block<scalar_t>(xp + i0 * s.n, S, {panp + p * g.size(), g}, op + i0, sc);
+      cpu::RangePrefetch ahead;
+      cpu::add_next_block(ahead, xp + i0 * s.n, start, S, s.B, s.n);
+      sc.with_ahead(ahead, [&](cpu::RangePrefetch* pf) {
+        cpu::assign_block<scalar_t>(xp + i0 * s.n, S, {panp + p * g.size(), g}, op + i0, sc, pf);
+      });
     });
   });
   return out;

@@ -21,6 +21,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "prefetch.h"
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -192,11 +194,14 @@ inline void project_tile(const T* const* A, int n, const T* U, int ustride, T* o
 // LTO). As one call per column block: 0.96 in the op (LTO), 0.93-0.95 in the harness.
 template <typename T, int NV, int RT, int Bytes = kVecBytes>
 __attribute__((noinline)) void project_cols(const T* const* A, int R, int n, const T* U,
-                                            int ustride, T* out, int ostride) {
+                                            int ustride, T* out, int ostride, RangePrefetch* pf) {
   int r = 0;
-  for (; r + RT <= R; r += RT)
+  for (; r + RT <= R; r += RT) {
+    if (pf) pf->next();
     project_tile<T, NV, RT, Bytes>(A + r, n, U, ustride, out + (int64_t)r * ostride, ostride);
+  }
   with_tail<RT>(R - r, [&](auto m) {
+    if (pf) pf->next();
     project_tile<T, NV, decltype(m)::value, Bytes>(A + r, n, U, ustride,
                                                    out + (int64_t)r * ostride, ostride);
   });
@@ -214,24 +219,24 @@ constexpr int project_rows(int nv) { return std::min(8, (kVecRegs - nv - 1) / nv
 // past its first `used` columns. With 64-byte vectors, a one-vector panel with used <= W / 2 (a
 // component of d_k <= 8, float) is multiplied in half vectors: the same sums in the same order,
 // and the FMAs of the zero half, which cost as much as the other half on cores that split 512-bit
-// operations in two (AMD Zen 4), are not issued.
+// operations in two (AMD Zen 4), are not issued. pf (optional): lines prefetched a few per tile.
 template <typename T>
 inline void project(const T* const* A, int R, int n, const T* U, int urows, int w, T* out,
-                    int ostride, int used = -1) {
+                    int ostride, int used = -1, RangePrefetch* pf = nullptr) {
   constexpr int W = simd<T>::W;
   static_assert(kProjectChunk == 3, "project's column blocks are the panel's chunks");
   if constexpr (kVecBytes == 64) {
     if (w == W && used >= 0 && 2 * used <= W) {
-      project_cols<T, 1, project_rows(1), kVecBytes / 2>(A, R, n, U, W, out, ostride);
+      project_cols<T, 1, project_rows(1), kVecBytes / 2>(A, R, n, U, W, out, ostride, pf);
       return;
     }
   }
   for (int c = 0; c < w;) {
     const int nv = std::min(kProjectChunk, (w - c) / W);
     const T* Uc = U + (int64_t)c * urows;  // the chunk: urows rows of nv vectors
-    if (nv == 3) project_cols<T, 3, project_rows(3)>(A, R, n, Uc, 3 * W, out + c, ostride);
-    else if (nv == 2) project_cols<T, 2, project_rows(2)>(A, R, n, Uc, 2 * W, out + c, ostride);
-    else project_cols<T, 1, project_rows(1)>(A, R, n, Uc, W, out + c, ostride);
+    if (nv == 3) project_cols<T, 3, project_rows(3)>(A, R, n, Uc, 3 * W, out + c, ostride, pf);
+    else if (nv == 2) project_cols<T, 2, project_rows(2)>(A, R, n, Uc, 2 * W, out + c, ostride, pf);
+    else project_cols<T, 1, project_rows(1)>(A, R, n, Uc, W, out + c, ostride, pf);
     c += nv * W;
   }
 }
@@ -288,11 +293,14 @@ inline void expand_tile(const T* C, int cstride, int J, const T* UTc, int i0, in
 
 template <typename T, int NB, int RT, bool Stream>
 inline void expand_rows(const T* C, int cstride, int R, int J, const T* UTc, int i0, int n,
-                        T* const* Y) {
+                        T* const* Y, RangePrefetch* pf) {
   int r = 0;
-  for (; r + RT <= R; r += RT)
+  for (; r + RT <= R; r += RT) {
+    if (pf) pf->next();
     expand_tile<T, NB, RT, Stream>(C + (int64_t)r * cstride, cstride, J, UTc, i0, n, Y + r);
+  }
   with_tail<RT>(R - r, [&](auto m) {
+    if (pf) pf->next();
     expand_tile<T, NB, decltype(m)::value, Stream>(C + (int64_t)r * cstride, cstride, J, UTc,
                                                    i0, n, Y + r);
   });
@@ -303,18 +311,18 @@ inline void expand_rows(const T* C, int cstride, int R, int J, const T* UTc, int
 // an output larger than the caches, each row aligned to 64 bytes and a whole number of vectors
 // long (stream_rows): written by non-temporal stores, which skip reading every line in from
 // memory before overwriting it, and leave the caches to the inputs; the caller calls
-// stream_fence() before the rows are handed on.
+// stream_fence() before the rows are handed on. pf (optional): lines prefetched a few per tile.
 template <typename T>
 inline void expand(const T* C, int cstride, int R, int J, const T* UT, int utrows, int n,
-                   T* const* Y, bool stream = false) {
+                   T* const* Y, bool stream = false, RangePrefetch* pf = nullptr) {
   static_assert(kExpandChunk == 4, "for_vector_chunks' column blocks are the panel's chunks");
   for_vector_chunks<T>(n, [&](int i0, auto nb) {
     constexpr int NB = decltype(nb)::value;
     constexpr int F = kVecRegs / 16;  // rows per tile: 3, 4, 6, 8 (16 registers) or twice that
     constexpr int RT = (NB == 1 ? 8 : 12 / NB) * F;
     const T* UTc = UT + (int64_t)i0 * utrows;
-    if (stream) expand_rows<T, NB, RT, true>(C, cstride, R, J, UTc, i0, n, Y);
-    else expand_rows<T, NB, RT, false>(C, cstride, R, J, UTc, i0, n, Y);
+    if (stream) expand_rows<T, NB, RT, true>(C, cstride, R, J, UTc, i0, n, Y, pf);
+    else expand_rows<T, NB, RT, false>(C, cstride, R, J, UTc, i0, n, Y, pf);
   });
 }
 
@@ -360,13 +368,16 @@ inline void outer_tile(const T* const* A, const T* B, int bstride, int R, int j0
 
 template <typename T, int NB, int RJ>
 inline void outer_rows(const T* const* A, const T* B, int bstride, int R, int J, int i0, int n,
-                       T* dUT, int np) {
+                       T* dUT, int np, RangePrefetch* pf) {
   constexpr int W = simd<T>::W;
   auto run = [&](auto full) {
     int j = 0;
-    for (; j + RJ <= J; j += RJ)
+    for (; j + RJ <= J; j += RJ) {
+      if (pf) pf->next();
       outer_tile<T, NB, RJ, decltype(full)::value>(A, B, bstride, R, j, i0, n, dUT, np);
+    }
     with_tail<RJ>(J - j, [&](auto m) {
+      if (pf) pf->next();
       outer_tile<T, NB, decltype(m)::value, decltype(full)::value>(A, B, bstride, R, j, i0, n,
                                                                    dUT, np);
     });
@@ -377,9 +388,10 @@ inline void outer_rows(const T* const* A, const T* B, int bstride, int R, int J,
 
 // dUT [J rows of np] += B^T A + B2^T A2, with A, A2 [R rows of n], B, B2 [R, >= J] (row stride
 // bstride) and np = n rounded up to the vector width: the gradient wrt the basis, transposed.
+// pf (optional): lines prefetched a few per tile.
 template <typename T>
 inline void outer(const T* const* A, const T* B, const T* const* A2, const T* B2, int bstride,
-                  int R, int J, int n, T* dUT) {
+                  int R, int J, int n, T* dUT, RangePrefetch* pf = nullptr) {
   const int np = round_up_vec<T>(n);
   for (int pass = 0; pass < 2; ++pass) {
     const T* const* Ap = pass ? A2 : A;
@@ -388,7 +400,7 @@ inline void outer(const T* const* A, const T* B, const T* const* A2, const T* B2
       constexpr int NB = decltype(nb)::value;
       // RJ*NB accumulators + RJ broadcasts + 1 load: 3, 3, 5, 7 (16 registers), 6, 7, 10, 15 (32)
       constexpr int RJ = (kVecRegs - 1) / (NB + 1);
-      outer_rows<T, NB, RJ>(Ap, Bp, bstride, R, J, i0, n, dUT, np);
+      outer_rows<T, NB, RJ>(Ap, Bp, bstride, R, J, i0, n, dUT, np, pf);
     });
   }
 }
