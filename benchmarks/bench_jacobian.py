@@ -2,21 +2,26 @@
 
 Run:  PYTHONPATH=. python -m pytest benchmarks/bench_jacobian.py -p no:cacheprovider \
           --benchmark-json=bench_jacobian.json
-Every benchmark stores ``extra_info["samples"]`` (samples per call) and
-``extra_info["per_sample_s"]`` (mean time / samples): the slow peers time a subset of the batch and
-are compared per sample. Groups: one per shape.
 
-Peers (same denoiser, float32, plain-PyTorch reference implementation):
-* ``loop``: per-sample ``torch.autograd.functional.jacobian`` + ``torch.linalg.svdvals``;
-* ``vmap``: ``torch.func.vmap(torch.func.jacrev(...))`` over the batch + batched ``svdvals``.
+Group n=48 (B = 256 samples, the cases of ``molrg_ext.bench.make_jacobian_case``, which the
+``python -m benchmarks`` table times too): ``ours`` (``dae_jacobian_spectrum``) against ``eager``
+(``svdvals(vmap(jacrev(denoiser)))`` of the plain-PyTorch denoiser), ``compile``
+(``torch.compile`` of that) and ``eager-loop`` (per-sample ``torch.autograd.functional.jacobian``
++ ``svdvals``).
+
+Group n=3072 (B = 64): ``ours`` against ``vmap(jacrev)`` of the reference denoiser on one sample
+(its 3072 x 3072 Jacobian and SVD take minutes on 2 CPU cores; no compiled peer for the same
+reason). Every benchmark there stores ``extra_info["samples"]`` and ``extra_info["per_sample_s"]``
+(mean time / samples), so the two are compared per sample.
 """
 import pytest
 import torch
 
 import molrg_ext as M
+from molrg_ext.bench import JACOBIAN_SHAPES, make_jacobian_case
 from molrg_ext import reference as ref
 
-SMALL = dict(n=48, K=2, d=6, B=1024)
+SMALL = JACOBIAN_SHAPES[0]  # (n, K, d, B)
 LARGE = dict(n=3072, K=4, d=40, B=64)
 
 
@@ -36,16 +41,6 @@ def _ours(x, U, c, phi, dims):
     return M.dae_jacobian_spectrum(x, U, c, phi, dims=dims)
 
 
-def _loop(x, U, c, phi, dims):
-    out = []
-    for b in range(x.shape[0]):
-        def f(z):
-            return ref.subspace_dae(z[None], U, c[b:b + 1], phi[b:b + 1], None, dims)[0]
-
-        out.append(torch.linalg.svdvals(torch.autograd.functional.jacobian(f, x[b])))
-    return torch.stack(out)
-
-
 def _vmap(x, U, c, phi, dims):
     def single(xb, cb, pb):
         return ref.subspace_dae(xb[None], U, cb[None], pb[None], None, dims)[0]
@@ -61,11 +56,6 @@ def _run(benchmark, fn, args, samples, rounds, warmup=1):
 
 
 @pytest.fixture(scope="module")
-def small():
-    return _problem(**SMALL)
-
-
-@pytest.fixture(scope="module")
 def large():
     return _problem(**LARGE)
 
@@ -75,24 +65,14 @@ def _subset(p, m):
     return (x[:m].contiguous(), U, c[:m].contiguous(), phi[:m].contiguous(), dims)
 
 
-@pytest.mark.benchmark(group="jacobian n=48 K=2 d=6 B=1024")
-def test_small_ours(benchmark, small):
-    sv = _run(benchmark, _ours, small, SMALL["B"], rounds=20)
-    # correctness guard on a few samples (not timed)
-    ref_sv = _vmap(*_subset(small, 8))[:, : sv.shape[-1]]
-    torch.testing.assert_close(sv[:8], ref_sv, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.benchmark(group="jacobian n=48 K=2 d=6 B=1024")
-def test_small_vmap_jacrev(benchmark, small):
-    m = 256
-    _run(benchmark, _vmap, _subset(small, m), m, rounds=2, warmup=0)
-
-
-@pytest.mark.benchmark(group="jacobian n=48 K=2 d=6 B=1024")
-def test_small_autograd_loop(benchmark, small):
-    m = 16
-    _run(benchmark, _loop, _subset(small, m), m, rounds=2, warmup=0)
+@pytest.mark.parametrize("impl", ["ours", "eager", "compile", "eager-loop"])
+def test_small(benchmark, run_case, impl):
+    benchmark.group = "jacobian n={} K={} d={} B={}".format(*SMALL)
+    fn = make_jacobian_case(impl, *SMALL)
+    if impl != "ours":  # correctness guard (not timed): the top K d values agree with ours
+        sv, ours = fn(), make_jacobian_case("ours", *SMALL)()
+        torch.testing.assert_close(sv[:, : ours.shape[-1]], ours, rtol=1e-4, atol=1e-4)
+    run_case(fn, rounds=2 if impl == "eager-loop" else 10)
 
 
 @pytest.mark.benchmark(group="jacobian n=3072 K=4 d=40 B=64")

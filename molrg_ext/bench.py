@@ -10,6 +10,12 @@ Peers:
   through a [B, K, n, d] intermediate; it is an oracle, not a fair speed peer.)
 * ``compile``: ``torch.compile`` of the same eager function (inductor).
 * ``cupy``: the same composition in CuPy, when cupy and a GPU are present.
+* ``eager-loop``: the eager case one unit at a time: the training step instance by instance, the
+  Jacobian spectrum sample by sample (``torch.autograd.functional.jacobian`` + ``svdvals``).
+
+Jacobian rows time the singular values of the denoiser's Jacobian per sample
+(:func:`molrg_ext.dae_jacobian_spectrum`) against ``svdvals(vmap(jacrev(denoiser)))`` of the same
+eager composition (``eager``), its ``torch.compile`` (``compile``) and the per-sample loop.
 """
 from __future__ import annotations
 
@@ -24,13 +30,15 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .jacobian import dae_jacobian_spectrum
 from .ops import subspace_dae
 from .posterior import posterior_mean_coefficients
 from .reference import masked_bases
 from .train_step import Levels, train_step
 
 __all__ = [
-    "DAE_SHAPES", "TRAIN_SHAPES", "eager_dae", "make_dae_case", "make_train_case",
+    "DAE_SHAPES", "TRAIN_SHAPES", "JACOBIAN_SHAPES", "eager_dae", "make_dae_case",
+    "make_train_case", "make_jacobian_case",
     "dae_flops", "train_flops", "time_callable", "cuda_synced", "run", "main", "peak_gflops",
     "nominal_peak_gflops",
 ]
@@ -40,6 +48,8 @@ DAE_SHAPES = [(48, 2, 6, 1024), (48, 2, 6, 65536), (48, 3, 8, 65536), (3072, 10,
               (3072, 10, 40, 4096)]
 # (n, K, d, M, P)
 TRAIN_SHAPES = [(48, 2, 6, 1024, 64)]
+# (n, K, d, B): the peers form and decompose B dense n x n Jacobians
+JACOBIAN_SHAPES = [(48, 2, 6, 256)]
 
 
 def eager_dae(x, U, c, phi, dims, mode):
@@ -134,6 +144,40 @@ def _make_cupy_case(x, U, c, phi, gy, mode):
         return dU
 
     return step
+
+
+def make_jacobian_case(impl: str, n, K, d, B, mode="soft") -> Callable:
+    """A callable returning the singular values [B, ...] of the denoiser's Jacobian wrt x at B
+    samples (one instance): impl 'ours' (dae_jacobian_spectrum: min(n, K d) values), 'eager'
+    (svdvals of vmap(jacrev) of eager_dae: all n), 'compile' (torch.compile of that) or
+    'eager-loop' (autograd.functional.jacobian + svdvals, sample by sample)."""
+    x, U, c, phi, _ = _problem(n, K, d, B)
+    x, U, c, phi = x[0], U[0], c[0], phi[0]
+    dims = [d] * K
+    if impl == "ours":
+        return lambda: dae_jacobian_spectrum(x, U, c, phi, dims=dims, mode=mode)
+
+    def one(xb, cb, pb):  # the eager denoiser at one sample: [n] -> [n]
+        return eager_dae(xb[None, None], U[None], cb[None, None], pb[None, None], dims, mode)[0, 0]
+
+    def batched(x, c, phi):
+        return torch.linalg.svdvals(torch.func.vmap(torch.func.jacrev(one))(x, c, phi))
+
+    if impl == "eager":
+        return lambda: batched(x, c, phi)
+    if impl == "compile":
+        torch._dynamo.reset()
+        cf = torch.compile(batched, dynamic=False)
+        return lambda: cf(x, c, phi)
+    if impl == "eager-loop":
+        def loop():
+            out = []
+            for b in range(B):
+                J = torch.autograd.functional.jacobian(lambda z: one(z, c[b], phi[b]), x[b])
+                out.append(torch.linalg.svdvals(J))
+            return torch.stack(out)
+        return loop
+    raise ValueError(f"unknown impl {impl!r}")
 
 
 def _levels(L=64, dtype=torch.float64) -> Levels:
@@ -284,20 +328,23 @@ def _row(kind, shape, mode, times, medians, flops):
     ours = times.get("ours")
     row = {"kind": kind, "shape": list(shape), "mode": mode, "seconds": times,
            "median_seconds": medians, "flops": flops,
-           "gflops_ours": (flops / ours / 1e9) if ours else None}
+           "gflops_ours": (flops / ours / 1e9) if ours and flops else None}
     row["speedup"] = {k: v / ours for k, v in times.items() if k != "ours" and v and ours}
     return row
 
 
 def run(dae_shapes=None, train_shapes=None, peers=("eager", "compile"), modes=("soft",),
-        train_modes=("hard", "soft"), repeats=5, out: Optional[str] = None, progress=True):
+        train_modes=("hard", "soft"), repeats=5, out: Optional[str] = None, progress=True,
+        jacobian_shapes=None):
     """Time every case; print a table; return (and optionally save) the rows."""
     dae_shapes = DAE_SHAPES if dae_shapes is None else dae_shapes
     train_shapes = TRAIN_SHAPES if train_shapes is None else train_shapes
+    jacobian_shapes = JACOBIAN_SHAPES if jacobian_shapes is None else jacobian_shapes
     rows = []
     peak = peak_gflops()
     jobs = [("dae", s, m) for s in dae_shapes for m in modes]
     jobs += [("train", s, m) for s in train_shapes for m in train_modes]
+    jobs += [("jacobian", s, "soft") for s in jacobian_shapes]
     try:
         from tqdm import tqdm
         it = tqdm(jobs, desc="bench", disable=not progress)
@@ -305,17 +352,22 @@ def run(dae_shapes=None, train_shapes=None, peers=("eager", "compile"), modes=("
         it = jobs
     for kind, shape, mode in it:
         times, medians = {}, {}
-        impls = ("ours", *peers) + (("eager-loop",) if kind == "train" and "eager" in peers
+        impls = ("ours", *peers) + (("eager-loop",) if kind != "dae" and "eager" in peers
                                     else ())
+        make = {"dae": make_dae_case, "train": make_train_case,
+                "jacobian": make_jacobian_case}[kind]
         for impl in impls:
-            fn = (make_dae_case(impl, *shape, mode=mode) if kind == "dae"
-                  else make_train_case(impl, *shape, mode=mode))
+            if kind == "jacobian" and impl == "cupy":
+                continue
+            fn = make(impl, *shape, mode=mode)
             if fn is None:
                 continue
             med, best = time_callable(fn, repeats=repeats, warmup=2 if impl == "compile" else 1)
             # the minimum is the least disturbed run on a shared machine; medians are kept too
             times[impl], medians[impl] = best, med
-        flops = dae_flops(*shape, mode) if kind == "dae" else train_flops(*shape, mode)
+        # the Jacobian rows have no flop count (the op and its peers do different work)
+        flops = (dae_flops(*shape, mode) if kind == "dae" else
+                 train_flops(*shape, mode) if kind == "train" else None)
         rows.append(_row(kind, shape, mode, times, medians, flops))
     peak = max(peak, peak_gflops())  # measured before and after: the less disturbed of the two
     _print(rows, peak)
@@ -334,13 +386,14 @@ def run(dae_shapes=None, train_shapes=None, peers=("eager", "compile"), modes=("
 
 def _print(rows, peak):
     peers = sorted({k for r in rows for k in r["seconds"] if k != "ours"})
-    print("times: minimum over repeats (ms); train rows are per step of all P instances")
-    head = f"{'kind':6} {'shape':24} {'mode':5} {'ours ms':>9} " + " ".join(
+    print("times: minimum over repeats (ms); train rows are per step of all P instances, "
+          "jacobian rows per batch of B samples")
+    head = f"{'kind':8} {'shape':24} {'mode':5} {'ours ms':>9} " + " ".join(
         f"{p + ' ms':>11} {'x' + p:>9}" for p in peers) + f" {'GFLOP/s':>8} {'% peak':>6}"
     print(head)
     for r in rows:
         t = r["seconds"]
-        line = f"{r['kind']:6} {str(tuple(r['shape'])):24} {r['mode']:5} "
+        line = f"{r['kind']:8} {str(tuple(r['shape'])):24} {r['mode']:5} "
         line += f"{1e3 * t['ours']:9.3f} " if "ours" in t else f"{'-':>9} "
         for p in peers:
             if p in t:
@@ -374,6 +427,7 @@ def add_arguments(p):
     p.add_argument("--shapes", default=None,
                    help="denoiser shapes as n,K,d,B;n,K,d,B (default: the built-in list)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step rows")
+    p.add_argument("--no-jacobian", action="store_true", help="skip the Jacobian-spectrum rows")
 
 
 def run_args(a):
@@ -386,5 +440,9 @@ def run_args(a):
     train = [(48, 2, 6, 256, 8)] if a.quick else None
     if a.no_train:
         train = []
-    run(dae, train, peers, tuple(a.modes.split(",")), repeats=a.repeats, out=a.out)
+    jac = [(48, 2, 6, 32)] if a.quick else None
+    if a.no_jacobian:
+        jac = []
+    run(dae, train, peers, tuple(a.modes.split(",")), repeats=a.repeats, out=a.out,
+        jacobian_shapes=jac)
     return 0

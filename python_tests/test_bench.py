@@ -20,20 +20,39 @@ def test_run_writes_rows_with_ratios_and_peak(tmp_path, one_thread):
     out = tmp_path / "bench.json"
     rows = bench.run(dae_shapes=[(16, 2, 3, 128)], train_shapes=[(16, 2, 3, 32, 2)],
                      peers=("eager",), modes=("soft", "hard"), repeats=1, out=str(out),
-                     progress=False)
+                     progress=False, jacobian_shapes=[(8, 2, 2, 4)])
     kinds = [(r["kind"], r["mode"]) for r in rows]
-    assert kinds == [("dae", "soft"), ("dae", "hard"), ("train", "hard"), ("train", "soft")]
+    assert kinds == [("dae", "soft"), ("dae", "hard"), ("train", "hard"), ("train", "soft"),
+                     ("jacobian", "soft")]
     for r in rows:
         t = r["seconds"]
         assert t["ours"] > 0 and t["eager"] > 0
         assert abs(r["speedup"]["eager"] - t["eager"] / t["ours"]) < 1e-12
-        assert r["flops"] > 0 and r["gflops_ours"] == pytest.approx(r["flops"] / t["ours"] / 1e9)
-        if r["kind"] == "train":
-            assert "eager-loop" in t
+        if r["kind"] == "jacobian":  # no flop count: the op and its peers do different work
+            assert r["flops"] is None and r["gflops_ours"] is None
+        else:
+            assert r["flops"] > 0
+            assert r["gflops_ours"] == pytest.approx(r["flops"] / t["ours"] / 1e9)
+        assert ("eager-loop" in t) == (r["kind"] != "dae")
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert saved["meta"]["threads"] == torch.get_num_threads() == 1
     assert saved["meta"]["peak_gflops_fp32"] > 0
+
+
+@pytest.mark.parametrize("impl", ["eager", "compile", "eager-loop"])
+def test_jacobian_cases_agree_with_the_fused_op(impl, one_thread):
+    # every peer of the Jacobian rows computes the same spectrum: its top K d singular values
+    # are ours, the other n - K d are zero (J = c sum_k w_k U_k U_k^T + rank-K terms)
+    n, K, d, B = 10, 2, 3, 5
+    ours = bench.make_jacobian_case("ours", n, K, d, B)()
+    sv = bench.make_jacobian_case(impl, n, K, d, B)()
+    assert ours.shape == (B, K * d) and sv.shape == (B, n)
+    assert ours.min() > 0
+    torch.testing.assert_close(sv[:, : K * d], ours, rtol=1e-4, atol=1e-5)
+    assert sv[:, K * d:].abs().max() < 1e-4
+    with pytest.raises(ValueError, match="unknown impl"):
+        bench.make_jacobian_case("numpy", n, K, d, B)
 
 
 def test_peaks_count_the_threads_in_use():
