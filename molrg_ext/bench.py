@@ -146,14 +146,19 @@ def _make_cupy_case(x, U, c, phi, gy, mode):
     return step
 
 
-def make_jacobian_case(impl: str, n, K, d, B, mode="soft") -> Callable:
+def make_jacobian_case(impl: str, n, K, d, B, mode="soft", device="cpu") -> Callable:
     """A callable returning the singular values [B, ...] of the denoiser's Jacobian wrt x at B
     samples (one instance): impl 'ours' (dae_jacobian_spectrum: min(n, K d) values), 'eager'
     (svdvals of vmap(jacrev) of eager_dae: all n), 'compile' (torch.compile of that) or
-    'eager-loop' (autograd.functional.jacobian + svdvals, sample by sample)."""
-    x, U, c, phi, _ = _problem(n, K, d, B)
-    x, U, c, phi = x[0], U[0], c[0], phi[0]
+    'eager-loop' (autograd.functional.jacobian + svdvals, sample by sample). On CUDA the callable
+    synchronises before it returns."""
+    x, U, c, phi = (t[0].to(device) for t in _problem(n, K, d, B)[:4])
     dims = [d] * K
+    case = _jacobian_case(impl, x, U, c, phi, dims, mode, B)
+    return cuda_synced(case) if torch.device(device).type == "cuda" else case
+
+
+def _jacobian_case(impl, x, U, c, phi, dims, mode, B):
     if impl == "ours":
         return lambda: dae_jacobian_spectrum(x, U, c, phi, dims=dims, mode=mode)
 
@@ -187,13 +192,20 @@ def _levels(L=64, dtype=torch.float64) -> Levels:
     return Levels(s, gamma, torch.ones_like(t), c, phi, None)
 
 
-def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096) -> Optional[Callable]:
+def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096,
+                    device="cpu") -> Optional[Callable]:
     """One training step for P instances (batch M each); impl 'ours' (fused op), 'eager'
     (randint + randn + gather + denoiser + loss + backward in plain PyTorch, batched over P),
-    'compile' (torch.compile of that) or 'eager-loop' (the eager step run instance by instance)."""
+    'compile' (torch.compile of that) or 'eager-loop' (the eager step run instance by instance).
+    On CUDA the callable synchronises before it returns."""
+    case = _train_case(impl, n, K, d, M, P, mode, N, device)
+    return cuda_synced(case) if torch.device(device).type == "cuda" else case
+
+
+def _train_case(impl, n, K, d, M, P, mode, N, device):
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(P, N, n, generator=g)
-    U0 = torch.randn(P, K, n, d, generator=g) / math.sqrt(n)
+    X = torch.randn(P, N, n, generator=g).to(device)
+    U0 = (torch.randn(P, K, n, d, generator=g) / math.sqrt(n)).to(device)
     dims = [d] * K
     lv = _levels()
     counter = {"step": 0}
@@ -204,7 +216,7 @@ def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096) -> Optional[C
         return step
     if impl not in ("eager", "compile", "eager-loop"):
         raise ValueError(f"unknown impl {impl!r}")
-    table = lv.table(torch.float32)
+    table = lv.table(torch.float32, X.device)
     U = U0.clone().requires_grad_()
     Lv = table.shape[0]
 
@@ -230,9 +242,9 @@ def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096) -> Optional[C
 
         def step_loop():
             for p in range(P):
-                i = torch.randint(0, N, (1, M))
-                lev = torch.randint(0, Lv, (1, M))
-                eps = torch.randn(1, M, n)
+                i = torch.randint(0, N, (1, M), device=X.device)
+                lev = torch.randint(0, Lv, (1, M), device=X.device)
+                eps = torch.randn(1, M, n, device=X.device)
                 Us[p].grad = None
                 loss_fn(Us[p], X[p:p + 1], i, lev, eps).backward()
             return Us[-1].grad
@@ -243,9 +255,9 @@ def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096) -> Optional[C
     fn = torch.compile(loss_fn, dynamic=False) if impl == "compile" else loss_fn
 
     def step():
-        i = torch.randint(0, N, (P, M))
-        lev = torch.randint(0, Lv, (P, M))
-        eps = torch.randn(P, M, n)
+        i = torch.randint(0, N, (P, M), device=X.device)
+        lev = torch.randint(0, Lv, (P, M), device=X.device)
+        eps = torch.randn(P, M, n, device=X.device)
         U.grad = None
         fn(U, X, i, lev, eps).backward()
         return U.grad

@@ -40,19 +40,40 @@ def test_run_writes_rows_with_ratios_and_peak(tmp_path, one_thread):
     assert saved["meta"]["peak_gflops_fp32"] > 0
 
 
+_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("impl", ["eager", "compile", "eager-loop"])
-def test_jacobian_cases_agree_with_the_fused_op(impl, one_thread):
+def test_jacobian_cases_agree_with_the_fused_op(impl, device, one_thread):
     # every peer of the Jacobian rows computes the same spectrum: its top K d singular values
     # are ours, the other n - K d are zero (J = c sum_k w_k U_k U_k^T + rank-K terms)
     n, K, d, B = 10, 2, 3, 5
-    ours = bench.make_jacobian_case("ours", n, K, d, B)()
-    sv = bench.make_jacobian_case(impl, n, K, d, B)()
+    ours = bench.make_jacobian_case("ours", n, K, d, B, device=device)()
+    sv = bench.make_jacobian_case(impl, n, K, d, B, device=device)()
+    assert ours.device.type == sv.device.type == device
     assert ours.shape == (B, K * d) and sv.shape == (B, n)
     assert ours.min() > 0
     torch.testing.assert_close(sv[:, : K * d], ours, rtol=1e-4, atol=1e-5)
     assert sv[:, K * d:].abs().max() < 1e-4
     with pytest.raises(ValueError, match="unknown impl"):
         bench.make_jacobian_case("numpy", n, K, d, B)
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("impl", ["ours", "eager", "compile", "eager-loop"])
+def test_train_cases_step_on_their_device(impl, device, one_thread):
+    # each case is a whole step: it returns the gradient of U (on the case's device), and the
+    # steps differ (fresh draws each call)
+    n, K, d, M, P = 8, 2, 2, 16, 2
+    step = bench.make_train_case(impl, n, K, d, M, P, N=32, device=device)
+    g1 = step()
+    g1 = (g1[1] if isinstance(g1, tuple) else g1).clone()
+    g2 = step()
+    g2 = g2[1] if isinstance(g2, tuple) else g2
+    assert g1.device.type == device and torch.isfinite(g1).all() and g1.abs().sum() > 0
+    assert not torch.equal(g1, g2)
 
 
 def test_peaks_count_the_threads_in_use():
