@@ -318,8 +318,13 @@ inline void expand(const T* C, int cstride, int R, int J, const T* UT, int utrow
   static_assert(kExpandChunk == 4, "for_vector_chunks' column blocks are the panel's chunks");
   for_vector_chunks<T>(n, [&](int i0, auto nb) {
     constexpr int NB = decltype(nb)::value;
-    constexpr int F = kVecRegs / 16;  // rows per tile: 3, 4, 6, 8 (16 registers) or twice that
-    constexpr int RT = (NB == 1 ? 8 : 12 / NB) * F;
+    // rows per tile: 3, 4, 6, 8 (16 registers) or twice that, at most 8: as in project, the
+    // row pointers must fit in the general registers. With 16 rows of one vector (32 registers:
+    // the soft mode's per-component spread, comp_spread), GCC kept the pointers in vector
+    // registers and the accumulators on the stack; at 8 rows the soft backward took 57-60 ns
+    // per sample against 62-63 (one thread, in cache, AVX-512).
+    constexpr int F = kVecRegs / 16;
+    constexpr int RT = std::min(8, (NB == 1 ? 8 : 12 / NB) * F);
     const T* UTc = UT + (int64_t)i0 * utrows;
     if (stream) expand_rows<T, NB, RT, true>(C, cstride, R, J, UTc, i0, n, Y, pf);
     else expand_rows<T, NB, RT, false>(C, cstride, R, J, UTc, i0, n, Y, pf);
