@@ -300,15 +300,9 @@ inline void comp_spread(const T* coef, int cstride, int S, const Panels<T>& pn, 
   expand(coef, cstride, S, pn.g.K, pn.IndT(), pn.g.Kp, pn.g.Dp, Y);
 }
 
-// f(std::integral_constant<int, k>) for k = 0 .. N-1, expanded in the source: GCC vectorises an
-// omp simd loop over samples only when these per-component steps are straight-line code (as
-// loops over a constant K it left them to be unrolled after vectorisation, and gave up).
-template <int N, typename F>
-inline void unrolled(F&& f) {
-  [&]<int... I>(std::integer_sequence<int, I...>) {
-    (f(std::integral_constant<int, I>{}), ...);
-  }(std::make_integer_sequence<int, N>{});
-}
+// unrolled (tiles.h) over K: GCC vectorises an omp simd loop over samples only when these
+// per-component steps are straight-line code (as loops over a constant K it left them to be
+// unrolled after vectorisation, and gave up).
 
 // The per-sample soft-max math of a block for a compile-time K, one SIMD lane per sample: the
 // same operations in the same order as the generic code (block_softmax, the c w_k of

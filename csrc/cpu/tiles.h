@@ -105,6 +105,18 @@ struct simd {
   }
 };
 
+// f(std::integral_constant<int, i>) for i = 0 .. N-1, expanded in the source. The tiles store
+// their accumulators with it: as loops over (r, q), even loops GCC was told to unroll (#pragma
+// GCC unroll), the accumulator array lived on the stack outside the product loop (zeroed there,
+// spilled after it and reloaded for the stores: 72 extra vector moves per 8 x 3 tile of expand),
+// since the loops are unrolled only after the pass that keeps an array's elements in registers.
+template <int N, typename F>
+inline void unrolled(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
 // Round n up to a multiple of the vector width of T.
 template <typename T>
 inline int round_up_vec(int n) {
@@ -166,8 +178,7 @@ inline void project_tile(const T* const* A, int n, const T* U, int ustride, T* o
   using v = typename S::v;
   constexpr int W = S::W;
   v acc[RT][NV];
-  for (int r = 0; r < RT; ++r)
-    for (int q = 0; q < NV; ++q) acc[r][q] = v{};
+  unrolled<RT>([&](auto r) { unrolled<NV>([&](auto q) { acc[r][q] = v{}; }); });
   for (int i = 0; i < n; ++i) {
     v u[NV];
     for (int q = 0; q < NV; ++q) u[q] = S::load(U + (int64_t)i * ustride + q * W);
@@ -176,16 +187,13 @@ inline void project_tile(const T* const* A, int n, const T* U, int ustride, T* o
       for (int q = 0; q < NV; ++q) acc[r][q] += a * u[q];
     }
   }
-  // unrolled (pragma): as a loop over a runtime (r, q), acc stayed in memory (see expand_tile)
-#pragma GCC unroll 16
-  for (int r = 0; r < RT; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < NV; ++q) S::store(out + (int64_t)r * ostride + q * W, acc[r][q]);
+  unrolled<RT>([&](auto r) {
+    unrolled<NV>([&](auto q) { S::store(out + (int64_t)r * ostride + q * W, acc[r][q]); });
     if constexpr (Bytes != kVecBytes) {
       static_assert(NV == 1 && 2 * Bytes == kVecBytes, "half vectors: one column block");
       S::store(out + (int64_t)r * ostride + W, v{});
     }
-  }
+  });
 }
 
 // Not inlined: the extension is linked with LTO (pybind11's default), and there GCC inlined both
@@ -251,8 +259,7 @@ inline void expand_tile(const T* C, int cstride, int J, const T* UTc, int i0, in
   using v = typename S::v;
   constexpr int W = S::W;
   v acc[RT][NB];
-  for (int r = 0; r < RT; ++r)
-    for (int b = 0; b < NB; ++b) acc[r][b] = v{};
+  unrolled<RT>([&](auto r) { unrolled<NB>([&](auto b) { acc[r][b] = v{}; }); });
   for (int j = 0; j < J; ++j) {
     v u[NB];
     for (int b = 0; b < NB; ++b) u[b] = S::load(UTc + (int64_t)j * (NB * W) + b * W);
@@ -261,34 +268,23 @@ inline void expand_tile(const T* C, int cstride, int J, const T* UTc, int i0, in
       for (int b = 0; b < NB; ++b) acc[r][b] += a * u[b];
     }
   }
-  // The stores' loops are unrolled by pragma: left to GCC (the tail branch makes their body large),
-  // they stayed loops over a runtime (r, b), which kept acc in memory for the whole tile (spilled
-  // after the product, then copied to Y by 16-byte moves).
   if (i0 + NB * W <= n) {  // whole vectors
     T* y[RT];  // the row pointers read once (a store through Y[r] might otherwise alias them)
     for (int r = 0; r < RT; ++r) y[r] = Y[r] + i0;
-#pragma GCC unroll 16
-    for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b) {
+    unrolled<RT>([&](auto r) {
+      unrolled<NB>([&](auto b) {
         if constexpr (Stream) S::stream(y[r] + b * W, acc[r][b]);
         else S::store(y[r] + b * W, acc[r][b]);
-      }
+      });
+    });
     return;
   }
-#pragma GCC unroll 16
+  // the last vector is partial: the tile through a buffer, then the n - i0 values of each row
+  T buf[RT][NB * W];
+  unrolled<RT>([&](auto r) { unrolled<NB>([&](auto b) { S::store(buf[r] + b * W, acc[r][b]); }); });
+  const int m = n - i0;
   for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 4
-    for (int b = 0; b < NB; ++b) {
-      const int i = i0 + b * W;
-      if (i + W <= n) {
-        S::store(Y[r] + i, acc[r][b]);
-      } else {
-        T tmp[W];
-        S::store(tmp, acc[r][b]);
-        for (int e = 0; e < n - i; ++e) Y[r][i + e] = tmp[e];
-      }
-    }
+    for (int e = 0; e < m; ++e) Y[r][i0 + e] = buf[r][e];
 }
 
 template <typename T, int NB, int RT, bool Stream>
@@ -343,8 +339,7 @@ inline void outer_tile(const T* const* A, const T* B, int bstride, int R, int j0
   using v = typename S::v;
   constexpr int W = S::W;
   v acc[RJ][NB];
-  for (int jj = 0; jj < RJ; ++jj)
-    for (int q = 0; q < NB; ++q) acc[jj][q] = v{};
+  unrolled<RJ>([&](auto jj) { unrolled<NB>([&](auto q) { acc[jj][q] = v{}; }); });
   for (int r = 0; r < R; ++r) {
     v b[RJ];
     for (int jj = 0; jj < RJ; ++jj) b[jj] = S::set1(B[(int64_t)r * bstride + j0 + jj]);
@@ -362,13 +357,12 @@ inline void outer_tile(const T* const* A, const T* B, int bstride, int R, int j0
       for (int jj = 0; jj < RJ; ++jj) acc[jj][q] += b[jj] * av;
     }
   }
-#pragma GCC unroll 16
-  for (int jj = 0; jj < RJ; ++jj)
-#pragma GCC unroll 4
-    for (int q = 0; q < NB; ++q) {
+  unrolled<RJ>([&](auto jj) {
+    unrolled<NB>([&](auto q) {
       T* p = dUT + (int64_t)(j0 + jj) * np + i0 + q * W;
       S::store(p, S::load(p) + acc[jj][q]);
-    }
+    });
+  });
 }
 
 template <typename T, int NB, int RJ>
