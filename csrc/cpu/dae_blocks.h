@@ -300,15 +300,13 @@ inline void comp_spread(const T* coef, int cstride, int S, const Panels<T>& pn, 
   expand(coef, cstride, S, pn.g.K, pn.IndT(), pn.g.Kp, pn.g.Dp, Y);
 }
 
-// unrolled (tiles.h) over K: GCC vectorises an omp simd loop over samples only when these
-// per-component steps are straight-line code (as loops over a constant K it left them to be
-// unrolled after vectorisation, and gave up).
-
-// The per-sample soft-max math of a block for a compile-time K, one SIMD lane per sample: the
-// same operations in the same order as the generic code (block_softmax, the c w_k of
-// soft_block_coefs, soft_block_grads), which runs them sample by sample in loops over K (a few
-// iterations each: about a tenth of a soft training step). Lanes read the [S, Kp] sums with a
-// stride.
+// The per-sample soft-max math of a block for a compile-time K, one SIMD lane per sample (the
+// steps over k expanded by unrolled, tiles.h: GCC vectorises an omp simd loop over samples only
+// when they are straight-line code; as loops over a constant K it left them to be unrolled after
+// vectorisation, and gave up). The same operations in the same order as the generic code
+// (block_softmax, the c w_k of soft_block_coefs, soft_block_grads), which runs them sample by
+// sample in loops over K (a few iterations each: about a tenth of a soft training step). Lanes
+// read the [S, Kp] sums with a stride.
 //   soft_weights: w [S, K] = softmax_k(phi ||P_k||^2 + bias_k) and ca = c w, the bias row of
 //     sample t being row t (BiasRows::kSample, the denoiser) or row lev[t] (kLevel, the training
 //     step's per-level bias) of bias, or none;
