@@ -219,12 +219,13 @@ struct BlockScratch {
     for (const char* line : lines) (void)*(const volatile char*)line;
   }
   // Runs f(&pf) (a block), pf's lines (the next block's rows, add_next_block) spread over as
-  // many next() calls as this thread's last block made: a block's kernels make about as many tile
-  // calls as the block before them.
+  // many next() calls as this thread's last block made (a block's kernels make about as many tile
+  // calls as the block before them); the lines its calls left are issued after it.
   template <typename F>
   void with_ahead(RangePrefetch& pf, F&& f) {
     pf.spread(ahead_calls > 0 ? ahead_calls : 16);
     f(&pf);
+    pf.finish();
     ahead_calls = pf.calls;
   }
   // Order the S samples by component: sel = samples of component 0, then 1, ... (each group
@@ -473,7 +474,6 @@ void assign_block(const T* x, int S, const Panels<T>& pn, int64_t* out, BlockScr
   const PanelGeom& g = pn.g;
   for (int t = 0; t < S; ++t) s.rowA[t] = x + (int64_t)t * g.n;
   project(s.rowA.data(), S, g.n, pn.Uf(), g.n, g.Dp, s.P.data(), g.Dp, g.D, pf);
-  if (pf) pf->finish();
   comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);
   for (int t = 0; t < S; ++t) out[t] = kernels::dae_argmax(s.sums.data() + (int64_t)t * g.Kp, g.K);
 }
@@ -612,7 +612,6 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     soft_block_weights(s.P.data(), s.sums.data(), phi, c, bias,
                        bias ? BiasRows::kSample : BiasRows::kNone, nullptr, S, pn, w, s);
     expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_y, pf);
-    if (pf) pf->finish();
     return;
   }
   // hard: one group per component (the x rows were read in order by the projection above)
@@ -634,7 +633,6 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     }
     expand(s.C.data(), dW, cnt, dk, pn.UcT(k), dm, n, s.rowY.data(), stream_y, pf);
   }
-  if (pf) pf->finish();
 }
 
 // Backward of S consecutive samples of one instance: dx [S, n] (if non-null), dc, dphi, dbias,
@@ -661,7 +659,6 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
                      s);
     if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_dx, pf);
     if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc, pf);
-    if (pf) pf->finish();
     return;
   }
   // hard: one group per component, reading the gy and x rows (and writing dx) in group order;
@@ -709,7 +706,6 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
             acc + g.comp_acc_offset(k), pf);
     }
   }
-  if (pf) pf->finish();
 }
 
 // dP rows u [cnt, dW] (row stride ds) of a hard-mode group of component k (d_k = dk): dP_u =
