@@ -745,11 +745,14 @@ inline bool hard_train_uses_gram(int64_t M, const int32_t* dims, int K) {
 // (scaled by inv_M) into acc. Hard mode with gram (the panels hold G_k) takes dP in d-space.
 // next_S > 0: the slots m0 + S .. m0 + S + next_S - 1 of the same instance come next on this
 // thread; their draws are made now and their rows prefetched during the normals.
+// MOLRG_FULL_WIDTH (vec_width.h): its normals (philox_normals_slots, inlined here) and its
+// other vectorised loops at the full vector width.
 template <typename T>
-void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p, const Panels<T>& pn,
-                 const int32_t* dims, const T* levels, const T* level_bias, uint32_t L, int mode,
-                 bool gram, uint64_t seed, uint32_t step, T inv_M, T* loss, T* acc,
-                 BlockScratch<T>& s, int next_S) {
+MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p,
+                                  const Panels<T>& pn, const int32_t* dims, const T* levels,
+                                  const T* level_bias, uint32_t L, int mode, bool gram,
+                                  uint64_t seed, uint32_t step, T inv_M, T* loss, T* acc,
+                                  BlockScratch<T>& s, int next_S) {
   using namespace kernels;
   const PanelGeom& g = pn.g;
   const int n = g.n, K = g.K, D = g.D, Dp = g.Dp, dW = g.dW;

@@ -13,6 +13,7 @@
 
 #include "../kernels/philox.h"
 #include "prefetch.h"
+#include "vec_width.h"
 
 namespace molrg::cpu {
 
@@ -275,10 +276,13 @@ constexpr int kWideBlocks = 4;
 // by 8 x 8 transposes into the slots' rows; the rest of a row by two blocks (8 normals) or one.
 // If pf is given, its lines are prefetched a few per step along the way (the training step
 // fetches the scattered rows of its next block of samples there: the normals are its longest
-// stretch of compute without loads from memory).
+// stretch of compute without loads from memory). Box-Muller's lane loops at the full vector width
+// (MOLRG_FULL_WIDTH, vec_width.h); a caller that inlines this gives its own width, hence the same
+// attribute on train_block.
 template <typename T>
-inline void philox_normals_slots(uint64_t seed, uint32_t step, uint32_t p, uint32_t m0,
-                                 int count, int n, T* eps, LinePrefetch* pf = nullptr) {
+MOLRG_FULL_WIDTH inline void philox_normals_slots(uint64_t seed, uint32_t step, uint32_t p,
+                                                  uint32_t m0, int count, int n, T* eps,
+                                                  LinePrefetch* pf = nullptr) {
   constexpr int Ln = kPhiloxLanes;
   const PhiloxLaneKeys key((uint32_t)seed, (uint32_t)(seed >> 32));
   if (pf) {  // steps per run of Ln slots: the wide ones, then the rest of a row by 8 normals

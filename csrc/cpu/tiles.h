@@ -22,6 +22,7 @@
 #include <utility>
 
 #include "prefetch.h"
+#include "vec_width.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -32,16 +33,6 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace molrg::cpu {
-
-// Vector width and register count: 64-byte vectors and 32 registers where the build targets
-// AVX-512 (-march=native on such a machine), 32-byte vectors and 16 registers otherwise (AVX2,
-// or two SSE halves; -DMOLRG_VEC256 forces this on AVX-512 too, as it does the 8-lane Philox of
-// philox_lanes.h). The panels' padding (round_up_vec) and the tile shapes follow.
-#if defined(__AVX512F__) && !defined(MOLRG_VEC256)
-constexpr int kVecBytes = 64, kVecRegs = 32;
-#else
-constexpr int kVecBytes = 32, kVecRegs = 16;
-#endif
 
 // Orders this thread's non-temporal stores (simd::stream) before its later stores: called before
 // the data written by them is handed to another thread or back to the caller.
