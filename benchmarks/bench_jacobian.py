@@ -6,8 +6,9 @@ Run:  PYTHONPATH=. python -m pytest benchmarks/bench_jacobian.py -p no:cacheprov
 Group n=48 (B = 256 samples, the cases of ``molrg_ext.bench.make_jacobian_case``, which the
 ``python -m benchmarks`` table times too): ``ours`` (``dae_jacobian_spectrum``) against ``eager``
 (``svdvals(vmap(jacrev(denoiser)))`` of the plain-PyTorch denoiser), ``compile``
-(``torch.compile`` of that) and ``eager-loop`` (per-sample ``torch.autograd.functional.jacobian``
-+ ``svdvals``).
+(``torch.compile`` of that), ``eager-loop`` (per-sample ``torch.autograd.functional.jacobian``
++ ``svdvals``) and ``cupy`` (the Jacobians in closed form and ``cupy.linalg.svd``, on the GPU;
+skipped without cupy).
 
 Group n=3072 (B = 64): ``ours`` against ``vmap(jacrev)`` of the reference denoiser on one sample
 (its 3072 x 3072 Jacobian and SVD take minutes on 2 CPU cores; no compiled peer for the same
@@ -65,12 +66,14 @@ def _subset(p, m):
     return (x[:m].contiguous(), U, c[:m].contiguous(), phi[:m].contiguous(), dims)
 
 
-@pytest.mark.parametrize("impl", ["ours", "eager", "compile", "eager-loop"])
+@pytest.mark.parametrize("impl", ["ours", "eager", "compile", "eager-loop", "cupy"])
 def test_small(benchmark, run_case, impl):
     benchmark.group = "jacobian n={} K={} d={} B={}".format(*SMALL)
     fn = make_jacobian_case(impl, *SMALL)
+    if fn is None:
+        pytest.skip("cupy and a CUDA device are needed")
     if impl != "ours":  # correctness guard (not timed): the top K d values agree with ours
-        sv, ours = fn(), make_jacobian_case("ours", *SMALL)()
+        sv, ours = torch.as_tensor(fn()).cpu(), make_jacobian_case("ours", *SMALL)()
         torch.testing.assert_close(sv[:, : ours.shape[-1]], ours, rtol=1e-4, atol=1e-4)
     run_case(fn, rounds=2 if impl == "eager-loop" else 10)
 

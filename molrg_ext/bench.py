@@ -9,7 +9,9 @@ Peers:
   (``molrg_ext.reference`` uses one three-operand einsum that torch contracts left to right
   through a [B, K, n, d] intermediate; it is an oracle, not a fair speed peer.)
 * ``compile``: ``torch.compile`` of the same eager function (inductor).
-* ``cupy``: the same composition in CuPy, when cupy and a GPU are present.
+* ``cupy``: the same math in CuPy on the GPU (``molrg_ext.array_peers``: the gradients written
+  out by hand, the Jacobians formed in closed form), when cupy and a GPU are present; the
+  pytest-benchmark suites time it (``bench_cuda.py`` against our CUDA kernels), not the CPU table.
 * ``eager-loop``: the eager case one unit at a time: the training step instance by instance, the
   Jacobian spectrum sample by sample (``torch.autograd.functional.jacobian`` + ``svdvals``).
 
@@ -30,6 +32,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from . import array_peers
 from .jacobian import dae_jacobian_spectrum
 from .ops import subspace_dae
 from .posterior import posterior_mean_coefficients
@@ -116,30 +119,24 @@ def make_dae_case(impl: str, n, K, d, B, mode="soft", device="cpu") -> Optional[
     return step
 
 
-def _make_cupy_case(x, U, c, phi, gy, mode):
+def _cupy():
+    """The cupy module when it and a CUDA device are present, else None."""
     try:
         import cupy as cp
     except ImportError:
         return None
-    if not torch.cuda.is_available():
+    return cp if torch.cuda.is_available() else None
+
+
+def _make_cupy_case(x, U, c, phi, gy, mode):
+    cp = _cupy()
+    if cp is None:
         return None
     x, U, c, phi, gy = (cp.asarray(t.detach().cuda()) for t in (x, U, c, phi, gy))
 
     def step():  # forward + analytic backward wrt U (same math as the kernels)
-        proj = cp.einsum("pbn,pknd->pbkd", x, U)
-        sq = (proj**2).sum(-1)
-        if mode == "soft":
-            lg = phi[..., None] * sq
-            w = cp.exp(lg - lg.max(-1, keepdims=True))
-            w /= w.sum(-1, keepdims=True)
-        else:
-            w = cp.eye(U.shape[1], dtype=x.dtype)[sq.argmax(-1)]
-        r = cp.einsum("pbn,pknd->pbkd", gy, U)
-        h = c[..., None] * (r * proj).sum(-1)
-        dl = w * (h - (w * h).sum(-1, keepdims=True)) if mode == "soft" else 0 * w
-        dP = (c[..., None] * w)[..., None] * r + 2 * phi[..., None, None] * dl[..., None] * proj
-        a = (c[..., None] * w)[..., None] * proj
-        dU = cp.einsum("pbn,pbkd->pknd", x, dP) + cp.einsum("pbn,pbkd->pknd", gy, a)
+        proj, w, _ = array_peers.dae_forward(cp, x, U, c, phi, mode)
+        dU = array_peers.dae_grad_U(cp, x, U, c, phi, proj, w, gy, mode)
         cp.cuda.Device().synchronize()
         return dU
 
@@ -161,6 +158,18 @@ def make_jacobian_case(impl: str, n, K, d, B, mode="soft", device="cpu") -> Call
 def _jacobian_case(impl, x, U, c, phi, dims, mode, B):
     if impl == "ours":
         return lambda: dae_jacobian_spectrum(x, U, c, phi, dims=dims, mode=mode)
+    if impl == "cupy":  # the B Jacobians formed in closed form and decomposed (cupy.linalg.svd)
+        cp = _cupy()
+        if cp is None:
+            return None
+        xc, Uc, cc, pc = (cp.asarray(t.cuda()) for t in (x, U, c, phi))
+
+        def spectrum():
+            sv = array_peers.jacobian_spectrum(cp, xc, Uc, cc, pc, mode)
+            cp.cuda.Device().synchronize()
+            return sv
+
+        return spectrum
 
     def one(xb, cb, pb):  # the eager denoiser at one sample: [n] -> [n]
         return eager_dae(xb[None, None], U[None], cb[None, None], pb[None, None], dims, mode)[0, 0]
@@ -214,6 +223,21 @@ def _train_case(impl, n, K, d, M, P, mode, N, device):
             counter["step"] += 1
             return train_step(X, U0, dims, lv, M, 0, counter["step"], mode)
         return step
+    if impl == "cupy":  # randint + standard_normal + the composition, on the GPU
+        cp = _cupy()
+        if cp is None:
+            return None
+        Xc, Uc, tc = (cp.asarray(t.cuda()) for t in (X, U0, lv.table(torch.float32)))
+
+        def step_cupy():
+            idx = cp.random.randint(0, N, (P, M))
+            lev = cp.random.randint(0, tc.shape[0], (P, M))
+            eps = cp.random.standard_normal((P, M, n), dtype=cp.float32)
+            grad = array_peers.train_step_arrays(cp, Xc, Uc, tc, idx, lev, eps, mode)[1]
+            cp.cuda.Device().synchronize()
+            return grad
+
+        return step_cupy
     if impl not in ("eager", "compile", "eager-loop"):
         raise ValueError(f"unknown impl {impl!r}")
     table = lv.table(torch.float32, X.device)
@@ -369,8 +393,6 @@ def run(dae_shapes=None, train_shapes=None, peers=("eager", "compile"), modes=("
         make = {"dae": make_dae_case, "train": make_train_case,
                 "jacobian": make_jacobian_case}[kind]
         for impl in impls:
-            if kind == "jacobian" and impl == "cupy":
-                continue
             fn = make(impl, *shape, mode=mode)
             if fn is None:
                 continue
