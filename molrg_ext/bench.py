@@ -128,19 +128,28 @@ def _cupy():
     return cp if torch.cuda.is_available() else None
 
 
-def _make_cupy_case(x, U, c, phi, gy, mode):
+def _cupy_case(compute, *tensors):
+    """compute(cp, *arrays) on the GPU as a zero-argument callable that synchronises before it
+    returns, the tensors copied to CuPy arrays once; None without cupy and a CUDA device."""
     cp = _cupy()
     if cp is None:
         return None
-    x, U, c, phi, gy = (cp.asarray(t.detach().cuda()) for t in (x, U, c, phi, gy))
+    arrays = [cp.asarray(t.detach().cuda()) for t in tensors]
 
-    def step():  # forward + analytic backward wrt U (same math as the kernels)
-        proj, w, _ = array_peers.dae_forward(cp, x, U, c, phi, mode)
-        dU = array_peers.dae_grad_U(cp, x, U, c, phi, proj, w, gy, mode)
+    def run():
+        out = compute(cp, *arrays)
         cp.cuda.Device().synchronize()
-        return dU
+        return out
 
-    return step
+    return run
+
+
+def _make_cupy_case(x, U, c, phi, gy, mode):
+    def step(cp, x, U, c, phi, gy):  # forward + analytic backward wrt U (the kernels' math)
+        proj, w, _ = array_peers.dae_forward(cp, x, U, c, phi, mode)
+        return array_peers.dae_grad_U(cp, x, U, c, phi, proj, w, gy, mode)
+
+    return _cupy_case(step, x, U, c, phi, gy)
 
 
 def make_jacobian_case(impl: str, n, K, d, B, mode="soft", device="cpu") -> Callable:
@@ -159,17 +168,8 @@ def _jacobian_case(impl, x, U, c, phi, dims, mode, B):
     if impl == "ours":
         return lambda: dae_jacobian_spectrum(x, U, c, phi, dims=dims, mode=mode)
     if impl == "cupy":  # the B Jacobians formed in closed form and decomposed (cupy.linalg.svd)
-        cp = _cupy()
-        if cp is None:
-            return None
-        xc, Uc, cc, pc = (cp.asarray(t.cuda()) for t in (x, U, c, phi))
-
-        def spectrum():
-            sv = array_peers.jacobian_spectrum(cp, xc, Uc, cc, pc, mode)
-            cp.cuda.Device().synchronize()
-            return sv
-
-        return spectrum
+        return _cupy_case(lambda cp, *a: array_peers.jacobian_spectrum(cp, *a, mode), x, U, c,
+                          phi)
 
     def one(xb, cb, pb):  # the eager denoiser at one sample: [n] -> [n]
         return eager_dae(xb[None, None], U[None], cb[None, None], pb[None, None], dims, mode)[0, 0]
@@ -224,20 +224,13 @@ def _train_case(impl, n, K, d, M, P, mode, N, device):
             return train_step(X, U0, dims, lv, M, 0, counter["step"], mode)
         return step
     if impl == "cupy":  # randint + standard_normal + the composition, on the GPU
-        cp = _cupy()
-        if cp is None:
-            return None
-        Xc, Uc, tc = (cp.asarray(t.cuda()) for t in (X, U0, lv.table(torch.float32)))
-
-        def step_cupy():
+        def step_cupy(cp, X, U, table):
             idx = cp.random.randint(0, N, (P, M))
-            lev = cp.random.randint(0, tc.shape[0], (P, M))
+            lev = cp.random.randint(0, table.shape[0], (P, M))
             eps = cp.random.standard_normal((P, M, n), dtype=cp.float32)
-            grad = array_peers.train_step_arrays(cp, Xc, Uc, tc, idx, lev, eps, mode)[1]
-            cp.cuda.Device().synchronize()
-            return grad
+            return array_peers.train_step_arrays(cp, X, U, table, idx, lev, eps, mode)[1]
 
-        return step_cupy
+        return _cupy_case(step_cupy, X, U0, lv.table(torch.float32))
     if impl not in ("eager", "compile", "eager-loop"):
         raise ValueError(f"unknown impl {impl!r}")
     table = lv.table(torch.float32, X.device)
