@@ -62,6 +62,7 @@ def _setup_context(ctx, inputs, output):
     y, lse = output
     ctx.save_for_backward(x, X, s, gamma, y, lse)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero tensor for lse's gradient; grad_y may be None
 
 
 def _backward(ctx, grad_y, _grad_lse):

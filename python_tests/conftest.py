@@ -10,3 +10,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def dispatched_ops():
+    """A function running fn() and returning the names of the ops it dispatched (the torch ops
+    that reach the dispatcher from Python or from the autograd engine, e.g. the zero gradients
+    autograd materialises), in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def run(fn):
+        with _Log() as log:
+            fn()
+        return log.names
+
+    return run
