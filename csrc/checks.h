@@ -36,6 +36,20 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* 
               t.sizes());
 }
 
+// Whether p[0 .. count) are all finite. v - v is 0 for a finite v and NaN for NaN or Inf, so the
+// sum is 0 exactly when every value is finite, in any order of summation: a vector loop
+// (std::isfinite per value was a scalar loop of ~7 instructions a value, 2% of the n = 48
+// denoiser's forward, which checks c and phi).
+template <typename T>
+inline bool all_finite(const T* p, int64_t count) {
+  T sum = 0;
+#if defined(_OPENMP)
+#pragma omp simd reduction(+ : sum)
+#endif
+  for (int64_t k = 0; k < count; ++k) sum += p[k] - p[k];
+  return sum == T(0);
+}
+
 // NaN/Inf check. A contiguous CPU tensor is scanned in place (one parallel pass over the raw
 // values, serial below 2^16 of them): at::isfinite(t).all() would allocate a bool tensor of t's
 // size and cost three ATen ops, which on the small tensors of a training step (U, the level
@@ -49,11 +63,7 @@ inline void check_finite(const at::Tensor& t, const char* op, const char* name) 
       const scalar_t* p = t.const_data_ptr<scalar_t>();
       ok = at::parallel_reduce(
           0, t.numel(), int64_t(1) << 16, true,
-          [&](int64_t b, int64_t e, bool acc) {
-            bool fin = true;
-            for (int64_t k = b; k < e; ++k) fin &= std::isfinite(p[k]);
-            return acc && fin;
-          },
+          [&](int64_t b, int64_t e, bool acc) { return acc && all_finite(p + b, e - b); },
           [](bool a, bool b) { return a && b; });
     });
   } else {

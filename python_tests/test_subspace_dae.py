@@ -275,6 +275,28 @@ def test_bad_input_gives_clear_error(override, exc, match):
         molrg_ext.subspace_dae(**args)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_finite_check_scans_every_value_of_a_large_input(dtype):
+    # c and phi are scanned in parallel chunks by a vector loop: a NaN or an infinity anywhere
+    # (first value, a chunk boundary, the last value) is found, and the largest finite values
+    # are not mistaken for infinities
+    B, n = 3 * 2**16 + 5, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, B, n, generator=g, dtype=dtype)
+    U = molrg_ext.random_orthonormal(n, 2, 1, 2, generator=g, dtype=dtype)
+    phi = torch.ones(1, B, dtype=dtype)
+    big = torch.finfo(dtype).max
+    c = torch.full((1, B), big, dtype=dtype)
+    c[0, ::2] = -big
+    molrg_ext.subspace_dae(x, U, c, phi, None, None, "soft")  # finite: accepted
+    for pos in (0, 2**16 - 1, 2**16, B - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            c2 = c.clone()
+            c2[0, pos] = bad
+            with pytest.raises(RuntimeError, match="c contains NaN or Inf"):
+                molrg_ext.subspace_dae(x, U, c2, phi, None, None, "soft")
+
+
 def test_d_k_larger_than_n_is_rejected():
     x = torch.randn(5, 3, dtype=torch.float64)
     U = torch.randn(2, 3, 4, dtype=torch.float64)
