@@ -1,5 +1,6 @@
 // The molrg operator library: every schema is declared here, once. Implementations are registered
-// per device (csrc/cpu/*.cpp, csrc/cuda/*_cuda.cpp); autograd and fake kernels from Python.
+// per device (csrc/cpu/*.cpp, csrc/cuda/*_cuda.cpp); the denoiser's autograd in
+// csrc/subspace_dae_autograd.cpp, the other autograd and the fake kernels from Python.
 #include <torch/library.h>
 
 TORCH_LIBRARY(molrg, m) {

@@ -1,6 +1,7 @@
 """Python interface of the fused subspace-denoiser ops (``torch.ops.molrg.*``).
 
-Autograd and fake (meta) kernels are registered here, so the ops work with ``torch.autograd``,
+The fake (meta) kernels are registered here; the denoiser's autograd kernel is C++
+(``csrc/subspace_dae_autograd.cpp``). The ops work with ``torch.autograd``,
 ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck``.
 """
 from __future__ import annotations
@@ -35,42 +36,6 @@ def _subspace_dae_backward_fake(grad_y, x, U, c, phi, proj, w, dims, mode, need_
 @torch.library.register_fake("molrg::hard_assign")
 def _hard_assign_fake(x, U, dims):
     return x.new_empty(x.shape[:2], dtype=torch.long)
-
-
-# --------------------------------------------------------------------------------------- autograd
-def _setup_context(ctx, inputs, output):
-    x, U, c, phi, bias, assign, dims, mode = inputs
-    _, proj, w = output
-    ctx.save_for_backward(x, U, c, phi, proj, w)
-    ctx.dims, ctx.mode, ctx.has_bias = dims, mode, bias is not None
-    # proj and w are saved intermediates: gradients flow through y only. Their gradients reach
-    # the backward as None, not as zero tensors of their shapes, which autograd would otherwise
-    # allocate and fill on every call (5-7% of a forward + backward at (48, 2, 6, 65536)).
-    ctx.mark_non_differentiable(proj, w)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_y, _grad_proj, _grad_w):
-    x, U, c, phi, proj, w = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    if grad_y is None:
-        return (None,) * 8
-    dx, dU, dc, dphi, dbias = torch.ops.molrg.subspace_dae_backward(
-        grad_y.contiguous(), x, U, c, phi, proj, w, ctx.dims, ctx.mode, need[0], need[1]
-    )
-    return (
-        dx if need[0] else None,
-        dU if need[1] else None,
-        dc if need[2] else None,
-        dphi if need[3] else None,
-        dbias if (ctx.has_bias and need[4]) else None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("molrg::subspace_dae", _backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------ public API
