@@ -364,12 +364,14 @@ def test_float32_and_float64_agree():
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_block_split_results_do_not_depend_on_the_threads(mode):
-    # One instance of 2500 samples: 40 blocks in chunks of 16, 16 and 8 blocks, claimed by the
-    # threads in any order; dU sums the chunks' partial gradients in chunk order.
-    x, U, c, phi, bias, dims = make_inputs(P=1, B=2500, n=24, dims=(5, 3), dtype=torch.float32,
+@pytest.mark.parametrize("B", [2500, 1000])
+def test_block_split_results_do_not_depend_on_the_threads(mode, B):
+    # One instance of 2500 samples: 40 blocks in 4 chunks of 10 (chunk_blocks: under 64 blocks
+    # and a small accumulator), or of 1000: 16 blocks in 4 chunks of 4, claimed by the threads
+    # in any order; dU sums the chunks' partial gradients in chunk order.
+    x, U, c, phi, bias, dims = make_inputs(P=1, B=B, n=24, dims=(5, 3), dtype=torch.float32,
                                            seed=4, requires_grad=True)
-    g = torch.randn(1, 2500, 24, generator=torch.Generator().manual_seed(5))
+    g = torch.randn(1, B, 24, generator=torch.Generator().manual_seed(5))
     results = []
     old = torch.get_num_threads()
     try:

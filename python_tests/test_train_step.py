@@ -266,7 +266,8 @@ def test_matches_reference_many_blocks(mode, P):
 def test_results_do_not_depend_on_the_threads(mode, P, N, n, dims, batch):
     # by_instance (P >= 2 threads): each instance is done by one thread, whichever takes it, block
     # after block. block_split (P = 1): the 33 blocks of 2100 slots go to the threads in chunks of
-    # 16, 16 and 1 blocks, whose partial gradients are summed in chunk order.
+    # 8, 8, 8, 8 and 1 blocks (chunk_blocks: under 64 blocks and a small accumulator, 4 chunks),
+    # whose partial gradients are summed in chunk order.
     X, U = _problem(P, N, n, dims, torch.float32, seed=P)
     levels = M.make_levels(TinySchedule(), L=9)
     threads = torch.get_num_threads()

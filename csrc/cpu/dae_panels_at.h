@@ -52,12 +52,22 @@ inline void unpack_grads(const at::Tensor& acc, const cpu::PanelGeom& g, const D
 }
 
 // Blocks per chunk when the blocks of few instances are split over the threads
-// (parallel_blocks): at least 16 (1024 samples), and at most 256 chunks per instance. A function
-// of the block count only, so the chunks, and the order in which their partial gradients are
+// (parallel_blocks): 16 (1024 samples), and more when an instance would have over 256 chunks. A
+// thread runs a chunk's blocks in order, prefetching each next block's rows during the one before
+// it, so a chunk's first block comes unprefetched: chunks of 4 blocks made the fwd+bwd of
+// (48, 2, 6, 65536) 13-18% slower (paired, two threads). Fewer than 64 blocks (B <= 4096) are cut
+// into 4 chunks of at least 4 blocks instead, when a chunk's gradient accumulator is small (n =
+// 48: a few KiB; at n = 3072, D = 400 one takes 10 MB), so that a batch of 512-4096 samples is
+// split over the threads instead of running on one or two chunks. A function of the block count
+// and the geometry only, so the chunks, and the order in which their partial gradients are
 // summed, do not depend on the threads.
-inline int64_t chunk_blocks(int64_t nb) { return std::max<int64_t>(16, (nb + 255) / 256); }
-inline int64_t chunks_per_instance(int64_t B) {
-  const int64_t nb = (B + cpu::kBlock - 1) / cpu::kBlock, cb = chunk_blocks(nb);
+constexpr int64_t kSmallAccumulator = int64_t(1) << 16;  // entries
+inline int64_t chunk_blocks(int64_t nb, const cpu::PanelGeom& g) {
+  if (g.acc_size() <= kSmallAccumulator && nb < 64) return std::max<int64_t>(4, nb / 4);
+  return std::max<int64_t>(16, (nb + 255) / 256);
+}
+inline int64_t chunks_per_instance(int64_t B, const cpu::PanelGeom& g) {
+  const int64_t nb = (B + cpu::kBlock - 1) / cpu::kBlock, cb = chunk_blocks(nb, g);
   return std::max<int64_t>(1, (nb + cb - 1) / cb);
 }
 
@@ -73,7 +83,7 @@ struct GradAccumulators {
   T* base;
   GradAccumulators(const cpu::PanelGeom& g, int64_t P_, int64_t B, const at::TensorOptions& opt)
       : by_instance(P_ >= 2 * at::get_num_threads()), P(P_), size(g.acc_size()),
-        per_instance(by_instance ? 1 : chunks_per_instance(B)) {
+        per_instance(by_instance ? 1 : chunks_per_instance(B, g)) {
     acc = at::zeros({P, per_instance, size}, opt);
     base = acc.data_ptr<T>();
   }
@@ -114,14 +124,15 @@ inline void parallel_claim(const cpu::PanelGeom& g, int64_t count, F&& fn) {
 // Runs fn(p, start, S, scratch, slot) on every block of kBlock samples [start, start + S) of
 // every instance p, split over threads: by instance (a thread owns whole instances, so it may
 // write their gradients directly; slot = p) or by chunks of chunk_blocks consecutive blocks of one
-// instance (slot = the chunk's index, p * chunks_per_instance(B) + its rank in the instance).
+// instance (slot = the chunk's index, p * chunks_per_instance(B, g) + its rank in the instance).
 // Either way the threads claim the next unclaimed instance or chunk from a shared counter: on a
 // shared VM one core often runs 20-40% slower than the other for a while, and a fixed share
 // would make the other wait. An instance or a chunk is done by one thread, block after block,
 // and the chunks' partial gradients are summed in chunk order (GradAccumulators), so either split
 // gives the same results whatever the thread count. The two splits sum an instance of more than
-// one chunk (B > 1024 samples) in different orders, so a P between the thread counts of two runs
-// (by instance in one, by chunks in the other) can differ in the last bits between them.
+// one chunk (B > 256 samples or more, chunk_blocks) in different orders, so a P between the
+// thread counts of two runs (by instance in one, by chunks in the other) can differ in the last
+// bits between them.
 template <typename T, typename F>
 inline void parallel_blocks(const cpu::PanelGeom& g, int64_t P, int64_t B, bool by_instance,
                             F&& fn) {
@@ -136,7 +147,7 @@ inline void parallel_blocks(const cpu::PanelGeom& g, int64_t P, int64_t B, bool 
     parallel_claim<T>(g, P, [&](int64_t p, cpu::BlockScratch<T>& sc) { run(p, 0, nb, sc, p); });
     return;
   }
-  const int64_t cb = chunk_blocks(nb), C = chunks_per_instance(B);
+  const int64_t cb = chunk_blocks(nb, g), C = chunks_per_instance(B, g);
   parallel_claim<T>(g, P * C, [&](int64_t ch, cpu::BlockScratch<T>& sc) {
     const int64_t p = ch / C, b0 = (ch % C) * cb;
     run(p, b0, std::min(nb, b0 + cb), sc, ch);
