@@ -52,13 +52,13 @@ inline void unpack_grads(const at::Tensor& acc, const cpu::PanelGeom& g, const D
 }
 
 // Blocks per chunk when the blocks of few instances are split over the threads
-// (parallel_blocks): 16 (1024 samples), and more when an instance would have over 256 chunks. A
-// thread runs a chunk's blocks in order, prefetching each next block's rows during the one before
-// it, so a chunk's first block comes unprefetched: chunks of 4 blocks made the fwd+bwd of
-// (48, 2, 6, 65536) 13-18% slower (paired, two threads). Fewer than 64 blocks (B <= 4096) are cut
-// into 4 chunks of at least 4 blocks instead, when a chunk's gradient accumulator is small (n =
-// 48: a few KiB; at n = 3072, D = 400 one takes 10 MB), so that a batch of 512-4096 samples is
-// split over the threads instead of running on one or two chunks. A function of the block count
+// (parallel_blocks): 16 (1024 samples), and more when an instance would have over 256 chunks.
+// Chunks of 4 blocks made the fwd+bwd of (48, 2, 6, 65536) 13-18% slower (paired, two threads):
+// the backward 25% (mostly summing 256 chunks' accumulators, entry by entry as it then was), the
+// forward 3-4%. Fewer than 64 blocks (B <= 4096) are cut into 4 chunks of at least 4 blocks
+// instead, when a chunk's gradient accumulator is small (n = 48: a few KiB; at n = 3072, D = 400
+// one takes 10 MB), so that a batch of 512-4096 samples is split over the threads instead of
+// running on one or two chunks. A function of the block count
 // and the geometry only, so the chunks, and the order in which their partial gradients are
 // summed, do not depend on the threads.
 constexpr int64_t kSmallAccumulator = int64_t(1) << 16;  // entries
@@ -95,13 +95,22 @@ struct GradAccumulators {
     auto red = at::empty({P, size}, acc.options());
     T* rp = red.data_ptr<T>();
     const int64_t C = per_instance, sz = size;
-    at::parallel_for(0, P * sz, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t p = i / sz, j = i % sz;
-        const T* a = base + p * C * sz + j;
-        T sum = a[0];
-        for (int64_t c = 1; c < C; ++c) sum += a[c * sz];
-        rp[i] = sum;
+    // Chunk by chunk over contiguous runs of entries (vector loads, each chunk's accumulator read
+    // once in order), each entry summed in chunk order. Entry by entry, with a stride of a whole
+    // accumulator between chunks, the loads missed the caches once there were many chunks: 64
+    // chunks of 16 blocks per instance at B = 65536.
+    constexpr int64_t kRun = 1024;
+    const int64_t runs = (sz + kRun - 1) / kRun;
+    at::parallel_for(0, P * runs, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t p = r / runs, j0 = (r % runs) * kRun, len = std::min(kRun, sz - j0);
+        const T* a = base + p * C * sz + j0;
+        T* out = rp + p * sz + j0;
+        std::copy(a, a + len, out);
+        for (int64_t c = 1; c < C; ++c) {
+          const T* ac = a + c * sz;
+          for (int64_t j = 0; j < len; ++j) out[j] += ac[j];
+        }
       }
     });
     unpack_grads<T>(red, g, s, dU);
