@@ -89,6 +89,12 @@ std::tuple<Tensor, Tensor, Tensor> subspace_dae_autograd(const Tensor& x, const 
                                                          const OptTensor& bias,
                                                          const OptTensor& assign,
                                                          c10::IntArrayRef dims, int64_t mode) {
+  const bool any_grad = x.requires_grad() || U.requires_grad() || c.requires_grad() ||
+                        phi.requires_grad() || (bias && bias->requires_grad());
+  if (!any_grad || !at::GradMode::is_enabled()) {  // no graph to record: the kernel alone
+    at::AutoDispatchBelowADInplaceOrView below;
+    return forward_op().call(x, U, c, phi, bias, assign, dims, mode);
+  }
   variable_list out = SubspaceDae::apply(x, U, c, phi, bias, assign, dims, mode);
   return {out[0], out[1], out[2]};
 }
