@@ -219,6 +219,21 @@ def test_backward_runs_one_op_and_no_zero_fills(mode, dispatched_ops):
     assert U.grad is not None and U.grad.abs().sum() > 0
 
 
+def test_outputs_require_grad_exactly_when_a_graph_is_recorded():
+    x, U, c, phi, _, dims = make_inputs(P=2, dtype=torch.float32, bias_form=None)
+    assert not molrg_ext.subspace_dae(x, U, c, phi, None, dims).requires_grad
+    U.requires_grad_()
+    with torch.no_grad():
+        assert not molrg_ext.subspace_dae(x, U, c, phi, None, dims).requires_grad
+    y = molrg_ext.subspace_dae(x, U, c, phi, None, dims)
+    assert y.requires_grad and y.grad_fn is not None
+    y_raw, proj, w = torch.ops.molrg.subspace_dae(x, U, c, phi, None, None, dims, 0)
+    assert y_raw.requires_grad and not proj.requires_grad and not w.requires_grad
+    # the same values with and without the graph
+    torch.testing.assert_close(y.detach(), molrg_ext.subspace_dae(x, U.detach(), c, phi, None,
+                                                                  dims), rtol=0, atol=0)
+
+
 def test_opcheck():
     x, U, c, phi, bias, dims = make_inputs(P=2, B=5, n=6, dims=(3, 2), bias_form="PBK",
                                            requires_grad=True)
