@@ -34,3 +34,15 @@ def dispatched_ops():
         return log.names
 
     return run
+
+
+@pytest.fixture
+def backward_is_one_op(dispatched_ops):
+    """A function running y.backward(gy) and asserting that it dispatched exactly one call of
+    the op named `op` and no zero or fill op (no zero gradients materialised by autograd)."""
+    def check(y, gy, op):
+        ops = dispatched_ops(lambda: y.backward(gy))
+        assert ops.count(op) == 1, ops
+        assert not [o for o in ops if "zero" in o or "fill" in o], ops
+
+    return check
