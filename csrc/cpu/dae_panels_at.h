@@ -54,13 +54,13 @@ inline void unpack_grads(const at::Tensor& acc, const cpu::PanelGeom& g, const D
 // Blocks per chunk when the blocks of few instances are split over the threads
 // (parallel_blocks): 16 (1024 samples), and more when an instance would have over 256 chunks.
 // Chunks of 4 blocks made the fwd+bwd of (48, 2, 6, 65536) 13-18% slower (paired, two threads):
-// the backward 25% (mostly summing 256 chunks' accumulators, entry by entry as it then was), the
-// forward 3-4%. Fewer than 64 blocks (B <= 4096) are cut into 4 chunks of at least 4 blocks
-// instead, when a chunk's gradient accumulator is small (n = 48: a few KiB; at n = 3072, D = 400
-// one takes 10 MB), so that a batch of 512-4096 samples is split over the threads instead of
-// running on one or two chunks. A function of the block count
-// and the geometry only, so the chunks, and the order in which their partial gradients are
-// summed, do not depend on the threads.
+// the backward 25%, the forward 3-4% (the 256 chunks' accumulators were then summed entry by
+// entry, GradAccumulators::unpack). Fewer than 64 blocks (B < 4096) are cut into 4 chunks of at
+// least 4 blocks instead, when a chunk's gradient accumulator is small (n = 48: a few KiB; at
+// n = 3072, D = 400 one takes 10 MB), so that a batch of 512-4032 samples is split over the
+// threads instead of running on one or two chunks. A function of the block count and the
+// geometry only, so the chunks, and the order in which their partial gradients are summed, do
+// not depend on the threads.
 constexpr int64_t kSmallAccumulator = int64_t(1) << 16;  // entries
 inline int64_t chunk_blocks(int64_t nb, const cpu::PanelGeom& g) {
   if (g.acc_size() <= kSmallAccumulator && nb < 64) return std::max<int64_t>(4, nb / 4);
@@ -139,7 +139,7 @@ inline void parallel_claim(const cpu::PanelGeom& g, int64_t count, F&& fn) {
 // would make the other wait. An instance or a chunk is done by one thread, block after block,
 // and the chunks' partial gradients are summed in chunk order (GradAccumulators), so either split
 // gives the same results whatever the thread count. The two splits sum an instance of more than
-// one chunk (B > 256 samples or more, chunk_blocks) in different orders, so a P between the
+// one chunk (B > 256 samples at n = 48, chunk_blocks) in different orders, so a P between the
 // thread counts of two runs (by instance in one, by chunks in the other) can differ in the last
 // bits between them.
 template <typename T, typename F>
