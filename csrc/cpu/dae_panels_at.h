@@ -55,7 +55,7 @@ inline void unpack_grads(const at::Tensor& acc, const cpu::PanelGeom& g, const D
 // (parallel_blocks): 16 (1024 samples), and more when an instance would have over 256 chunks.
 // Chunks of 4 blocks made the fwd+bwd of (48, 2, 6, 65536) 13-18% slower (paired, two threads):
 // the backward 25%, the forward 3-4% (the 256 chunks' accumulators were then summed entry by
-// entry, GradAccumulators::unpack). Fewer than 64 blocks (B < 4096) are cut into 4 chunks of at
+// entry, GradAccumulators::unpack). Fewer than 64 blocks (B <= 4032) are cut into 4 chunks of at
 // least 4 blocks instead, when a chunk's gradient accumulator is small (n = 48: a few KiB; at
 // n = 3072, D = 400 one takes 10 MB), so that a batch of 512-4032 samples is split over the
 // threads instead of running on one or two chunks. A function of the block count and the
