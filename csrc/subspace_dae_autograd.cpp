@@ -24,10 +24,18 @@ using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
+// The ops' qualified names from the namespace token: a build whose namespace is renamed
+// (-Dmolrg=molrg_ref, the paired timing's reference build in benchmarks/paired/op_run.sh) then
+// calls its own kernels. As string literals, which the macro does not reach, the renamed build's
+// autograd kernel called the other build's forward.
+#define MOLRG_OP_STR2(ns) #ns
+#define MOLRG_OP_STR(ns) MOLRG_OP_STR2(ns)
+#define MOLRG_OP_NAME(op) MOLRG_OP_STR(molrg) "::" op
+
 const auto& forward_op() {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("molrg::subspace_dae", "")
+          .findSchemaOrThrow(MOLRG_OP_NAME("subspace_dae"), "")
           .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                     const Tensor&, const OptTensor&,
                                                     const OptTensor&, c10::IntArrayRef, int64_t)>();
@@ -37,7 +45,7 @@ const auto& forward_op() {
 const auto& backward_op() {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("molrg::subspace_dae_backward", "")
+          .findSchemaOrThrow(MOLRG_OP_NAME("subspace_dae_backward"), "")
           .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
               const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
               const Tensor&, const Tensor&, c10::IntArrayRef, int64_t, bool, bool)>();
