@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the shared library that registers torch.ops.molrg.*)
-from ._args import prepare_dae_args, restore, parse_dims
+from ._args import prepare_dae_args, restore
 
 __all__ = ["subspace_dae", "hard_assign"]
 
