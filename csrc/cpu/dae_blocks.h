@@ -97,17 +97,34 @@ void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out, 
       Ind[pj(k * g.dm + j, k, g.Dp, g.Kp)] = T(1);
       IndT[ex(k, k * g.dm + j, g.Kp, g.Dp)] = T(1);
     }
+  // Column `col` of a projection panel [rows, w] is at pj(0, col, rows, w) + row * its chunk's
+  // width, and row `row` of an expansion panel [rows, w] runs contiguously within each chunk:
+  // the offsets are computed once per column or chunk, not per element (per element, they were
+  // most of an instance's packing, itself a few percent of a training step).
+  auto put_col = [&](T* panel, int col, int rows, int w, const T* src, int sstride) {
+    constexpr int CW = kProjectChunk * simd<T>::W;
+    const int cw = std::min(CW, w - col / CW * CW);
+    T* dst = panel + pj(0, col, rows, w);
+    for (int i = 0; i < g.n; ++i) dst[(int64_t)i * cw] = src[(int64_t)i * sstride];
+  };
+  auto put_row = [&](T* panel, int row, int rows, int w, const T* src, int sstride) {
+    constexpr int CW = kExpandChunk * simd<T>::W;
+    for (int c0 = 0; c0 < g.n; c0 += CW) {
+      T* dst = panel + ex(row, c0, rows, w);
+      const int end = std::min(g.n, c0 + CW);
+      for (int i = c0; i < end; ++i) dst[i - c0] = src[(int64_t)i * sstride];
+    }
+  };
   for (int k = 0; k < g.K; ++k) {
     T* Uc = out + g.full_size() + k * g.comp_stride();
     T* UcT = Uc + (int64_t)g.n * g.dW;
-    for (int i = 0; i < g.n; ++i)
-      for (int j = 0; j < dims[k]; ++j) {
-        const T v = U[((int64_t)k * g.n + i) * g.dm + j];
-        Uf[pj(i, k * g.dm + j, g.n, g.Dp)] = v;
-        UfT[ex(k * g.dm + j, i, g.D, g.np)] = v;
-        Uc[pj(i, j, g.n, g.dW)] = v;
-        UcT[ex(j, i, g.dm, g.np)] = v;
-      }
+    for (int j = 0; j < dims[k]; ++j) {
+      const T* col = U + (int64_t)k * g.n * g.dm + j;  // U_k[:, j], stride dm
+      put_col(Uf, k * g.dm + j, g.n, g.Dp, col, g.dm);
+      put_row(UfT, k * g.dm + j, g.D, g.np, col, g.dm);
+      put_col(Uc, j, g.n, g.dW, col, g.dm);
+      put_row(UcT, j, g.dm, g.np, col, g.dm);
+    }
   }
   if (!gram) return;
   // G_k = U_k^T U_k: one register-tiled product of the rows of U_k^T (copied out row-major)
