@@ -12,6 +12,7 @@
 #include <cstring>
 #include <new>
 #include <random>
+#include <sys/mman.h>
 #include <vector>
 
 extern "C" double run_A(const float*, int, int, int, int, int, int, const float*, const float*,
@@ -50,8 +51,19 @@ struct Aligned64 {
   Aligned64() = default;
   template <typename O>
   Aligned64(const Aligned64<O>&) {}
-  T* allocate(size_t k) { return static_cast<T*>(::operator new(k * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* q, size_t) { ::operator delete(q, std::align_val_t(64)); }
+  T* allocate(size_t k) {
+    // PAIR_THP=1: 2 MiB aligned and madvised for transparent huge pages, as torch's allocator
+    // does with THP_MEM_ALLOC_ENABLE=1
+    static const bool thp = getenv("PAIR_THP") && !strcmp(getenv("PAIR_THP"), "1");
+    const size_t bytes = k * sizeof(T), al = thp && bytes >= (2u << 20) ? (2u << 20) : 64;
+    T* q = static_cast<T*>(::operator new(bytes, std::align_val_t(al)));
+    if (al > 64) madvise(q, (bytes + al - 1) / al * al, MADV_HUGEPAGE);
+    return q;
+  }
+  void deallocate(T* q, size_t k) {
+    static const bool thp = getenv("PAIR_THP") && !strcmp(getenv("PAIR_THP"), "1");
+    ::operator delete(q, std::align_val_t(thp && k * sizeof(T) >= (2u << 20) ? (2u << 20) : 64));
+  }
   template <typename O>
   bool operator==(const Aligned64<O>&) const { return true; }
 };
@@ -71,6 +83,14 @@ int main(int argc, char** argv) {
   std::vector<float> loss((size_t)P * M);
   for (auto& v : X) v = nd(rng);
   for (auto& v : U) v = nd(rng) / std::sqrt((float)n);
+  const char* lvenv = getenv("PAIR_LEVELS");
+  if (lvenv && !strcmp(lvenv, "bench")) {  // molrg_ext.bench._levels: s = 1, gamma 0.02 .. 1
+    for (int l = 0; l < L; ++l) {
+      const double gm = 0.02 + (1.0 - 0.02) * l / (L - 1), c = 1 / (1 + gm * gm);
+      const float row[5] = {1.f, (float)gm, 1.f, (float)c, (float)(c / (2 * gm * gm))};
+      std::copy(row, row + 5, lv.begin() + 5 * l);
+    }
+  } else
   for (int l = 0; l < L; ++l) {  // EDM-like sigmas 0.002 .. 80, s = 1 / sqrt(1 + sigma^2)
     const float sg = 0.002f * std::pow(80.f / 0.002f, l / float(L - 1));
     const float s = 1 / std::sqrt(1 + sg * sg);

@@ -5,6 +5,10 @@
 # train_block's signature gained the next block's slot count at 79a0694: A_NEXT_S / B_NEXT_S = 1
 # (the default for B, and for A when REV contains 79a0694) pass it. A_FLAGS / B_FLAGS: extra
 # compiler flags for one side (B_FLAGS=-mno-avx512f: the AVX2 kernels against the AVX-512 ones).
+# A tree whose train_block takes a NextBlock (MOLRG_TRAIN_NEXT_BLOCK) runs with the op's claim of
+# the next instance ahead (variant.cpp). PAIR_LEVELS=bench: the level table of molrg_ext.bench
+# (the benchmark's) instead of EDM-like sigmas; PAIR_THP=1: the training set on transparent huge
+# pages (2 MiB aligned, madvised).
 set -euo pipefail
 dir=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$dir/../.." && pwd)

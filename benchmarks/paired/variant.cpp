@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -29,6 +30,7 @@ extern "C" double VFUNC(const float* X, int P, int N, int n, int K, int d, int M
   std::vector<int32_t> dims(K, d);
   const bool gram = mode == kHard && hard_train_uses_gram(M, dims.data(), K);
   std::vector<float> pan((size_t)P * g.size()), acc((size_t)P * g.acc_size(), 0.f);
+  std::atomic<int> claim{0};
   const double t0 = omp_get_wtime();
 #pragma omp parallel
   {
@@ -38,6 +40,27 @@ extern "C" double VFUNC(const float* X, int P, int N, int n, int K, int d, int M
       pack_instance<float>(U + (size_t)p * K * n * d, g, dims.data(), pan.data() + p * g.size(),
                            gram);
     BlockScratch<float> sc(g);
+#ifdef MOLRG_TRAIN_NEXT_BLOCK
+    // As the op's parallel_claim_ahead: the thread claims its next instance at the last block of
+    // the current one, and train_block prefetches that instance's first rows.
+    for (int p = claim.fetch_add(1); p < P;) {
+      int q = P;
+      for (int m0 = 0; m0 < M; m0 += kBlock) {
+        const int S = std::min(kBlock, M - m0);
+        NextBlock<float> nb{X + (size_t)p * N * n, (uint32_t)p, (uint32_t)(m0 + S),
+                            std::min(kBlock, M - m0 - S)};
+        if (nb.S <= 0) {
+          q = claim.fetch_add(1);
+          nb = q < P ? NextBlock<float>{X + (size_t)q * N * n, (uint32_t)q, 0u, std::min(kBlock, M)}
+                     : NextBlock<float>{};
+        }
+        train_block<float>(X + (size_t)p * N * n, N, S, m0, p, {pan.data() + p * g.size(), g},
+                           dims.data(), levels, nullptr, L, mode, gram, 7, step, 1.0f / M,
+                           loss + (size_t)p * M + m0, acc.data() + p * g.acc_size(), sc, nb);
+      }
+      p = q;
+    }
+#else
 #pragma omp for schedule(dynamic, 1)
     for (int p = 0; p < P; ++p)
       for (int m0 = 0; m0 < M; m0 += kBlock) {
@@ -50,6 +73,7 @@ extern "C" double VFUNC(const float* X, int P, int N, int n, int K, int d, int M
 #endif
         );
       }
+#endif
   }
   const double dt = omp_get_wtime() - t0;
   if (grad) std::copy(acc.begin(), acc.end(), grad);  // the raw accumulators, for the comparison

@@ -242,6 +242,10 @@ struct BlockScratch {
   void with_ahead(RangePrefetch& pf, F&& f) {
     pf.spread(ahead_calls > 0 ? ahead_calls : 16);
     f(&pf);
+    finish_ahead(pf);
+  }
+  // Issues pf's lines left and keeps its count of next() calls for the next block.
+  void finish_ahead(RangePrefetch& pf) {
     pf.finish();
     ahead_calls = pf.calls;
   }
@@ -757,11 +761,21 @@ inline bool hard_train_uses_gram(int64_t M, const int32_t* dims, int K) {
   return M >= 2 * sum;
 }
 
+// The block a thread runs after the current one: slots m0 .. m0 + S - 1 of instance p, whose
+// training set starts at X (S = 0: none).
+template <typename T>
+struct NextBlock {
+  const T* X = nullptr;
+  uint32_t p = 0, m0 = 0;
+  int S = 0;
+};
+#define MOLRG_TRAIN_NEXT_BLOCK 1  // train_block takes a NextBlock (the paired harness asks)
+
 // Fused training step on slots m0 .. m0 + S - 1 of instance p (kernels/train_step.h math):
 // writes the per-slot loss lambda ||x_theta - x_i||^2 and accumulates d/dU of the mean loss
 // (scaled by inv_M) into acc. Hard mode with gram (the panels hold G_k) takes dP in d-space.
-// next_S > 0: the slots m0 + S .. m0 + S + next_S - 1 of the same instance come next on this
-// thread; their draws are made now and their rows prefetched during the normals.
+// next: the block this thread runs next (the rest of this instance, or the first block of the
+// instance it claimed next); its draws are made now and its rows prefetched along this block.
 // MOLRG_FULL_WIDTH (vec_width.h): its normals (philox_normals_slots, inlined here) and its
 // other vectorised loops at the full vector width.
 template <typename T>
@@ -769,7 +783,7 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
                                   const Panels<T>& pn, const int32_t* dims, const T* levels,
                                   const T* level_bias, uint32_t L, int mode, bool gram,
                                   uint64_t seed, uint32_t step, T inv_M, T* loss, T* acc,
-                                  BlockScratch<T>& s, int next_S) {
+                                  BlockScratch<T>& s, const NextBlock<T>& next) {
   using namespace kernels;
   const PanelGeom& g = pn.g;
   const int n = g.n, K = g.K, D = g.D, Dp = g.Dp, dW = g.dW;
@@ -780,19 +794,29 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
     philox_index_level_slots(seed, step, p, m0, S, N, L, s.idx.data(), s.lev.data());
     s.touch_rows(X, n, S);
   }
-  // Draw the next block now and prefetch its rows a few lines per step of the normals below: a
+  // Draw the next block now and prefetch its rows a few lines at a time along this block: a
   // prefetch does not hold up the core unless the miss buffers are full, which a burst of them
   // (or of loads, as touch_rows) makes them. In a harness running both builds alternately in
-  // one process: one thread, hard -12%, soft -6%; two threads -8% and -6%.
+  // one process, spread over the normals: one thread, hard -12%, soft -6%; two threads -8% and
+  // -6%. With AVX-512, soft mode spreads them over its tiles too (as many next() calls as its
+  // last block made; the first block: the normals and as many again): paired on two threads
+  // (Xeon VM), soft 0.99 in the op and 0.95 in the harness. Not hard mode, whose tiles are fewer
+  // (1.01 in the op), nor the AVX2 build (soft 1.04 in the harness against 0.99 without).
   s.next_p = -1;
-  if (next_S > 0) {
-    philox_index_level_slots(seed, step, p, m0 + (uint32_t)S, next_S, N, L, s.nidx.data(),
+  if (next.S > 0) {
+    philox_index_level_slots(seed, step, next.p, next.m0, next.S, N, L, s.nidx.data(),
                              s.nlev.data());
-    s.list_lines(X, n, s.nidx.data(), next_S);
-    s.next_p = p;
-    s.next_m0 = m0 + (uint32_t)S;
+    s.list_lines(next.X, n, s.nidx.data(), next.S);
+    s.next_p = next.p;
+    s.next_m0 = next.m0;
   }
-  LinePrefetch pf(s.lines.data(), s.next_p >= 0 ? (int)s.lines.size() : 0);
+  RangePrefetch pf;
+  if (s.next_p >= 0) pf.add_list(s.lines.data(), (int64_t)s.lines.size());
+  const bool over_tiles = mode == kSoft && kVecBytes == 64;
+  pf.spread(!over_tiles        ? philox_normal_steps(S, n)
+            : s.ahead_calls > 0 ? s.ahead_calls
+                                : 2 * philox_normal_steps(S, n));
+  RangePrefetch* tpf = over_tiles ? &pf : nullptr;
   philox_normals_slots<T>(seed, step, p, m0, S, n, s.xt.data(), &pf);
   for (int t = 0; t < S; ++t) {
     const T* x0 = X + (int64_t)s.idx[t] * n;
@@ -832,7 +856,7 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
       s.rowY[t] = s.y.data() + (int64_t)t * n;
       s.rowC[t] = s.rowY[t];
     }
-    project(s.rowB.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp, D);
+    project(s.rowB.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp, D, tpf);
     comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2, kept for below
     for (int t = 0; t < S; ++t) {
       const T* lv = levels + (int64_t)s.lev[t] * kLvCols;
@@ -842,12 +866,13 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
     soft_block_weights(s.P.data(), s.sums2.data(), s.phis.data(), s.cs.data(), level_bias,
                        level_bias ? BiasRows::kLevel : BiasRows::kNone, s.lev.data(), S, pn,
                        s.w.data(), s);
-    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data());
+    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), false, tpf);
     for (int t = 0; t < S; ++t) loss_and_grad(t, s.rowY[t], false);
-    project(s.rowC.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D);
+    project(s.rowC.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D, tpf);
     soft_block_grads<T>(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),
                         s.phis.data(), S, pn, nullptr, nullptr, nullptr, s);
-    outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, D, n, acc);
+    outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, D, n, acc, tpf);
+    s.finish_ahead(pf);
     return;
   }
   // hard: the component of the clean sample (eq. (17)), then one group per component. The
@@ -885,6 +910,18 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
     outer(xrows.data(), s.dP.data(), s.rowC.data(), s.E.data(), Dp, cnt, dk, n,
           acc + g.comp_acc_offset(k));
   }
+  pf.finish();
+}
+
+// The same with the next block in this instance: slots m0 + S .. m0 + S + next_S - 1.
+template <typename T>
+MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p,
+                                  const Panels<T>& pn, const int32_t* dims, const T* levels,
+                                  const T* level_bias, uint32_t L, int mode, bool gram,
+                                  uint64_t seed, uint32_t step, T inv_M, T* loss, T* acc,
+                                  BlockScratch<T>& s, int next_S) {
+  train_block<T>(X, N, S, m0, p, pn, dims, levels, level_bias, L, mode, gram, seed, step, inv_M,
+                 loss, acc, s, NextBlock<T>{X, p, m0 + (uint32_t)S, next_S});
 }
 
 }  // namespace molrg::cpu

@@ -130,6 +130,28 @@ inline void parallel_claim(const cpu::PanelGeom& g, int64_t count, F&& fn) {
   });
 }
 
+// parallel_claim with the claim of a thread's next item made by the item before it:
+// fn(i, scratch, claim_next), where claim_next() claims the item this thread runs after i and
+// returns it (-1: none left; later calls return the same), so that i's last block can prefetch
+// its first rows (the training step: paired on the Xeon VM with two threads, with the rows
+// spread over the whole block, hard 0.956 / soft 0.941 against 0.99 / 0.953 without it).
+template <typename T, typename F>
+inline void parallel_claim_ahead(const cpu::PanelGeom& g, int64_t count, F&& fn) {
+  std::atomic<int64_t> next{0};
+  parallel_for_flushed(0, count, 1, [&](int64_t, int64_t) {
+    cpu::BlockScratch<T> sc(g);
+    for (int64_t i = next.fetch_add(1); i < count;) {
+      int64_t j = -2;  // not claimed yet
+      auto claim_next = [&]() -> int64_t {
+        if (j == -2) j = next.fetch_add(1);
+        return j < count ? j : -1;
+      };
+      fn(i, sc, claim_next);
+      i = j == -2 ? next.fetch_add(1) : j;
+    }
+  });
+}
+
 // Runs fn(p, start, S, scratch, slot) on every block of kBlock samples [start, start + S) of
 // every instance p, split over threads: by instance (a thread owns whole instances, so it may
 // write their gradients directly; slot = p) or by chunks of chunk_blocks consecutive blocks of one

@@ -274,21 +274,17 @@ constexpr int kWideBlocks = 4;
 // eps [count, n]: the normals of slots m0 .. m0 + count - 1 of instance p. kWideBlocks Philox
 // blocks at a time (rounds interleaved) give 4 kWideBlocks normals of kPhiloxLanes slots, stored
 // by 8 x 8 transposes into the slots' rows; the rest of a row by two blocks (8 normals) or one.
-// If pf is given, its lines are prefetched a few per step along the way (the training step
-// fetches the scattered rows of its next block of samples there: the normals are its longest
-// stretch of compute without loads from memory). Box-Muller's lane loops at the full vector width
-// (MOLRG_FULL_WIDTH, vec_width.h); a caller that inlines this gives its own width, hence the same
-// attribute on train_block.
+// If pf is given, pf->next() is called once per step (philox_normal_steps of them): the training
+// step prefetches the scattered rows of its next block of samples along its whole block, this
+// stretch of compute without loads from memory included. Box-Muller's lane loops at the full
+// vector width (MOLRG_FULL_WIDTH, vec_width.h); a caller that inlines this gives its own width,
+// hence the same attribute on train_block.
 template <typename T>
 MOLRG_FULL_WIDTH inline void philox_normals_slots(uint64_t seed, uint32_t step, uint32_t p,
                                                   uint32_t m0, int count, int n, T* eps,
-                                                  LinePrefetch* pf = nullptr) {
+                                                  RangePrefetch* pf = nullptr) {
   constexpr int Ln = kPhiloxLanes;
   const PhiloxLaneKeys key((uint32_t)seed, (uint32_t)(seed >> 32));
-  if (pf) {  // steps per run of Ln slots: the wide ones, then the rest of a row by 8 normals
-    const int wide = n / (4 * kWideBlocks), rest = (n % (4 * kWideBlocks) + 7) / 8;
-    pf->spread((count + Ln - 1) / Ln * (wide + rest));
-  }
   for (int t0 = 0; t0 < count; t0 += Ln) {
     const int lanes = std::min(Ln, count - t0);
     T* rows = eps + (int64_t)t0 * n;
@@ -309,7 +305,13 @@ MOLRG_FULL_WIDTH inline void philox_normals_slots(uint64_t seed, uint32_t step, 
       store_normals<T>(z, ne, lanes, rows + e0, n);
     }
   }
-  if (pf) pf->finish();  // any left (none unless n = 0)
+}
+
+// The steps of philox_normals_slots (its pf->next() calls) for count slots of n normals: per run
+// of kPhiloxLanes slots, the wide ones, then the rest of a row by 8 normals.
+inline int philox_normal_steps(int count, int n) {
+  const int wide = n / (4 * kWideBlocks), rest = (n % (4 * kWideBlocks) + 7) / 8;
+  return (count + kPhiloxLanes - 1) / kPhiloxLanes * (wide + rest);
 }
 
 }  // namespace molrg::cpu

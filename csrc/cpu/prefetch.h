@@ -6,33 +6,18 @@
 
 namespace molrg::cpu {
 
-// Software prefetches of a list of cache lines into L2 (prefetcht2), a few per call of next():
-// the caller spreads them over a long compute-bound stretch, so that they never wait for a free
-// miss buffer, which a burst of them does: a burst of a block's 192-384 lines at its start cost
-// the blocked denoiser 3-6% of its time on the Xeon VM (paired, 2 threads), more than it saved
-// there. The training step spreads its next block's scattered rows over its normals
-// (philox_normals_slots, LinePrefetch), the denoiser its next block's rows over its tiles
-// (tiles.h, RangePrefetch).
-struct LinePrefetch {
-  const char* const* lines;
-  int count, done = 0, per_call;
-  LinePrefetch(const char* const* l, int c) : lines(l), count(c), per_call(c) {}
-  // Spread the lines over `calls` calls of next(), as evenly as whole lines allow.
-  void spread(int calls) { per_call = calls > 0 ? (count + calls - 1) / calls : count; }
-  void next() { issue(std::min(count, done + per_call)); }
-  void finish() { issue(count); }
-  void issue(int end) {  // into L2: the lines are read a block later
-    for (; done < end; ++done) __builtin_prefetch(lines[done], 0, 1);
-  }
-};
-
-// The same for the lines of up to two contiguous byte ranges (a block of rows of each of two
-// inputs), without listing them (a list cost the denoiser more than its prefetches). Counts its
-// next() calls, so that a caller running blocks of one shape can spread the next block's lines
-// over as many calls as the last block made.
+// Software prefetches into L2 (prefetcht2), a few per call of next(): the caller spreads them over
+// a long compute-bound stretch, so that they never wait for a free miss buffer, which a burst of
+// them does: a burst of a block's 192-384 lines at its start cost the blocked denoiser 3-6% of its
+// time on the Xeon VM (paired, 2 threads), more than it saved there. The lines are those of up to
+// two contiguous byte ranges (the denoiser's next block of rows of each of two inputs, not listed:
+// a list cost it more than its prefetches) or of a list (the training step's next block of
+// scattered rows). Counts its next() calls, so that a caller running blocks of one shape can
+// spread the next block's lines over as many calls as the last block made.
 struct RangePrefetch {
   const char* at[2] = {nullptr, nullptr};
   const char* end[2] = {nullptr, nullptr};
+  const char* const* list = nullptr;  // list mode: the lines left start here
   int64_t count = 0;  // lines left
   int per_call = 0, calls = 0;
   // Adds [p, p + bytes), from the line of its first byte to that of its last one (at most two
@@ -45,6 +30,11 @@ struct RangePrefetch {
     end[r] = (const char*)((last | 63) + 1);
     count += (int64_t)(end[r] - at[r]) / 64;
   }
+  // List mode: the `c` lines at l (instead of ranges).
+  void add_list(const char* const* l, int64_t c) {
+    list = l;
+    count = c;
+  }
   void spread(int n_calls) {
     per_call = (int)(n_calls > 0 ? (count + n_calls - 1) / n_calls : count);
   }
@@ -55,6 +45,10 @@ struct RangePrefetch {
   void finish() { issue(count); }
   void issue(int64_t k) {  // into L2: the lines are read a block later
     count -= k = std::min(k, count);
+    if (list) {
+      for (; k > 0; --k) __builtin_prefetch(*list++, 0, 1);
+      return;
+    }
     for (int r = 0; r < 2 && k > 0; ++r)
       for (; k > 0 && at[r] != end[r]; --k, at[r] += 64) __builtin_prefetch(at[r], 0, 1);
   }

@@ -55,29 +55,43 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
     scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t inv_M = scalar_t(1) / scalar_t(M);
     const int64_t N = s.B, Usize = s.K * s.n * s.dm;
-    // Slots m0 .. m0 + S - 1 of instance p against its panels pan, gradient into acc.
+    // Slots m0 .. m0 + S - 1 of instance p against its panels pan, gradient into acc; next: the
+    // block this thread runs after it.
     auto block = [&](int64_t p, int64_t m0, int S, const scalar_t* pan, scalar_t* acc,
-                     cpu::BlockScratch<scalar_t>& sc) {
+                     cpu::BlockScratch<scalar_t>& sc, const cpu::NextBlock<scalar_t>& next) {
       scalar_t slot_loss[cpu::kBlock];
       cpu::train_block<scalar_t>(Xp + p * N * s.n, (uint32_t)N, S, (uint32_t)m0, (uint32_t)p,
                                  {pan, g}, s.dims.data(), lvp, lbp, (uint32_t)L, (int)mode, gram,
-                                 (uint64_t)seed, (uint32_t)step, inv_M, slot_loss, acc, sc,
-                                 (int)std::min<int64_t>(cpu::kBlock, M - m0 - S));
+                                 (uint64_t)seed, (uint32_t)step, inv_M, slot_loss, acc, sc, next);
       double sum = 0;
       for (int t = 0; t < S; ++t) sum += (double)slot_loss[t];
       block_sum[p * nb + m0 / cpu::kBlock] = sum;
     };
+    // The next block of instance p after slots m0 .. m0 + S - 1 (none past its last).
+    auto same_instance = [&](int64_t p, int64_t m0, int S) {
+      return cpu::NextBlock<scalar_t>{Xp + p * N * s.n, (uint32_t)p, (uint32_t)(m0 + S),
+                                      (int)std::min<int64_t>(cpu::kBlock, M - m0 - S)};
+    };
     if (P >= 2 * at::get_num_threads()) {
       // Enough instances for every thread: the thread that claims an instance packs its panels,
       // runs its blocks and writes its gradient, all in its own buffers (which stay in cache),
-      // in one parallel region.
-      parallel_claim<scalar_t>(g, P, [&](int64_t p, cpu::BlockScratch<scalar_t>& sc) {
+      // in one parallel region. Its last block claims the thread's next instance and prefetches
+      // that instance's first rows.
+      parallel_claim_ahead<scalar_t>(g, P, [&](int64_t p, cpu::BlockScratch<scalar_t>& sc,
+                                               auto&& claim_next) {
         sc.pan.resize(g.size());
         sc.acc.assign(g.acc_size(), scalar_t(0));
         cpu::pack_instance<scalar_t>(Up + p * Usize, g, s.dims.data(), sc.pan.data(), gram);
-        for (int64_t m0 = 0; m0 < M; m0 += cpu::kBlock)
-          block(p, m0, (int)std::min<int64_t>(cpu::kBlock, M - m0), sc.pan.data(), sc.acc.data(),
-                sc);
+        for (int64_t m0 = 0; m0 < M; m0 += cpu::kBlock) {
+          const int S = (int)std::min<int64_t>(cpu::kBlock, M - m0);
+          cpu::NextBlock<scalar_t> next = same_instance(p, m0, S);
+          if (next.S <= 0) {
+            const int64_t q = claim_next();
+            if (q >= 0)
+              next = {Xp + q * N * s.n, (uint32_t)q, 0u, (int)std::min<int64_t>(cpu::kBlock, M)};
+          }
+          block(p, m0, S, sc.pan.data(), sc.acc.data(), sc, next);
+        }
         cpu::unpack_grad<scalar_t>(sc.acc.data(), g, s.dims.data(), gp + p * Usize);
       });
     } else {  // few instances: their blocks are split over the threads
@@ -86,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
       const scalar_t* panp = pan.data_ptr<scalar_t>();
       parallel_blocks<scalar_t>(g, P, M, acc.by_instance, [&](int64_t p, int64_t m0, int S,
                                                               auto& sc, int64_t slot) {
-        block(p, m0, S, panp + p * g.size(), acc.of(slot), sc);
+        block(p, m0, S, panp + p * g.size(), acc.of(slot), sc, same_instance(p, m0, S));
       });
       acc.unpack(g, s, grad);
     }
