@@ -147,13 +147,18 @@ void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out, 
 // dU [K, n, dm] = (full + component accumulators), zero in the padded columns.
 template <typename T>
 void unpack_grad(const T* acc, const PanelGeom& g, const int32_t* dims, T* dU) {
+  // Column by column: the accumulators' rows are read contiguously.
   for (int k = 0; k < g.K; ++k) {
     const T* ac = acc + g.comp_acc_offset(k);
-    for (int i = 0; i < g.n; ++i)
-      for (int j = 0; j < g.dm; ++j)
-        dU[((int64_t)k * g.n + i) * g.dm + j] =
-            j < dims[k] ? acc[(int64_t)(k * g.dm + j) * g.np + i] + ac[(int64_t)j * g.np + i]
-                        : T(0);
+    T* dUk = dU + (int64_t)k * g.n * g.dm;
+    for (int j = 0; j < g.dm; ++j) {
+      const T* full = acc + (int64_t)(k * g.dm + j) * g.np;
+      const T* comp = ac + (int64_t)j * g.np;
+      if (j < dims[k])
+        for (int i = 0; i < g.n; ++i) dUk[(int64_t)i * g.dm + j] = full[i] + comp[i];
+      else
+        for (int i = 0; i < g.n; ++i) dUk[(int64_t)i * g.dm + j] = T(0);
+    }
   }
 }
 
