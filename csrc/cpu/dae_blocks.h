@@ -918,15 +918,4 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
   pf.finish();
 }
 
-// The same with the next block in this instance: slots m0 + S .. m0 + S + next_S - 1.
-template <typename T>
-MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, uint32_t p,
-                                  const Panels<T>& pn, const int32_t* dims, const T* levels,
-                                  const T* level_bias, uint32_t L, int mode, bool gram,
-                                  uint64_t seed, uint32_t step, T inv_M, T* loss, T* acc,
-                                  BlockScratch<T>& s, int next_S) {
-  train_block<T>(X, N, S, m0, p, pn, dims, levels, level_bias, L, mode, gram, seed, step, inv_M,
-                 loss, acc, s, NextBlock<T>{X, p, m0 + (uint32_t)S, next_S});
-}
-
 }  // namespace molrg::cpu
