@@ -275,10 +275,10 @@ constexpr int kWideBlocks = 4;
 // blocks at a time (rounds interleaved) give 4 kWideBlocks normals of kPhiloxLanes slots, stored
 // by 8 x 8 transposes into the slots' rows; the rest of a row by two blocks (8 normals) or one.
 // If pf is given, pf->next() is called once per step (philox_normal_steps of them): the training
-// step prefetches the scattered rows of its next block of samples along its whole block, this
-// stretch of compute without loads from memory included. Box-Muller's lane loops at the full
-// vector width (MOLRG_FULL_WIDTH, vec_width.h); a caller that inlines this gives its own width,
-// hence the same attribute on train_block.
+// step prefetches the scattered rows of its next block of samples during this stretch of compute
+// without loads from memory (and, in soft mode with AVX-512, during its tiles). Box-Muller's lane
+// loops at the full vector width (MOLRG_FULL_WIDTH, vec_width.h); a caller that inlines this gives
+// its own width, hence the same attribute on train_block.
 template <typename T>
 MOLRG_FULL_WIDTH inline void philox_normals_slots(uint64_t seed, uint32_t step, uint32_t p,
                                                   uint32_t m0, int count, int n, T* eps,
