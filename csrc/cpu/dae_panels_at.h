@@ -117,24 +117,14 @@ struct GradAccumulators {
   }
 };
 
-// Runs fn(i, scratch) for every item i < count (an instance, or a chunk of an instance's blocks),
-// each on one thread with that thread's scratch: the threads take the next unclaimed item from a
-// shared counter instead of a fixed share (on a shared VM one core often runs 20-40% slower than
-// the other for a while, and a fixed half would make the other wait).
-template <typename T, typename F>
-inline void parallel_claim(const cpu::PanelGeom& g, int64_t count, F&& fn) {
-  std::atomic<int64_t> next{0};
-  parallel_for_flushed(0, count, 1, [&](int64_t, int64_t) {
-    cpu::BlockScratch<T> sc(g);
-    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i, sc);
-  });
-}
-
-// parallel_claim with the claim of a thread's next item made by the item before it:
-// fn(i, scratch, claim_next), where claim_next() claims the item this thread runs after i and
-// returns it (-1: none left; later calls return the same), so that i's last block can prefetch
-// its first rows instead of i + 1's first block loading them in a burst (the training step,
-// paired harness on the Xeon VM, two threads: hard 0.989, soft 0.985).
+// Runs fn(i, scratch, claim_next) for every item i < count (an instance, or a chunk of an
+// instance's blocks), each on one thread with that thread's scratch: the threads take the next
+// unclaimed item from a shared counter instead of a fixed share (on a shared VM one core often
+// runs 20-40% slower than the other for a while, and a fixed half would make the other wait).
+// claim_next() claims the item this thread runs after i and returns it (-1: none left; later
+// calls return the same), so that i's last block can prefetch its first rows instead of that
+// item's first block loading them in a burst (the training step, paired harness on the Xeon VM,
+// two threads: hard 0.989, soft 0.985).
 template <typename T, typename F>
 inline void parallel_claim_ahead(const cpu::PanelGeom& g, int64_t count, F&& fn) {
   std::atomic<int64_t> next{0};
@@ -150,6 +140,13 @@ inline void parallel_claim_ahead(const cpu::PanelGeom& g, int64_t count, F&& fn)
       i = j == -2 ? next.fetch_add(1) : j;
     }
   });
+}
+
+// The same for an fn(i, scratch) that claims nothing ahead.
+template <typename T, typename F>
+inline void parallel_claim(const cpu::PanelGeom& g, int64_t count, F&& fn) {
+  parallel_claim_ahead<T>(g, count,
+                          [&](int64_t i, cpu::BlockScratch<T>& sc, auto&&) { fn(i, sc); });
 }
 
 // Runs fn(p, start, S, scratch, slot) on every block of kBlock samples [start, start + S) of
