@@ -43,16 +43,18 @@ extern "C" double VFUNC(const float* X, int P, int N, int n, int K, int d, int M
 #ifdef MOLRG_TRAIN_NEXT_BLOCK
     // As the op's parallel_claim_ahead: the thread claims its next instance at the last block of
     // the current one, and train_block prefetches that instance's first rows.
+    auto block_at = [&](int p, int m0) {  // the block of instance p starting at slot m0
+      return NextBlock<float>{X + (size_t)p * N * n, (uint32_t)p, (uint32_t)m0,
+                              std::min(kBlock, M - m0)};
+    };
     for (int p = claim.fetch_add(1); p < P;) {
       int q = P;
       for (int m0 = 0; m0 < M; m0 += kBlock) {
         const int S = std::min(kBlock, M - m0);
-        NextBlock<float> nb{X + (size_t)p * N * n, (uint32_t)p, (uint32_t)(m0 + S),
-                            std::min(kBlock, M - m0 - S)};
+        NextBlock<float> nb = block_at(p, m0 + S);
         if (nb.S <= 0) {
           q = claim.fetch_add(1);
-          nb = q < P ? NextBlock<float>{X + (size_t)q * N * n, (uint32_t)q, 0u, std::min(kBlock, M)}
-                     : NextBlock<float>{};
+          nb = q < P ? block_at(q, 0) : NextBlock<float>{};
         }
         train_block<float>(X + (size_t)p * N * n, N, S, m0, p, {pan.data() + p * g.size(), g},
                            dims.data(), levels, nullptr, L, mode, gram, 7, step, 1.0f / M,

@@ -67,10 +67,10 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
       for (int t = 0; t < S; ++t) sum += (double)slot_loss[t];
       block_sum[p * nb + m0 / cpu::kBlock] = sum;
     };
-    // The next block of instance p after slots m0 .. m0 + S - 1 (none past its last).
-    auto same_instance = [&](int64_t p, int64_t m0, int S) {
-      return cpu::NextBlock<scalar_t>{Xp + p * N * s.n, (uint32_t)p, (uint32_t)(m0 + S),
-                                      (int)std::min<int64_t>(cpu::kBlock, M - m0 - S)};
+    // The block of instance p that starts at slot m0 (none when m0 = M).
+    auto block_at = [&](int64_t p, int64_t m0) {
+      return cpu::NextBlock<scalar_t>{Xp + p * N * s.n, (uint32_t)p, (uint32_t)m0,
+                                      (int)std::min<int64_t>(cpu::kBlock, M - m0)};
     };
     if (P >= 2 * at::get_num_threads()) {
       // Enough instances for every thread: the thread that claims an instance packs its panels,
@@ -84,11 +84,10 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
         cpu::pack_instance<scalar_t>(Up + p * Usize, g, s.dims.data(), sc.pan.data(), gram);
         for (int64_t m0 = 0; m0 < M; m0 += cpu::kBlock) {
           const int S = (int)std::min<int64_t>(cpu::kBlock, M - m0);
-          cpu::NextBlock<scalar_t> next = same_instance(p, m0, S);
+          cpu::NextBlock<scalar_t> next = block_at(p, m0 + S);
           if (next.S <= 0) {
             const int64_t q = claim_next();
-            if (q >= 0)
-              next = {Xp + q * N * s.n, (uint32_t)q, 0u, (int)std::min<int64_t>(cpu::kBlock, M)};
+            if (q >= 0) next = block_at(q, 0);
           }
           block(p, m0, S, sc.pan.data(), sc.acc.data(), sc, next);
         }
@@ -100,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
       const scalar_t* panp = pan.data_ptr<scalar_t>();
       parallel_blocks<scalar_t>(g, P, M, acc.by_instance, [&](int64_t p, int64_t m0, int S,
                                                               auto& sc, int64_t slot) {
-        block(p, m0, S, panp + p * g.size(), acc.of(slot), sc, same_instance(p, m0, S));
+        block(p, m0, S, panp + p * g.size(), acc.of(slot), sc, block_at(p, m0 + S));
       });
       acc.unpack(g, s, grad);
     }
