@@ -102,13 +102,13 @@ void pack_instance(const T* U, const PanelGeom& g, const int32_t* dims, T* out, 
   // the offsets are computed once per column or chunk, not per element (per element, they were
   // most of an instance's packing, itself a few percent of a training step).
   auto put_col = [&](T* panel, int col, int rows, int w, const T* src, int sstride) {
-    constexpr int CW = kProjectChunk * simd<T>::W;
+    constexpr int CW = chunk_cols<T, kProjectChunk>();
     const int cw = std::min(CW, w - col / CW * CW);
     T* dst = panel + pj(0, col, rows, w);
     for (int i = 0; i < g.n; ++i) dst[(int64_t)i * cw] = src[(int64_t)i * sstride];
   };
   auto put_row = [&](T* panel, int row, int rows, int w, const T* src, int sstride) {
-    constexpr int CW = kExpandChunk * simd<T>::W;
+    constexpr int CW = chunk_cols<T, kExpandChunk>();
     for (int c0 = 0; c0 < g.n; c0 += CW) {
       T* dst = panel + ex(row, c0, rows, w);
       const int end = std::min(g.n, c0 + CW);

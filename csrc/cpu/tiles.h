@@ -152,10 +152,16 @@ inline void for_vector_chunks(int n, F&& f) {
 // one chunk (every n = 48 shape) are laid out exactly as row-major ones.
 constexpr int kProjectChunk = 3, kExpandChunk = 4;
 
+// Columns per chunk of a panel chunked by MaxV vectors.
+template <typename T, int MaxV>
+constexpr int chunk_cols() {
+  return MaxV * simd<T>::W;
+}
+
 // Offset of element (row, col) of a chunked panel [rows, w].
 template <typename T, int MaxV>
 inline int64_t chunked_offset(int row, int col, int rows, int w) {
-  constexpr int CW = MaxV * simd<T>::W;
+  constexpr int CW = chunk_cols<T, MaxV>();
   const int c0 = col / CW * CW, cw = std::min(CW, w - c0);
   return (int64_t)c0 * rows + (int64_t)row * cw + (col - c0);
 }
