@@ -51,18 +51,20 @@ struct Aligned64 {
   Aligned64() = default;
   template <typename O>
   Aligned64(const Aligned64<O>&) {}
-  T* allocate(size_t k) {
-    // PAIR_THP=1: 2 MiB aligned and madvised for transparent huge pages, as torch's allocator
-    // does with THP_MEM_ALLOC_ENABLE=1
+  // PAIR_THP=1: arrays of 2 MiB or more are 2 MiB aligned and madvised for transparent huge
+  // pages, as torch's allocator does with THP_MEM_ALLOC_ENABLE=1.
+  static size_t alignment(size_t bytes) {
     static const bool thp = getenv("PAIR_THP") && !strcmp(getenv("PAIR_THP"), "1");
-    const size_t bytes = k * sizeof(T), al = thp && bytes >= (2u << 20) ? (2u << 20) : 64;
+    return thp && bytes >= (2u << 20) ? (2u << 20) : 64;
+  }
+  T* allocate(size_t k) {
+    const size_t bytes = k * sizeof(T), al = alignment(bytes);
     T* q = static_cast<T*>(::operator new(bytes, std::align_val_t(al)));
     if (al > 64) madvise(q, (bytes + al - 1) / al * al, MADV_HUGEPAGE);
     return q;
   }
   void deallocate(T* q, size_t k) {
-    static const bool thp = getenv("PAIR_THP") && !strcmp(getenv("PAIR_THP"), "1");
-    ::operator delete(q, std::align_val_t(thp && k * sizeof(T) >= (2u << 20) ? (2u << 20) : 64));
+    ::operator delete(q, std::align_val_t(alignment(k * sizeof(T))));
   }
   template <typename O>
   bool operator==(const Aligned64<O>&) const { return true; }
