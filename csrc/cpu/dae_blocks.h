@@ -176,6 +176,7 @@ struct BlockScratch {
   // none).
   std::vector<uint32_t> nidx, nlev;
   std::vector<const char*> lines;
+  int64_t nlines = 0;  // lines in use
   int ahead_calls = 0;  // next() calls of this thread's last with_ahead (0: none yet)
   int64_t next_p = -1;
   uint32_t next_m0 = 0;
@@ -220,15 +221,19 @@ struct BlockScratch {
   }
   // The cache lines of rows X[r[t]], t < S, from the line of a row's first byte to the line of
   // its last one, into lines.
+  // Written through a pointer into lines sized for kBlock rows of the most lines a row can span:
+  // push_back's capacity test and size update per line were a few percent of train_block.
   void list_lines(const T* X, int n, const uint32_t* r, int S) {
-    lines.clear();
     const int64_t bytes = (int64_t)n * (int64_t)sizeof(T);
+    lines.resize((int64_t)kBlock * (bytes / 64 + 2));
+    const char** out = lines.data();
     for (int t = 0; t < S; ++t) {
       const char* row = (const char*)(X + (int64_t)r[t] * n);
       const uintptr_t last = (uintptr_t)(row + bytes - 1);
       for (uintptr_t a = (uintptr_t)row & ~(uintptr_t)63; a <= last; a += 64)
-        lines.push_back((const char*)a);
+        *out++ = (const char*)a;
     }
+    nlines = out - lines.data();
   }
   // Loads one word of every cache line of the S drawn rows X[idx[t]], back to back: the first
   // block of a run, whose rows no block before it prefetched. The rows are scattered over a
@@ -238,7 +243,7 @@ struct BlockScratch {
   // (train_block).
   void touch_rows(const T* X, int n, int S) {
     list_lines(X, n, idx.data(), S);
-    for (const char* line : lines) (void)*(const volatile char*)line;
+    for (int64_t i = 0; i < nlines; ++i) (void)*(const volatile char*)lines[i];
   }
   // Runs f(&pf) (a block), pf's lines (the next block's rows, add_next_block) spread over as
   // many next() calls as this thread's last block made (a block's kernels make about as many tile
@@ -816,7 +821,7 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
     s.next_m0 = next.m0;
   }
   RangePrefetch pf;
-  if (s.next_p >= 0) pf.add_list(s.lines.data(), (int64_t)s.lines.size());
+  if (s.next_p >= 0) pf.add_list(s.lines.data(), s.nlines);
   const bool over_tiles = mode == kSoft && kVecBytes == 64;
   pf.spread(!over_tiles        ? philox_normal_steps(S, n)
             : s.ahead_calls > 0 ? s.ahead_calls
