@@ -121,6 +121,19 @@ MOLRG_HD constexpr T bm_trig_coef(int k, int o) {
   return (k % 2 ? T(-1) : T(1)) / f;
 }
 
+// x, negated when bit 1 of q is set: the sign bit flipped, which is what the multiply by -1 it
+// replaces gave (exactly, zeros included), in one integer op where the multiply needed the factor
+// built from q first.
+template <typename T>
+MOLRG_HD T bm_negate_if_bit1(T x, int q) {
+  using Bits = typename BmTraits<T>::Bits;
+  Bits b;
+  memcpy(&b, &x, sizeof b);
+  b ^= (Bits)(q & 2) << (8 * sizeof(Bits) - 2);
+  memcpy(&x, &b, sizeof x);
+  return x;
+}
+
 // sin(2 pi u) and cos(2 pi u) for u in [0, 1].
 template <typename T>
 MOLRG_HD void bm_sincos_2pi(T u, T* sn, T* cs) {
@@ -138,12 +151,12 @@ MOLRG_HD void bm_sincos_2pi(T u, T* sn, T* cs) {
   }
   const T s = a * ps, c = pc;
   // angle = a + q pi/2: swap sin and cos for odd q, then sin changes sign for q = 2, 3 and cos
-  // for q = 1, 2 (arithmetic signs instead of a 4-way branch).
+  // for q = 1, 2 (selects and sign flips instead of a 4-way branch).
   const int q = (int)qf;
   const bool odd = (q & 1) != 0;
   const T s1 = odd ? c : s, c1 = odd ? s : c;
-  *sn = T(1 - (q & 2)) * s1;
-  *cs = T(1 - ((q + 1) & 2)) * c1;
+  *sn = bm_negate_if_bit1(s1, q);
+  *cs = bm_negate_if_bit1(c1, q + 1);
 }
 
 }  // namespace molrg::kernels
