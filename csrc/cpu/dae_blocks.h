@@ -554,22 +554,23 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
 }
 
 // Hard assignment argmax_k ||U_k^T x||^2 (ties to the lowest k) of S consecutive samples.
-// The training step's soft-mode per-sample math on a block, W = simd<T>::W samples at a time in
-// vector lanes (soft_train_lanes_apply: float with AVX2 or AVX-512, Dp <= 4 W, K <= 4). The
-// forward transposes a group's rows of P (one vector per column, the samples in the lanes), sums
-// ||P_k||^2 over each component's columns, takes the soft-max weights lane by lane (soft_weights,
-// lane-major) and forms C_k = c w_k P_k as columns, which it transposes back into the rows of C;
-// the backward does the same with R for <r_k, P_k>, soft_dlogit and dP_k = c w_k r_k +
-// 2 phi dlogit_k P_k. The row-major path makes [S, Kp] sums (comp_sums), spreads the [S, K]
-// coefficients by indicator products and runs an elementwise loop over [S, Dp] for each of C and
-// dP. A block of 64 at n = 48, K = 2, d = 6, forward and backward, in cache: 738 against 921 ns
-// (AVX-512), 662 against 1057 (AVX2); in the training step op, paired, soft 0.943. Same
-// formulas; the sums of squares and products are multiply-adds here where the row path rounds
-// each product first, so the last bits may differ. The forward keeps P^T in s.Q and w, c w in
-// s.w, s.ca (per group, lane-major [K][W]) for the backward. A group past S reads rows of the
-// block's buffers up to the next multiple of W (all within kBlock) and leaves those lanes unused.
+// The soft mode's per-sample math on a block, W = simd<T>::W samples at a time in vector lanes
+// (soft_lanes_apply: float with AVX2 or AVX-512, Dp <= 4 W, K <= 4). A group's rows of P (and of
+// R) are transposed, one vector per column with the samples in the lanes; ||P_k||^2 and
+// <r_k, P_k> are summed over each component's columns; the soft-max weights and their gradient
+// run lane by lane (soft_weights, soft_dlogit, lane-major [K][W]); C_k = c w_k P_k and
+// dP_k = c w_k r_k + 2 phi dlogit_k P_k are formed as columns and transposed back into the rows
+// of C and dP. The row-major path makes [S, Kp] sums (comp_sums), spreads [S, K] coefficients by
+// indicator products and runs an elementwise pass over [S, Dp] for each of C and dP. Training
+// step, a block of 64 at n = 48, K = 2, d = 6, forward and backward, in cache: 738 against 921 ns
+// (AVX-512), 662 against 1057 (AVX2); in the op, paired, soft 0.943; the denoiser's fwd+bwd at
+// (48, 2, 6, 65536) 0.942 and (48, 3, 8, 65536) 0.895. Same formulas; the sums of
+// squares and products are multiply-adds here where the row path rounds each product first, so
+// the last bits may differ. A group past S reads rows of the block's buffers up to the next
+// multiple of W (all within kBlock) and leaves those lanes unused; per-sample inputs and outputs
+// of the caller's arrays are copied through lane buffers for the S samples only.
 template <typename T>
-inline bool soft_train_lanes_apply(const PanelGeom& g) {
+inline bool soft_lanes_apply(const PanelGeom& g) {
 #if defined(__AVX2__)
   constexpr int W = simd<T>::W;
   return std::is_same_v<T, float> && (W == 8 || W == 16) && g.Dp <= 4 * W && g.K <= 4;
@@ -579,76 +580,180 @@ inline bool soft_train_lanes_apply(const PanelGeom& g) {
 #endif
 }
 
+// cols [Dp][W] = the W rows at rows (row stride Dp), transposed; and back.
+template <typename T>
+inline void lanes_in(const T* rows, int Dp, T* cols) {
+  constexpr int W = simd<T>::W;
+  for (int c = 0; c < Dp; c += W) transpose_vw(rows + c, Dp, cols + c * W, W);
+}
+template <typename T>
+inline void lanes_out(const T* cols, int Dp, T* rows) {
+  constexpr int W = simd<T>::W;
+  for (int c = 0; c < Dp; c += W) transpose_vw(cols + c * W, W, rows + c, Dp);
+}
+
+// out[k] = sum over the columns j of component k of a[j] b[j], lane by lane.
+template <typename T, int KC>
+inline void lanes_comp_sums(const T* a, const T* b, int dm, T (*out)[simd<T>::W]) {
+  using V = simd<T>;
+  constexpr int W = V::W;
+  for (int k = 0; k < KC; ++k) {
+    typename V::v acc{};
+    for (int j = k * dm; j < (k + 1) * dm; ++j) acc += V::load(a + j * W) * V::load(b + j * W);
+    V::store(out[k], acc);
+  }
+}
+
+// out columns of component k: ca_k a[j] (+ cb_k b[j] when cb is given); columns past K dm: 0.
+template <typename T, int KC>
+inline void lanes_coef_cols(const T (*ca)[simd<T>::W], const T* a, const T (*cb)[simd<T>::W],
+                            const T* b, const PanelGeom& g, T (*out)[simd<T>::W]) {
+  using V = simd<T>;
+  constexpr int W = V::W;
+  for (int k = 0; k < KC; ++k) {
+    const typename V::v cak = V::load(ca[k]);
+    for (int j = k * g.dm; j < (k + 1) * g.dm; ++j) {
+      if (cb) V::store(out[j], cak * V::load(a + j * W) + V::load(cb[k]) * V::load(b + j * W));
+      else V::store(out[j], cak * V::load(a + j * W));
+    }
+  }
+  for (int j = g.D; j < g.Dp; ++j) V::store(out[j], typename V::v{});
+}
+
+// Lane buffers of one group of W samples.
+template <typename T, int KC>
+struct SoftLanes {
+  static constexpr int W = simd<T>::W;
+  alignas(64) T pt[4 * W][W], rt[4 * W][W], out[4 * W][W];  // columns of P, R, and of C or dP
+  alignas(64) T sq[KC][W], rp[KC][W], w[KC][W], ca[KC][W], cb[KC][W], dl[KC][W];
+  alignas(64) T c[W], phi[W], dc[W], dphi[W];
+  alignas(64) T bias[W][KC];  // row-major: soft_weights reads bias rows (BiasRows::kSample)
+  // The denoiser's groups: c, phi of samples r0 .. r0 + rows - 1 of the caller's arrays into the
+  // lanes (0 in the rest), P's rows of the group transposed into pt and ||P_k||^2 into sq.
+  void begin(const T* c_, const T* phi_, int r0, int rows, const T* P, const PanelGeom& g) {
+    for (int l = 0; l < W; ++l) {
+      c[l] = l < rows ? c_[r0 + l] : T(0);
+      phi[l] = l < rows ? phi_[r0 + l] : T(0);
+    }
+    lanes_in(P + (int64_t)r0 * g.Dp, g.Dp, &pt[0][0]);
+    lanes_comp_sums<T, KC>(&pt[0][0], &pt[0][0], g.dm, sq);
+  }
+};
+
+// The training step's forward: P rows [S, Dp] -> C rows (s.C); keeps P^T in s.Q and w, c w in
+// s.w, s.ca (per group, lane-major [K][W]) for soft_train_lanes_bwd. cs, phis: s.cs, s.phis.
 template <typename T, int KC>
 void soft_train_lanes_fwd(const T* P, int S, const PanelGeom& g, const T* level_bias,
                           const uint32_t* lev, BlockScratch<T>& s) {
-  using V = simd<T>;
-  using v = typename V::v;
-  constexpr int W = V::W;
-  const int Dp = g.Dp, dm = g.dm;
-  alignas(64) T sq[KC][W];
-  alignas(64) T ct[4 * W][W];
-  for (int j = g.D; j < Dp; ++j) V::store(ct[j], v{});
+  constexpr int W = simd<T>::W;
+  SoftLanes<T, KC> ln;
   for (int r0 = 0; r0 < S; r0 += W) {
-    T* pt = s.Q.data() + (int64_t)r0 * Dp;  // [Dp][W]
-    for (int c = 0; c < Dp; c += W) transpose_vw(P + (int64_t)r0 * Dp + c, Dp, pt + c * W, W);
-    for (int k = 0; k < KC; ++k) {
-      v acc{};
-      for (int j = k * dm; j < (k + 1) * dm; ++j) {
-        const v a = V::load(pt + j * W);
-        acc += a * a;
-      }
-      V::store(sq[k], acc);
-    }
+    T* pt = s.Q.data() + (int64_t)r0 * g.Dp;
+    lanes_in(P + (int64_t)r0 * g.Dp, g.Dp, pt);
+    lanes_comp_sums<T, KC>(pt, pt, g.dm, ln.sq);
     T* w = s.w.data() + (int64_t)r0 * KC;
     T* ca = s.ca.data() + (int64_t)r0 * KC;
     const T* phis = s.phis.data() + r0;
     const T* cs = s.cs.data() + r0;
     if (level_bias)
-      soft_weights<T, KC, BiasRows::kLevel, W>(&sq[0][0], 0, phis, cs, level_bias, lev + r0, W,
-                                               w, ca);
+      soft_weights<T, KC, BiasRows::kLevel, W>(&ln.sq[0][0], 0, phis, cs, level_bias, lev + r0,
+                                               W, w, ca);
     else
-      soft_weights<T, KC, BiasRows::kNone, W>(&sq[0][0], 0, phis, cs, nullptr, nullptr, W, w, ca);
-    for (int k = 0; k < KC; ++k) {
-      const v cak = V::load(ca + k * W);
-      for (int j = k * dm; j < (k + 1) * dm; ++j) V::store(ct[j], cak * V::load(pt + j * W));
-    }
-    for (int c = 0; c < Dp; c += W)
-      transpose_vw(&ct[c][0], W, s.C.data() + (int64_t)r0 * Dp + c, Dp);
+      soft_weights<T, KC, BiasRows::kNone, W>(&ln.sq[0][0], 0, phis, cs, nullptr, nullptr, W, w,
+                                              ca);
+    lanes_coef_cols<T, KC>(reinterpret_cast<const T(*)[W]>(ca), pt, nullptr, nullptr, g, ln.out);
+    lanes_out(&ln.out[0][0], g.Dp, s.C.data() + (int64_t)r0 * g.Dp);
   }
 }
 
+// The training step's backward: R rows [S, Dp] -> dP rows (s.dP), from what the forward kept.
 template <typename T, int KC>
 void soft_train_lanes_bwd(const T* R, int S, const PanelGeom& g, BlockScratch<T>& s) {
-  using V = simd<T>;
-  using v = typename V::v;
-  constexpr int W = V::W;
-  const int Dp = g.Dp, dm = g.dm;
-  alignas(64) T rt[4 * W][W];
-  alignas(64) T rp[KC][W];
-  alignas(64) T cb[KC][W];
-  alignas(64) T dpt[4 * W][W];
-  for (int j = g.D; j < Dp; ++j) V::store(dpt[j], v{});
+  constexpr int W = simd<T>::W;
+  SoftLanes<T, KC> ln;
   for (int r0 = 0; r0 < S; r0 += W) {
-    const T* pt = s.Q.data() + (int64_t)r0 * Dp;
-    for (int c = 0; c < Dp; c += W) transpose_vw(R + (int64_t)r0 * Dp + c, Dp, &rt[c][0], W);
-    for (int k = 0; k < KC; ++k) {
-      v acc{};
-      for (int j = k * dm; j < (k + 1) * dm; ++j) acc += V::load(rt[j]) * V::load(pt + j * W);
-      V::store(rp[k], acc);
-    }
-    const T* ca = s.ca.data() + (int64_t)r0 * KC;
-    soft_dlogit<T, KC, false, W>(&rp[0][0], nullptr, 0, s.w.data() + (int64_t)r0 * KC,
-                                 s.cs.data() + r0, s.phis.data() + r0, W, &cb[0][0], nullptr,
+    const T* pt = s.Q.data() + (int64_t)r0 * g.Dp;
+    lanes_in(R + (int64_t)r0 * g.Dp, g.Dp, &ln.rt[0][0]);
+    lanes_comp_sums<T, KC>(&ln.rt[0][0], pt, g.dm, ln.rp);
+    const auto* ca = reinterpret_cast<const T(*)[W]>(s.ca.data() + (int64_t)r0 * KC);
+    soft_dlogit<T, KC, false, W>(&ln.rp[0][0], nullptr, 0, s.w.data() + (int64_t)r0 * KC,
+                                 s.cs.data() + r0, s.phis.data() + r0, W, &ln.cb[0][0], nullptr,
                                  nullptr, nullptr);
-    for (int k = 0; k < KC; ++k) {
-      const v cak = V::load(ca + k * W), cbk = V::load(cb[k]);
-      for (int j = k * dm; j < (k + 1) * dm; ++j)
-        V::store(dpt[j], cak * V::load(rt[j]) + cbk * V::load(pt + j * W));
-    }
-    for (int c = 0; c < Dp; c += W)
-      transpose_vw(&dpt[c][0], W, s.dP.data() + (int64_t)r0 * Dp + c, Dp);
+    lanes_coef_cols<T, KC>(ca, &ln.rt[0][0], ln.cb, pt, g, ln.out);
+    lanes_out(&ln.out[0][0], g.Dp, s.dP.data() + (int64_t)r0 * g.Dp);
   }
+}
+
+// Runs f(ln, r0, rows) for each group of W samples r0 .. r0 + rows - 1 of a block of S, the
+// denoiser's way: ln begun (SoftLanes::begin) on the caller's c, phi and the rows of P.
+template <typename T, int KC, typename F>
+inline void soft_dae_lane_groups(int S, const T* c, const T* phi, const T* P, const PanelGeom& g,
+                                 F&& f) {
+  constexpr int W = simd<T>::W;
+  SoftLanes<T, KC> ln;
+  for (int r0 = 0; r0 < S; r0 += W) {
+    const int rows = std::min(W, S - r0);
+    ln.begin(c, phi, r0, rows, P, g);
+    f(ln, r0, rows);
+  }
+}
+
+// lanes[k][l] = a[r0 + l, k] of an [S, K] array for l < rows (0 in the rest), and back.
+template <typename T, int KC>
+inline void lanes_from_rows(const T* a, int r0, int rows, T (*lanes)[simd<T>::W]) {
+  for (int l = 0; l < simd<T>::W; ++l)
+    for (int k = 0; k < KC; ++k) lanes[k][l] = l < rows ? a[(int64_t)(r0 + l) * KC + k] : T(0);
+}
+template <typename T, int KC>
+inline void lanes_to_rows(const T (*lanes)[simd<T>::W], int r0, int rows, T* a) {
+  for (int l = 0; l < rows; ++l)
+    for (int k = 0; k < KC; ++k) a[(int64_t)(r0 + l) * KC + k] = lanes[k][l];
+}
+
+// The denoiser's forward (dae_forward_block): P rows [S, Dp] -> w [S, K] (the caller's) and C rows
+// (s.C), from c, phi [S] and bias [S, K] (or none).
+template <typename T, int KC>
+void soft_dae_lanes_fwd(const T* P, int S, const PanelGeom& g, const T* c, const T* phi,
+                        const T* bias, T* w, BlockScratch<T>& s) {
+  constexpr int W = simd<T>::W;
+  soft_dae_lane_groups<T, KC>(S, c, phi, P, g, [&](SoftLanes<T, KC>& ln, int r0, int rows) {
+    if (bias) {
+      std::fill(&ln.bias[0][0], &ln.bias[0][0] + W * KC, T(0));
+      std::copy(bias + (int64_t)r0 * KC, bias + (int64_t)(r0 + rows) * KC, &ln.bias[0][0]);
+      soft_weights<T, KC, BiasRows::kSample, W>(&ln.sq[0][0], 0, ln.phi, ln.c, &ln.bias[0][0],
+                                                nullptr, W, &ln.w[0][0], &ln.ca[0][0]);
+    } else {
+      soft_weights<T, KC, BiasRows::kNone, W>(&ln.sq[0][0], 0, ln.phi, ln.c, nullptr, nullptr, W,
+                                              &ln.w[0][0], &ln.ca[0][0]);
+    }
+    lanes_to_rows<T, KC>(ln.w, r0, rows, w);
+    lanes_coef_cols<T, KC>(ln.ca, &ln.pt[0][0], nullptr, nullptr, g, ln.out);
+    lanes_out(&ln.out[0][0], g.Dp, s.C.data() + (int64_t)r0 * g.Dp);
+  });
+}
+
+// The denoiser's backward (dae_backward_block): P rows (the saved projections, padded) and R rows
+// [S, Dp], w [S, K], c, phi [S] -> C and dP rows (s.C, s.dP), dlogit [S, K], dc, dphi [S].
+template <typename T, int KC>
+void soft_dae_lanes_bwd(const T* P, const T* R, int S, const PanelGeom& g, const T* w,
+                        const T* c, const T* phi, T* dlogit, T* dc, T* dphi, BlockScratch<T>& s) {
+  constexpr int W = simd<T>::W;
+  soft_dae_lane_groups<T, KC>(S, c, phi, P, g, [&](SoftLanes<T, KC>& ln, int r0, int rows) {
+    lanes_from_rows<T, KC>(w, r0, rows, ln.w);
+    for (int k = 0; k < KC; ++k)
+      for (int l = 0; l < W; ++l) ln.ca[k][l] = ln.c[l] * ln.w[k][l];  // soft_block_coefs' c w_k
+    lanes_in(R + (int64_t)r0 * g.Dp, g.Dp, &ln.rt[0][0]);
+    lanes_comp_sums<T, KC>(&ln.rt[0][0], &ln.pt[0][0], g.dm, ln.rp);
+    soft_dlogit<T, KC, true, W>(&ln.rp[0][0], &ln.sq[0][0], 0, &ln.w[0][0], ln.c, ln.phi, W,
+                                &ln.cb[0][0], &ln.dl[0][0], ln.dc, ln.dphi);
+    lanes_to_rows<T, KC>(ln.dl, r0, rows, dlogit);
+    std::copy(ln.dc, ln.dc + rows, dc + r0);
+    std::copy(ln.dphi, ln.dphi + rows, dphi + r0);
+    lanes_coef_cols<T, KC>(ln.ca, &ln.pt[0][0], nullptr, nullptr, g, ln.out);
+    lanes_out(&ln.out[0][0], g.Dp, s.C.data() + (int64_t)r0 * g.Dp);
+    lanes_coef_cols<T, KC>(ln.ca, &ln.rt[0][0], ln.cb, &ln.pt[0][0], g, ln.out);
+    lanes_out(&ln.out[0][0], g.Dp, s.dP.data() + (int64_t)r0 * g.Dp);
+  });
 }
 
 template <typename T>
@@ -778,7 +883,8 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     s.rowY[t] = y + (int64_t)t * n;
   }
   project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.P.data(), Dp, D, pf);
-  comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);  // ||P_k||^2
+  const bool lanes = mode == kSoft && soft_lanes_apply<T>(g);
+  if (!lanes) comp_sums(s.P.data(), s.P.data(), S, pn, s.sums.data(), s);  // ||P_k||^2
   copy_proj_rows(s.P.data(), S, D, Dp, proj);
   if (mode == kHard) {  // soft: the weights for the whole block below
     // zeros, then the ones: GCC compiled k == k0 ? 1 : 0 to a branch per k, which the random
@@ -792,8 +898,15 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
     }
   }
   if (mode == kSoft) {
-    soft_block_weights(s.P.data(), s.sums.data(), phi, c, bias,
-                       bias ? BiasRows::kSample : BiasRows::kNone, nullptr, S, pn, w, s);
+    if (lanes) {
+      with_small_K(K, [&](auto kc) {
+        constexpr int KC = decltype(kc)::value;
+        if constexpr (KC > 0) soft_dae_lanes_fwd<T, KC>(s.P.data(), S, g, c, phi, bias, w, s);
+      });
+    } else {
+      soft_block_weights(s.P.data(), s.sums.data(), phi, c, bias,
+                         bias ? BiasRows::kSample : BiasRows::kNone, nullptr, S, pn, w, s);
+    }
     expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_y, pf);
     return;
   }
@@ -836,10 +949,18 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
     }
     project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D, pf);
     pad_proj_rows(proj, S, D, Dp, s.P.data());  // the saved projections as full-panel rows
-    comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2
-    soft_block_coefs(s.P.data(), w, c, S, pn, s);                  // C (for dU) and s.E
-    soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc, dphi,
-                     s);
+    if (soft_lanes_apply<T>(g)) {
+      with_small_K(K, [&](auto kc) {
+        constexpr int KC = decltype(kc)::value;
+        if constexpr (KC > 0)
+          soft_dae_lanes_bwd<T, KC>(s.P.data(), s.R.data(), S, g, w, c, phi, dbias, dc, dphi, s);
+      });
+    } else {
+      comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2
+      soft_block_coefs(s.P.data(), w, c, S, pn, s);                  // C (for dU) and s.E
+      soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc, dphi,
+                       s);
+    }
     if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_dx, pf);
     if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc, pf);
     return;
@@ -1024,7 +1145,7 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
       s.cs[t] = lv[kLvC];
       s.phis[t] = lv[kLvPhi];
     }
-    const bool lanes = soft_train_lanes_apply<T>(g);
+    const bool lanes = soft_lanes_apply<T>(g);
     if (lanes) {
       with_small_K(K, [&](auto kc) {
         constexpr int KC = decltype(kc)::value;
