@@ -14,6 +14,9 @@
 // The indicators turn the per-component sums and broadcasts of the per-sample math (||P_k||^2,
 // <r_k, P_k>, c w_k P_k) into register-tiled products over the whole block: Sums [S, Kp] =
 // (A o B) Ind, Spread [S, Dp] = Coef IndT, with the elementwise products vectorised over rows.
+// In float with AVX2 or AVX-512 and small panels, the sums come from vector transposes instead
+// (comp_sums_transposed), and soft mode runs all of its per-sample math in vector lanes
+// (soft_*_lanes_*).
 // Soft mode uses the full panel (every component is active). Hard mode uses the full panel only
 // for the assignment; a block's samples are then grouped by component and each group runs
 // against its own component panel, so inactive components cost nothing.
@@ -389,7 +392,7 @@ inline void comp_spread(const T* coef, int cstride, int S, const Panels<T>& pn, 
 //     dc [S] = sum_k w_k <r_k, P_k> and dphi [S] = sum_k dlogit_k ||P_k||^2 (the denoiser's
 //     backward; the training step needs none).
 //   Lanes (L > 0): the [S, Kp] sums and the [S, K] arrays are instead lane-major, [K][L] (entry
-//     (t, k) at k L + t) for S <= L samples: the training step's soft_train_lanes_* layout.
+//     (t, k) at k L + t) for S <= L samples: the layout of the soft_*_lanes_* functions below.
 enum class BiasRows { kNone, kSample, kLevel };
 
 // Offsets of entry (t, k) of the sums (row stride Kp) and of the [S, K] arrays, row-major or, with
@@ -553,7 +556,6 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
   soft_block_dP(R, P, S, pn, s);
 }
 
-// Hard assignment argmax_k ||U_k^T x||^2 (ties to the lowest k) of S consecutive samples.
 // The soft mode's per-sample math on a block, W = simd<T>::W samples at a time in vector lanes
 // (soft_lanes_apply: float with AVX2 or AVX-512, Dp <= 4 W, K <= 4). A group's rows of P (and of
 // R) are transposed, one vector per column with the samples in the lanes; ||P_k||^2 and
@@ -756,6 +758,7 @@ void soft_dae_lanes_bwd(const T* P, const T* R, int S, const PanelGeom& g, const
   });
 }
 
+// Hard assignment argmax_k ||U_k^T x||^2 (ties to the lowest k) of S consecutive samples.
 template <typename T>
 void assign_block(const T* x, int S, const Panels<T>& pn, int64_t* out, BlockScratch<T>& s,
                   RangePrefetch* pf = nullptr) {
