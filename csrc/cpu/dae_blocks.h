@@ -317,13 +317,6 @@ inline bool stream_rows(const T* base, int64_t n, int64_t bytes) {
 #endif
 }
 
-// The sums of comp_sums from the products Q [rows of Dp] by W x W transposes (float, Dp <= 4 W):
-// one vector per column of W rows, then for each component the vectors of its dm columns added
-// in column order from +0, W rows at a time. Those are the sums the indicator product makes (each
-// of its FMAs by 1 is that add rounded once, and its products by 0 add zeros), in a bit over half
-// its time at n = 48, K = 2, d = 6 (AVX-512, in cache: 150 against 260 ns for a block of 64).
-// Q holds kBlock rows, of which S are used: the last group transposes rows past S too, and
-// leaves their lanes unused. False where it does not apply (the caller takes the product).
 // out[l * ld + j] = z[j * zs + l] for a W x W block (W = simd<T>::W): the 16 x 16 or 8 x 8 vector
 // transposes of philox_lanes.h; false where there is none (double, or no AVX2).
 template <typename T>
@@ -331,19 +324,49 @@ inline bool transpose_vw(const T* z, int zs, T* out, int64_t ld) {
   return simd<T>::W == 16 ? store_transposed16(z, zs, out, ld) : store_transposed8(z, zs, out, ld);
 }
 
+// Whether a block's rows [S, Dp] can be turned into columns of W samples (lanes_in, lanes_out):
+// float with AVX2 or AVX-512 (the vector transposes), and panels of at most 4 vectors (the lane
+// buffers' size).
+template <typename T>
+inline bool lanes_apply(const PanelGeom& g) {
+#if defined(__AVX2__)
+  constexpr int W = simd<T>::W;
+  return std::is_same_v<T, float> && (W == 8 || W == 16) && g.Dp <= 4 * W;
+#else
+  (void)g;
+  return false;
+#endif
+}
+
+// cols [Dp][W] = the W rows at rows (row stride Dp), transposed; and back (lanes_apply).
+template <typename T>
+inline void lanes_in(const T* rows, int Dp, T* cols) {
+  constexpr int W = simd<T>::W;
+  for (int c = 0; c < Dp; c += W) transpose_vw(rows + c, Dp, cols + c * W, W);
+}
+template <typename T>
+inline void lanes_out(const T* cols, int Dp, T* rows) {
+  constexpr int W = simd<T>::W;
+  for (int c = 0; c < Dp; c += W) transpose_vw(cols + c * W, W, rows + c, Dp);
+}
+
+// The sums of comp_sums from the products Q [rows of Dp] by W x W transposes (lanes_apply): one
+// vector per column of W rows, then for each component the vectors of its dm columns added in
+// column order from +0, W rows at a time. Those are the sums the indicator product makes (each
+// of its FMAs by 1 is that add rounded once, and its products by 0 add zeros), in a bit over half
+// its time at n = 48, K = 2, d = 6 (AVX-512, in cache: 150 against 260 ns for a block of 64).
+// Q holds kBlock rows, of which S are used: the last group transposes rows past S too, and
+// leaves their lanes unused. False where it does not apply (the caller takes the product).
 template <typename T>
 inline bool comp_sums_transposed(const T* Q, int S, const PanelGeom& g, T* out) {
   using V = simd<T>;
   constexpr int W = V::W;
   static_assert(kBlock % W == 0, "the transposes read whole groups of W rows of the buffer");
-  if (!std::is_same_v<T, float> || g.Dp > 4 * W) return false;
+  if (!lanes_apply<T>(g)) return false;
   alignas(64) T qt[4 * W][W];  // qt[j][l] = Q[r0 + l, j]
   alignas(64) T sum[W];
   for (int r0 = 0; r0 < S; r0 += W) {
-    for (int c = 0; c < g.Dp; c += W) {
-      if (!transpose_vw(Q + (int64_t)r0 * g.Dp + c, g.Dp, &qt[c][0], W))
-        return false;  // no vector transpose of this width (before any output)
-    }
+    lanes_in(Q + (int64_t)r0 * g.Dp, g.Dp, &qt[0][0]);
     const int rows = std::min(W, S - r0);
     for (int k = 0; k < g.K; ++k) {
       typename V::v acc{};
@@ -573,25 +596,7 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
 // of the caller's arrays are copied through lane buffers for the S samples only.
 template <typename T>
 inline bool soft_lanes_apply(const PanelGeom& g) {
-#if defined(__AVX2__)
-  constexpr int W = simd<T>::W;
-  return std::is_same_v<T, float> && (W == 8 || W == 16) && g.Dp <= 4 * W && g.K <= 4;
-#else
-  (void)g;
-  return false;
-#endif
-}
-
-// cols [Dp][W] = the W rows at rows (row stride Dp), transposed; and back.
-template <typename T>
-inline void lanes_in(const T* rows, int Dp, T* cols) {
-  constexpr int W = simd<T>::W;
-  for (int c = 0; c < Dp; c += W) transpose_vw(rows + c, Dp, cols + c * W, W);
-}
-template <typename T>
-inline void lanes_out(const T* cols, int Dp, T* rows) {
-  constexpr int W = simd<T>::W;
-  for (int c = 0; c < Dp; c += W) transpose_vw(cols + c * W, W, rows + c, Dp);
+  return lanes_apply<T>(g) && g.K <= 4;
 }
 
 // out[k] = sum over the columns j of component k of a[j] b[j], lane by lane.
