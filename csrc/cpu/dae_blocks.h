@@ -318,10 +318,14 @@ inline bool stream_rows(const T* base, int64_t n, int64_t bytes) {
 }
 
 // out[l * ld + j] = z[j * zs + l] for a W x W block (W = simd<T>::W): the 16 x 16 or 8 x 8 vector
-// transposes of philox_lanes.h; false where there is none (double, or no AVX2).
+// transposes of philox_lanes.h. Only where lanes_apply holds (float with AVX2 or AVX-512), which
+// every caller checks first.
 template <typename T>
-inline bool transpose_vw(const T* z, int zs, T* out, int64_t ld) {
-  return simd<T>::W == 16 ? store_transposed16(z, zs, out, ld) : store_transposed8(z, zs, out, ld);
+inline void transpose_vw(const T* z, int zs, T* out, int64_t ld) {
+  if constexpr (simd<T>::W == 16)
+    store_transposed16(z, zs, out, ld);
+  else
+    store_transposed8(z, zs, out, ld);
 }
 
 // Whether a block's rows [S, Dp] can be turned into columns of W samples (lanes_in, lanes_out):
@@ -496,6 +500,15 @@ inline void with_small_K(int K, F&& f) {
     case 4: f(std::integral_constant<int, 4>{}); break;
     default: f(std::integral_constant<int, 0>{});
   }
+}
+
+// Calls f(std::integral_constant<int, K>) for K = 1 .. 4 and nothing otherwise: the lanes paths,
+// which soft_lanes_apply limits to K <= 4.
+template <typename F>
+inline void with_lanes_K(int K, F&& f) {
+  with_small_K(K, [&](auto kc) {
+    if constexpr (decltype(kc)::value > 0) f(kc);
+  });
 }
 
 // Soft-mode reconstruction coefficients of a block from c w_k in s.ca [S, K]: C [S, Dp] (s.C)
@@ -907,9 +920,8 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
   }
   if (mode == kSoft) {
     if (lanes) {
-      with_small_K(K, [&](auto kc) {
-        constexpr int KC = decltype(kc)::value;
-        if constexpr (KC > 0) soft_dae_lanes_fwd<T, KC>(s.P.data(), S, g, c, phi, bias, w, s);
+      with_lanes_K(K, [&](auto kc) {
+        soft_dae_lanes_fwd<T, decltype(kc)::value>(s.P.data(), S, g, c, phi, bias, w, s);
       });
     } else {
       soft_block_weights(s.P.data(), s.sums.data(), phi, c, bias,
@@ -958,10 +970,9 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
     project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D, pf);
     pad_proj_rows(proj, S, D, Dp, s.P.data());  // the saved projections as full-panel rows
     if (soft_lanes_apply<T>(g)) {
-      with_small_K(K, [&](auto kc) {
-        constexpr int KC = decltype(kc)::value;
-        if constexpr (KC > 0)
-          soft_dae_lanes_bwd<T, KC>(s.P.data(), s.R.data(), S, g, w, c, phi, dbias, dc, dphi, s);
+      with_lanes_K(K, [&](auto kc) {
+        soft_dae_lanes_bwd<T, decltype(kc)::value>(s.P.data(), s.R.data(), S, g, w, c, phi,
+                                                   dbias, dc, dphi, s);
       });
     } else {
       comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2
@@ -1155,10 +1166,9 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
     }
     const bool lanes = soft_lanes_apply<T>(g);
     if (lanes) {
-      with_small_K(K, [&](auto kc) {
-        constexpr int KC = decltype(kc)::value;
-        if constexpr (KC > 0) soft_train_lanes_fwd<T, KC>(s.P.data(), S, g, level_bias,
-                                                          s.lev.data(), s);
+      with_lanes_K(K, [&](auto kc) {
+        soft_train_lanes_fwd<T, decltype(kc)::value>(s.P.data(), S, g, level_bias, s.lev.data(),
+                                                     s);
       });
     } else {
       comp_sums(s.P.data(), s.P.data(), S, pn, s.sums2.data(), s);  // ||P_k||^2, kept for below
@@ -1170,9 +1180,8 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
     for (int t = 0; t < S; ++t) loss_and_grad(t, s.rowY[t], false);
     project(s.rowC.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D, tpf);
     if (lanes) {
-      with_small_K(K, [&](auto kc) {
-        constexpr int KC = decltype(kc)::value;
-        if constexpr (KC > 0) soft_train_lanes_bwd<T, KC>(s.R.data(), S, g, s);
+      with_lanes_K(K, [&](auto kc) {
+        soft_train_lanes_bwd<T, decltype(kc)::value>(s.R.data(), S, g, s);
       });
     } else {
       soft_block_grads<T>(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),
