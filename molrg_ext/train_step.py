@@ -182,6 +182,13 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
     return loss, grad
 
 
+@torch.library.register_fake("molrg::philox_draws")
+def _philox_draws_fake(seed, step, P, batch, N, L, n, float64):
+    eps_dtype = torch.float64 if float64 else torch.float32
+    return (torch.empty((P, batch), dtype=torch.long), torch.empty((P, batch), dtype=torch.long),
+            torch.empty((P, batch, n), dtype=eps_dtype))
+
+
 @torch.library.register_fake("molrg::train_step")
 def _train_step_fake(X, U, levels, level_bias, dims, batch, seed, step, mode):
     return X.new_empty((X.shape[0],)), U.new_empty(U.shape)

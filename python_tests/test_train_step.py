@@ -85,6 +85,21 @@ def test_draws_deterministic_and_keyed():
     assert a[0].min() >= 0 and a[0].max() < 10 and a[1].min() >= 0 and a[1].max() < 5
 
 
+@pytest.mark.parametrize("float64", [False, True])
+def test_draws_opcheck_and_compile(float64):
+    args = (7, 3, 2, 16, 10, 5, 9, float64)
+    torch.library.opcheck(torch.ops.molrg.philox_draws.default, args)
+    eager = torch.ops.molrg.philox_draws(*args)
+    f = torch.compile(lambda seed, step: torch.ops.molrg.philox_draws(seed, step, *args[2:]),
+                      fullgraph=True, backend="aot_eager")
+    got = f(7, 3)
+    assert [t.dtype for t in got] == [torch.long, torch.long,
+                                      torch.float64 if float64 else torch.float32]
+    for u, v in zip(got, eager):
+        assert u.shape == v.shape and torch.equal(u, v)
+    assert not torch.equal(f(7, 4)[2], eager[2])  # the step is an input, not a baked constant
+
+
 def _philox4x32_10(c, k):
     """Independent numpy Philox4x32-10 (Salmon et al. 2011) on arrays of counters."""
     m32 = np.uint64(0xFFFFFFFF)

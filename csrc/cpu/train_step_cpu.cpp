@@ -163,11 +163,18 @@ TORCH_LIBRARY_FRAGMENT(molrg, m) {
       "train_step(Tensor X, Tensor U, Tensor levels, Tensor? level_bias, int[] dims, int batch, "
       "int seed, int step, int mode) -> (Tensor, Tensor)");
   // The random numbers train_step draws: (idx [P,M] int64, level [P,M] int64, eps [P,M,n]).
+  // No tensor argument, so no backend key: the kernel is CompositeExplicitAutograd (always the
+  // CPU tensors it makes), which leaves room for the fake kernel (molrg_ext/train_step.py) that
+  // opcheck and torch.compile need; a kernel given to def would be CompositeImplicitAutograd and
+  // run on fake tensors.
   m.def("philox_draws(int seed, int step, int P, int batch, int N, int L, int n, bool float64) "
-        "-> (Tensor, Tensor, Tensor)",
-        &philox_draws_cpu);
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(molrg, CPU, m) { m.impl("train_step", &train_step_cpu); }
+
+TORCH_LIBRARY_IMPL(molrg, CompositeExplicitAutograd, m) {
+  m.impl("philox_draws", &philox_draws_cpu);
+}
 
 }  // namespace molrg
