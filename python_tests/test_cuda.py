@@ -128,7 +128,9 @@ def _tol(dtype):
 
 
 def _to(t, dev):
-    return None if t is None else t.to(dev)
+    """A copy of t on dev that is its own leaf: t.to("cpu") is t itself, and marking it to need
+    gradients would make the next device's copy a non-leaf without .grad."""
+    return None if t is None else t.detach().to(dev, copy=True)
 
 
 @cuda_test
@@ -425,12 +427,78 @@ def test_optimal_denoiser_cuda_matches_cpu(dtype, sigma, N, n):
     lse_ref_tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12,
                                                                                    atol=1e-12)
     torch.testing.assert_close(lse_g.cpu().double(), lse_ref, **lse_ref_tol)
-    dx_c = torch.ops.molrg.optimal_denoiser_backward(v, x, X, s, gamma, y_c, lse_c)
+    # The gradient on these queries and on queries between two training points (where it is
+    # large at every sigma), against the float64 reference row by row; the CPU's too.
+    x, s, gamma, v = _od_with_mixed_queries(x, X, s, gamma, v, sigma, seed=22 + n)
+    args_g = tuple(t.cuda() for t in (x, X, s, gamma))
+    y_g, lse_g = torch.ops.molrg.optimal_denoiser(*args_g, 64)
     dx_g = torch.ops.molrg.optimal_denoiser_backward(v.cuda(), *args_g, y_g, lse_g)
-    # dx = (s / gamma^2) Cov_w(X) v: scale the tolerance by s / gamma^2 (large at small sigma)
-    scale = float((s / gamma**2).max()) * float(X.abs().max()) ** 2
-    torch.testing.assert_close(dx_g.cpu(), dx_c, rtol=tol["rtol"] * 10,
-                               atol=tol["atol"] * 10 * scale)
+    _assert_od_grad_close(dx_g.cpu(), v, x, X, s, gamma)
+    y_c, lse_c = torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 64)
+    dx_c = torch.ops.molrg.optimal_denoiser_backward(v, x, X, s, gamma, y_c, lse_c)
+    _assert_od_grad_close(dx_c, v, x, X, s, gamma)
+
+
+def _od_with_mixed_queries(x, X, s, gamma, v, sigma, seed, B=16):
+    """The problem with B queries appended on segments between two training points X_a, X_b,
+    x = s (X_a + X_b) / 2 + t gamma^2 d / (s ||d||^2) with d = X_a - X_b, so the logit gap
+    l_a - l_b = s <x - s (X_a + X_b) / 2, d> / gamma^2 is t (uniform in [-2, 2]) and the posterior
+    mixes the two points at any sigma."""
+    g = torch.Generator().manual_seed(seed)
+    X64, N = X.double(), X.shape[0]
+    a = torch.randint(0, N, (B,), generator=g)
+    b = (a + 1 + torch.randint(0, N - 1, (B,), generator=g)) % N
+    sm = 0.6 + 0.5 * torch.rand(B, generator=g, dtype=torch.float64)
+    gm = sm * sigma * (0.5 + torch.rand(B, generator=g, dtype=torch.float64))
+    d = X64[a] - X64[b]
+    t = torch.rand(B, 1, generator=g, dtype=torch.float64) * 4 - 2
+    xm = sm[:, None] * (X64[a] + X64[b]) / 2 + t * gm[:, None] ** 2 * d / (
+        sm[:, None] * (d * d).sum(1, keepdim=True))
+    vm = torch.randn(B, X.shape[1], generator=g, dtype=torch.float64)
+    return tuple(torch.cat([u, w.to(u.dtype)]) for u, w in ((x, xm), (s, sm), (gamma, gm), (v, vm)))
+
+
+def _od_grad64(v, x, X, s, gamma):
+    """Dense float64 dx = (s / gamma^2) Cov_w(X) v and, per row, the bound
+    b = (s / gamma^2) sum_j w_j ||X_j - E_w X||^2 ||v|| >= ||dx|| (trace of Cov times ||v||): how
+    far dx moves when each weight w_j changes by a relative error e is about e b."""
+    v, x, X, s, gamma = (t.detach().cpu().double() for t in (v, x, X, s, gamma))
+    logits = -((x[:, None] - s[:, None, None] * X[None]) ** 2).sum(-1) / (2 * gamma[:, None] ** 2)
+    w = torch.softmax(logits, 1)
+    dev = X[None] - (w @ X)[:, None]
+    k = s / gamma**2
+    dx = k[:, None] * ((w * (dev @ v[:, :, None])[..., 0])[..., None] * dev).sum(1)
+    return dx, k * (w * (dev**2).sum(-1)).sum(1) * v.norm(dim=1)
+
+
+def _assert_od_grad_close(dx, v, x, X, s, gamma):
+    """||dx - dx_ref|| <= f b + floor per row. f: the logits' relative rounding (float32: the
+    CPU's GEMM logits stay within 2^-11 logit units; measured on the CPU: errors up to 1e-6 b in
+    float32, 1e-10 b in float64). Rows with a near one-hot posterior have dx ~ 0 and b ~ 0, and
+    are held to the floor; on the mixed rows ||dx_ref|| >= 2.7e-3 b (measured), so an all-zero
+    gradient fails."""
+    ref, bound = _od_grad64(v, x, X, s, gamma)
+    f, floor = (1e-4, 1e-6) if dx.dtype == torch.float32 else (1e-9, 1e-18)
+    err = (dx.double() - ref).norm(dim=1)
+    bad = err > f * bound + floor
+    assert not bad.any(), (f"rows {bad.nonzero().flatten().tolist()}: error "
+                           f"{err[bad].tolist()} against allowed {(f * bound + floor)[bad].tolist()}")
+    return ref, bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigma", [0.005, 0.7])
+def test_optimal_denoiser_cpu_gradient_within_the_device_test_bound(dtype, sigma):
+    """The per-row bound the CUDA comparison uses holds for the CPU kernel (runs everywhere), and
+    is tight enough that a zero gradient fails it."""
+    x, X, s, gamma, v = _od_problem(37, 100, 70, sigma, dtype, seed=91)
+    x, s, gamma, v = _od_with_mixed_queries(x, X, s, gamma, v, sigma, seed=92)
+    y, lse = torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 64)
+    dx = torch.ops.molrg.optimal_denoiser_backward(v, x, X, s, gamma, y, lse)
+    ref, bound = _assert_od_grad_close(dx, v, x, X, s, gamma)
+    assert (ref.norm(dim=1)[-16:] > 1e-3 * bound[-16:]).all()  # the mixed rows are not ~ 0
+    with pytest.raises(AssertionError):
+        _assert_od_grad_close(torch.zeros_like(dx), v, x, X, s, gamma)
 
 
 @cuda_test
