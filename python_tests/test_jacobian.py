@@ -176,12 +176,13 @@ def test_float32_with_subnormal_weights_matches_float64():
 
 
 # --------------------------------------------------------------------------- Lemma 2, Fig. 3(b)
-def _molrg_samples(U, dims, B, g):
+def _molrg_samples(U, dims, B, g, return_labels=False):
     K = len(dims)
     k = torch.randint(0, K, (B,), generator=g)
     a = torch.randn(B, max(dims), generator=g, dtype=F64)
     mask = torch.arange(max(dims))[None, :] < torch.tensor(dims)[k][:, None]
-    return torch.einsum("bnd,bd->bn", U[k], a * mask)
+    x = torch.einsum("bnd,bd->bn", U[k], a * mask)
+    return (x, k) if return_labels else x
 
 
 def test_lemma2_rank_bounds_over_noise_range():
@@ -189,7 +190,7 @@ def test_lemma2_rank_bounds_over_noise_range():
     n, dims = 30, [3, 5, 4]
     U = _bases(n, dims, False, g)
     dae = M.SubspaceDAE(n, dims, U=U, dtype=F64)
-    x0 = _molrg_samples(U, dims, 64, g)
+    x0, label = _molrg_samples(U, dims, 64, g, return_labels=True)
     for sigma in torch.logspace(-3, 2, 11, dtype=F64).tolist():
         xt = x0 + sigma * torch.randn(x0.shape, generator=g, dtype=F64)
         sv = M.jacobian_spectrum(dae, xt, sigma).svals
@@ -200,6 +201,8 @@ def test_lemma2_rank_bounds_over_noise_range():
     # at the extremes the bounds are attained: every subspace alive / only the sample's own
     hi = M.jacobian_rank(dae, x0 + 100 * torch.randn(x0.shape, generator=g, dtype=F64), 100.0)
     assert (hi == sum(dims)).all()
+    lo = M.jacobian_rank(dae, x0 + 1e-3 * torch.randn(x0.shape, generator=g, dtype=F64), 1e-3)
+    assert torch.equal(lo, torch.tensor(dims)[label].to(lo.dtype))
 
 
 def test_fig3b_rank_is_2d_at_high_noise_and_d_at_low_noise():

@@ -98,13 +98,34 @@ def test_polar_retraction_is_nearest_orthonormal():
 
 
 def test_fused_engine_learns_like_autograd():
-    if not hasattr(molrg_ext, "train_step"):
-        with pytest.raises(RuntimeError, match="train_step"):
-            SubspaceTrainer(1, 2, init="random", engine="fused").fit(torch.randn(1, 5, 8))
-        return
     good = sample_molrg(48, [3], counts=[8], instances=6, seed=0)
-    tr = SubspaceTrainer(1, 3, init="random", seed=0, engine="fused", **QUICK).fit(good.X)
-    assert rate(tr, good) >= 5 / 6
+    fits = {eng: SubspaceTrainer(1, 3, init="random", seed=0, engine=eng, **QUICK).fit(good.X)
+            for eng in ("fused", "autograd")}
+    for tr in fits.values():
+        assert rate(tr, good) >= 5 / 6
+    # different random streams, the same expected dynamics: the final distances to the truth and
+    # the loss over the last 20 steps agree (measured: mean distance 0.281 / 0.291, losses
+    # within 4% per instance)
+    dist = {e: subspace_distance(tr.U_, good.bases, good.dims) for e, tr in fits.items()}
+    assert abs(dist["fused"].mean() - dist["autograd"].mean()) < 0.1
+    tail = {e: tr.history_["loss"][-20:].mean(0) for e, tr in fits.items()}
+    torch.testing.assert_close(tail["fused"], tail["autograd"], rtol=0.1, atol=0)
+
+
+def test_fused_engine_step_is_train_step_then_retraction():
+    """One fused SGD step is exactly U1 = retract(U0 - lr * mask * grad) with train_step's
+    gradient at (seed, step 0), from the same initial bases."""
+    data = sample_molrg(20, [2, 3], counts=[6, 6], instances=3, seed=4)
+    tr = SubspaceTrainer(2, [2, 3], init="random", seed=7, engine="fused", lr=0.3, batch=32,
+                         steps=1, tol=None).fit(data.X)
+    P, N, n = data.X.shape
+    U0 = tr._init_U(P, n, data.X.dtype, None, torch.Generator().manual_seed(7))
+    levels = molrg_ext.make_levels(tr.schedule, L=tr.levels, dims=tr.dims)
+    loss, grad = molrg_ext.train_step(data.X, U0, tr.dims, levels, 32, 7, 0, mode=tr.mode)
+    mask = (torch.arange(3)[None, :] < torch.tensor([2, 3])[:, None]).to(data.X.dtype)
+    U1 = retract(U0 - 0.3 * grad * mask[:, None, :], [2, 3], "qr")
+    torch.testing.assert_close(tr.U_, U1, rtol=0, atol=1e-6)
+    assert torch.equal(tr.history_["loss"][0], loss)
 
 
 def test_bad_input():
