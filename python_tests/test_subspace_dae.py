@@ -168,19 +168,40 @@ def test_hard_assign_ties_go_to_lowest_index():
 def test_soft_max_is_stable_for_huge_phi():
     x, U, c, phi, _, dims = make_inputs(dtype=torch.float32)
     phi = torch.full_like(phi, 1e12)
-    y = molrg_ext.subspace_dae(x, U, c, phi, None, dims, "soft")
+    xg, Ug = x.clone().requires_grad_(), U.clone().requires_grad_()
+    y = molrg_ext.subspace_dae(xg, Ug, c, phi, None, dims, "soft")
     assert torch.isfinite(y).all()
-    # With phi -> infinity the soft weights become the hard assignment.
-    y_hard = molrg_ext.subspace_dae(x, U, c, phi, None, dims, "hard")
-    torch.testing.assert_close(y, y_hard)
+    # With phi -> infinity the soft weights become the hard assignment (the float64 reference's
+    # hard mode on the same inputs; its soft mode would overflow the logits in float32).
+    y_hard = reference.subspace_dae(x.double(), U.double(), c.double(), phi.double(), None, dims,
+                                    "hard")
+    torch.testing.assert_close(y.double(), y_hard, rtol=1e-5, atol=1e-5)
+    # the backward stays finite too, and the weights' gradient (phi times ||P_k||^2 ~ 1e12) is
+    # not spread into x or U: they get the hard mode's gradients
+    gy = torch.randn_like(y)
+    dx, dU = torch.autograd.grad(y, (xg, Ug), gy)
+    x64, U64 = x.double().requires_grad_(), U.double().requires_grad_()
+    yh = reference.subspace_dae(x64, U64, c.double(), phi.double(), None, dims, "hard")
+    dx_ref, dU_ref = torch.autograd.grad(yh, (x64, U64), gy.double())
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dU.double(), dU_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_neg_inf_bias_switches_a_component_off():
-    x, U, c, phi, _, dims = make_inputs()
+    x, U, c, phi, _, dims = make_inputs(requires_grad=True)
     bias = torch.tensor([0.0, float("-inf"), 0.0], dtype=torch.float64)
     y = molrg_ext.subspace_dae(x, U, c, phi, bias, dims)
-    y_ref = molrg_ext.subspace_dae(x, U[[0, 2]], c, phi, None, [dims[0], dims[2]])
-    torch.testing.assert_close(y, y_ref)
+    # the reference with that component removed, on copies of the same inputs
+    x2, U2, c2, phi2 = (t.detach().clone().requires_grad_() for t in (x, U, c, phi))
+    y_ref = reference.subspace_dae(x2, U2[[0, 2]], c2, phi2, None, [dims[0], dims[2]])
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, U, c, phi), gy)
+    want = torch.autograd.grad(y_ref, (x2, U2, c2, phi2), gy)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert (got[1][1] == 0).all()  # the switched-off basis gets no gradient
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])

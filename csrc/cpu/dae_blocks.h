@@ -415,7 +415,8 @@ inline void comp_spread(const T* coef, int cstride, int S, const Panels<T>& pn, 
 //     sample t being row t (BiasRows::kSample, the denoiser) or row lev[t] (kLevel, the training
 //     step's per-level bias) of bias, or none;
 //   soft_dlogit:  cb [S, K] = 2 phi dlogit_k with
-//     dlogit_k = w_k (c <r_k, P_k> - c sum_j w_j <r_j, P_j>), and with Full also dlogit [S, K],
+//     dlogit_k = w_k (c <r_k, P_k> - c sum_j w_j <r_j, P_j>) (as kernels::dae_dlogit evaluates
+//     it, c w_k sum_{j != k} w_j (<r_k, P_k> - <r_j, P_j>)), and with Full also dlogit [S, K],
 //     dc [S] = sum_k w_k <r_k, P_k> and dphi [S] = sum_k dlogit_k ||P_k||^2 (the denoiser's
 //     backward; the training step needs none).
 //   Lanes (L > 0): the [S, Kp] sums and the [S, K] arrays are instead lane-major, [K][L] (entry
@@ -472,10 +473,15 @@ inline void soft_dlogit(const T* rp, const T* sq, int Kp, const T* w, const T* c
   for (int t = 0; t < S; ++t) {
     T dcs = T(0);
     unrolled<K>([&](auto k) { dcs += w[coef_at<L>(t, k, K)] * rp[sum_at<L>(t, k, Kp)]; });
-    const T hbar = cs[t] * dcs;
     T dph = T(0);
     unrolled<K>([&](auto k) {
-      const T dl = w[coef_at<L>(t, k, K)] * (cs[t] * rp[sum_at<L>(t, k, Kp)] - hbar);
+      // kernels::dae_dlogit: c w_k sum_j w_j (rp_k - rp_j), exactly 0 for one-hot weights
+      const T rk = rp[sum_at<L>(t, k, Kp)];
+      T acc = T(0);
+      unrolled<K>([&](auto j) {
+        if constexpr (j != k) acc += w[coef_at<L>(t, j, K)] * (rk - rp[sum_at<L>(t, j, Kp)]);
+      });
+      const T dl = cs[t] * w[coef_at<L>(t, k, K)] * acc;
       if constexpr (Full) {
         dlogit[coef_at<L>(t, k, K)] = dl;
         dph += dl * sq[sum_at<L>(t, k, Kp)];
@@ -577,10 +583,9 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
         T* dl = (dlogit ? dlogit : s.dlogit.data()) + (int64_t)t * K;
         T dcs = T(0);
         for (int k = 0; k < K; ++k) dcs += wt[k] * rp[k];
-        const T hbar = c[t] * dcs;
         T dph = T(0);
         for (int k = 0; k < K; ++k) {
-          dl[k] = wt[k] * (c[t] * rp[k] - hbar);
+          dl[k] = kernels::dae_dlogit<T>(rp, 1, wt, 1, K, k, c[t]);
           dph += dl[k] * sq[k];
           s.cb[(int64_t)t * K + k] = T(2) * phi[t] * dl[k];
         }

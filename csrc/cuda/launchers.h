@@ -21,8 +21,8 @@ cudaError_t launch_subspace_dae_forward(const T* x, const T* U, const T* c, cons
                                         int dm, int mode, T* y, T* proj, T* w,
                                         cudaStream_t stream);
 
-// Number of T elements of workspace the backward needs (dP per sample plus the partial sums of
-// the dU reduction over the batch).
+// Number of T elements of workspace the backward needs (dP and the K sums <r_k, P_k> per sample,
+// plus the partial sums of the dU reduction over the batch).
 int64_t subspace_dae_backward_workspace(int64_t P, int64_t B, int n, int K, int dm, bool need_dU);
 
 // Backward: dx (may be null), dU (may be null), dc, dphi, dbias. workspace holds

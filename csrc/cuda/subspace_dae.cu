@@ -104,14 +104,15 @@ dae_forward_kernel(const T* __restrict__ x, const T* __restrict__ U, const T* __
   }
 }
 
-// Per-sample backward: dP (into dPw), dc, dphi, dbias and optionally dx.
+// Per-sample backward: dP (into dPw), dc, dphi, dbias and optionally dx; rpw [P*B*K] holds the
+// <r_k, P_k> of each sample.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 dae_backward_kernel(const T* __restrict__ g, const T* __restrict__ U, const T* __restrict__ c,
                     const T* __restrict__ phi, const T* __restrict__ proj,
                     const T* __restrict__ w, const int32_t* __restrict__ dims, int64_t P,
                     int64_t B, int n, int K, int dm, int mode, T* __restrict__ dx, T* dc,
-                    T* dphi, T* dbias, T* dPw) {
+                    T* dphi, T* dbias, T* dPw, T* rpw) {
   const int lane = threadIdx.x & (kWarp - 1);
   const int64_t nwarps = ((int64_t)gridDim.x * blockDim.x) / kWarp;
   const int64_t total = P * B;
@@ -124,6 +125,7 @@ dae_backward_kernel(const T* __restrict__ g, const T* __restrict__ U, const T* _
     const T* ws = w + s * K;
     T* dPs = dPw + s * K * dm;
     T* dbs = dbias + s * K;
+    T* rps = rpw + s * K;
     // r_k = U_k^T g (zero where w_k == 0 or past d_k), stored in dPs.
     for (int k = 0; k < K; ++k) {
       const int dk = ws[k] == T(0) ? 0 : dims[k];
@@ -137,22 +139,22 @@ dae_backward_kernel(const T* __restrict__ g, const T* __restrict__ U, const T* _
     __syncwarp();
     if (lane == 0) {
       const T cs = c[s], phs = phi[s];
-      T hbar = T(0), dc_acc = T(0);
+      T dc_acc = T(0);
       for (int k = 0; k < K; ++k) {
         const int dk = dims[k];
         T rp = T(0);
         for (int j = 0; j < dk; ++j) rp += dPs[k * dm + j] * ps[k * dm + j];
-        dbs[k] = rp;  // <r_k, P_k> until the second pass
+        rps[k] = rp;  // every dlogit_k reads all of them (kernels::dae_dlogit)
         dc_acc += ws[k] * rp;
-        hbar += ws[k] * cs * rp;
       }
       dc[s] = dc_acc;
+      for (int k = 0; k < K; ++k)
+        dbs[k] = mode == kSoft ? dae_dlogit<T>(rps, 1, ws, 1, K, k, cs) : T(0);
       T dphi_acc = T(0);
       for (int k = 0; k < K; ++k) {
         const int dk = dims[k];
         const T wk = ws[k];
-        const T dl = (mode == kSoft && wk != T(0)) ? wk * (cs * dbs[k] - hbar) : T(0);
-        dbs[k] = dl;
+        const T dl = dbs[k];
         T sq = T(0);
         for (int j = 0; j < dk; ++j) sq += ps[k * dm + j] * ps[k * dm + j];
         dphi_acc += dl * sq;
@@ -284,10 +286,10 @@ cudaError_t launch_subspace_dae_forward(const T* x, const T* U, const T* c, cons
 
 int64_t subspace_dae_backward_workspace(int64_t P, int64_t B, int n, int K, int dm,
                                         bool need_dU) {
-  const int64_t dP = P * B * K * (int64_t)dm;
-  if (!need_dU) return dP;
+  const int64_t dP_rp = P * B * K * ((int64_t)dm + 1);  // dP, then <r_k, P_k> per sample
+  if (!need_dU) return dP_rp;
   const int64_t splits = dU_splits(P, B, n, K, dm);
-  return dP + (splits > 1 ? splits * P * K * (int64_t)n * dm : 0);
+  return dP_rp + (splits > 1 ? splits * P * K * (int64_t)n * dm : 0);
 }
 
 template <typename T>
@@ -302,13 +304,14 @@ cudaError_t launch_subspace_dae_backward(const T* g, const T* x, const T* U, con
     return cudaSuccess;
   }
   T* dPw = workspace;
+  T* rpw = dPw + P * B * K * (int64_t)dm;
   dae_backward_kernel<T><<<blocks_for(P * B), kThreads, 0, stream>>>(
-      g, U, c, phi, proj, w, dims, P, B, n, K, dm, mode, dx, dc, dphi, dbias, dPw);
+      g, U, c, phi, proj, w, dims, P, B, n, K, dm, mode, dx, dc, dphi, dbias, dPw, rpw);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || !dU) return err;
   const int64_t splits = dU_splits(P, B, n, K, dm);
   const int64_t chunk = (B + splits - 1) / splits;
-  T* target = splits > 1 ? workspace + P * B * K * (int64_t)dm : dU;
+  T* target = splits > 1 ? rpw + P * B * K : dU;
   const dim3 grid((unsigned)grid_1d(outs), (unsigned)splits);
   dae_dU_kernel<T><<<grid, kThreads, 0, stream>>>(x, g, c, proj, w, dPw, dims, P, B, n, K, dm,
                                                   chunk, target);

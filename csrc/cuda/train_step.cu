@@ -27,6 +27,11 @@ constexpr int kWarp = 32;
 constexpr int kMaxWarps = 8;
 constexpr int64_t kSmemBudget = 48 * 1024;
 
+// Shared-memory elements per warp: x_t and g [n], proj and dP [K dm], w and <r_k, P_k> [K].
+__host__ __device__ constexpr int train_step_smem_elems(int n, int K, int dm) {
+  return 2 * n + 2 * K * dm + 2 * K;
+}
+
 // P_k = U_k^T v for every k into proj (padded entries zero); sq[k] = ||P_k||^2 (lane 0 writes).
 template <typename T>
 __device__ void warp_project(const T* __restrict__ Ui, const T* v, const int32_t* __restrict__ dims,
@@ -58,13 +63,14 @@ train_step_kernel(const T* __restrict__ X, int64_t N, const T* __restrict__ U,
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x & (kWarp - 1);
   const int wib = threadIdx.x / kWarp;
-  const int per_warp = 2 * n + 2 * K * dm + K;
+  const int per_warp = train_step_smem_elems(n, K, dm);
   T* base = reinterpret_cast<T*>(smem_raw) + (int64_t)wib * per_warp;
   T* xt = base;
   T* g = xt + n;
   T* proj = g + n;
   T* dP = proj + K * dm;
   T* w = dP + K * dm;
+  T* rps = w + K;  // <r_k, P_k>: every dlogit_k reads all of them (kernels::dae_dlogit)
   const int64_t nwarps = ((int64_t)gridDim.x * blockDim.x) / kWarp;
   const T inv_M = T(1) / T(M);
   for (int64_t slot_id = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / kWarp;
@@ -132,18 +138,15 @@ train_step_kernel(const T* __restrict__ X, int64_t N, const T* __restrict__ U,
     }
     __syncwarp();
     if (lane == 0) {
-      T hbar = T(0);
       for (int k = 0; k < K; ++k) {
         T rp = T(0);
         for (int j = 0; j < dims[k]; ++j) rp += dP[k * dm + j] * proj[k * dm + j];
-        hbar += w[k] * c * rp;
+        rps[k] = rp;
       }
       for (int k = 0; k < K; ++k) {
         const T wk = w[k];
         if (wk == T(0)) continue;
-        T rp = T(0);
-        for (int j = 0; j < dims[k]; ++j) rp += dP[k * dm + j] * proj[k * dm + j];
-        const T dl = mode == kSoft ? wk * (c * rp - hbar) : T(0);
+        const T dl = mode == kSoft ? dae_dlogit<T>(rps, 1, w, 1, K, k, c) : T(0);
         const T a = c * wk, b = T(2) * phi * dl;
         for (int j = 0; j < dims[k]; ++j) dP[k * dm + j] = a * dP[k * dm + j] + b * proj[k * dm + j];
       }
@@ -170,7 +173,7 @@ train_step_kernel(const T* __restrict__ X, int64_t N, const T* __restrict__ U,
 
 template <typename T>
 int64_t train_step_smem_bytes(int n, int K, int dm) {
-  return (int64_t)(2 * n + 2 * K * dm + K) * (int64_t)sizeof(T);
+  return (int64_t)train_step_smem_elems(n, K, dm) * (int64_t)sizeof(T);
 }
 
 template <typename T>

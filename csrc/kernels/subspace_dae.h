@@ -9,7 +9,7 @@
 //   y = c sum_k w_k U_k P_k
 //
 // Backward for one sample, with g = dL/dy, r_k = U_k^T g, h_k = c <r_k, P_k>:
-//   dlogit_k = w_k (h_k - sum_j w_j h_j)           (0 in hard mode)
+//   dlogit_k = w_k (h_k - sum_j w_j h_j)           (0 in hard mode; evaluated as dae_dlogit)
 //   dP_k     = c w_k r_k + 2 phi dlogit_k P_k
 //   dx       = sum_k U_k dP_k
 //   dU_k    += x dP_k^T + g (c w_k P_k)^T
@@ -80,6 +80,24 @@ MOLRG_HD void dae_weights(const T* sq, const T* bias, T phi, int K, int mode, in
   for (int k = 0; k < K; ++k) w[k] *= inv;
 }
 
+// dlogit_k = w_k (h_k - sum_j w_j h_j) with h_j = c rp_j, rp_j = <r_j, P_j> (rp[j * rs],
+// w[j * ws]), evaluated as c w_k sum_j w_j (rp_k - rp_j), which is the same since the weights
+// sum to 1. The differences make it exactly 0 for a saturated soft-max (w one-hot), as the hard
+// mode's. The first form is not: with FMA contraction c rp_k - hbar becomes fma(c, rp_k, -hbar),
+// the rounding error of c rp_k, and dP multiplies dlogit by 2 phi (phi = 1e12 moved a float32 dx
+// by 3e5, float64 by 6e-4; at phi = 1e3, 3e-4 in float32). For nearly one-hot weights the
+// differences also keep the small terms w_j (rp_k - rp_j) that the first form cancels away.
+template <typename T>
+MOLRG_HD T dae_dlogit(const T* rp, int rs, const T* w, int ws, int K, int k, T c) {
+  const T wk = w[k * ws];
+  if (wk == T(0)) return T(0);
+  const T rk = rp[k * rs];
+  T acc = T(0);
+  for (int j = 0; j < K; ++j)
+    if (j != k) acc += w[j * ws] * (rk - rp[j * rs]);
+  return c * wk * acc;
+}
+
 // From r_k = U_k^T g (r [K*dm], padding ignored), proj and w: dlogit [K], dP [K*dm] (padding 0),
 // dc and dphi of one sample. Components with w_k == 0 get dP_k = 0.
 template <typename T>
@@ -87,22 +105,21 @@ MOLRG_HD void dae_dP_from_r(const T* __restrict__ r, const T* __restrict__ proj,
                             const T* __restrict__ w, T c, T phi, int K, int dm,
                             const int32_t* dims, int mode, T* __restrict__ dP,
                             T* __restrict__ dlogit, T* dc, T* dphi) {
-  T hbar = T(0), dc_acc = T(0);
+  T dc_acc = T(0);
   for (int k = 0; k < K; ++k) {
     T rp = T(0);
     if (w[k] != T(0))
       for (int j = 0; j < dims[k]; ++j) rp += r[k * dm + j] * proj[k * dm + j];
-    dlogit[k] = rp;  // <r_k, P_k> until the second pass
+    dP[k * dm] = rp;  // <r_k, P_k> until the second pass (dP_k is written after the last read)
     dc_acc += w[k] * rp;
-    hbar += w[k] * c * rp;
   }
   *dc = dc_acc;
+  for (int k = 0; k < K; ++k)
+    dlogit[k] = mode == kSoft ? dae_dlogit<T>(dP, dm, w, 1, K, k, c) : T(0);
   T dphi_acc = T(0);
   for (int k = 0; k < K; ++k) {
     const int dk = dims[k];
-    T dl = T(0);
-    if (mode == kSoft && w[k] != T(0)) dl = w[k] * (c * dlogit[k] - hbar);
-    dlogit[k] = dl;
+    const T dl = dlogit[k];
     T sq = T(0);
     for (int j = 0; j < dk; ++j) sq += proj[k * dm + j] * proj[k * dm + j];
     dphi_acc += dl * sq;
