@@ -7,11 +7,37 @@ The fused op wrappers and the pure-PyTorch reference both use it, so they accept
 """
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
 MODES = {"soft": 0, "hard": 1}
+
+
+def as_int(v, name: str, where: str, lo: Optional[int] = None) -> int:
+    """v as a Python int: an int, a numpy integer or a one-element integer tensor; floats (also
+    2.0) and bools are refused instead of truncated. lo: the smallest value allowed."""
+    if isinstance(v, bool):
+        raise TypeError(f"{where}: {name} must be an int, got {v!r}")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{where}: {name} must be an int, got {v!r}") from None
+    if lo is not None and i < lo:
+        raise ValueError(f"{where}: {name} must be >= {lo}, got {i}")
+    return i
+
+
+def as_int_list(vals, name: str, where: str, lo: Optional[int] = None) -> list[int]:
+    """A sequence (or 1-D integer tensor) of ints as a list, each checked as as_int does."""
+    if isinstance(vals, torch.Tensor):
+        if vals.is_floating_point() or vals.is_complex() or vals.dtype == torch.bool:
+            raise TypeError(f"{where}: {name} must hold integers, got dtype {vals.dtype}")
+        vals = vals.flatten().tolist()
+    if isinstance(vals, (str, bytes)) or not hasattr(vals, "__iter__"):
+        raise TypeError(f"{where}: {name} must be a sequence of ints, got {vals!r}")
+    return [as_int(v, f"{name}[{k}]", where, lo) for k, v in enumerate(vals)]
 
 
 class DaeArgs(NamedTuple):
@@ -39,14 +65,7 @@ def parse_dims(dims, K: int, dmax: int, n: int, where: str = "subspace_dae") -> 
     if dims is None:
         out = [int(dmax)] * K
     else:
-        if isinstance(dims, torch.Tensor):
-            if dims.is_floating_point() or dims.is_complex():
-                raise TypeError(f"{where}: dims must hold integers, got dtype {dims.dtype}")
-            dims = dims.tolist()
-        try:
-            out = [int(d) for d in dims]
-        except TypeError as e:
-            raise TypeError(f"{where}: dims must be a sequence of K ints, got {dims!r}") from e
+        out = as_int_list(dims, "dims", where)
         if len(out) != K:
             raise ValueError(f"{where}: dims must have K = {K} entries, got {len(out)}")
     for k, d in enumerate(out):

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._args import as_int, as_int_list
+
 __all__ = ["MoLRGData", "sample_molrg", "sample_from_bases"]
 
 
@@ -62,12 +64,11 @@ class MoLRGData:
 
 
 def _parse_dims(dims, K: Optional[int], n: int) -> list:
-    if isinstance(dims, int):
-        dims = [dims] * (1 if K is None else K)
-    try:
-        dims = [int(d) for d in dims]
-    except TypeError as e:
-        raise TypeError(f"sample_molrg: dims must be an int or a sequence of ints, got {dims!r}") from e
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        dims = [dims] * (1 if K is None else as_int(K, "K", "sample_molrg", 1))
+    if not isinstance(dims, torch.Tensor) and not hasattr(dims, "__iter__"):
+        raise TypeError(f"sample_molrg: dims must be an int or a sequence of ints, got {dims!r}")
+    dims = as_int_list(dims, "dims", "sample_molrg")
     if len(dims) == 0:
         raise ValueError("sample_molrg: dims is empty (K = 0)")
     for k, d in enumerate(dims):
@@ -90,20 +91,19 @@ def _parse_pi(pi, K: int, where: str) -> torch.Tensor:
 def _draw_labels(P, N, counts, pi, g, where):
     K = pi.numel()
     if counts is not None:
-        counts = [int(c) for c in counts]
+        counts = as_int_list(counts, "counts", where)
         if len(counts) != K:
             raise ValueError(f"{where}: counts must have K = {K} entries, got {len(counts)}")
         if any(c < 0 for c in counts) or sum(counts) == 0:
             raise ValueError(f"{where}: counts must be >= 0 with a positive total, got {counts}")
-        if N is not None and N != sum(counts):
+        if N is not None and as_int(N, "N", where, 1) != sum(counts):
             raise ValueError(f"{where}: N = {N} but sum(counts) = {sum(counts)}")
         base = torch.repeat_interleave(torch.arange(K), torch.tensor(counts))
         perm = torch.argsort(torch.rand(P, base.numel(), generator=g, dtype=torch.float64), dim=1)
         return base[perm]
     if N is None:
         raise ValueError(f"{where}: give N or counts")
-    if not isinstance(N, int) or N < 1:
-        raise ValueError(f"{where}: N must be a positive int, got {N!r}")
+    N = as_int(N, "N", where, 1)
     return torch.multinomial(pi.expand(P, K), N, replacement=True, generator=g)
 
 
@@ -157,18 +157,17 @@ def sample_molrg(
         K: number of components when ``dims`` is an int.
     """
     where = "sample_molrg"
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"{where}: n must be a positive int, got {n!r}")
+    n = as_int(n, "n", where, 1)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{where}: dtype must be float32 or float64, got {dtype}")
-    if not isinstance(instances, int) or instances < 1:
-        raise ValueError(f"{where}: instances must be a positive int, got {instances!r}")
+    instances = as_int(instances, "instances", where, 1)
     dims = _parse_dims(dims, K, n)
-    if K is not None and K != len(dims):
+    if K is not None and as_int(K, "K", where, 1) != len(dims):
         raise ValueError(f"{where}: K = {K} but dims has {len(dims)} entries")
     K = len(dims)
     pi_t = _parse_pi(pi, K, where)
     noise_std = _check_noise(noise_std, where)
+    seed = as_int(seed, "seed", where, 0)
     if basis not in ("orthogonal", "independent"):
         raise ValueError(f"{where}: basis must be 'orthogonal' or 'independent', got {basis!r}")
     if basis == "orthogonal" and sum(dims) > n:
@@ -205,14 +204,14 @@ def sample_from_bases(bases: torch.Tensor, dims=None, N: Optional[int] = None,
     P, K, n, dmax = bases.shape
     if dims is None:
         dims = [dmax] * K
-    dims = [int(d) for d in dims]
+    dims = as_int_list(dims, "dims", where)
     if len(dims) != K or any(not 1 <= d <= dmax for d in dims):
         raise ValueError(f"{where}: dims must be K = {K} ints in [1, {dmax}], got {dims}")
     if not torch.isfinite(bases).all():
         raise ValueError(f"{where}: bases contain NaN or Inf")
     pi_t = _parse_pi(pi, K, where)
     noise_std = _check_noise(noise_std, where)
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(as_int(seed, "seed", where, 0))
     labels = _draw_labels(P, N, counts, pi_t, g, where)
     X = _draw_samples(bases.detach().cpu().to(torch.float64), dims, labels, noise_std, g)
     return X.to(dtype or bases.dtype), labels

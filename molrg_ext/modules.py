@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._args import parse_dims, parse_mode
+from ._args import as_int, as_int_list, parse_dims, parse_mode
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients
 
@@ -16,6 +16,11 @@ __all__ = ["SubspaceDAE", "random_orthonormal"]
 def random_orthonormal(n: int, d: int, *batch: int, generator=None, dtype=torch.float32,
                        device=None) -> torch.Tensor:
     """Random n x d matrices with orthonormal columns (QR of a Gaussian), shape [*batch, n, d]."""
+    where = "random_orthonormal"
+    n, d = as_int(n, "n", where, 1), as_int(d, "d", where, 1)
+    if d > n:
+        raise ValueError(f"{where}: d = {d} orthonormal columns need d <= n = {n}")
+    batch = tuple(as_int(b, f"batch[{i}]", where, 0) for i, b in enumerate(batch))
     g = torch.randn(*batch, n, d, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
@@ -57,15 +62,18 @@ class SubspaceDAE(nn.Module):
         generator: Optional[torch.Generator] = None,
     ):
         super().__init__()
-        if isinstance(dims, int):
+        where = "SubspaceDAE"
+        if K is not None:
+            K = as_int(K, "K", where, 1)
+        if isinstance(dims, int) and not isinstance(dims, bool):
             if K is None:
                 raise ValueError("SubspaceDAE: K is required when dims is an int")
             dims = [dims] * K
-        dims = list(dims)
+        dims = as_int_list(dims, "dims", where)
         if K is not None and K != len(dims):
             raise ValueError(f"SubspaceDAE: K = {K} but dims has {len(dims)} entries")
         K = len(dims)
-        self.n, self.K, self.dmax = int(n), K, max(dims) if dims else 0
+        self.n, self.K, self.dmax = as_int(n, "n", where, 1), K, max(dims) if dims else 0
         self.dims = parse_dims(dims, K, self.dmax, self.n, "SubspaceDAE")
         parse_mode(mode, "SubspaceDAE")
         self.mode = mode
@@ -73,12 +81,14 @@ class SubspaceDAE(nn.Module):
         self.schedule = schedule
         if pi is not None:
             pi_t = torch.as_tensor(pi, dtype=torch.float64)
-            if pi_t.shape != (K,) or (pi_t < 0).any():
-                raise ValueError(f"SubspaceDAE: pi must be K = {K} non-negative weights")
+            if (pi_t.shape != (K,) or not torch.isfinite(pi_t).all() or (pi_t < 0).any()
+                    or pi_t.sum() <= 0):
+                raise ValueError(f"SubspaceDAE: pi must be K = {K} finite weights >= 0, not all "
+                                 f"zero, got {pi_t.tolist()}")
             self.register_buffer("pi", (pi_t / pi_t.sum()).to(dtype))
         else:
             self.pi = None
-        batch = () if instances is None else (int(instances),)
+        batch = () if instances is None else (as_int(instances, "instances", where, 1),)
         shape = (*batch, K, self.n, self.dmax)
         if U is None:
             U = random_orthonormal(self.n, self.dmax, *batch, K, generator=generator, dtype=dtype,

@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ._args import as_int_list
+
 __all__ = ["posterior_mean_coefficients"]
 
 Number = Union[float, int, torch.Tensor]
@@ -59,12 +61,14 @@ def posterior_mean_coefficients(
         pi_t = torch.as_tensor(pi, dtype=s_t.dtype, device=s_t.device)
         if pi_t.dim() != 1 or pi_t.numel() == 0:
             raise ValueError("posterior_mean_coefficients: pi must be a 1-D sequence of K weights")
-        if (pi_t < 0).any() or not torch.isfinite(pi_t).all():
-            raise ValueError("posterior_mean_coefficients: pi must be finite and >= 0")
+        if (pi_t < 0).any() or not torch.isfinite(pi_t).all() or pi_t.sum() <= 0:
+            raise ValueError("posterior_mean_coefficients: pi must be finite and >= 0, not all "
+                             f"zero, got {pi_t.tolist()}")
         pi_t = pi_t / pi_t.sum()
         K = pi_t.numel()
     if dims is not None:
-        d_t = torch.as_tensor(list(dims), dtype=s_t.dtype, device=s_t.device)
+        d_t = torch.as_tensor(as_int_list(dims, "dims", "posterior_mean_coefficients", 1),
+                              dtype=s_t.dtype, device=s_t.device)
         if pi is not None and d_t.numel() != K:
             raise ValueError(
                 f"posterior_mean_coefficients: dims has {d_t.numel()} entries but pi has {K}"

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import check_float_pair, parse_dims, parse_mode
+from ._args import as_int_list, check_float_pair, parse_dims, parse_mode
 from .posterior import posterior_mean_coefficients
 
 __all__ = ["Levels", "make_levels", "train_step", "philox_draws"]
@@ -73,17 +73,19 @@ def make_levels(schedule, L: int = 64, dims: Optional[Sequence[int]] = None,
             raise ValueError(f"make_levels: schedule {name}(t) is not finite on the time grid")
     if (lam < 0).any():
         raise ValueError("make_levels: schedule weight(t) must be >= 0")
+    # with dims or pi, posterior_mean_coefficients also validates them (ints >= 1; weights
+    # finite, >= 0, not all zero); the bias is kept only where it differs between components
+    if dims is not None:
+        dims = as_int_list(dims, "dims", "make_levels", 1)
+    c, phi, bias = posterior_mean_coefficients(s, gamma, dims, pi)
     heterogeneous = False
-    if dims is not None and len(set(int(d) for d in dims)) > 1:
+    if dims is not None and len(set(dims)) > 1:
         heterogeneous = True
     if pi is not None:
-        p = torch.as_tensor(pi, dtype=torch.float64)
-        if p.numel() > 0 and not torch.allclose(p, p.reshape(-1)[0].expand_as(p)):
+        p = torch.as_tensor(pi, dtype=torch.float64).reshape(-1)
+        if not torch.allclose(p, p[0].expand_as(p)):
             heterogeneous = True
-    if heterogeneous:
-        c, phi, bias = posterior_mean_coefficients(s, gamma, dims, pi)
-    else:
-        c, phi, _ = posterior_mean_coefficients(s, gamma)
+    if not heterogeneous:
         bias = None
     return Levels(s, gamma, lam, c, phi, bias)
 

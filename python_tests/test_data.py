@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,21 @@ def test_bad_input():
         sample_molrg(10, [2], N=4, dtype=torch.int32)
     with pytest.raises(ValueError, match="instances"):
         sample_molrg(10, [2], N=4, instances=0)
+    # counts and sizes are ints: floats (not truncated), bools and None name the argument
+    for kw, match in ((dict(dims=[2.9, 1], N=4), "dims\\[0\\] must be an int"),
+                      (dict(dims=[2, 1], counts=[1.9, 3]), "counts\\[0\\] must be an int"),
+                      (dict(dims=[2, 1], N=True), "N must be an int"),
+                      (dict(dims=[2, 1], N=4.0), "N must be an int"),
+                      (dict(dims=[2, 1], N=4, seed=None), "seed must be an int"),
+                      (dict(dims=2, K=2.5, N=4), "K must be an int"),
+                      (dict(dims=[2, 1], N=4, instances=2.0), "instances must be an int")):
+        with pytest.raises(TypeError, match=match):
+            sample_molrg(10, **kw)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        sample_molrg(10, [2], N=4, seed=-1)
+    with pytest.raises(TypeError, match="dims\\[1\\] must be an int"):
+        sample_from_bases(sample_molrg(10, [2, 2], N=4).bases, dims=[2, 1.5], N=3)
+    # numpy and one-element tensor integers are ints
+    a = sample_molrg(10, [2, 1], N=np.int64(4), seed=torch.tensor(3))
+    b = sample_molrg(10, [2, 1], N=4, seed=3)
+    assert torch.equal(a.X, b.X)

@@ -68,6 +68,9 @@ def test_coefficients_closed_form_and_shapes():
     (dict(s=1.0, gamma=1.0, dims=[1, 2], pi=[1.0]), "dims has 2 entries but pi has 1"),
     (dict(s=1.0, gamma=1.0, pi=[0.5, -0.5]), "pi must be finite and >= 0"),
     (dict(s=1.0, gamma=1.0, dims=[]), "K = 0"),
+    (dict(s=1.0, gamma=1.0, pi=[0.0, 0.0]), "pi must be .*not all zero"),
+    (dict(s=1.0, gamma=1.0, dims=[0, 2]), "dims\\[0\\] must be >= 1"),
+    (dict(s=1.0, gamma=1.0, dims=[-1, 2]), "dims\\[0\\] must be >= 1"),
 ])
 def test_coefficients_bad_input(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -108,3 +111,26 @@ def test_subspace_dae_module_instances_and_errors():
         molrg_ext.SubspaceDAE(3, [4])
     with pytest.raises(ValueError, match="pass sigma or t"):
         m(torch.randn(4, 5, 8))
+    for kw in (dict(pi=[0, 0]), dict(pi=[float("nan"), 1]), dict(pi=[1, -1]), dict(pi=[1, 1, 1])):
+        with pytest.raises(ValueError, match="pi must be K = 2 finite weights"):
+            molrg_ext.SubspaceDAE(8, [2, 2], **kw)
+    for kw, err, match in ((dict(instances=0), ValueError, "instances must be >= 1"),
+                           (dict(instances=-1), ValueError, "instances must be >= 1"),
+                           (dict(instances=2.0), TypeError, "instances must be an int"),
+                           (dict(dims=[2.5, 2]), TypeError, "dims\\[0\\] must be an int"),
+                           (dict(dims=2, K=2.5), TypeError, "K must be an int"),
+                           (dict(dims=[2, 2], K=0), ValueError, "K must be >= 1")):
+        kw = {"dims": [2, 2], **kw}
+        with pytest.raises(err, match=match):
+            molrg_ext.SubspaceDAE(8, **kw)
+
+
+def test_random_orthonormal_bad_input():
+    with pytest.raises(ValueError, match="d = 5 orthonormal columns need d <= n = 3"):
+        molrg_ext.random_orthonormal(3, 5)
+    with pytest.raises(TypeError, match="d must be an int"):
+        molrg_ext.random_orthonormal(3, 2.5)
+    with pytest.raises(ValueError, match="batch\\[0\\] must be >= 0"):
+        molrg_ext.random_orthonormal(4, 2, -1)
+    Q = molrg_ext.random_orthonormal(5, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(Q.transpose(-1, -2) @ Q, torch.eye(5, dtype=torch.float64).expand(3, 5, 5))

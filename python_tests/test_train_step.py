@@ -461,6 +461,17 @@ def test_bad_inputs():
         M.make_levels(TinySchedule(), L=0)
     with pytest.raises(TypeError, match="has no method"):
         M.make_levels(object())
+    # dims and pi are validated even where equal ones would drop the bias
+    with pytest.raises(ValueError, match="pi must be .*not all zero"):
+        M.make_levels(TinySchedule(), L=4, pi=[0, 0])
+    with pytest.raises(ValueError, match="pi must be finite"):
+        M.make_levels(TinySchedule(), L=4, pi=[float("nan")] * 2)
+    with pytest.raises(TypeError, match=r"make_levels: dims\[0\] must be an int"):
+        M.make_levels(TinySchedule(), L=4, dims=[2.5, 2])
+    with pytest.raises(ValueError, match=r"make_levels: dims\[1\] must be >= 1"):
+        M.make_levels(TinySchedule(), L=4, dims=[2, 0])
+    assert M.make_levels(TinySchedule(), L=4, dims=[2, 2], pi=[0.5, 0.5]).bias is None
+    assert M.make_levels(TinySchedule(), L=4, dims=[2, 3]).bias.shape == (4, 2)
     with pytest.raises(RuntimeError, match="batch"):
         M.philox_draws(0, 0, 1, 0, 5, 5, 3)
 

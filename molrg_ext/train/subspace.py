@@ -148,12 +148,16 @@ class SubspaceTrainer:
             raise ValueError(f"{where}: X contains NaN or Inf")
         parse_dims(self.dims, self.K, max(self.dims), n, where)
         if U_true is not None:
+            if not isinstance(U_true, torch.Tensor) or not U_true.is_floating_point():
+                raise TypeError(f"{where}: U_true must be a floating-point tensor")
             if U_true.dim() == 3:
                 U_true = U_true.unsqueeze(0).expand(P, *U_true.shape)
             if U_true.shape[:3] != (P, self.K, n) or U_true.shape[3] < max(self.dims):
                 raise ValueError(f"{where}: U_true must be [P={P}, K={self.K}, n={n}, >= "
                                  f"{max(self.dims)}], got {tuple(U_true.shape)}")
             U_true = U_true[..., : max(self.dims)]
+            if not torch.isfinite(U_true).all():
+                raise ValueError(f"{where}: U_true contains NaN or Inf")
         if self.init == "paper" and U_true is None:
             raise ValueError(f"{where}: init='paper' (eq. (48)) needs U_true")
         return X, U_true
