@@ -12,6 +12,13 @@
 
 All take ``X`` as ``[N, n]`` (numpy or torch), set ``bases_`` (torch ``[K, n, dmax]``, columns
 past d_k zero, X's dtype; float64 for numpy input) and ``labels_`` (int64 ``[N]``).
+
+The estimators follow scikit-learn's conventions (they derive from ``sklearn.base.BaseEstimator``):
+``__init__`` stores its arguments unchanged, ``get_params``/``set_params``/``sklearn.base.clone``
+work, and every argument is validated in ``fit``. With heterogeneous ``dims``, ``bases_[k]`` always
+has ``dims[k]`` columns and ``labels_ == k`` marks the points fitted by it: a clustering that does
+not come with a dimension per cluster (spectral clustering) is matched to ``dims`` by the
+assignment of minimum total residual energy (Hungarian, ``scipy.optimize.linear_sum_assignment``).
 """
 from __future__ import annotations
 
@@ -20,27 +27,49 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.utils.validation import check_is_fitted
 
-__all__ = ["PCASubspace", "KSubspaces", "EnSC", "top_subspace"]
+from ._args import as_int, as_int_list
+
+__all__ = ["PCASubspace", "KSubspaces", "EnSC", "top_subspace", "match_dims"]
 
 
-def _as_dims(dims, K: int, where: str) -> list:
-    if isinstance(dims, (int, np.integer)):
-        dims = [int(dims)] * K
-    dims = [int(d) for d in dims]
+def _as_dims(dims, K: int, where: str, name: str = "dims") -> list:
+    """``dims`` (one int for all K, or K ints) as a list of Python ints >= 1. Floats (also 2.0),
+    bools and other non-integers are refused, not truncated (TypeError); values < 1 and a wrong
+    length are ValueErrors. Every message names ``name``."""
+    scalar = (not hasattr(dims, "__len__")
+              or (isinstance(dims, (torch.Tensor, np.ndarray)) and dims.ndim == 0))
+    if scalar:
+        try:
+            d = as_int(dims, name, where, 1)
+        except TypeError:
+            what = "an int >= 1 or a sequence of K ints >= 1" if name == "dims" else "an int >= 1"
+            raise TypeError(f"{where}: {name} must be {what}, got {dims!r}") from None
+        return [d] * K
+    if isinstance(dims, (torch.Tensor, np.ndarray)) and dims.ndim != 1:
+        raise ValueError(f"{where}: {name} must be one int or a 1-D sequence of ints, "
+                         f"got shape {tuple(dims.shape)}")
+    dims = as_int_list(dims, name, where, 1)
     if len(dims) != K:
-        raise ValueError(f"{where}: dims must have K = {K} entries, got {len(dims)}")
-    if any(d < 1 for d in dims):
-        raise ValueError(f"{where}: every d_k must be >= 1, got {dims}")
+        raise ValueError(f"{where}: {name} must have K = {K} entries, got {len(dims)}")
     return dims
 
 
-def _validate_X(X, K: int, dims: list, where: str):
+def _as_array(X, where: str):
+    """X as a float64 numpy ``[N, n]`` array (non-empty, finite) and the torch dtype of the
+    results (X's floating dtype; float64 for integer tensors and numpy input)."""
     if isinstance(X, torch.Tensor):
+        if X.is_complex():
+            raise TypeError(f"{where}: X must be real, got dtype {X.dtype}")
         dtype = X.dtype if X.is_floating_point() else torch.float64
         Xn = X.detach().cpu().to(torch.float64).numpy()
     else:
         dtype = torch.float64
+        if np.iscomplexobj(X):
+            raise TypeError(f"{where}: X must be real, got a complex array")
         try:
             Xn = np.asarray(X, dtype=np.float64)
         except (TypeError, ValueError) as e:
@@ -52,8 +81,12 @@ def _validate_X(X, K: int, dims: list, where: str):
         raise ValueError(f"{where}: X is empty (shape {Xn.shape})")
     if not np.isfinite(Xn).all():
         raise ValueError(f"{where}: X contains NaN or Inf")
-    if K < 1:
-        raise ValueError(f"{where}: K must be >= 1, got {K}")
+    return Xn, dtype
+
+
+def _validate_X(X, K: int, dims: list, where: str):
+    Xn, dtype = _as_array(X, where)
+    N, n = Xn.shape
     if K > N:
         raise ValueError(f"{where}: K = {K} clusters but only N = {N} samples")
     for k, d in enumerate(dims):
@@ -91,27 +124,24 @@ def _pack(bases: list, n: int, dtype) -> torch.Tensor:
     return torch.from_numpy(out).to(dtype)
 
 
-class _Base:
+class _Base(ClusterMixin, BaseEstimator):
+    """scikit-learn plumbing: ``get_params``/``set_params`` (unknown names are a ValueError that
+    names them), ``clone`` and ``repr`` come from ``BaseEstimator``, which reads the parameter
+    names off ``__init__``; subclasses store their arguments there unchanged and validate them
+    in ``fit``."""
+
     def fit_predict(self, X, y=None) -> torch.Tensor:
         return self.fit(X).labels_
-
-    def get_params(self, deep: bool = True) -> dict:
-        return {k: getattr(self, k) for k in self._params}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self._params)})"
 
 
 class PCASubspace(_Base):
     """Single subspace by SVD (Theorem 1): ``bases_`` is ``[1, n, d]``."""
 
-    _params = ("d",)
-
     def __init__(self, d: int):
         self.d = d
 
     def fit(self, X, y=None) -> "PCASubspace":
-        dims = _as_dims(self.d, 1, "PCASubspace")
+        dims = _as_dims(self.d, 1, "PCASubspace", name="d")
         Xn, dtype = _validate_X(X, 1, dims, "PCASubspace")
         B = top_subspace(Xn, dims[0], np.random.default_rng(0))
         self.bases_ = _pack([B], Xn.shape[1], dtype)
@@ -120,13 +150,50 @@ class PCASubspace(_Base):
         return self
 
 
-def _assign(Xn: np.ndarray, bases: list) -> tuple:
-    scores = np.stack([np.sum((Xn @ B) ** 2, axis=1) for B in bases], axis=1)  # [N, K]
+def _energies(Xn: np.ndarray, bases) -> np.ndarray:
+    """``[N, K]`` projection energies ``||U_k^T x_i||^2`` (bases: n x d_k arrays, or one
+    ``[K, n, dmax]`` array with zero padding)."""
+    return np.stack([np.sum((Xn @ B) ** 2, axis=1) for B in bases], axis=1)
+
+
+def _assign(Xn: np.ndarray, bases) -> tuple:
+    scores = _energies(Xn, bases)  # [N, K]
     labels = np.argmax(scores, axis=1)  # ties -> lowest k, as in eq. (17)
     return labels, float(scores[np.arange(len(labels)), labels].sum())
 
 
-def _spectral_labels(W: np.ndarray, K: int, seed: int) -> np.ndarray:
+def match_dims(Xn: np.ndarray, labels: np.ndarray, dims: list) -> np.ndarray:
+    """Relabel a K-clustering so that cluster k is the one fitted with ``dims[k]``.
+
+    Cluster c fitted with the top d (uncentred) principal directions leaves the residual energy
+    ``sum_{i > d} sigma_i(X_c)^2``; the one-to-one map of clusters to entries of ``dims`` with
+    the least total residual is found with ``scipy.optimize.linear_sum_assignment``. The labels
+    are returned unchanged when all d_k are equal or when they are already optimal (within
+    rounding), so equal-dimension runs and ties keep their numbering."""
+    K = len(dims)
+    labels = np.asarray(labels, dtype=np.int64)
+    if K == 1 or len(set(dims)) == 1:
+        return labels
+    cost = np.empty((K, K))
+    for c in range(K):
+        Xc = Xn[labels == c]
+        s2 = np.linalg.svd(Xc, compute_uv=False) ** 2 if Xc.shape[0] else np.zeros(0)
+        for k, d in enumerate(dims):
+            cost[c, k] = s2[d:].sum()
+    rows, cols = linear_sum_assignment(cost)
+    tol = 1e-12 * max(float(np.sum(Xn ** 2)), np.finfo(float).tiny)
+    if cost[rows, cols].sum() >= np.trace(cost) - tol:
+        return labels
+    return cols[labels]  # rows == arange(K): cluster c becomes cluster cols[c]
+
+
+def _fit_clusters(Xn: np.ndarray, labels: np.ndarray, dims: list, rng) -> tuple:
+    """(labels matched to dims, per-cluster top-d_k bases) for a clustering of ``Xn``."""
+    labels = match_dims(Xn, labels, dims)
+    return labels, [top_subspace(Xn[labels == k], d, rng) for k, d in enumerate(dims)]
+
+
+def _spectral_labels(W: np.ndarray, K: int, seed) -> np.ndarray:
     from sklearn.cluster import SpectralClustering
 
     if K == 1:
@@ -143,71 +210,99 @@ class KSubspaces(_Base):
     """K-subspaces for problem (18).
 
     Args:
-        K: number of subspaces.
-        dims: subspace dimension(s), an int or K ints.
+        K: number of subspaces (an int >= 1).
+        dims: subspace dimension(s), an int or K ints (each >= 1); ``bases_[k]`` has ``dims[k]``
+            columns.
         n_init: restarts; the run with the largest objective (18) is kept.
         max_iter: alternations per restart (stops earlier when the labels stop changing).
         init: ``"random"`` or ``"spectral"`` (the first restart uses the spectral clustering
             labels, later restarts are random).
         seed: numpy seed.
-    """
 
-    _params = ("K", "dims", "n_init", "max_iter", "init", "seed")
+    Each alternation fits cluster k with its top-``dims[k]`` PCA basis, after relabelling the
+    clusters (when the d_k differ) so that the dimensions go to the clusters they fit best (see
+    :func:`match_dims`; this never lowers the objective), then reassigns every point to the basis
+    with the largest projection energy. ``labels_`` is that assignment for the final ``bases_``,
+    so ``fit_predict(X)`` equals ``fit(X).predict(X)``.
+    """
 
     def __init__(self, K: int, dims: Union[int, Sequence[int]], n_init: int = 10,
                  max_iter: int = 100, init: str = "random", seed: int = 0):
-        self.K, self.dims, self.n_init, self.max_iter, self.init, self.seed = (
-            K, dims, n_init, max_iter, init, seed)
+        self.K = K
+        self.dims = dims
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.init = init
+        self.seed = seed
 
     def fit(self, X, y=None) -> "KSubspaces":
         where = "KSubspaces"
+        K = as_int(self.K, "K", where, 1)
+        dims = _as_dims(self.dims, K, where)
+        n_init = as_int(self.n_init, "n_init", where, 1)
+        max_iter = as_int(self.max_iter, "max_iter", where, 1)
         if self.init not in ("random", "spectral"):
             raise ValueError(f"{where}: init must be 'random' or 'spectral', got {self.init!r}")
-        if int(self.n_init) < 1 or int(self.max_iter) < 1:
-            raise ValueError(f"{where}: n_init and max_iter must be >= 1")
-        dims = _as_dims(self.dims, int(self.K), where)
-        Xn, dtype = _validate_X(X, int(self.K), dims, where)
+        Xn, dtype = _validate_X(X, K, dims, where)
         N, n = Xn.shape
         rng = np.random.default_rng(self.seed)
         best = None
-        for r in range(int(self.n_init)):
+        for r in range(n_init):
             if self.init == "spectral" and r == 0:
                 norms = np.linalg.norm(Xn, axis=1, keepdims=True)
                 Y = Xn / np.maximum(norms, 1e-300)
-                lab = _spectral_labels(np.abs(Y @ Y.T), len(dims), self.seed)
-                bases = [top_subspace(Xn[lab == k], d, rng) for k, d in enumerate(dims)]
+                lab = _spectral_labels(np.abs(Y @ Y.T), K, self.seed)
+                _, bases = _fit_clusters(Xn, lab, dims, rng)
             else:
                 bases = [top_subspace(np.zeros((0, n)), d, rng) for d in dims]
             labels, obj = _assign(Xn, bases)
-            for it in range(int(self.max_iter)):
-                bases = [top_subspace(Xn[labels == k], d, rng) for k, d in enumerate(dims)]
+            for it in range(max_iter):
+                labels, bases = _fit_clusters(Xn, labels, dims, rng)
                 new, obj = _assign(Xn, bases)
                 if np.array_equal(new, labels):
                     break
                 labels = new
             if best is None or obj > best[0] + 1e-12 * max(1.0, abs(best[0])):
-                best = (obj, labels, bases, it + 1)
-        obj, labels, bases, iters = best
+                best = (obj, bases, it + 1)
+        _, bases, iters = best
+        self.bases_ = _pack(bases, n, dtype)
+        # labels_ = the projection assignment for the stored bases_ (what predict computes)
+        labels, obj = _assign(Xn, self.bases_.to(torch.float64).numpy())
         self.objective_ = obj
         self.n_iter_ = iters
         self.labels_ = torch.from_numpy(labels.astype(np.int64))
-        self.bases_ = _pack(bases, n, dtype)
         return self
+
+    def predict(self, X) -> torch.Tensor:
+        """Index of the fitted subspace with the largest projection energy ``||U_k^T x||^2`` for
+        every row of ``X`` ``[N, n]`` (ties: lowest k); int64 ``[N]``."""
+        check_is_fitted(self, "bases_")
+        where = f"{type(self).__name__}.predict"
+        Xn, _ = _as_array(X, where)
+        n = self.bases_.shape[1]
+        if Xn.shape[1] != n:
+            raise ValueError(f"{where}: X has n = {Xn.shape[1]} columns but the estimator was "
+                             f"fitted with n = {n}")
+        labels, _ = _assign(Xn, self.bases_.to(torch.float64).numpy())
+        return torch.from_numpy(labels.astype(np.int64))
 
 
 class EnSC(_Base):
     """Elastic-net subspace clustering (self-expressive coefficients + spectral clustering).
 
     Each ``x_i`` is regressed on the other samples with ``ElasticNet(alpha, l1_ratio,
-    fit_intercept=False)``; the affinity ``|C| + |C|^T`` goes to spectral clustering; each
-    cluster gets its top-d_k PCA basis.
+    fit_intercept=False)``; the affinity ``|C| + |C|^T`` goes to spectral clustering; the
+    clusters are matched to ``dims`` (:func:`match_dims`) and cluster k gets its top-``dims[k]``
+    PCA basis.
     """
-
-    _params = ("K", "dims", "alpha", "l1_ratio", "seed")
 
     def __init__(self, K: int, dims: Union[int, Sequence[int]], alpha: float = 1e-3,
                  l1_ratio: float = 0.9, seed: int = 0):
-        self.K, self.dims, self.alpha, self.l1_ratio, self.seed = K, dims, alpha, l1_ratio, seed
+        self.K = K
+        self.dims = dims
+        self.alpha = alpha
+        self.l1_ratio = l1_ratio
+        self.seed = seed
 
     def coefficients(self, Xn: np.ndarray) -> np.ndarray:
         from sklearn.exceptions import ConvergenceWarning
@@ -227,18 +322,23 @@ class EnSC(_Base):
 
     def fit(self, X, y=None) -> "EnSC":
         where = "EnSC"
-        if not float(self.alpha) > 0 or not 0 <= float(self.l1_ratio) <= 1:
+        K = as_int(self.K, "K", where, 1)
+        dims = _as_dims(self.dims, K, where)
+        try:
+            alpha, l1_ratio = float(self.alpha), float(self.l1_ratio)
+        except (TypeError, ValueError):
+            raise TypeError(f"{where}: alpha and l1_ratio must be numbers, got "
+                            f"{self.alpha!r}, {self.l1_ratio!r}") from None
+        if not alpha > 0 or not 0 <= l1_ratio <= 1:
             raise ValueError(f"{where}: need alpha > 0 and 0 <= l1_ratio <= 1")
-        dims = _as_dims(self.dims, int(self.K), where)
-        Xn, dtype = _validate_X(X, int(self.K), dims, where)
+        Xn, dtype = _validate_X(X, K, dims, where)
         if Xn.shape[0] < 2:
             raise ValueError(f"{where}: needs at least 2 samples")
         C = self.coefficients(Xn)
         W = np.abs(C) + np.abs(C).T
         self.affinity_ = W
-        labels = _spectral_labels(W, len(dims), self.seed)
-        rng = np.random.default_rng(self.seed)
-        bases = [top_subspace(Xn[labels == k], d, rng) for k, d in enumerate(dims)]
+        labels = _spectral_labels(W, K, self.seed)
+        labels, bases = _fit_clusters(Xn, labels, dims, np.random.default_rng(self.seed))
         self.labels_ = torch.from_numpy(labels)
         self.bases_ = _pack(bases, Xn.shape[1], dtype)
         return self

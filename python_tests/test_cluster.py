@@ -116,3 +116,180 @@ def test_estimator_option_errors():
     with pytest.raises(ValueError, match="alpha"):
         EnSC(2, 3, alpha=-1).fit(X)
     assert KSubspaces(2, 3).fit(X).bases_.dtype == torch.float32
+
+
+# --- heterogeneous dimensions: each cluster gets the d_k it fits ------------------------------
+
+@pytest.mark.parametrize("make", [lambda K, dims: EnSC(K, dims, seed=0),
+                                  lambda K, dims: KSubspaces(K, dims, n_init=1, init="spectral")],
+                         ids=["ensc", "kss-spectral"])
+@pytest.mark.parametrize("dims", [[2, 3], [3, 2], [3, 1, 2]])
+def test_heterogeneous_dims_go_to_the_matching_clusters(make, dims):
+    """Spectral clustering numbers its clusters arbitrarily; dims[k] must still go to the
+    cluster that is dims[k]-dimensional (before the fix the 3-dim cluster of [2, 3] got a 2-dim
+    basis on seeds 0, 3, 4: distance 1 at clustering accuracy 1)."""
+    K = len(dims)
+    for seed in range(5):
+        data = sample_molrg(12, dims, counts=[15] * K, seed=seed, dtype=torch.float64)
+        X = data.X[0]
+        est = make(K, dims).fit(X)
+        assert clustering_accuracy(data.labels[0], est.labels_).item() == 1.0, seed
+        assert subspace_distance(est.bases_, data.bases[0], dims=dims).item() < 1e-8, seed
+        for k, d in enumerate(dims):
+            assert torch.count_nonzero(est.bases_[k].norm(dim=0)) == d
+            Xk = X[est.labels_ == k]  # cluster k lies in span(bases_[k])
+            Uk = est.bases_[k, :, :d]
+            assert torch.allclose(Xk @ Uk @ Uk.T, Xk, atol=1e-10), (seed, k)
+
+
+def test_match_dims_relabels_by_least_residual_energy():
+    from molrg_ext.cluster import match_dims
+
+    dims = [3, 1, 2]
+    data = sample_molrg(12, dims, counts=[10, 10, 10], seed=5, dtype=torch.float64)
+    X, lab = data.X[0].numpy(), data.labels[0].numpy()
+    assert np.array_equal(match_dims(X, lab, dims), lab)  # already matched: unchanged
+    for perm in ([1, 2, 0], [2, 0, 1], [0, 2, 1]):
+        assert np.array_equal(match_dims(X, np.array(perm)[lab], dims), lab), perm
+    shuffled = np.array([1, 0, 2])[lab]
+    assert np.array_equal(match_dims(X, shuffled, [2, 2, 2]), shuffled)  # equal d_k: unchanged
+
+
+def test_kss_alternation_keeps_dims_and_labels_consistent():
+    """Random restarts too: every basis k has dims[k] columns, the labels are the projection
+    assignment, and the objective is the energy that assignment captures."""
+    dims = [3, 1, 2]
+    data = sample_molrg(12, dims, counts=[15] * 3, seed=1, dtype=torch.float64)
+    X = data.X[0]
+    for est in (KSubspaces(3, dims, n_init=3, seed=2), KSubspaces(3, dims, init="spectral")):
+        est.fit(X)
+        energy = torch.stack([(X @ est.bases_[k]).pow(2).sum(1) for k in range(3)], 1)
+        assert torch.equal(est.labels_, energy.argmax(1))
+        assert np.isclose(est.objective_, energy.max(1).values.sum().item())
+        assert [int(torch.count_nonzero(est.bases_[k].norm(dim=0))) for k in range(3)] == dims
+
+
+# --- scikit-learn conventions ------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: PCASubspace(3), lambda: KSubspaces(2, [2, 3]),
+                                  lambda: EnSC(2, 3)], ids=["pca", "kss", "ensc"])
+def test_sklearn_get_set_params_and_clone(make):
+    from sklearn.base import clone
+
+    est = make()
+    params = est.get_params()
+    for name, value in params.items():
+        assert getattr(est, name) is value
+    name = next(iter(params))
+    assert est.set_params(**{name: params[name]}) is est
+    if "seed" in params:
+        assert est.set_params(seed=7) is est and est.seed == 7
+    with pytest.raises(ValueError, match="bogus"):
+        est.set_params(bogus=1)
+    twin = clone(est)
+    assert twin is not est and twin.get_params() == est.get_params()
+
+
+def test_init_stores_parameters_unchanged():
+    dims = (2, 3)
+    est = KSubspaces(2.5, dims, n_init=0, init="nope")  # validated in fit, not in __init__
+    assert est.K == 2.5 and est.dims is dims and est.n_init == 0 and est.init == "nope"
+    assert EnSC(2, [1, 2], alpha=-1).alpha == -1
+    assert PCASubspace(None).d is None
+
+
+def test_grid_search_cv_over_ksubspaces():
+    from sklearn.model_selection import GridSearchCV
+
+    data = sample_molrg(12, [2, 2], counts=[20, 20], seed=0, dtype=torch.float64)
+    X = data.X[0].numpy()
+
+    def captured(est, Xs, y=None):
+        Xs = torch.as_tensor(Xs)
+        lab = est.predict(Xs)
+        U = est.bases_[lab]  # [N, n, dmax]
+        return (torch.einsum("bn,bnd->bd", Xs, U).pow(2).sum() / Xs.pow(2).sum()).item()
+
+    gs = GridSearchCV(KSubspaces(2, 2, init="spectral"), {"dims": [1, 2], "n_init": [1, 3]},
+                      scoring=captured, cv=3).fit(X)
+    assert gs.best_params_["dims"] == 2
+    assert gs.best_estimator_.bases_.shape == (2, 12, 2)
+    assert np.isclose(gs.best_score_, 1.0)
+
+
+# --- predict --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dims", [[2, 2], [3, 1, 2]])
+def test_kss_predict_matches_fit_predict_and_generalises(dims):
+    K = len(dims)
+    train = sample_molrg(12, dims, counts=[15] * K, seed=2, dtype=torch.float64)
+    est = KSubspaces(K, dims, init="spectral", n_init=2, seed=0)
+    labels = est.fit_predict(train.X[0])
+    assert labels.dtype == torch.int64
+    assert torch.equal(est.predict(train.X[0]), labels)
+    assert torch.equal(KSubspaces(K, dims, init="spectral", n_init=2, seed=0).fit(train.X[0])
+                       .predict(train.X[0]), labels)
+    assert torch.equal(est.predict(train.X[0].numpy()), labels)
+    # new points of the same mixture (same seed -> same bases) go to the matching subspace
+    _, perm = subspace_distance(est.bases_, train.bases[0], dims=dims, return_perm=True)
+    new = sample_molrg(12, dims, N=50, seed=2, dtype=torch.float64)
+    assert torch.allclose(new.bases, train.bases)
+    assert torch.equal(est.predict(new.X[0]), perm[new.labels[0]])
+    # float32 input: predictions from the stored float32 bases
+    est32 = KSubspaces(K, dims, init="spectral", n_init=1).fit(train.X[0].float())
+    assert torch.equal(est32.predict(train.X[0].float()), est32.labels_)
+
+
+def test_kss_predict_ties_and_errors():
+    from sklearn.exceptions import NotFittedError
+
+    X = torch.randn(10, 8, dtype=torch.float64)
+    with pytest.raises(NotFittedError, match="KSubspaces"):
+        KSubspaces(2, 3).predict(X)
+    est = KSubspaces(2, 3).fit(X)
+    assert est.predict(torch.zeros(3, 8)).tolist() == [0, 0, 0]  # all energies 0: lowest k
+    with pytest.raises(ValueError, match="n = 5 columns"):
+        est.predict(X[:, :5])
+    with pytest.raises(ValueError, match="\\[N, n\\]"):
+        est.predict(X[None])
+    with pytest.raises(ValueError, match="empty"):
+        est.predict(X[:0])
+    with pytest.raises(ValueError, match="NaN"):
+        est.predict(torch.full((2, 8), float("inf")))
+    with pytest.raises(TypeError, match="real"):
+        est.predict(X.to(torch.complex128))
+
+
+# --- K / dims validation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, err, msg", [
+    (lambda: KSubspaces(2.5, 2), TypeError, "K must be an int"),
+    (lambda: KSubspaces(2.0, 2), TypeError, "K must be an int"),
+    (lambda: KSubspaces(True, 2), TypeError, "K must be an int"),
+    (lambda: KSubspaces(-1, 2), ValueError, "K must be >= 1"),
+    (lambda: KSubspaces(2, 2.5), TypeError, "dims must be an int"),
+    (lambda: KSubspaces(2, [2, 2.9]), TypeError, "dims\\[1\\] must be an int"),
+    (lambda: KSubspaces(2, [True, 2]), TypeError, "dims\\[0\\] must be an int"),
+    (lambda: KSubspaces(2, False), TypeError, "dims must be an int"),
+    (lambda: KSubspaces(2, None), TypeError, "dims must be an int"),
+    (lambda: KSubspaces(2, [0, 2]), ValueError, "dims\\[0\\] must be >= 1"),
+    (lambda: KSubspaces(2, 2, n_init=1.5), TypeError, "n_init must be an int"),
+    (lambda: KSubspaces(2, 2, max_iter=0), ValueError, "max_iter must be >= 1"),
+    (lambda: EnSC(2.5, 2), TypeError, "K must be an int"),
+    (lambda: EnSC(2, "ab"), TypeError, "dims must be a sequence of ints"),
+    (lambda: EnSC(2, [2, 2.0]), TypeError, "dims\\[1\\] must be an int"),
+    (lambda: PCASubspace(None), TypeError, "d must be an int"),
+    (lambda: PCASubspace(2.9), TypeError, "d must be an int"),
+    (lambda: PCASubspace(0), ValueError, "d must be >= 1"),
+])
+def test_K_and_dims_validation(make, err, msg):
+    X = torch.randn(10, 8, dtype=torch.float64)
+    with pytest.raises(err, match=msg):
+        make().fit(X)
+
+
+def test_integer_like_K_and_dims_accepted():
+    X = torch.randn(10, 8, dtype=torch.float64)
+    est = KSubspaces(np.int64(2), torch.tensor([2, 3]), n_init=np.int32(2)).fit(X)
+    assert est.bases_.shape == (2, 8, 3)
+    assert EnSC(2, (np.int64(1), 2)).fit(X).bases_.shape == (2, 8, 2)
