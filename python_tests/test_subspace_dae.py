@@ -362,6 +362,30 @@ def test_finite_check_scans_every_value_of_a_large_input(dtype):
                 molrg_ext.subspace_dae(x, U, c2, phi, None, None, "soft")
 
 
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_non_finite_inputs(mode):
+    """U and hard_assign's inputs must be finite (an argmax of NaN energies would be a silent
+    label); a NaN or an infinity in x stays in its own sample's output, as in torch's ops."""
+    x, U, c, phi, bias, dims = make_inputs(P=2)
+    for bad in (float("nan"), float("inf")):
+        Ub = U.clone()
+        Ub[1, 2, 3, 0] = bad
+        with pytest.raises(RuntimeError, match="U contains NaN or Inf"):
+            molrg_ext.subspace_dae(x, Ub, c, phi, bias, dims, mode)
+        with pytest.raises(RuntimeError, match="hard_assign: U contains NaN or Inf"):
+            molrg_ext.hard_assign(x, Ub, dims)
+        xb = x.clone()
+        xb[1, 4, 2] = bad
+        with pytest.raises(RuntimeError, match="hard_assign: x contains NaN or Inf"):
+            molrg_ext.hard_assign(xb, U, dims)
+        y = molrg_ext.subspace_dae(xb, U, c, phi, bias, dims, mode)
+        assert not torch.isfinite(y[1, 4]).any()
+        keep = torch.ones(2, 7, dtype=torch.bool)
+        keep[1, 4] = False
+        y_ref = reference.subspace_dae(x, U, c, phi, bias, dims, mode)
+        torch.testing.assert_close(y[keep], y_ref[keep])
+
+
 def test_d_k_larger_than_n_is_rejected():
     x = torch.randn(5, 3, dtype=torch.float64)
     U = torch.randn(2, 3, 4, dtype=torch.float64)

@@ -218,6 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
   check_dae_mode(mode, kFwd);
   DaeSizes s = check_dae_xU(x, U, dims, kFwd);
   check_dae_scales(c, phi, s, x, kFwd);
+  check_finite(U, kFwd, "U");  // small; NaN/Inf in x stay in their own samples' outputs
   check_finite(c, kFwd, "c");
   check_finite(phi, kFwd, "phi");
   if (bias) check_dae_bias(*bias, s, x, kFwd);
@@ -328,6 +329,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
 
 at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArrayRef dims) {
   DaeSizes s = check_dae_xU(x, U, dims, "hard_assign");
+  check_finite(x, "hard_assign", "x");  // an argmax of NaN energies would be a silent label
+  check_finite(U, "hard_assign", "U");
   auto out = at::empty({s.P, s.B}, x.options().dtype(at::kLong));
   const int64_t total = s.P * s.B;
   if (total == 0) return out;

@@ -38,6 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cuda(
   DaeSizes s = check_dae_xU(x, U, dims, kFwd);
   check_dae_scales(c, phi, s, x, kFwd);
   const c10::cuda::CUDAGuard guard(x.device());
+  check_finite(U, kFwd, "U");  // small; NaN/Inf in x stay in their own samples' outputs
   check_finite(c, kFwd, "c");
   check_finite(phi, kFwd, "phi");
   if (bias) check_dae_bias(*bias, s, x, kFwd);
@@ -104,6 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
 at::Tensor hard_assign_cuda(const at::Tensor& x, const at::Tensor& U, at::IntArrayRef dims) {
   check_cuda(x, "hard_assign", "x");
   DaeSizes s = check_dae_xU(x, U, dims, "hard_assign");
+  check_finite(x, "hard_assign", "x");  // an argmax of NaN energies would be a silent label
+  check_finite(U, "hard_assign", "U");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({s.P, s.B}, x.options().dtype(at::kLong));
   if (s.P * s.B == 0) return out;
