@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -30,6 +31,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Options show their default in --help, except defaults of None or False (no value)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molrg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -48,10 +58,22 @@ def main(argv=None) -> int:
         return 0
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    sub = argparse.ArgumentParser(prog=f"molrg {name}", description=COMMANDS[name][1])
+    sub = argparse.ArgumentParser(prog=f"molrg {name}", description=COMMANDS[name][1],
+                                  formatter_class=_DefaultsHelp)
     module.add_arguments(sub)
+    for action in sub._actions:  # options without a help text still show their default
+        if not action.help and action.option_strings and action.default not in (
+                None, False, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
     args = sub.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, TypeError) as e:
+        # settings the library refuses (e.g. --K 2 --d 30 with n = 48) are usage errors: one
+        # line and exit status 2, as argparse reports its own; MOLRG_TRACEBACK=1 re-raises
+        if os.environ.get("MOLRG_TRACEBACK"):
+            raise
+        sub.error(str(e))
 
 
 if __name__ == "__main__":
