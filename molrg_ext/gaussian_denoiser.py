@@ -20,6 +20,8 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from ._args import check_float_pair
+
 __all__ = ["GaussianDenoiser"]
 
 Number = Union[float, int, torch.Tensor]
@@ -53,10 +55,15 @@ class GaussianDenoiser(nn.Module):
     def __init__(self, mu: torch.Tensor, U: torch.Tensor, lam: torch.Tensor,
                  sample_shape: Sequence[int] | None = None):
         super().__init__()
+        where = "GaussianDenoiser"
+        check_float_pair(mu, U, "mu", "U", where)  # same float dtype and device
+        check_float_pair(mu, lam, "mu", "lam", where)
         n = mu.numel()
         if U.shape != (n, n) or lam.shape != (n,):
-            raise ValueError(f"GaussianDenoiser: U must be [{n}, {n}] and lam [{n}], got "
+            raise ValueError(f"{where}: U must be [{n}, {n}] and lam [{n}], got "
                              f"{tuple(U.shape)} and {tuple(lam.shape)}")
+        if not (torch.isfinite(lam).all() and (lam >= 0).all()):
+            raise ValueError(f"{where}: lam must hold finite eigenvalues >= 0")
         self.register_buffer("mu", mu.reshape(n).contiguous())
         self.register_buffer("U", U.contiguous())
         self.register_buffer("lam", lam.contiguous())
@@ -66,13 +73,13 @@ class GaussianDenoiser(nn.Module):
     @classmethod
     def from_moments(cls, mu: torch.Tensor, cov: torch.Tensor,
                      sample_shape: Sequence[int] | None = None) -> "GaussianDenoiser":
-        """From a mean ``mu`` [n] and a symmetric PSD covariance ``cov`` [n, n]."""
+        """From a mean ``mu`` [n] and a symmetric PSD covariance ``cov`` [n, n] (same dtype and
+        device). Negative eigenvalues below ``-tol * max |eigenvalue|`` (tol 1e-8 for float64,
+        1e-5 for float32) are an error; smaller ones are round-off and clamped to 0."""
         where = "GaussianDenoiser.from_moments"
         if not isinstance(mu, torch.Tensor) or not isinstance(cov, torch.Tensor):
             raise TypeError(f"{where}: mu and cov must be tensors")
-        if not mu.is_floating_point() or cov.dtype != mu.dtype:
-            raise TypeError(f"{where}: mu and cov must share a floating dtype, got "
-                            f"{mu.dtype} and {cov.dtype}")
+        check_float_pair(mu, cov, "mu", "cov", where)
         n = mu.numel()
         if n == 0 or cov.shape != (n, n):
             raise ValueError(f"{where}: cov must be [{n}, {n}] for mu with {n} entries, got "
@@ -83,6 +90,12 @@ class GaussianDenoiser(nn.Module):
         if not torch.allclose(c64, c64.T, atol=1e-8 * max(1.0, c64.abs().max().item())):
             raise ValueError(f"{where}: cov must be symmetric")
         lam, U = torch.linalg.eigh(0.5 * (c64 + c64.T))
+        # PSD up to round-off: clamp tiny negative eigenvalues, refuse real ones
+        tol = (1e-8 if mu.dtype == torch.float64 else 1e-5) * float(lam.abs().max())
+        if float(lam[0]) < -tol:
+            raise ValueError(f"{where}: cov must be positive semi-definite, its smallest "
+                             f"eigenvalue is {float(lam[0]):.6g} (largest |eigenvalue| "
+                             f"{float(lam.abs().max()):.6g})")
         lam, U = lam.flip(0).clamp_min(0.0), U.flip(1)
         return cls(mu.reshape(n), U.to(mu.dtype), lam.to(mu.dtype), sample_shape)
 

@@ -5,21 +5,31 @@ we solve it in closed form with ``torch.linalg.lstsq`` (float64), which is its e
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ._args import check_denoiser_data
+from ._args import as_int, check_denoiser_data
 
 __all__ = ["linear_distill", "LinearDenoiser"]
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under torch.func wrappers (vmap, jacrev): for vmap it holds the values of
+    the whole batch, so they can be checked in Python where ``bool(t)`` would fail."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 class LinearDenoiser(nn.Module):
     """A bank of affine denoisers ``W_j x + b_j``, one per noise level ``sigmas[j]``.
 
-    ``forward(x, sigma)`` uses the level of the grid equal to ``sigma`` (relative tolerance 1e-6);
-    other levels are an error (no interpolation).
+    ``forward(x, sigma)`` uses, for each sample, the level of the grid equal to its ``sigma``
+    (relative tolerance 1e-6); ``sigma`` is a number, a 0-d tensor or a ``[B]`` tensor (one level
+    per sample, as the samplers and :mod:`molrg_ext.jacobian` pass it; it works under
+    ``torch.func.vmap``/``jacrev``). Other levels are an error (no interpolation).
     """
 
     def __init__(self, sigmas: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
@@ -31,25 +41,61 @@ class LinearDenoiser(nn.Module):
         self.sample_shape = tuple(sample_shape)
 
     def index(self, sigma: float) -> int:
+        """Grid index of the level equal to the number ``sigma`` (an error for any other)."""
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
+            raise TypeError(f"LinearDenoiser: sigma must be a number or a tensor, got "
+                            f"{type(sigma).__name__}")
         sig = float(sigma)
         err = (self.sigmas.double() - sig).abs()
         j = int(err.argmin())
-        if err[j] > 1e-6 * max(abs(sig), 1e-12):
+        if not err[j] <= 1e-6 * max(abs(sig), 1e-12):  # NaN fails too
             raise ValueError(f"LinearDenoiser: sigma = {sig} is not one of the distilled levels "
                              f"{self.sigmas.tolist()}")
         return j
 
-    def forward(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        j = self.index(sigma)
-        x2 = x.reshape(x.shape[0], -1)
-        return (x2 @ self.W[j].T + self.b[j]).reshape(x.shape)
+    def _indices(self, sigma: torch.Tensor, B: int) -> torch.Tensor:
+        """Grid index per sample ([B] or [1]) for a 0-d / [1] / [B] sigma tensor; vmap-safe."""
+        where = "LinearDenoiser"
+        if sigma.dim() > 1 or sigma.numel() not in (1, B):
+            raise ValueError(f"{where}: sigma must be a number, a 0-d tensor or have B = {B} "
+                             f"entries, got shape {tuple(sigma.shape)}")
+        if not sigma.is_floating_point():
+            raise TypeError(f"{where}: sigma must be a floating-point tensor, got {sigma.dtype}")
+        grid = self.sigmas.double()
+        # membership check on the concrete values (under vmap: those of every sample at once)
+        vals = _plain(sigma).detach().reshape(-1, 1).to(device=grid.device, dtype=torch.float64)
+        ok = (vals - grid).abs().min(dim=1).values <= 1e-6 * vals[:, 0].abs().clamp_min(1e-12)
+        if not bool(ok.all()):  # NaN is off the grid too
+            bad = vals[~ok, 0].tolist()
+            raise ValueError(f"{where}: sigma = {bad[0] if len(bad) == 1 else bad} is not one of "
+                             f"the distilled levels {self.sigmas.tolist()}")
+        sig = sigma.reshape(-1, 1).to(device=grid.device, dtype=torch.float64)
+        return (sig - grid).abs().argmin(dim=1)
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        where = "LinearDenoiser"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: x must be a tensor, got {type(x).__name__}")
+        n = self.W.shape[-1]
+        if x.dim() < 2 or x.shape[0] == 0 or x[0].numel() != n:
+            raise ValueError(f"{where}: x must be a non-empty [B, *shape] batch of samples with "
+                             f"{n} entries, got shape {tuple(x.shape)}")
+        if x.dtype != self.W.dtype:
+            raise TypeError(f"{where}: x has dtype {x.dtype} but the denoiser has {self.W.dtype}")
+        x2 = x.reshape(x.shape[0], n)
+        if not isinstance(sigma, torch.Tensor):
+            j = self.index(sigma)
+            return (x2 @ self.W[j].T + self.b[j]).reshape(x.shape)
+        j = self._indices(sigma, x.shape[0])
+        W, b = self.W[j], self.b[j]  # [B or 1, n, n], [B or 1, n]: each sample its own level
+        return ((W @ x2.unsqueeze(-1)).squeeze(-1) + b).reshape(x.shape)
 
 
 @torch.no_grad()
 def linear_distill(
     denoiser: Callable[[torch.Tensor, float], torch.Tensor],
     X0: torch.Tensor,
-    sigmas: Sequence[float],
+    sigmas: Union[float, Sequence[float], torch.Tensor],
     n_samples: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     batch_size: int = 4096,
@@ -59,23 +105,40 @@ def linear_distill(
     Args:
         denoiser: callable ``denoiser(x, sigma)`` on ``[B, *shape]`` batches.
         X0: ``[N, *shape]`` clean data; inputs are ``X0[i] + sigma eps`` with random i.
-        sigmas: noise levels.
+        sigmas: noise levels > 0: a sequence (or 1-D tensor) of numbers; a single number (or a 0-d
+            tensor) is taken as a one-level grid ``[sigma]``.
         n_samples: input/output pairs per level (default ``max(4 (n + 1), N)``); must exceed n so
             that the affine least-squares problem has a unique solution.
         generator: torch.Generator for reproducibility.
-        batch_size: denoiser calls are chunked to this many samples.
+        batch_size: denoiser calls are chunked to this many samples (an int >= 1).
 
     Returns:
         :class:`LinearDenoiser` with ``W`` [S, n, n] and ``b`` [S, n] (dtype of ``X0``).
     """
     where = "linear_distill"
     check_denoiser_data(denoiser, X0, where)
-    sig = [float(s) for s in sigmas]
+    if isinstance(sigmas, torch.Tensor):
+        if sigmas.is_complex() or sigmas.dtype == torch.bool:
+            raise TypeError(f"{where}: sigmas must be real, got dtype {sigmas.dtype}")
+        sigmas = sigmas.detach().reshape(-1).tolist()  # a 0-d tensor is one level
+    elif isinstance(sigmas, (int, float)) and not isinstance(sigmas, bool):
+        sigmas = [sigmas]  # a single level
+    if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__iter__"):
+        raise TypeError(f"{where}: sigmas must be a number or a sequence of numbers, got "
+                        f"{type(sigmas).__name__}")
+    sig = []
+    for k, s in enumerate(sigmas):
+        if isinstance(s, bool) or not (isinstance(s, (int, float)) or (
+                isinstance(s, torch.Tensor) and s.numel() == 1 and not s.is_complex())):
+            raise TypeError(f"{where}: sigmas[{k}] must be a number, got {s!r}")
+        sig.append(float(s))
     if not sig or any(not (s > 0 and s < float("inf")) for s in sig):
-        raise ValueError(f"{where}: sigmas must be a non-empty list of finite levels > 0")
+        raise ValueError(f"{where}: sigmas must be a non-empty list of finite levels > 0, got "
+                         f"{sig}")
+    batch_size = as_int(batch_size, "batch_size", where, 1)
     N = X0.shape[0]
     n = X0[0].numel()
-    M = int(n_samples) if n_samples is not None else max(4 * (n + 1), N)
+    M = as_int(n_samples, "n_samples", where, 1) if n_samples is not None else max(4 * (n + 1), N)
     if M <= n:
         raise ValueError(f"{where}: n_samples = {M} must exceed n = {n} for a unique fit")
     Ws, bs = [], []

@@ -1,7 +1,13 @@
 """Noise schedules of the forward process ``x_t = s_t x_0 + gamma_t eps``, ``gamma_t = s_t sigma_t``.
 
-Every schedule maps times ``t in (0, 1]`` (tensors in, tensors out, any shape, dtype kept) to the
-signal scale ``s(t)``, the noise-to-signal ratio ``sigma(t)`` and ``gamma(t) = s(t) sigma(t)``.
+Every schedule maps times ``t in [0, 1]`` (tensors in, tensors out, any shape, dtype kept) to the
+signal scale ``s(t)``, the noise-to-signal ratio ``sigma(t)`` and ``gamma(t) = s(t) sigma(t)``
+(``t = 0`` is the clean data; the training grid below is in ``(0, 1]``). For :class:`EDM`, where
+``t`` is ``sigma`` itself, the domain is ``t in [0, inf)``. ``sigma_to_t`` takes the levels the
+schedule reaches (``sigma(0) <= sigma <= sigma(1)``, with a relative slack of 1e-5 for round-off)
+and ``EDM.precond`` a ``sigma > 0``. Values outside the domain, NaN included, raise a ValueError
+naming ``t`` or ``sigma`` (the check is skipped while ``torch.compile`` traces and inside
+``torch.func`` transforms, where it cannot run).
 
 ``weight(t)`` is the loss weight ``lambda_t`` of eq. (6). **Default: ``lambda_t = 1``** for every
 schedule. This is the weighting Algorithm 1 of the paper actually uses (its SGD step is the plain
@@ -36,6 +42,25 @@ def _t(t: TensorLike, name: str = "t") -> torch.Tensor:
     raise TypeError(f"schedule: {name} must be a number or a tensor, got {type(t).__name__}")
 
 
+_SLACK = 1e-5  # relative round-off slack on the sigma range of sigma_to_t
+
+
+def _check_range(v: torch.Tensor, name: str, where: str, lo: float, hi: float = math.inf,
+                 lo_open: bool = False, interval: str = "") -> torch.Tensor:
+    """ValueError naming ``name`` unless every entry is in [lo, hi] ((lo, hi] when ``lo_open``),
+    finite and not NaN; one reduction, skipped under torch.compile tracing / torch.func."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(v):
+        return v
+    ok = (v > lo) if lo_open else (v >= lo)
+    ok = ok & ((v <= hi) if hi < math.inf else (v < math.inf))  # NaN fails both comparisons
+    if not bool(ok.all()):
+        bad = v.detach()[~ok].flatten()[0].item()
+        if not interval:
+            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{']' if hi < math.inf else ')'}"
+        raise ValueError(f"{where}: {name} must be in {interval}, got {bad}")
+    return v
+
+
 def _check_positive(name: str, v: float) -> float:
     v = float(v)
     if not math.isfinite(v) or v <= 0:
@@ -47,6 +72,11 @@ class Schedule:
     """Base class. Subclasses implement ``s(t)`` and ``sigma(t)`` (and ``sigma_to_t``)."""
 
     name = "base"
+    t_max = 1.0  # times live in [0, t_max]
+
+    def _time(self, t: TensorLike, fn: str) -> torch.Tensor:
+        """``t`` as a tensor, checked to lie in [0, t_max]."""
+        return _check_range(_t(t), "t", f"{type(self).__name__}.{fn}", 0.0, self.t_max)
 
     def s(self, t: TensorLike) -> torch.Tensor:
         raise NotImplementedError
@@ -59,12 +89,12 @@ class Schedule:
 
     def gamma(self, t: TensorLike) -> torch.Tensor:
         """Noise scale ``gamma_t = s_t sigma_t`` of ``x_t = s_t x_0 + gamma_t eps``."""
-        t = _t(t)
+        t = self._time(t, "gamma")
         return self.s(t) * self.sigma(t)
 
     def weight(self, t: TensorLike) -> torch.Tensor:
         """Loss weight ``lambda_t`` (default 1, see the module docstring)."""
-        t = _t(t)
+        t = self._time(t, "weight")
         return torch.ones_like(t)
 
     def time_grid(self, L: int = 64, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -99,16 +129,18 @@ class VP(Schedule):
         return -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t)
 
     def s(self, t):
-        t = _t(t)
+        t = self._time(t, "s")
         return torch.exp(0.5 * self._log_alpha_bar(t))
 
     def sigma(self, t):
-        t = _t(t)
+        t = self._time(t, "sigma")
         # sqrt(1 - a) / sqrt(a) = sqrt(1/a - 1) = sqrt(expm1(-log a))
         return torch.sqrt(torch.expm1(-self._log_alpha_bar(t)))
 
     def sigma_to_t(self, sigma):
-        sigma = _t(sigma, "sigma")
+        sig_max = math.sqrt(math.expm1(self.beta_min + 0.5 * (self.beta_max - self.beta_min)))
+        sigma = _check_range(_t(sigma, "sigma"), "sigma", "VP.sigma_to_t", 0.0,
+                             sig_max * (1 + _SLACK), interval=f"[0, sigma(1) = {sig_max:g}]")
         # -log alpha_bar = log(1 + sigma^2) = b0 t + (b1 - b0) t^2 / 2: solve the quadratic.
         c = torch.log1p(sigma * sigma)
         a = 0.5 * (self.beta_max - self.beta_min)
@@ -130,26 +162,30 @@ class VE(Schedule):
             raise ValueError("VE: sigma_max must be > sigma_min")
 
     def s(self, t):
-        return torch.ones_like(_t(t))
+        return torch.ones_like(self._time(t, "s"))
 
     def sigma(self, t):
-        t = _t(t)
+        t = self._time(t, "sigma")
         return self.sigma_min * torch.exp(t * math.log(self.sigma_max / self.sigma_min))
 
     def sigma_to_t(self, sigma):
-        sigma = _t(sigma, "sigma")
+        sigma = _check_range(_t(sigma, "sigma"), "sigma", "VE.sigma_to_t",
+                             self.sigma_min * (1 - _SLACK), self.sigma_max * (1 + _SLACK),
+                             interval=f"[sigma_min, sigma_max] = [{self.sigma_min:g}, "
+                                      f"{self.sigma_max:g}]")
         return torch.log(sigma / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
 
 class EDM(Schedule):
-    """Karras et al. (EDM): ``s_t = 1``, ``sigma(t) = t``; sampling grid :meth:`sigma_steps` and
-    preconditioning :meth:`precond` for network denoisers.
+    """Karras et al. (EDM): ``s_t = 1``, ``sigma(t) = t`` for ``t in [0, inf)``; sampling grid
+    :meth:`sigma_steps` and preconditioning :meth:`precond` for network denoisers.
 
     ``weighting``: ``"uniform"`` (default, ``lambda = 1``) or ``"edm"``
     (``lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``).
     """
 
     name = "edm"
+    t_max = math.inf  # t is sigma
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  sigma_data: float = 0.5, weighting: str = "uniform"):
@@ -164,18 +200,19 @@ class EDM(Schedule):
         self.weighting = weighting
 
     def s(self, t):
-        return torch.ones_like(_t(t))
+        return torch.ones_like(self._time(t, "s"))
 
     def sigma(self, t):
-        return _t(t).clone()
+        return self._time(t, "sigma").clone()
 
     def sigma_to_t(self, sigma):
-        return _t(sigma, "sigma").clone()
+        return _check_range(_t(sigma, "sigma"), "sigma", "EDM.sigma_to_t", 0.0).clone()
 
     def weight(self, t):
-        t = _t(t)
+        t = self._time(t, "weight")
         if self.weighting == "uniform":
             return torch.ones_like(t)
+        _check_range(t, "t", "EDM.weight", 0.0, lo_open=True)  # the EDM weight is 1/0 at t = 0
         sd2 = self.sigma_data ** 2
         sig = self.sigma(t)
         return (sig * sig + sd2) / (sig * sig * sd2)
@@ -193,8 +230,8 @@ class EDM(Schedule):
 
     def precond(self, sigma: TensorLike):
         """EDM preconditioning ``(c_skip, c_out, c_in, c_noise)`` at noise level ``sigma``:
-        ``D(x) = c_skip x + c_out F(c_in x, c_noise)``."""
-        sigma = _t(sigma, "sigma")
+        ``D(x) = c_skip x + c_out F(c_in x, c_noise)``; finite ``sigma > 0``."""
+        sigma = _check_range(_t(sigma, "sigma"), "sigma", "EDM.precond", 0.0, lo_open=True)
         sd = self.sigma_data
         denom = sigma * sigma + sd * sd
         c_skip = sd * sd / denom

@@ -423,6 +423,47 @@ def test_linearity_score_detects_memorisation():
     assert ls[1] > 0.999, ls
 
 
+def _linearity_by_hand(D, X, sigmas, n_pairs, a, b, seed):
+    """Eq. (11) computed directly: per level, n_pairs pairs x1, x2 = (training sample) + sigma eps,
+    drawn as linearity_score draws them (indices [2, P], then noise [2, P, n], per level),
+    and the mean cosine between D(a x1 + b x2) and a D(x1) + b D(x2)."""
+    g = gen(seed)
+    out = []
+    for s in sigmas:
+        idx = torch.randint(0, X.shape[0], (2, n_pairs), generator=g)
+        eps = torch.randn((2, n_pairs, X.shape[1]), generator=g, dtype=X.dtype)
+        x1, x2 = X[idx[0]] + s * eps[0], X[idx[1]] + s * eps[1]
+        u = D(a * x1 + b * x2, s)
+        v = a * D(x1, s) + b * D(x2, s)
+        out.append(((u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1))).mean().item())
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_linearity_score_matches_eq11_by_hand():
+    """A nonlinear, sigma-dependent denoiser (its cosines are not 1, so the combination weights,
+    the combined input and the level passed all show in the score), checked against eq. (11)
+    by hand at 1e-12, with the paper's weights and with asymmetric ones."""
+    g = gen(18)
+    n, N, P = 6, 12, 9
+    X = torch.randn(N, n, generator=g, dtype=torch.float64)
+    W = torch.randn(n, n, generator=g, dtype=torch.float64)
+    c = torch.randn(n, generator=g, dtype=torch.float64)
+
+    def D(x, s):
+        return torch.tanh(x @ W.T / (1 + s)) + c * s / (1 + s)
+
+    sig = [0.3, 1.0, 4.0]
+    for a, b in [(2 ** -0.5, 2 ** -0.5), (0.6, 0.8)]:
+        ls = linearity_score(D, X, sig, n_pairs=P, alpha=a, beta=b, generator=gen(4))
+        ref = _linearity_by_hand(D, X, sig, P, a, b, seed=4)
+        torch.testing.assert_close(ls, ref, rtol=0, atol=1e-12)
+        assert ls.max() < 0.99, ls  # far from 1: the comparison can tell weights apart
+    # the score does depend on the weights: swapping a and b moves it well beyond 1e-12
+    swapped = _linearity_by_hand(D, X, sig, P, 0.8, 0.6, seed=4)
+    assert (swapped - linearity_score(D, X, sig, n_pairs=P, alpha=0.6, beta=0.8,
+                                      generator=gen(4))).abs().max() > 1e-3
+
+
 def test_linearity_score_reproducible_and_bad_inputs():
     X = torch.randn(30, 4)
     f = lambda x, s: torch.tanh(x)  # noqa: E731
@@ -437,12 +478,27 @@ def test_linearity_score_reproducible_and_bad_inputs():
         linearity_score(f, X, [1.0], n_pairs=0)
 
 
+def _paper_levels_match(grid) -> bool:
+    """The paper prints the levels truncated (not rounded) to the decimals shown (4.066 -> "4.06",
+    0.0204 -> "0.020"): each printed value p must satisfy 0 <= level - p < 10^-decimals."""
+    paper = ["80.0", "42.415", "21.108", "9.723", "4.06", "1.501", "0.469", "0.116", "0.020",
+             "0.002"]
+    return len(grid) == len(paper) and all(
+        -1e-12 <= a - float(p) < 10.0 ** -len(p.split(".")[1]) for a, p in zip(grid, paper))
+
+
 def test_edm_sigma_grid_matches_paper_levels():
-    paper = [80.0, 42.415, 21.108, 9.723, 4.06, 1.501, 0.469, 0.116, 0.020, 0.002]
     grid = edm_sigma_grid(10)
-    for a, b in zip(grid.tolist(), paper):
-        # the paper prints the levels truncated to 3 decimals (4.066 -> 4.06)
-        assert abs(a - b) <= 2e-3 * b + 1e-3, (a, b)
+    assert grid.dtype == torch.float64 and grid.shape == (10,)
+    smax, smin, rho = 80.0, 0.002, 7.0
+    for i, a in enumerate(grid.tolist()):
+        expect = (smax ** (1 / rho) + i / 9 * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+        assert math.isclose(a, expect, rel_tol=1e-12), (i, a, expect)
+    assert _paper_levels_match(grid.tolist()), grid.tolist()
+    # the comparison is tight enough to catch a wrong rho or a reversed grid
+    assert not _paper_levels_match(edm_sigma_grid(10, rho=6.0).tolist())
+    assert not _paper_levels_match(edm_sigma_grid(10, rho=7.5).tolist())
+    assert not _paper_levels_match(grid.flip(0).tolist())
 
 
 # ------------------------------------------------------------------------- linear distillation
@@ -475,3 +531,158 @@ def test_linear_distill_of_mean_denoiser_and_bad_inputs():
         linear_distill(lambda x, s: x, X, [])
     with pytest.raises(ValueError, match="shape"):
         linear_distill(lambda x, s: x[:, :2], X, [1.0])
+
+
+def _distilled_gaussian(dtype=torch.float64):
+    """A LinearDenoiser distilled from a Gaussian with spread-out eigenvalues (so the Jacobian's
+    numerical rank changes with sigma) on the 6-step EDM grid."""
+    g = gen(21)
+    n = 5
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    X = (torch.randn(200, n, generator=g, dtype=torch.float64)
+         * torch.tensor([10.0, 3.0, 1.0, 0.3, 0.1], dtype=torch.float64)) @ Q.T
+    X = X.to(dtype)
+    G = GaussianDenoiser.fit(X)
+    sig = edm_sigma_grid(6).to(dtype)
+    return G, linear_distill(G, X, sig.tolist(), generator=gen(22)), sig
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_denoiser_per_sample_sigma_in_sampler(dtype):
+    from molrg_ext.sampling import heun_sample
+
+    G, L, sig = _distilled_gaussian(dtype)
+    noise = torch.randn(4, 5, generator=gen(23), dtype=dtype)
+    out = heun_sample(L, noise, sigmas=sig)  # the sampler passes sigma as a [B] tensor
+    ref = torch.cat([heun_sample(lambda x, s: L(x, float(s[0])), noise[i:i + 1], sigmas=sig)
+                     for i in range(4)])
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    # each sample uses its own level: a [B] sigma mixing levels equals the per-sample calls
+    x = torch.randn(3, 5, generator=gen(24), dtype=dtype)
+    s = sig[torch.tensor([0, 3, 5])]
+    per = torch.cat([L(x[i:i + 1], float(s[i])) for i in range(3)])
+    torch.testing.assert_close(L(x, s), per, rtol=tol, atol=tol)
+    # 0-d and one-element tensors are one level for the whole batch
+    torch.testing.assert_close(L(x, s[1].clone()), L(x, float(s[1])))
+    torch.testing.assert_close(L(x, s[1:2]), L(x, float(s[1])))
+
+
+def test_linear_denoiser_jacobian_rank_per_sample_sigma():
+    from molrg_ext.jacobian import jacobian_rank, jacobian_spectrum
+
+    G, L, sig = _distilled_gaussian()
+    x = torch.randn(3, 5, generator=gen(25), dtype=torch.float64)
+    s = sig[torch.tensor([0, 3, 5])]  # 80, ~0.97, 0.002
+    rank = jacobian_rank(L, x, s)  # vmap(jacrev) over the samples
+    per = torch.stack([jacobian_rank(L, x[i:i + 1], float(s[i]))[0] for i in range(3)])
+    assert torch.equal(rank, per), (rank, per)
+    assert len(set(per.tolist())) > 1, per  # the levels really differ
+    sv = jacobian_spectrum(L, x, s).svals
+    for i in range(3):
+        W, _ = G.matrix(float(s[i]))
+        torch.testing.assert_close(sv[i], torch.linalg.svdvals(W), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(jacobian_rank(L, x, s[1].clone()),
+                               jacobian_rank(L, x, float(s[1])))
+    # a level that was not distilled is a clear error, also inside vmap
+    with pytest.raises(ValueError, match="LinearDenoiser: sigma = 0.7 is not one of"):
+        jacobian_rank(L, x, torch.tensor([float(s[0]), 0.7, float(s[2])], dtype=torch.float64))
+
+
+def test_linear_denoiser_bad_inputs():
+    G, L, sig = _distilled_gaussian()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="LinearDenoiser: sigma = 0.7 is not one of"):
+        L(x, torch.tensor([float(sig[0]), 0.7, float(sig[1])], dtype=torch.float64))
+    with pytest.raises(ValueError, match="sigma"):
+        L(x, float("nan"))
+    with pytest.raises(ValueError, match="sigma"):
+        L(x, torch.tensor([float(sig[0]), float("nan"), float(sig[1])], dtype=torch.float64))
+    with pytest.raises(ValueError, match="sigma must be"):
+        L(x, sig[:2])  # neither one level nor B levels
+    with pytest.raises(ValueError, match="sigma must be"):
+        L(x, sig[:3].reshape(3, 1))
+    with pytest.raises(TypeError, match="sigma"):
+        L(x, torch.ones(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="sigma"):
+        L(x, "80")
+    with pytest.raises(TypeError, match="LinearDenoiser: x has dtype"):
+        L(x.float(), float(sig[0]))
+    with pytest.raises(ValueError, match="LinearDenoiser: x must be"):
+        L(torch.randn(3, 4, dtype=torch.float64), float(sig[0]))
+
+
+def test_linear_distill_argument_validation():
+    X = torch.randn(30, 3, dtype=torch.float64)
+    G = GaussianDenoiser.fit(X)
+    # a single number (or a 0-d tensor) is a one-level grid
+    L1 = linear_distill(G, X, 1.0, generator=gen(0))
+    L2 = linear_distill(G, X, [1.0], generator=gen(0))
+    L3 = linear_distill(G, X, torch.tensor(1.0), generator=gen(0))
+    assert L1.sigmas.tolist() == [1.0] and L3.sigmas.tolist() == [1.0]
+    torch.testing.assert_close(L1.W, L2.W, rtol=0, atol=0)
+    torch.testing.assert_close(L3.W, L2.W, rtol=0, atol=0)
+    L4 = linear_distill(G, X, torch.tensor([0.5, 2.0]), generator=gen(0), batch_size=7)
+    assert L4.sigmas.tolist() == [0.5, 2.0]
+    for bs in (0, -1):
+        with pytest.raises(ValueError, match="linear_distill: batch_size"):
+            linear_distill(G, X, [1.0], batch_size=bs)
+    with pytest.raises(TypeError, match="linear_distill: batch_size"):
+        linear_distill(G, X, [1.0], batch_size=2.5)
+    with pytest.raises(TypeError, match="linear_distill: n_samples"):
+        linear_distill(G, X, [1.0], n_samples=100.5)
+    with pytest.raises(TypeError, match="linear_distill: sigmas"):
+        linear_distill(G, X, "1.0")
+    with pytest.raises(TypeError, match=r"linear_distill: sigmas\[1\]"):
+        linear_distill(G, X, [1.0, None])
+    with pytest.raises(ValueError, match="linear_distill: sigmas"):
+        linear_distill(G, X, -1.0)
+    with pytest.raises(ValueError, match="linear_distill: sigmas"):
+        linear_distill(G, X, [1.0, float("nan")])
+
+
+def test_gaussian_from_moments_rejects_non_psd_cov():
+    mu = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="from_moments: cov must be positive semi-definite"):
+        GaussianDenoiser.from_moments(mu, torch.diag(torch.tensor([1.0, -5.0],
+                                                                  dtype=torch.float64)))
+    with pytest.raises(ValueError, match="cov must be positive semi-definite"):
+        GaussianDenoiser.from_moments(mu.float(), torch.diag(torch.tensor([1.0, -1e-3])))
+    # round-off negatives are clamped to 0: float64 below 1e-8 and float32 below 1e-5 relative
+    G = GaussianDenoiser.from_moments(mu, torch.diag(torch.tensor([1.0, -1e-12],
+                                                                  dtype=torch.float64)))
+    assert G.lam.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="cov"):
+        GaussianDenoiser.from_moments(mu, torch.diag(torch.tensor([1.0, -1e-6],
+                                                                  dtype=torch.float64)))
+    G = GaussianDenoiser.from_moments(mu.float(), torch.diag(torch.tensor([1.0, -1e-7])))
+    assert G.lam.tolist() == [1.0, 0.0]
+    # a rank-deficient covariance from float32 data (eigenvalue round-off) is fine
+    X = torch.randn(4, 8, generator=gen(30))
+    G = GaussianDenoiser.from_moments(X.mean(0), torch.cov(X.T, correction=0))
+    assert (G.lam >= 0).all()
+
+
+def test_gaussian_denoiser_dtype_and_device_mismatch():
+    n = 3
+    mu32 = torch.zeros(n)
+    U64 = torch.eye(n, dtype=torch.float64)
+    lam64 = torch.ones(n, dtype=torch.float64)
+    with pytest.raises(TypeError, match="GaussianDenoiser: U has dtype torch.float64 but mu"):
+        GaussianDenoiser(mu32, U64, lam64)
+    with pytest.raises(TypeError, match="GaussianDenoiser: lam has dtype"):
+        GaussianDenoiser(mu32, U64.float(), lam64)
+    with pytest.raises(TypeError, match="mu must be float32 or float64"):
+        GaussianDenoiser(mu32.half(), U64.half(), lam64.half())
+    with pytest.raises(TypeError, match="U must be a torch.Tensor"):
+        GaussianDenoiser(mu32, [[1.0]], lam64)
+    with pytest.raises(ValueError, match="lam must hold"):
+        GaussianDenoiser(mu32.double(), U64, -lam64)
+    with pytest.raises(TypeError, match="from_moments: cov has dtype"):
+        GaussianDenoiser.from_moments(mu32, torch.eye(n, dtype=torch.float64))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="U is on"):
+            GaussianDenoiser(mu32.double(), U64.cuda(), lam64)
+    G = GaussianDenoiser(mu32.double(), U64, lam64)
+    torch.testing.assert_close(G(torch.ones(2, n, dtype=torch.float64), 1.0),
+                               torch.full((2, n), 0.5, dtype=torch.float64))

@@ -203,6 +203,70 @@ def test_trainer_bad_arguments():
         NetworkTrainer(m, data, weighting="snr")
 
 
+@pytest.mark.parametrize("kw, err, name", [
+    ({"grad_clip": -1.0}, ValueError, "grad_clip"),
+    ({"grad_clip": 0.0}, ValueError, "grad_clip"),
+    ({"grad_clip": float("nan")}, ValueError, "grad_clip"),
+    ({"grad_clip": float("inf")}, ValueError, "grad_clip"),
+    ({"grad_clip": "1"}, TypeError, "grad_clip"),
+    ({"sigma_data": 0.0}, ValueError, "sigma_data"),
+    ({"sigma_data": -0.5}, ValueError, "sigma_data"),
+    ({"sigma_data": float("inf")}, ValueError, "sigma_data"),
+    ({"lr": 0.0}, ValueError, "lr"),
+    ({"lr": float("nan")}, ValueError, "lr"),
+    ({"batch_size": 2.5}, TypeError, "batch_size"),
+    ({"batch_size": True}, TypeError, "batch_size"),
+    ({"batch_size": -3}, ValueError, "batch_size"),
+    ({"ema_decay": float("nan")}, ValueError, "ema_decay"),
+    ({"ema_decay": 1.0}, ValueError, "ema_decay"),
+    ({"ema_halflife_kimg": float("nan")}, ValueError, "ema_halflife_kimg"),
+    ({"ema_halflife_kimg": 0.0}, ValueError, "ema_halflife_kimg"),
+    ({"P_mean": float("nan")}, ValueError, "P_mean"),
+    ({"P_std": -1.2}, ValueError, "P_std"),
+    ({"t_min": float("nan")}, ValueError, "t_min"),
+    ({"seed": 1.5}, TypeError, "seed"),
+    ({"post_step": 3}, TypeError, "post_step"),
+])
+def test_trainer_rejects_bad_numbers(kw, err, name):
+    data, _ = _toy_data()
+    m = make_mlp_denoiser(12, hidden=8, depth=1)
+    with pytest.raises(err, match=f"NetworkTrainer: {name}"):
+        NetworkTrainer(m, data, **kw)
+
+
+def test_trainer_grad_clip_and_sigma_data_from_model():
+    data, _ = _toy_data()
+    tr = NetworkTrainer(make_mlp_denoiser(12, hidden=8, depth=1), data, grad_clip=1e-3, seed=0)
+    assert tr.grad_clip == 1e-3
+    tr.train(3)
+    assert tr.step == 3 and len(tr.history["grad_norm"]) == 3
+    model = make_mlp_denoiser(12, hidden=8, depth=1)
+    model.sigma_data = -1.0  # a bad model attribute is caught too
+    with pytest.raises(ValueError, match="sigma_data"):
+        NetworkTrainer(model, data)
+    model.sigma_data = 0.7
+    assert NetworkTrainer(model, data).sigma_data == 0.7
+
+
+def test_trainer_train_steps_must_be_int():
+    data, _ = _toy_data()
+    tr = NetworkTrainer(make_mlp_denoiser(12, hidden=8, depth=1), data, batch_size=4, seed=0)
+    with pytest.raises(TypeError, match="NetworkTrainer.train: steps"):
+        tr.train(2.5)
+    with pytest.raises(TypeError, match="steps"):
+        tr.train(2.0)
+    with pytest.raises(ValueError, match="steps"):
+        tr.train(-1)
+    with pytest.raises(ValueError, match="save_every"):
+        tr.train(1, save_every=-2)
+    with pytest.raises(TypeError, match="callback"):
+        tr.train(1, callback="print")
+    assert tr.step == 0
+    tr.train(0)
+    tr.train(2)
+    assert tr.step == 2
+
+
 def test_denoiser_compiles_fullgraph():
     torch.manual_seed(0)
     den = make_unet_denoiser((3, 4, 4), model_channels=8)

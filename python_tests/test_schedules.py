@@ -82,3 +82,69 @@ def test_get_schedule_and_errors():
         VP().s("a")
     with pytest.raises(NotImplementedError):
         Schedule().s(0.5)
+
+
+@pytest.mark.parametrize("call, where, name", [
+    (lambda: VP().sigma(-0.5), "VP.sigma", "t"),
+    (lambda: VP().s(1.5), "VP.s", "t"),
+    (lambda: VP().gamma(float("nan")), "VP.gamma", "t"),
+    (lambda: VP().weight(-1.0), "VP.weight", "t"),
+    (lambda: VE().sigma(3.0), "VE.sigma", "t"),
+    (lambda: VE().s(-0.1), "VE.s", "t"),
+    (lambda: VE().sigma_to_t(-1.0), "VE.sigma_to_t", "sigma"),
+    (lambda: VE().sigma_to_t(0.0), "VE.sigma_to_t", "sigma"),
+    (lambda: VE().sigma_to_t(100.0), "VE.sigma_to_t", "sigma"),  # t would be > 1
+    (lambda: VE().sigma_to_t(1e-3), "VE.sigma_to_t", "sigma"),  # t would be < 0
+    (lambda: VP().sigma_to_t(-1.0), "VP.sigma_to_t", "sigma"),
+    (lambda: VP().sigma_to_t(1e3), "VP.sigma_to_t", "sigma"),
+    (lambda: VP().sigma_to_t(float("nan")), "VP.sigma_to_t", "sigma"),
+    (lambda: EDM().sigma(-1.0), "EDM.sigma", "t"),
+    (lambda: EDM().sigma(float("inf")), "EDM.sigma", "t"),
+    (lambda: EDM().sigma_to_t(-2.0), "EDM.sigma_to_t", "sigma"),
+    (lambda: EDM().precond(-1.0), "EDM.precond", "sigma"),
+    (lambda: EDM().precond(0.0), "EDM.precond", "sigma"),
+    (lambda: EDM().precond(float("nan")), "EDM.precond", "sigma"),
+    (lambda: EDM(weighting="edm").weight(0.0), "EDM.weight", "t"),
+])
+def test_schedules_reject_values_outside_their_domain(call, where, name):
+    with pytest.raises(ValueError, match=rf"{where}: {name} must be in"):
+        call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_schedule_domain_checked_on_tensors(dtype):
+    t = torch.tensor([0.2, 0.5, 1.0], dtype=dtype)
+    for sched in (VP(), VE()):
+        for bad in (-0.5, 1.01, float("nan")):
+            tb = t.clone()
+            tb[1] = bad
+            for fn in (sched.s, sched.sigma, sched.gamma, sched.weight):
+                with pytest.raises(ValueError, match="t must be in"):
+                    fn(tb)
+        # the sigma range the schedule reaches is accepted (round-off at sigma(1) included)
+        sig = sched.sigma(t)
+        assert sig.dtype == dtype
+        torch.testing.assert_close(sched.sigma_to_t(sig), t)
+        with pytest.raises(ValueError, match="sigma must be in"):
+            sched.sigma_to_t(torch.cat([sig, sig[-1:] * 1.01]))
+    with pytest.raises(ValueError, match="EDM.precond: sigma"):
+        EDM().precond(torch.tensor([0.5, -0.1], dtype=dtype))
+    # valid edge values keep working: t = 0 (clean data) and EDM levels above 1
+    assert float(VP().sigma(0.0)) == 0.0 and float(VP().s(0.0)) == 1.0
+    assert float(VP().sigma_to_t(0.0)) == 0.0
+    assert math.isclose(float(VE().sigma(0.0)), 0.002, rel_tol=1e-12)
+    torch.testing.assert_close(EDM().sigma(torch.tensor([0.0, 80.0], dtype=dtype)),
+                               torch.tensor([0.0, 80.0], dtype=dtype))
+    assert torch.isfinite(torch.stack(EDM().precond(torch.tensor([0.002, 80.0])))).all()
+
+
+def test_schedule_checks_do_not_break_torch_compile():
+    sched = EDM()
+
+    def f(sig):
+        c_skip, c_out, c_in, c_noise = sched.precond(sig)
+        return c_skip + c_out * c_in + c_noise + VP().sigma(sig / 80) + VE().s(sig / 80)
+
+    sig = torch.tensor([0.01, 0.5, 3.0, 80.0], dtype=torch.float64)
+    comp = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(comp(sig), f(sig))

@@ -23,7 +23,20 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._args import as_int
+
 __all__ = ["NetworkTrainer"]
+
+
+def _finite(v, name: str, where: str, positive: bool = False) -> float:
+    """v as a finite Python float (bools, strings and tensors of several values refused)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)) or (
+            isinstance(v, torch.Tensor) and v.numel() != 1):
+        raise TypeError(f"{where}: {name} must be a number, got {v!r}")
+    f = float(v)
+    if not math.isfinite(f) or (positive and f <= 0):
+        raise ValueError(f"{where}: {name} must be finite{' and > 0' if positive else ''}, got {f}")
+    return f
 
 
 class NetworkTrainer:
@@ -39,9 +52,10 @@ class NetworkTrainer:
         P_mean, P_std: log-normal parameters (EDM: -1.2, 1.2).
         t_min: smallest ``t`` when sampling from a schedule.
         weighting: ``"edm"`` or ``"none"``.
-        sigma_data: for the EDM weighting (default: ``model.sigma_data`` if present, else 0.5).
-        grad_clip: clip the total gradient norm to this value (None: no clipping; the norm is
-            recorded either way).
+        sigma_data: for the EDM weighting, finite and > 0 (default: ``model.sigma_data`` if
+            present, else 0.5).
+        grad_clip: clip the total gradient norm to this finite value > 0 (None: no clipping; the
+            norm is recorded either way).
         seed: seeds the trainer's own generator (batches, noise levels, noise).
         checkpoint: file path; if it exists the trainer resumes from it, ``save()`` writes it.
         post_step: optional callable run on the model after each optimiser step (e.g.
@@ -63,12 +77,13 @@ class NetworkTrainer:
             raise ValueError(f"{where}: data must be a non-empty batch [N, ...], got {tuple(data.shape)}")
         if not torch.isfinite(data).all():
             raise ValueError(f"{where}: data contains NaN or Inf")
-        if int(batch_size) < 1:
-            raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size}")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"{where}: lr must be finite and > 0, got {lr}")
-        if not 0 <= ema_decay < 1:
+        batch_size = as_int(batch_size, "batch_size", where, 1)
+        lr = _finite(lr, "lr", where, positive=True)
+        if not 0 <= _finite(ema_decay, "ema_decay", where) < 1:
             raise ValueError(f"{where}: ema_decay must be in [0, 1), got {ema_decay}")
+        P_mean = _finite(P_mean, "P_mean", where)
+        if _finite(P_std, "P_std", where) < 0:
+            raise ValueError(f"{where}: P_std must be >= 0, got {P_std}")
         if weighting not in ("edm", "none"):
             raise ValueError(f"{where}: weighting must be 'edm' or 'none', got {weighting!r}")
         if isinstance(noise, str):
@@ -76,18 +91,26 @@ class NetworkTrainer:
                 raise ValueError(f"{where}: noise must be 'lognormal' or a schedule, got {noise!r}")
         elif not hasattr(noise, "sigma"):
             raise TypeError(f"{where}: a noise schedule must provide sigma(t)")
-        if not 0 < t_min < 1:
+        if not 0 < _finite(t_min, "t_min", where) < 1:
             raise ValueError(f"{where}: t_min must be in (0, 1), got {t_min}")
+        if sigma_data is None:
+            sigma_data = getattr(model, "sigma_data", 0.5)
+        sigma_data = _finite(sigma_data, "sigma_data", where, positive=True)
+        if grad_clip is not None:
+            # <= 0 would zero (0) or reverse (< 0) every step inside clip_grad_norm_
+            grad_clip = _finite(grad_clip, "grad_clip", where, positive=True)
+        seed = as_int(seed, "seed", where)
+        if post_step is not None and not callable(post_step):
+            raise TypeError(f"{where}: post_step must be callable or None")
         self.model, self.data = model, data
         self.batch_size, self.lr = int(batch_size), float(lr)
         if ema_halflife_kimg is not None:
-            if ema_halflife_kimg <= 0:
-                raise ValueError(f"{where}: ema_halflife_kimg must be > 0")
+            ema_halflife_kimg = _finite(ema_halflife_kimg, "ema_halflife_kimg", where, positive=True)
             ema_decay = 0.5 ** (self.batch_size / (ema_halflife_kimg * 1000.0))
         self.ema_decay = float(ema_decay)
         self.noise, self.P_mean, self.P_std, self.t_min = noise, float(P_mean), float(P_std), float(t_min)
         self.weighting = weighting
-        self.sigma_data = float(sigma_data if sigma_data is not None else getattr(model, "sigma_data", 0.5))
+        self.sigma_data = sigma_data
         self.grad_clip, self.post_step = grad_clip, post_step
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
@@ -151,11 +174,15 @@ class NetworkTrainer:
 
     def train(self, steps: int, progress: bool = False, save_every: Optional[int] = None,
               callback=None) -> dict:
-        """Run ``steps`` more steps (saving every ``save_every`` steps and at the end when a
-        checkpoint path is set); ``callback(trainer)`` runs after each step. Returns the history."""
-        if int(steps) < 0:
-            raise ValueError(f"NetworkTrainer.train: steps must be >= 0, got {steps}")
-        it = range(int(steps))
+        """Run ``steps`` (an int >= 0) more steps (saving every ``save_every`` steps and at the end
+        when a checkpoint path is set); ``callback(trainer)`` runs after each step. Returns the history."""
+        where = "NetworkTrainer.train"
+        steps = as_int(steps, "steps", where, 0)
+        if save_every is not None:
+            save_every = as_int(save_every, "save_every", where, 0)  # 0: only at the end
+        if callback is not None and not callable(callback):
+            raise TypeError(f"{where}: callback must be callable or None")
+        it = range(steps)
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, desc="train", leave=False)
@@ -165,7 +192,7 @@ class NetworkTrainer:
                 it.set_postfix(loss=f"{loss:.4g}", kimg=f"{self.kimg:.1f}")
             if callback is not None:
                 callback(self)
-            if save_every and self.checkpoint and self.step % int(save_every) == 0:
+            if save_every and self.checkpoint and self.step % save_every == 0:
                 self.save()
         if self.checkpoint and steps:
             self.save()
