@@ -40,11 +40,27 @@ def test_run_writes_rows_with_ratios_and_peak(tmp_path, one_thread):
     assert saved["meta"]["peak_gflops_fp32"] > 0
 
 
-_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))]
+def _cuda_skip_reason(op):
+    """Why the CUDA cases of ``molrg::<op>`` cannot run here (None when they can): the condition
+    of test_cuda.py, a device and a CUDA kernel of the op in this build of the extension."""
+    from molrg_ext import _C
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if not getattr(_C, "built_with_cuda", False):
+        return "molrg_ext._C was built without CUDA kernels (MOLRG_CUDA=OFF or no nvcc)"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"molrg::{op}", "CUDA"):
+        return f"no CUDA kernel registered for molrg::{op}"
+    return None
 
 
-@pytest.mark.parametrize("device", _DEVICES)
+def _devices(op):
+    reason = _cuda_skip_reason(op)
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(reason is not None,
+                                                                 reason=reason or ""))]
+
+
+@pytest.mark.parametrize("device", _devices("dae_jacobian_spectrum"))
 @pytest.mark.parametrize("impl", ["eager", "compile", "eager-loop"])
 def test_jacobian_cases_agree_with_the_fused_op(impl, device, one_thread):
     # every peer of the Jacobian rows computes the same spectrum: its top K d singular values
@@ -61,7 +77,7 @@ def test_jacobian_cases_agree_with_the_fused_op(impl, device, one_thread):
         bench.make_jacobian_case("numpy", n, K, d, B)
 
 
-@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("device", _devices("train_step"))
 @pytest.mark.parametrize("impl", ["ours", "eager", "compile", "eager-loop"])
 def test_train_cases_step_on_their_device(impl, device, one_thread):
     # each case is a whole step: it returns the gradient of U (on the case's device), and the
