@@ -53,7 +53,7 @@ class DaeArgs(NamedTuple):
 
 
 def parse_mode(mode: str, where: str = "subspace_dae") -> int:
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"{where}: mode must be one of {sorted(MODES)}, got {mode!r}")
     return MODES[mode]
 

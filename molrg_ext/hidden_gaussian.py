@@ -94,8 +94,8 @@ def _per_query(v: Number, name: str, like: torch.Tensor, B: int) -> torch.Tensor
         if v.requires_grad:
             raise ValueError(f"{where}: gradients w.r.t. {name} are not supported; detach it")
         v = v.to(like.dtype)
-        if v.dim() > 1:
-            v = v.reshape(-1) if v.numel() == B else v
+        if v.dim() > 1 and v.numel() == B and sum(d != 1 for d in v.shape) <= 1:
+            v = v.reshape(-1)  # [B, 1, ...] per-sample columns; a [2, 2] for B = 4 stays an error
         try:
             v = torch.broadcast_to(v, (B,))
         except RuntimeError as e:

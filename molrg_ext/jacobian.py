@@ -147,14 +147,34 @@ def numerical_rank(svals: torch.Tensor, eta: float = 0.99, tail=None) -> torch.T
     checking = not torch.compiler.is_compiling()
     if checking and svals.numel() and (not torch.isfinite(svals).all() or (svals < 0).any()):
         raise ValueError("numerical_rank: svals must be finite and >= 0")
-    e = torch.sort(svals.double(), dim=-1, descending=True).values.square()
-    cum = torch.cumsum(e, dim=-1)
-    total = cum[..., -1] if e.shape[-1] else e.new_zeros(e.shape[:-1])
+    lead = svals.shape[:-1]
+    s = torch.sort(svals.double(), dim=-1, descending=True).values
+    tail_t = None
     if tail is not None:
+        if isinstance(tail, bool) or not isinstance(tail, (int, float, torch.Tensor)):
+            raise TypeError(f"numerical_rank: tail must be a number or a tensor, got "
+                            f"{type(tail).__name__}")
         tail_t = torch.as_tensor(tail, dtype=torch.float64, device=svals.device)
+        try:
+            ok = torch.broadcast_shapes(tail_t.shape, lead) == lead
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"numerical_rank: tail of shape {tuple(tail_t.shape)} must broadcast "
+                             f"to svals.shape[:-1] = {tuple(lead)}")
         if checking and (not torch.isfinite(tail_t).all() or (tail_t < 0).any()):
             raise ValueError("numerical_rank: tail must be finite and >= 0")
-        total = total + tail_t
+    # Energies relative to the largest value (or sqrt(tail)): squares of large float64 values
+    # (1e160 and up) would overflow to inf and give rank m + 1.
+    top = s[..., 0] if s.shape[-1] else s.new_zeros(lead)
+    if tail_t is not None:
+        top = torch.maximum(top, tail_t.sqrt())
+    scale = torch.where(top > 0, top, torch.ones_like(top)).unsqueeze(-1)
+    e = (s / scale).square()
+    cum = torch.cumsum(e, dim=-1)
+    total = cum[..., -1] if e.shape[-1] else e.new_zeros(lead)
+    if tail_t is not None:
+        total = total + tail_t / scale[..., 0].square()
     thresh = (float(eta) ** 2) * total
     below = (cum <= thresh.unsqueeze(-1)).sum(-1)
     rank = below + 1
@@ -181,6 +201,8 @@ def _is_subspace_dae(denoiser) -> bool:
 
 
 def _sigma_per_sample(sigma, x: torch.Tensor, B: int, where: str) -> torch.Tensor:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
+        raise TypeError(f"{where}: sigma must be a number or a tensor, got {type(sigma).__name__}")
     s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     try:
         s = torch.broadcast_to(s, (B,))
@@ -335,6 +357,8 @@ def jacobian_spectrum(
     for name, v in (("iters", iters), ("oversample", oversample), ("probes", probes)):
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"{where}: {name} must be an int >= 0, got {v!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
+        raise TypeError(f"{where}: sigma must be a number or a tensor, got {type(sigma).__name__}")
     if method == "auto":
         method = "analytic" if _is_subspace_dae(denoiser) else ("jacrev" if n <= 1024 else "lanczos")
     if method == "analytic":

@@ -31,6 +31,14 @@ class Levels(NamedTuple):
 
     def table(self, dtype=None, device=None) -> torch.Tensor:
         """The ``[L, 5]`` table (s, gamma, lambda, c, phi) the op takes."""
+        fields = dict(s=self.s, gamma=self.gamma, lam=self.lam, c=self.c, phi=self.phi)
+        for name, v in fields.items():
+            if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
+                raise ValueError(f"Levels: {name} must be a 1-D floating-point tensor of L "
+                                 f"values, got {getattr(v, 'shape', type(v).__name__)}")
+        if len({v.shape[0] for v in fields.values()}) != 1 or self.s.shape[0] == 0:
+            raise ValueError("Levels: s, gamma, lam, c and phi must have the same length L >= 1, "
+                             f"got {[tuple(v.shape) for v in fields.values()]}")
         t = torch.stack([self.s, self.gamma, self.lam, self.c, self.phi], dim=1)
         return t.to(dtype=dtype or t.dtype, device=device).contiguous()
 
@@ -90,15 +98,15 @@ def make_levels(schedule, L: int = 64, dims: Optional[Sequence[int]] = None,
     return Levels(s, gamma, lam, c, phi, bias)
 
 
-def _check_int(v, name: str, lo: int, hi: Optional[int] = None) -> int:
+def _check_int(v, name: str, lo: int, hi: Optional[int] = None, where: str = "train_step") -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
             v = int(v.item())
         else:
-            raise TypeError(f"train_step: {name} must be an int, got {type(v).__name__}")
+            raise TypeError(f"{where}: {name} must be an int, got {type(v).__name__}")
     if v < lo or (hi is not None and v >= hi):
         rng = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
-        raise ValueError(f"train_step: {name} must be in {rng}, got {v}")
+        raise ValueError(f"{where}: {name} must be in {rng}, got {v}")
     return int(v)
 
 
@@ -108,8 +116,12 @@ def philox_draws(seed: int, step: int, P: int, batch: int, N: int, L: int, n: in
     int64 and ``eps [P, M, n])``."""
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"philox_draws: dtype must be float32 or float64, got {dtype}")
-    return torch.ops.molrg.philox_draws(int(seed), int(step), int(P), int(batch), int(N), int(L),
-                                        int(n), dtype == torch.float64)
+    w, u32 = "philox_draws", 2**32
+    args = (_check_int(seed, "seed", 0, 2**63, w), _check_int(step, "step", 0, u32, w),
+            _check_int(P, "P", 0, u32, w), _check_int(batch, "batch", 1, u32, w),
+            _check_int(N, "N", 1, u32, w), _check_int(L, "L", 1, u32, w),
+            _check_int(n, "n", 0, 2**31, w))
+    return torch.ops.molrg.philox_draws(*args, dtype == torch.float64)
 
 
 def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: int, seed: int,

@@ -278,6 +278,11 @@ def test_optimal_bad_inputs():
         optimal_denoiser(x, X, float("nan"))
     with pytest.raises(ValueError, match="sigma"):
         optimal_denoiser(x, X, torch.ones(2))
+    with pytest.raises(ValueError, match=r"sigma of shape \(2, 2\) does not broadcast"):
+        optimal_denoiser(torch.randn(4, 4), X, torch.full((2, 2), 0.5))
+    # a per-sample column [B, 1] is per-sample sigma
+    torch.testing.assert_close(optimal_denoiser(x, X, torch.tensor([[0.3], [0.5], [0.7]])),
+                               optimal_denoiser(x, X, torch.tensor([0.3, 0.5, 0.7])))
     with pytest.raises(ValueError, match="s must"):
         optimal_denoiser(x, X, 1.0, s=-1.0)
     with pytest.raises(ValueError, match="block"):

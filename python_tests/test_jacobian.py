@@ -87,6 +87,31 @@ def test_sym_eig_batched_and_symmetrises():
     torch.testing.assert_close(sym_eig(B)[-2:], torch.tensor([1.0, 3.0], dtype=F64))
 
 
+@pytest.mark.parametrize("dtype,scales", [(torch.float32, (1e-30, 1e-12, 1e12, 1e19, 1e30)),
+                                          (torch.float64, (1e-250, 1e-100, 1e100, 1e160, 1e250))])
+def test_sym_eig_extreme_scales(dtype, scales):
+    """Finite matrices of any magnitude: entries beyond 2^+-20 are scaled by a power of two
+    before the reduction (1e19 in float32 used to overflow the QR shifts and fail)."""
+    g = _gen(7)
+    A = torch.randn(6, 6, generator=g, dtype=F64)
+    A = A + A.T
+    w_ref = torch.linalg.eigvalsh(A)
+    for sc in scales:
+        w, V = sym_eig((A * sc).to(dtype), vectors=True)
+        tol = 2e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(w.double() / sc, w_ref, rtol=tol, atol=tol * w_ref.abs().max())
+        VV = V.double()
+        assert (VV.T @ VV - torch.eye(6, dtype=F64)).abs().max() < 10 * tol
+
+
+def test_dae_jacobian_spectrum_huge_c():
+    x, U = _small(torch.float32)
+    sv1 = M.dae_jacobian_spectrum(x, U, 1.0, 1.0, dims=[2, 3])
+    for c in (1e20, 1e-25):  # J and M scale with c; 1e20 failed to converge in float32
+        sv = M.dae_jacobian_spectrum(x, U, c, 1.0, dims=[2, 3])
+        torch.testing.assert_close(sv.double() / c, sv1.double(), rtol=1e-5, atol=1e-6)
+
+
 # -------------------------------------------------------------------- analytic vs autograd
 CASES = [
     # n, dims, overlapping
@@ -277,6 +302,23 @@ def test_numerical_rank_errors():
         M.numerical_rank(torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match="tail"):
         M.numerical_rank(torch.ones(3), tail=-1.0)
+    with pytest.raises(ValueError, match=r"tail of shape \(5, 3\) must broadcast"):
+        M.numerical_rank(torch.ones(3, 2), tail=torch.ones(5, 3))
+    with pytest.raises(ValueError, match=r"tail of shape \(4,\) must broadcast"):
+        M.numerical_rank(torch.ones(3, 2), tail=torch.ones(4))
+    with pytest.raises(TypeError, match="tail must be a number or a tensor"):
+        M.numerical_rank(torch.ones(3), tail="1")
+
+
+def test_numerical_rank_of_huge_and_tiny_values():
+    # squares of 1e160 overflow float64: energies are taken relative to the largest value
+    for sc in (1e-300, 1e-160, 1.0, 1e160, 1e300):
+        s = torch.tensor([[1.0, 1.0, 1e-3], [3.0, 2.0, 1.0]], dtype=F64) * sc
+        torch.testing.assert_close(M.numerical_rank(s), torch.tensor([2, 3]))
+        if 1e-150 < sc < 1e150:  # the tail is an energy (squared units): representable here
+            torch.testing.assert_close(
+                M.numerical_rank(s, tail=torch.tensor([0.0, 100.0], dtype=F64) * sc * sc),
+                torch.tensor([2, 4]))
 
 
 # -------------------------------------------------------------------- any denoiser: MLP, methods
@@ -435,6 +477,8 @@ def test_bad_inputs_generic_api():
         M.jacobian_rank(net, x, -1.0)
     with pytest.raises(ValueError, match="sigma"):
         M.jacobian_rank(net, x, torch.ones(3, dtype=F64))
+    with pytest.raises(TypeError, match="sigma must be a number or a tensor"):
+        M.jacobian_rank(net, x, "a")
     with pytest.raises(ValueError, match="B >= 1"):
         M.jacobian_rank(net, x[:0], 1.0)
     with pytest.raises(ValueError, match="k must be"):

@@ -321,6 +321,7 @@ BAD = [
     (dict(bias=torch.full((3,), float("-inf"), dtype=torch.float64)), RuntimeError,
      "bias is -Inf for every subspace"),
     (dict(mode="fuzzy"), ValueError, "mode must be one of"),
+    (dict(mode=["soft"]), ValueError, r"mode must be one of .* got \['soft'\]"),
     (dict(assign=torch.zeros(7, dtype=torch.int64)), ValueError, "assign is only used"),
     (dict(mode="hard", assign=torch.full((7,), 3, dtype=torch.int64)), RuntimeError,
      r"assign values must be in \[0, K = 3\)"),

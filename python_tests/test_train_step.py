@@ -472,8 +472,21 @@ def test_bad_inputs():
         M.make_levels(TinySchedule(), L=4, dims=[2, 0])
     assert M.make_levels(TinySchedule(), L=4, dims=[2, 2], pi=[0.5, 0.5]).bias is None
     assert M.make_levels(TinySchedule(), L=4, dims=[2, 3]).bias.shape == (4, 2)
-    with pytest.raises(RuntimeError, match="batch"):
+    with pytest.raises(ValueError, match="philox_draws: batch must be in"):
         M.philox_draws(0, 0, 1, 0, 5, 5, 3)
+    with pytest.raises(ValueError, match="philox_draws: seed must be in"):
+        M.philox_draws(2**64, 0, 1, 2, 10, 4, 3)
+    with pytest.raises(TypeError, match="philox_draws: seed must be an int, got float"):
+        M.philox_draws(1.7, 0, 1, 2, 10, 4, 3)
+    with pytest.raises(TypeError, match="philox_draws: n must be an int"):
+        M.philox_draws(1, 0, 1, 2, 10, 4, "3")
+    with pytest.raises(RuntimeError, match="batch"):
+        torch.ops.molrg.philox_draws(0, 0, 1, 0, 5, 5, 3, False)  # the op checks too
+    # a Levels table whose fields are not 1-D of one length L names them
+    with pytest.raises(ValueError, match="Levels: s must be a 1-D"):
+        call(levels=M.Levels(*[t[0] for t in lv[:5]], None))
+    with pytest.raises(ValueError, match="Levels: s, gamma, lam, c and phi must have the same"):
+        call(levels=lv._replace(c=lv.c[:2]))
 
 
 # -------------------------------------------------------------------------- opcheck / compile

@@ -176,15 +176,42 @@ MOLRG_HD bool sym_tridiag_qr(T* d, T* e, int n, T* Vt) {
   return true;
 }
 
+// A power of two s with s max|A_ij| in [1/2, 2] when max|A_ij| is outside [2^-20, 2^20], else
+// 1. The reduction and the shifts square entries: in float32 entries of 1e19 overflowed and the
+// QR iteration failed (and in float64 from about 1e154); tiny entries lose digits to underflow
+// the same way. Powers of two scale exactly, and matrices of moderate size are left untouched.
+template <typename T>
+MOLRG_HD T sym_eig_scale(const T* A, int64_t count) {
+  T amax = T(0);
+  for (int64_t i = 0; i < count; ++i) amax = m_abs(A[i]) > amax ? m_abs(A[i]) : amax;
+  const T big = T(1048576.0), small = T(1.0 / 1048576.0);
+  T s = T(1);
+  if (!(amax > small && amax < big) && amax > T(0) && amax - amax == T(0)) {  // finite, nonzero
+    while (amax * s > big) s *= small;
+    while (amax * s < small) s *= big;
+    while (amax * s > T(2)) s *= T(0.5);
+    while (amax * s < T(0.5)) s *= T(2);
+  }
+  return s;
+}
+
 // Eigen-decomposition of the symmetric n x n matrix A (destroyed). lambda [n] gets the
 // eigenvalues (unsorted); if Vt is non-null its row i is the unit eigenvector of lambda_i.
-// work: scratch of n elements. Returns false if the QR iteration did not converge.
+// work: scratch of n elements. Returns false if the QR iteration did not converge. Matrices
+// with entries beyond 2^+-20 are scaled by a power of two first (sym_eig_scale).
 template <typename T>
 MOLRG_HD bool sym_eig_unsorted(T* A, int n, T* lambda, T* Vt, T* e, T* work) {
   if (n <= 0) return true;
+  const int64_t nn = (int64_t)n * n;
+  const T s = sym_eig_scale(A, nn);
+  if (s != T(1))
+    for (int64_t i = 0; i < nn; ++i) A[i] *= s;
   sym_tridiagonalize(A, n, lambda, e, work);
   if (Vt) sym_tridiag_form_qt(A, n, Vt);
-  return sym_tridiag_qr(lambda, e, n, Vt);
+  const bool ok = sym_tridiag_qr(lambda, e, n, Vt);
+  if (s != T(1))
+    for (int i = 0; i < n; ++i) lambda[i] /= s;
+  return ok;
 }
 
 // order[0..n) = permutation sorting key descending (stable insertion sort; n is small).
