@@ -1,5 +1,6 @@
-// The molrg operator library: every schema is declared here, once. Implementations are registered
-// per device (csrc/cpu/*.cpp, csrc/cuda/*_cuda.cpp); the denoiser's autograd in
+// The molrg operator library: the denoiser's schemas are declared here (the Jacobian, training
+// step and optimal-denoiser ops in TORCH_LIBRARY_FRAGMENTs of their own files). Implementations
+// are registered per device (csrc/cpu/*.cpp, csrc/cuda/*_cuda.cpp); the denoiser's autograd in
 // csrc/subspace_dae_autograd.cpp, the other autograd and the fake kernels from Python.
 #include <torch/library.h>
 

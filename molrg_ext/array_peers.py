@@ -4,11 +4,14 @@ spectrum written against an array module ``xp`` (CuPy on a GPU, the ``cupy`` row
 
 Shapes (equal subspace dimensions, as the benchmark cases use): ``x`` [P, B, n], ``U``
 [P, K, n, d], ``c`` and ``phi`` [P, B]. The gradient wrt ``U`` is written out by hand (the array
-libraries have no autograd), by the same formulas as the kernels:
+libraries have no autograd), by formulas algebraically equal to the kernels':
 
     y = c sum_k w_k U_k P_k,   P_k = U_k^T x,   w = softmax_k(phi ||P_k||^2) (soft) or one-hot
     dU_k = sum_b x (c w_k r_k + 2 phi dl_k P_k)^T + g (c w_k P_k)^T,   r_k = U_k^T g,
     dl_k = w_k (h_k - sum_j w_j h_j),   h_k = c <r_k, P_k>   (0 in hard mode)
+
+(the kernels evaluate dl_k as c w_k sum_{j != k} w_j (<r_k, P_k> - <r_j, P_j>), which is exactly
+0 for saturated weights: kernels::dae_dlogit)
 
 for an upstream gradient g = dL/dy.
 """

@@ -62,8 +62,8 @@ def main(argv=None) -> int:
                                   formatter_class=_DefaultsHelp)
     module.add_arguments(sub)
     for action in sub._actions:  # options without a help text still show their default
-        if not action.help and action.option_strings and action.default not in (
-                None, False, argparse.SUPPRESS):
+        if (not action.help and action.option_strings and action.default is not None
+                and action.default is not False and action.default != argparse.SUPPRESS):
             action.help = "(default: %(default)s)"
     args = sub.parse_args(argv[1:])
     try:

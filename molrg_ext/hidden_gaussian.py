@@ -5,10 +5,10 @@ For x_t = s x_0 + s sigma eps with x_0 uniform over the training points X_i,
 
     D(x_t) = E[x_0 | x_t] = sum_i softmax_i(-||x_t - s X_i||^2 / (2 gamma^2)) X_i,  gamma = s sigma.
 
-The kernel is tiled like flash attention: per tile of 64 queries x ``block`` training points a
+The kernel is tiled like flash attention: per tile of 128 queries x ``block`` training points a
 GEMM gives the cross terms <x, X_j> (in double where float32 would lose the logits to cancellation
 at small noise), an online max-subtracted soft-max runs over the training blocks and a second GEMM
-accumulates P @ X_block; no B x N matrix is formed (memory O(64 block) per thread + O(B n)). It
+accumulates P @ X_block; no B x N matrix is formed (memory O(128 block) per thread + O(B n)). It
 saves only the output and one log-sum-exp per query; the gradient w.r.t. ``x_t`` is
 ``(s / gamma^2) Cov_w(X) grad`` (the posterior covariance, as Tweedie's formula says), computed
 with the same tiles and the weights recomputed from the saved log-sum-exp. On CUDA tensors the op

@@ -77,3 +77,9 @@ def test_cli_demo_runs_and_recovers(tmp_path):
     # eq. (48) initialisation near the truth with N_k = 16 >> d = 4: every instance recovered
     assert len(res["distances"]) == 2 and all(d < 0.5 for d in res["distances"])
     assert res["success"] == [True, True] and res["loss"][-1] < res["loss"][0]
+
+
+def test_cli_help_shows_zero_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["gl-score", "--help"])
+    assert "--seed SEED           (default: 0)" in capsys.readouterr().out

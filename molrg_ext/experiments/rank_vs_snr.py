@@ -56,7 +56,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoints", type=int, nargs="+", help="training steps to evaluate at")
     p.add_argument("--noises", type=int, help="initial noises per trajectory set (paper: 15)")
-    p.add_argument("--real-steps", type=int, help="training steps of the real-data U-Nets (0: skip)")
+    p.add_argument("--real-steps", type=int, help="training steps of the real-data networks (0: skip)")
     p.add_argument("--channels", type=int, help="U-Net base channels / MLP width / 4")
     p.add_argument("--model", choices=["unet", "mlp"], help="network (default: the preset's)")
     p.add_argument("--precond", choices=["edm", "x0"], help="EDMDenoiser preconditioning")
