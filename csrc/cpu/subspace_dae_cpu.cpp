@@ -14,6 +14,7 @@
 
 #include "../checks.h"
 #include "dae_panels_at.h"
+#include "huge_pages.h"
 
 namespace molrg {
 namespace {
@@ -32,6 +33,14 @@ constexpr const char* kBwd = "subspace_dae_backward";
 // the n = 3072 benchmark problem, one MKL GEMM over them ran 13x slower (41 -> 534 ms).
 bool use_gemm(const DaeSizes& s, const at::Tensor& x) {
   return s.n * s.K * s.dm * (int64_t)x.element_size() > 64 * 1024;
+}
+
+// An uninitialised output like t ([P, B, n] y or dx), asking for huge pages before its first touch
+// (cpu::advise_huge_pages).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::Tensor& like) {
+  auto out = at::empty(sizes, like.options());
+  cpu::advise_huge_pages(out.data_ptr(), (std::size_t)out.nbytes());
+  return out;
 }
 
 // Ubar [P, n, K*dm] = [U_1 ... U_K] with the padded columns zeroed.
@@ -72,7 +81,7 @@ void for_each_group(const at::Tensor& comp, const DaeSizes& s, F&& f) {
 at::Tensor hard_reconstruct_groups(const at::Tensor& U, const at::Tensor& c,
                                    const at::Tensor& projf, const at::Tensor& comp,
                                    const DaeSizes& s) {
-  auto y = at::empty({s.P, s.B, s.n}, projf.options());
+  auto y = empty_output({s.P, s.B, s.n}, projf);
   for_each_group(comp, s, [&](int64_t p, int64_t k, const at::Tensor& idx) {
     const int64_t dk = s.dims[k];
     auto Pk = projf[p].narrow(1, k * s.dm, dk).index_select(0, idx);  // [m, d_k]
@@ -88,7 +97,7 @@ at::Tensor hard_reconstruct_groups(const at::Tensor& U, const at::Tensor& c,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hard_backward_groups(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& U, const at::Tensor& c,
     const at::Tensor& proj, const at::Tensor& w, const DaeSizes& s, bool need_dx, bool need_dU) {
-  auto dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  auto dx = need_dx ? empty_output(x.sizes(), x) : at::empty({0}, x.options());
   auto dU = need_dU ? at::zeros_like(U) : at::empty({0}, x.options());
   auto dc = at::empty({s.P, s.B}, x.options());
   auto dphi = at::zeros({s.P, s.B}, x.options());
@@ -157,8 +166,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_gemm(
       }
     });
   });
-  auto y = groups ? hard_reconstruct_groups(U, c, projf, comp, s)
-                  : at::bmm(coef, Ub.transpose(1, 2));
+  at::Tensor y;
+  if (groups) {
+    y = hard_reconstruct_groups(U, c, projf, comp, s);
+  } else {
+    y = empty_output(x.sizes(), x);
+    at::bmm_out(y, coef, Ub.transpose(1, 2));
+  }
   return {y, projf.view({s.P, s.B, s.K, s.dm}), w};
 }
 
@@ -201,7 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       }
     });
   });
-  auto dx = need_dx ? at::bmm(dP, Ub.transpose(1, 2)) : at::empty({0}, x.options());
+  auto dx = need_dx ? empty_output(x.sizes(), x) : at::empty({0}, x.options());
+  if (need_dx) at::bmm_out(dx, dP, Ub.transpose(1, 2));
   at::Tensor dU = at::empty({0}, x.options());
   if (need_dU) {
     auto dUb = at::bmm(x.transpose(1, 2), dP);  // [P, n, K*dm]
@@ -225,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subspace_dae_cpu(
   if (assign) check_dae_assign(*assign, mode, s, x, kFwd);
 
   if (s.P * s.B > 0 && use_gemm(s, x)) return forward_gemm(x, U, c, phi, bias, assign, s, mode);
-  auto y = at::empty_like(x);
+  auto y = empty_output(x.sizes(), x);
   auto proj = at::empty({s.P, s.B, s.K, s.dm}, x.options());
   auto w = at::empty({s.P, s.B, s.K}, x.options());
   if (s.P * s.B == 0) return {y, proj, w};
@@ -279,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
 
   if (s.P * s.B > 0 && use_gemm(s, x))
     return backward_gemm(grad_y, x, U, c, phi, proj, w, s, mode, need_dx, need_dU);
-  auto dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  auto dx = need_dx ? empty_output(x.sizes(), x) : at::empty({0}, x.options());
   auto dU = need_dU ? at::empty_like(U) : at::empty({0}, x.options());
   auto dc = at::empty({s.P, s.B}, x.options());
   auto dphi = at::empty({s.P, s.B}, x.options());
