@@ -66,9 +66,10 @@ def subspace_dae(
     Returns:
         ``y`` with the shape of ``x``. Differentiable w.r.t. ``x``, ``U``, ``c``, ``phi``, ``bias``.
 
-    On CPU the kernels flush subnormal values (below 1.2e-38 in float32) to zero, as a GPU with
-    flush-to-zero does: far components' soft-max weights fall there, and x86 cores are many times
-    slower on them. Results differ from exact IEEE arithmetic by less than that per operation.
+    On CPU the kernels flush subnormal values (below 1.2e-38 in float32) to zero: far components'
+    soft-max weights fall there, and x86 cores are many times slower on them. Results differ from
+    exact IEEE arithmetic by less than that per operation. The CUDA kernels keep subnormals (the
+    build does not use -ftz), so CPU and GPU may differ by that much.
     """
     a = prepare_dae_args(x, U, c, phi, bias, dims, mode, assign)
     y, _, _ = torch.ops.molrg.subspace_dae(a.x, a.U, a.c, a.phi, a.bias, a.assign, a.dims, a.mode)

@@ -20,7 +20,11 @@ constexpr int kThreads = 128;
 // eigensolver spills under the default heuristic (64) and still at 168.
 constexpr int kMinBlocks = 2;
 
-int64_t workers_for(int64_t total) { return std::min<int64_t>(total, kJacobianMaxWorkers); }
+int64_t workers_for(int64_t total, int64_t work_per, int64_t elem_bytes, int64_t order_len) {
+  const int64_t slice = std::max<int64_t>(1, work_per * elem_bytes + order_len * 4);
+  const int64_t by_bytes = std::max<int64_t>(1, kJacobianWorkBytes / slice);
+  return std::min<int64_t>({total, kJacobianMaxWorkers, by_bytes});
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
@@ -81,7 +85,9 @@ unsigned blocks_for(int64_t workers) { return (unsigned)((workers + kThreads - 1
 
 }  // namespace
 
-int64_t jacobian_workers(int64_t total) { return workers_for(total); }
+int64_t jacobian_workers(int64_t total, int64_t work_per, int64_t elem_bytes, int64_t order_len) {
+  return workers_for(total, work_per, elem_bytes, order_len);
+}
 
 int64_t jacobian_work_per(int K, int dm, int r, bool vectors) {
   return dae_jacobian_work(K, dm, r, vectors);
@@ -101,8 +107,8 @@ cudaError_t launch_dae_jacobian_spectrum(const T* x, const T* U, const T* R, con
                                          cudaStream_t stream) {
   const int64_t total = P * B;
   if (total == 0) return cudaSuccess;
-  const int64_t workers = workers_for(total);
   const int64_t work_per = dae_jacobian_work(K, dm, r, vecs != nullptr);
+  const int64_t workers = workers_for(total, work_per, sizeof(T), r);
   jacobian_kernel<T><<<blocks_for(workers), kThreads, 0, stream>>>(
       x, U, R, S, c, phi, bias, assign, dims, offs, P, B, n, K, dm, r, D, mode, svals, vecs,
       work, work_per, order, failed, workers);
@@ -113,10 +119,10 @@ template <typename T>
 cudaError_t launch_sym_eig(T* A, int64_t total, int m, T* evals, T* evecs, T* work,
                            int32_t* order, int* failed, cudaStream_t stream) {
   if (total == 0 || m == 0) return cudaSuccess;
-  const int64_t workers = workers_for(total);
+  const int64_t work_per = sym_eig_work_per(m, evecs != nullptr);
+  const int64_t workers = workers_for(total, work_per, sizeof(T), m);
   sym_eig_kernel<T><<<blocks_for(workers), kThreads, 0, stream>>>(
-      A, total, m, evals, evecs, work, sym_eig_work_per(m, evecs != nullptr), order, failed,
-      workers);
+      A, total, m, evals, evecs, work, work_per, order, failed, workers);
   return cudaGetLastError();
 }
 

@@ -42,8 +42,8 @@ std::tuple<at::Tensor, at::Tensor> dae_jacobian_spectrum_cuda(
   const int64_t total = s.P * s.B;
   if (total == 0) return {svals, vecs};
   const at::Tensor S = stacked_gram_blocks(R, s, js.st);  // [P, K, r, r]
-  const int64_t workers = cuda::jacobian_workers(total);
   const int64_t work_per = cuda::jacobian_work_per((int)s.K, (int)s.dm, (int)r, vectors);
+  const int64_t workers = cuda::jacobian_workers(total, work_per, x.element_size(), r);
   auto work = at::empty({workers * work_per}, x.options());
   auto order = at::empty({workers * r}, x.options().dtype(at::kInt));
   auto failed = at::zeros({1}, x.options().dtype(at::kInt));
@@ -76,8 +76,9 @@ std::tuple<at::Tensor, at::Tensor> sym_eig_cuda(const at::Tensor& A, bool vector
   auto& evecs = e.evecs;
   if (!e.Ac.defined()) return {evals, evecs};
   auto& Ac = e.Ac;
-  const int64_t workers = cuda::jacobian_workers(total);
-  auto work = at::empty({workers * cuda::sym_eig_work_per((int)n, vectors)}, A.options());
+  const int64_t work_per = cuda::sym_eig_work_per((int)n, vectors);
+  const int64_t workers = cuda::jacobian_workers(total, work_per, A.element_size(), n);
+  auto work = at::empty({workers * work_per}, A.options());
   auto order = at::empty({workers * n}, A.options().dtype(at::kInt));
   auto failed = at::zeros({1}, A.options().dtype(at::kInt));
   auto stream = c10::cuda::getCurrentCUDAStream(A.device().index());

@@ -50,7 +50,8 @@ cudaError_t launch_train_step(const T* X, int64_t N, const T* U, const T* levels
                               int64_t M, int n, int K, int dm, int mode, uint64_t seed,
                               uint32_t step, T* slot_loss, T* dU, cudaStream_t stream);
 
-// Shared memory one warp of the train_step kernel needs, and the most a block may use.
+// Shared memory one warp of the train_step kernel needs, and the most a block may use (the
+// current device's opt-in limit, at least 48 KiB).
 template <typename T>
 int64_t train_step_smem_bytes(int n, int K, int dm);
 int64_t train_step_max_smem_bytes();
@@ -60,8 +61,13 @@ int64_t train_step_max_smem_bytes();
 // dae_jacobian_work of kernels/jacobian.h) or sym_eig_work_per(m, vectors) elements, and order
 // of r (m) int32 each.
 // *failed (device int, zeroed by the caller) becomes 1 if some eigensolve did not converge.
+// The number of workers (and slices) is capped at kJacobianMaxWorkers and so that the slices take
+// at most kJacobianWorkBytes: at r = 400 a float64 slice is 1.4 MB (2.6 MB with vectors), and
+// 65536 of them would not fit in a GPU. The kernels loop over the samples with a stride.
 constexpr int64_t kJacobianMaxWorkers = 65536;
-int64_t jacobian_workers(int64_t total);
+constexpr int64_t kJacobianWorkBytes = int64_t(1) << 30;
+// work_per: elements of elem_bytes per slice; order_len: its int32 entries.
+int64_t jacobian_workers(int64_t total, int64_t work_per, int64_t elem_bytes, int64_t order_len);
 int64_t jacobian_work_per(int K, int dm, int r, bool vectors);  // = dae_jacobian_work
 int64_t sym_eig_work_per(int m, bool vectors);
 

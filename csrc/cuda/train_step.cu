@@ -4,8 +4,10 @@
 // One warp per batch slot (instance p, slot m). The warp draws (i, l) and the noise eps from the
 // same Philox4x32-10 stream as the CPU (kernels/philox.h: lane q computes counter block 1 + q,
 // i.e. eps[4q .. 4q+3], exactly as philox_normals does serially), so the same seed gives the same
-// indices and levels and the same normals up to libm vs CUDA-math rounding of log/sin/cos.
-// x_t, y/g, proj, dP and w live in shared memory (per warp: 2n + 2 K dm + K values); nothing of
+// indices and levels and the same normals up to FMA contraction (both sides evaluate log, sin
+// and cos by the series of kernels/series_math.h).
+// x_t, y/g, proj, dP, w and <r_k, P_k> live in shared memory (per warp: 2n + 2 K dm + 2 K
+// values, train_step_smem_elems); nothing of
 // size M x n goes to global memory. dU is accumulated with atomicAdd (fp32/fp64, sm_60+), so its
 // low-order bits may differ run to run; the loss is written per slot and averaged by the caller.
 #include <cuda_runtime.h>
@@ -27,9 +29,10 @@ constexpr int kWarp = 32;
 constexpr int kMaxWarps = 8;
 constexpr int64_t kSmemBudget = 48 * 1024;
 
-// Shared-memory elements per warp: x_t and g [n], proj and dP [K dm], w and <r_k, P_k> [K].
-__host__ __device__ constexpr int train_step_smem_elems(int n, int K, int dm) {
-  return 2 * n + 2 * K * dm + 2 * K;
+// Shared-memory elements per warp: x_t and g [n], proj and dP [K dm], w and <r_k, P_k> [K]
+// (int64: the binding compares it with the device limit before anything is launched).
+__host__ __device__ constexpr int64_t train_step_smem_elems(int n, int K, int dm) {
+  return 2 * (int64_t)n + 2 * (int64_t)K * dm + 2 * (int64_t)K;
 }
 
 // P_k = U_k^T v for every k into proj (padded entries zero); sq[k] = ||P_k||^2 (lane 0 writes).
@@ -63,7 +66,7 @@ train_step_kernel(const T* __restrict__ X, int64_t N, const T* __restrict__ U,
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x & (kWarp - 1);
   const int wib = threadIdx.x / kWarp;
-  const int per_warp = train_step_smem_elems(n, K, dm);
+  const int64_t per_warp = train_step_smem_elems(n, K, dm);
   T* base = reinterpret_cast<T*>(smem_raw) + (int64_t)wib * per_warp;
   T* xt = base;
   T* g = xt + n;
@@ -184,15 +187,30 @@ cudaError_t launch_train_step(const T* X, int64_t N, const T* U, const T* levels
   cudaError_t err = cudaMemsetAsync(dU, 0, (size_t)P * K * n * dm * sizeof(T), stream);
   if (err != cudaSuccess || P * M == 0) return err;
   const int64_t per_warp = train_step_smem_bytes<T>(n, K, dm);
-  const int64_t warps = std::min<int64_t>(kMaxWarps, kSmemBudget / per_warp);
+  // Up to kSmemBudget (48 KiB, no opt-in needed) per block as before; a warp that needs more gets
+  // the device's opt-in limit (about 227 KiB on sm_90), one or more warps per block.
+  const int64_t budget = per_warp <= kSmemBudget ? kSmemBudget : train_step_max_smem_bytes();
+  const int64_t warps = std::min<int64_t>(kMaxWarps, budget / per_warp);
   if (warps < 1) return cudaErrorInvalidValue;  // the binding checks this first
+  const int64_t smem = warps * per_warp;
+  if (smem > kSmemBudget) {
+    err = cudaFuncSetAttribute(train_step_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               (int)smem);
+    if (err != cudaSuccess) return err;
+  }
   const int64_t blocks = std::min<int64_t>((P * M + warps - 1) / warps, 65535LL * 32);
-  train_step_kernel<T><<<(unsigned)blocks, (unsigned)(warps * kWarp), warps * per_warp, stream>>>(
+  train_step_kernel<T><<<(unsigned)blocks, (unsigned)(warps * kWarp), smem, stream>>>(
       X, N, U, levels, level_bias, L, dims, P, M, n, K, dm, mode, seed, step, slot_loss, dU);
   return cudaGetLastError();
 }
 
-int64_t train_step_max_smem_bytes() { return kSmemBudget; }
+int64_t train_step_max_smem_bytes() {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return kSmemBudget;
+  return std::max<int64_t>(kSmemBudget, optin);
+}
 
 #define MOLRG_INSTANTIATE(T)                                                                  \
   template int64_t train_step_smem_bytes<T>(int, int, int);                                   \

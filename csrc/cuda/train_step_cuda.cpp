@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cuda(const at::Tensor& X, const at
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "train_step_cuda", [&] {
     const int64_t need = cuda::train_step_smem_bytes<scalar_t>(n, K, dm);
     TORCH_CHECK(need <= cuda::train_step_max_smem_bytes(), kTs,
-                ": the CUDA kernel keeps 2 n + 2 K dmax + K values per slot in shared memory (",
+                ": the CUDA kernel keeps 2 n + 2 K dmax + 2 K values per slot in shared memory (",
                 need, " bytes), more than ", cuda::train_step_max_smem_bytes(),
                 "; n = ", n, " is too large for it");
     C10_CUDA_CHECK(cuda::launch_train_step<scalar_t>(
