@@ -3,20 +3,10 @@ when present). One pytest-benchmark group per shape."""
 import pytest
 import torch
 
-from molrg_ext import _C
+from molrg_ext._cuda_check import cuda_skip_reason
 from molrg_ext.bench import make_dae_case
 
 
-def _cuda_skip_reason():
-    """Why the 'cuda' impl cannot run here (None when it can): the condition of
-    python_tests/test_cuda.py, a device and a CUDA kernel of the op in this build."""
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    if not getattr(_C, "built_with_cuda", False):
-        return "molrg_ext._C was built without CUDA kernels (MOLRG_CUDA=OFF or no nvcc)"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::subspace_dae", "CUDA"):
-        return "no CUDA kernel registered for molrg::subspace_dae"
-    return None
 
 SMALL = [(48, 2, 6, 1024), (3072, 10, 40, 256), (48, 3, 8, 65536)]
 LARGE = [(48, 2, 6, 65536), (3072, 10, 40, 4096)]
@@ -31,7 +21,7 @@ def test_dae_fwd_bwd(benchmark, run_case, full, shape, impl, mode):
         pytest.skip("large shape: pass --bench-full")
     benchmark.group = f"dae {mode} n={shape[0]} K={shape[1]} d={shape[2]} B={shape[3]}"
     if impl == "cuda":
-        reason = _cuda_skip_reason()
+        reason = cuda_skip_reason("subspace_dae")
         if reason is not None:
             pytest.skip(reason)
         fn = make_dae_case("ours", *shape, mode=mode, device="cuda")

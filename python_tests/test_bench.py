@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from molrg_ext import bench
+from molrg_ext._cuda_check import cuda_skip_reason
 
 
 def test_run_writes_rows_with_ratios_and_peak(tmp_path, one_thread):
@@ -40,22 +41,8 @@ def test_run_writes_rows_with_ratios_and_peak(tmp_path, one_thread):
     assert saved["meta"]["peak_gflops_fp32"] > 0
 
 
-def _cuda_skip_reason(op):
-    """Why the CUDA cases of ``molrg::<op>`` cannot run here (None when they can): the condition
-    of test_cuda.py, a device and a CUDA kernel of the op in this build of the extension."""
-    from molrg_ext import _C
-
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    if not getattr(_C, "built_with_cuda", False):
-        return "molrg_ext._C was built without CUDA kernels (MOLRG_CUDA=OFF or no nvcc)"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"molrg::{op}", "CUDA"):
-        return f"no CUDA kernel registered for molrg::{op}"
-    return None
-
-
 def _devices(op):
-    reason = _cuda_skip_reason(op)
+    reason = cuda_skip_reason(op)
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(reason is not None,
                                                                  reason=reason or ""))]
 

@@ -15,23 +15,13 @@ import pytest
 import torch
 
 import molrg_ext.ops as ops
-from molrg_ext import _C
 from molrg_ext import reference as ref
+from molrg_ext._cuda_check import cuda_skip_reason
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _cuda_skip_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    if not getattr(_C, "built_with_cuda", False):
-        return "molrg_ext._C was built without CUDA kernels (MOLRG_CUDA=OFF or no nvcc)"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::subspace_dae", "CUDA"):
-        return "no CUDA kernel registered for molrg::subspace_dae"
-    return None
-
-
-_REASON = _cuda_skip_reason()
+_REASON = cuda_skip_reason("subspace_dae")
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 
