@@ -431,7 +431,7 @@ def test_linearity_score_detects_memorisation():
 def _linearity_by_hand(D, X, sigmas, n_pairs, a, b, seed):
     """Eq. (11) computed directly: per level, n_pairs pairs x1, x2 = (training sample) + sigma eps,
     drawn as linearity_score draws them (indices [2, P], then noise [2, P, n], per level),
-    and the mean cosine between D(a x1 + b x2) and a D(x1) + b D(x2)."""
+    and the mean absolute cosine between D(a x1 + b x2) and a D(x1) + b D(x2)."""
     g = gen(seed)
     out = []
     for s in sigmas:
@@ -440,7 +440,7 @@ def _linearity_by_hand(D, X, sigmas, n_pairs, a, b, seed):
         x1, x2 = X[idx[0]] + s * eps[0], X[idx[1]] + s * eps[1]
         u = D(a * x1 + b * x2, s)
         v = a * D(x1, s) + b * D(x2, s)
-        out.append(((u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1))).mean().item())
+        out.append(((u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1))).abs().mean().item())
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -691,3 +691,33 @@ def test_gaussian_denoiser_dtype_and_device_mismatch():
     G = GaussianDenoiser(mu32.double(), U64, lam64)
     torch.testing.assert_close(G(torch.ones(2, n, dtype=torch.float64), 1.0),
                                torch.full((2, n), 0.5, dtype=torch.float64))
+
+
+def test_linearity_score_takes_absolute_cosines():
+    """Eq. (11) averages |cos|: a denoiser whose combined output points against the combination
+    (D(x) = x for half the norms, -x otherwise) scores by magnitude, not by sign."""
+    X = torch.randn(40, 5, generator=gen(30), dtype=torch.float64)
+
+    def D(x, s):
+        return torch.where(x.norm(dim=1, keepdim=True) > 3.0, -x, x)
+
+    ls = linearity_score(D, X, [1.0, 2.0], n_pairs=50, generator=gen(31))
+    ref = _linearity_by_hand(D, X, [1.0, 2.0], 50, 2 ** -0.5, 2 ** -0.5, seed=31)
+    torch.testing.assert_close(ls, ref, rtol=0, atol=1e-12)
+    g = gen(31)  # the same draws: some signed cosines are negative, so the signed mean is lower
+    idx = torch.randint(0, 40, (2, 50), generator=g)
+    eps = torch.randn((2, 50, 5), generator=g, dtype=torch.float64)
+    x1, x2 = X[idx[0]] + eps[0], X[idx[1]] + eps[1]
+    a = 2 ** -0.5
+    u, v = D(a * x1 + a * x2, 1.0), a * D(x1, 1.0) + a * D(x2, 1.0)
+    cos = (u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1))
+    assert (cos < 0).any() and ls[0] > cos.mean() + 1e-3
+
+
+def test_score_difference_is_the_mean_of_per_sample_rmse():
+    """Seed 003 eq. (10): E_i sqrt(||a_i - b_i||^2 / d), not sqrt(E ||a - b||^2 / d)."""
+    from molrg_ext.experiments.hidden_gaussian import _rmse
+
+    a = torch.zeros(2, 4, dtype=torch.float64)
+    b = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 3.0, 3.0]], dtype=torch.float64)
+    assert _rmse(a, b) == pytest.approx(2.0)  # (1 + 3) / 2; the root of the mean square is sqrt(5)

@@ -123,7 +123,11 @@ class RunConfig:
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+    """Seed 003's Score-Difference, eq. (10): the mean over samples of each sample's RMSE
+    sqrt(||a_i - b_i||^2 / d) (not the root of the batch's mean square, which Jensen's inequality
+    makes larger: up to 29% on MoLRG at n = 16)."""
+    d = (a.double() - b.double()).reshape(a.shape[0], -1)
+    return float(d.square().mean(dim=1).sqrt().mean())
 
 
 @torch.no_grad()

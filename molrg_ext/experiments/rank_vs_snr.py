@@ -16,6 +16,11 @@ one CPU thread; its rank ratio follows the subspace DAE's), ``paper`` (U-Net, 50
 EDM's preconditioning a briefly trained small net keeps ``D ~ c_skip x`` at high SNR, so its rank
 ratio stays near 1 there (see :mod:`molrg_ext.models`).
 
+Differences from the paper's Appendix D: the subspace DAE uses the true bases U* where the paper
+trains (9) (with N = 1000 samples its trained bases are close to U*, and Lemma 2's bounds hold
+for any bases); all 18 Heun steps are reported where the paper shows 12 of them; Fig. 7(b)'s
+gradient norm is the per-step mini-batch norm, not the gradient of the full objective.
+
 Writes ``rank_vs_snr.json``, ``rank_vs_snr.csv`` and ``rank_vs_snr.png`` in ``--out``; trained
 models are checkpointed under ``--out/ckpt`` and finished evaluations are reused on a rerun.
 """

@@ -1,6 +1,6 @@
 """Linearity score of a denoiser (seed 003, Section 3.1, eq. (11) of Appendix A):
 
-    LS(sigma) = E_{x1, x2} cos( D(a x1 + b x2; sigma), a D(x1; sigma) + b D(x2; sigma) ),
+    LS(sigma) = E_{x1, x2} | cos( D(a x1 + b x2; sigma), a D(x1; sigma) + b D(x2; sigma) ) |,
 
 with x1, x2 = (training sample) + sigma eps drawn independently and a^2 + b^2 = 1 (default
 a = b = 1/sqrt(2)) so that the combined input has the right noise variance.
@@ -41,7 +41,9 @@ def linearity_score(
     beta: float = 2 ** -0.5,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Mean cosine similarity between ``D(alpha x1 + beta x2)`` and ``alpha D(x1) + beta D(x2)``.
+    """Mean absolute cosine similarity between ``D(alpha x1 + beta x2)`` and ``alpha D(x1) +
+    beta D(x2)`` (the absolute value as in eq. (11); it matters only where some cosines are
+    negative, i.e. for strongly nonlinear denoisers).
 
     Args:
         denoiser: callable ``denoiser(x, sigma)`` on ``[B, *shape]`` batches.
@@ -74,5 +76,5 @@ def linearity_score(
         d1, d2, d12 = d[:n_pairs], d[n_pairs:2 * n_pairs], d[2 * n_pairs:]
         cos = F.cosine_similarity(d12.reshape(n_pairs, -1).double(),
                                   (alpha * d1 + beta * d2).reshape(n_pairs, -1).double(), dim=1)
-        out[j] = cos.mean()
+        out[j] = cos.abs().mean()
     return out
