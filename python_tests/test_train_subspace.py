@@ -130,6 +130,12 @@ def test_fused_engine_step_is_train_step_then_retraction():
 
 def test_bad_input():
     X = torch.randn(2, 10, 8)
+    with pytest.raises(TypeError, match=r"dims\[0\] must be an int, got 2.9"):
+        SubspaceTrainer(2, [2.9, 2])
+    with pytest.raises(ValueError, match="K must be a positive int"):
+        SubspaceTrainer(True, 2)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        SubspaceTrainer(1, 2, seed=1.5)
     with pytest.raises(ValueError, match="U_true"):
         SubspaceTrainer(2, 2, init="paper").fit(X)
     with pytest.raises(ValueError, match="NaN"):

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .._args import parse_dims, parse_mode
+from .._args import as_int, as_int_list, parse_dims, parse_mode
 from ..modules import random_orthonormal
 from ..ops import hard_assign, subspace_dae
 from ..posterior import posterior_mean_coefficients
@@ -101,9 +101,11 @@ class SubspaceTrainer:
                  engine: str = "autograd", tol: Optional[float] = 1e-6, check_every: int = 100,
                  levels: int = 64, progress: bool = False):
         where = "SubspaceTrainer"
-        if not isinstance(K, int) or K < 1:
+        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
             raise ValueError(f"{where}: K must be a positive int, got {K!r}")
-        self.dims = [int(dims)] * K if isinstance(dims, int) else [int(d) for d in dims]
+        if isinstance(dims, int) and not isinstance(dims, bool):
+            dims = [dims] * K
+        self.dims = as_int_list(dims, "dims", where)  # 2.9 is an error, not 2
         if len(self.dims) != K or any(d < 1 for d in self.dims):
             raise ValueError(f"{where}: dims must be K = {K} positive ints, got {dims!r}")
         parse_mode(mode, where)
@@ -120,14 +122,15 @@ class SubspaceTrainer:
                 raise ValueError(f"{where}: {name} must be a finite number >= 0, got {v!r}")
         for name, v in (("batch", batch), ("steps", steps), ("check_every", check_every),
                         ("levels", levels)):
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{where}: {name} must be a positive int, got {v!r}")
         if tol is not None and not tol >= 0:
             raise ValueError(f"{where}: tol must be >= 0 or None, got {tol!r}")
         self.K, self.mode, self.optimizer, self.lr = K, mode, optimizer, float(lr)
         self.schedule = get_schedule(schedule)
         self.batch, self.steps, self.retraction, self.init = batch, steps, retraction, init
-        self.init_scale, self.seed, self.engine, self.tol = float(init_scale), int(seed), engine, tol
+        seed = as_int(seed, "seed", where, 0)
+        self.init_scale, self.seed, self.engine, self.tol = float(init_scale), seed, engine, tol
         self.check_every, self.levels, self.progress = check_every, levels, progress
 
     # ------------------------------------------------------------------------------ helpers
