@@ -74,6 +74,8 @@ def test_bad_input():
         subspace_distance(U * float("nan"), U)
     with pytest.raises(ValueError, match="dims"):
         subspace_distance(U, U, dims=[3, 1])
+    with pytest.raises(TypeError, match=r"dims_true\[0\] must be an int, got 1.5"):
+        subspace_distance(U, U, dims=[2, 1], dims_true=[1.5, 2])
     with pytest.raises(ValueError, match="U_est must be"):
         subspace_distance(torch.randn(5, 2), U)
     with pytest.raises(ValueError, match="differ in shape"):

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .._args import as_int_list
+
 __all__ = ["subspace_distance", "recovery_success", "clustering_accuracy", "projectors"]
 
 NORMS = {"spectral": 2, "fro": "fro"}
@@ -71,8 +73,9 @@ def subspace_distance(U_est: torch.Tensor, U_true: torch.Tensor, dims=None,
     K = A.shape[1]
     if K == 0:
         raise ValueError("subspace_distance: K = 0")
-    dims_e = [A.shape[-1]] * K if dims is None else [int(d) for d in dims]
-    dims_t = dims_e if dims_true is None else [int(d) for d in dims_true]
+    w = "subspace_distance"
+    dims_e = [A.shape[-1]] * K if dims is None else as_int_list(dims, "dims", w)
+    dims_t = dims_e if dims_true is None else as_int_list(dims_true, "dims_true", w)
     if dims is None and dims_true is None:
         dims_t = [B.shape[-1]] * K
     for name, dd, M in (("dims", dims_e, A), ("dims_true", dims_t, B)):
