@@ -41,7 +41,7 @@ from .train_step import Levels, train_step
 
 __all__ = [
     "DAE_SHAPES", "TRAIN_SHAPES", "JACOBIAN_SHAPES", "eager_dae", "make_dae_case",
-    "make_train_case", "make_jacobian_case",
+    "make_train_case", "make_jacobian_case", "eager_train_loss",
     "dae_flops", "train_flops", "time_callable", "cuda_synced", "run", "main", "peak_gflops",
     "nominal_peak_gflops",
 ]
@@ -55,9 +55,15 @@ TRAIN_SHAPES = [(48, 2, 6, 1024, 64)]
 JACOBIAN_SHAPES = [(48, 2, 6, 256)]
 
 
+def _masked(U, dims):
+    """U with the columns past d_k zeroed; U itself when every d_k is the full width (as in all
+    benchmark shapes), so the peers do no needless work."""
+    return U if all(d == U.shape[-1] for d in dims) else masked_bases(U, dims)
+
+
 def eager_dae(x, U, c, phi, dims, mode):
     """Plain PyTorch composition of the denoiser (x [P,B,n], U [P,K,n,d], c/phi [P,B])."""
-    Um = masked_bases(U, dims)
+    Um = _masked(U, dims)
     proj = torch.einsum("pbn,pknd->pbkd", x, Um)
     sq = proj.square().sum(-1)
     if mode == "soft":
@@ -76,9 +82,13 @@ def dae_flops(n, K, d, B, mode="soft"):
 
 
 def train_flops(n, K, d, M, P, mode="hard"):
-    """Flops of one fused step: the denoiser fwd+bwd, plus the clean projection in hard mode."""
-    extra = 2 * n * K * d if mode == "hard" else 0
-    return (dae_flops(n, K, d, 1, mode) + extra) * M * P
+    """Flops of one fused step: soft, the denoiser's fwd+bwd (10 n K d per sample); hard, the
+    clean sample's projection on all K components (the assignment, eq. (17)), then x_t's
+    projection, the reconstruction, r = U_k^T g and dU_k on its component only: 2 n K d + 10 n d.
+    (Before session 24 the hard count added the clean projection to the denoiser's hard count,
+    which projects x_t on all K: 2 n d (K - 1) a sample too many, 14% at (48, 2, 6).)"""
+    per = 10 * n * K * d if mode == "soft" else 2 * n * K * d + 10 * n * d
+    return per * M * P
 
 
 def _problem(n, K, d, B, P=1, dtype=torch.float32, seed=0):
@@ -187,7 +197,8 @@ def _jacobian_case(impl, x, U, c, phi, dims, mode, B):
         def loop():
             out = []
             for b in range(B):
-                J = torch.autograd.functional.jacobian(lambda z: one(z, c[b], phi[b]), x[b])
+                J = torch.autograd.functional.jacobian(lambda z: one(z, c[b], phi[b]), x[b],
+                                                       vectorize=True)
                 out.append(torch.linalg.svdvals(J))
             return torch.stack(out)
         return loop
@@ -199,6 +210,27 @@ def _levels(L=64, dtype=torch.float64) -> Levels:
     s, gamma = torch.ones_like(t), t  # VE-like test levels
     c, phi, _ = posterior_mean_coefficients(s, gamma)
     return Levels(s, gamma, torch.ones_like(t), c, phi, None)
+
+
+def eager_train_loss(U, X, table, i, lev, eps, dims, mode):
+    """The training step's loss in plain PyTorch, summed over instances: X [P, N, n], U
+    [P, K, n, d], table [L, 5] (s, gamma, lambda, c, phi), drawn indices i and levels lev [P, M]
+    and noise eps [P, M, n]; sum_p mean_m lambda ||x_theta(s x_i + gamma eps) - x_i||^2."""
+    n, K = X.shape[-1], U.shape[1]
+    x0 = torch.gather(X, 1, i[..., None].expand(-1, -1, n))
+    s, gm, lam, c, phi = table[lev].unbind(-1)
+    xt = s[..., None] * x0 + gm[..., None] * eps
+    Um = _masked(U, dims)
+    if mode == "hard":
+        with torch.no_grad():  # the assignment (eq. (17)) is not differentiated
+            k0 = torch.einsum("pbn,pknd->pbkd", x0, Um).square().sum(-1).argmax(-1)
+        proj = torch.einsum("pbn,pknd->pbkd", xt, Um)
+        w = F.one_hot(k0, K).to(X.dtype)
+    else:
+        proj = torch.einsum("pbn,pknd->pbkd", xt, Um)
+        w = torch.softmax(phi[..., None] * proj.square().sum(-1), -1)
+    y = c[..., None] * torch.einsum("pbkd,pknd->pbn", w[..., None] * proj, Um)
+    return (lam * (y - x0).square().sum(-1)).mean(1).sum()
 
 
 def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096,
@@ -238,19 +270,7 @@ def _train_case(impl, n, K, d, M, P, mode, N, device):
     Lv = table.shape[0]
 
     def loss_fn(U, X, i, lev, eps):
-        x0 = torch.gather(X, 1, i[..., None].expand(-1, -1, n))
-        s, gm, lam, c, phi = table[lev].unbind(-1)
-        xt = s[..., None] * x0 + gm[..., None] * eps
-        Um = masked_bases(U, dims)
-        if mode == "hard":
-            k0 = torch.einsum("pbn,pknd->pbkd", x0, Um).square().sum(-1).argmax(-1)
-            proj = torch.einsum("pbn,pknd->pbkd", xt, Um)
-            w = F.one_hot(k0, K).to(X.dtype)
-        else:
-            proj = torch.einsum("pbn,pknd->pbkd", xt, Um)
-            w = torch.softmax(phi[..., None] * proj.square().sum(-1), -1)
-        y = c[..., None] * torch.einsum("pbkd,pknd->pbn", w[..., None] * proj, Um)
-        return (lam * (y - x0).square().sum(-1)).mean(1).sum()
+        return eager_train_loss(U, X, table, i, lev, eps, dims, mode)
 
     if impl == "eager-loop":
         # One instance at a time, the way a single-problem training script runs: P eager steps
@@ -312,7 +332,8 @@ def time_callable(fn: Callable, repeats: int = 5, warmup: int = 1, min_time: flo
 def nominal_peak_gflops(threads: Optional[int] = None,
                         cpuinfo: Optional[str] = None) -> Optional[float]:
     """Nominal fp32 FMA peak of `threads` cores (default: torch's thread count): cores x 2 FMA
-    units x lanes x 2 flops x the base GHz of /proc/cpuinfo (or of the text `cpuinfo`), with 16
+    units x lanes x 2 flops x the "cpu MHz" of /proc/cpuinfo (or of the text `cpuinfo`: the clock
+    the kernel reports now, which on a VM is usually the nominal one), with 16
     lanes where the flags list avx512f and 8 otherwise (AVX2 + FMA assumed). AMD's Zen 4 (family
     25 with avx512f) runs a 512-bit FMA as two 256-bit halves on its two 256-bit units: 8 lanes.
     Boost clocks make the real peak higher; some Intel AVX-512 cores have one 512-bit FMA unit and
@@ -416,7 +437,7 @@ def _print(rows, peak):
     print("times: minimum over repeats (ms); train rows are per step of all P instances, "
           "jacobian rows per batch of B samples")
     head = f"{'kind':8} {'shape':24} {'mode':5} {'ours ms':>9} " + " ".join(
-        f"{p + ' ms':>11} {'x' + p:>9}" for p in peers) + f" {'GFLOP/s':>8} {'% peak':>6}"
+        f"{p + ' ms':>11} {'x' + p:>9}" for p in peers) + f" {'GFLOP/s':>8} {'%sgemm':>6}"
     print(head)
     for r in rows:
         t = r["seconds"]
@@ -432,8 +453,8 @@ def _print(rows, peak):
         line += f" {100 * g / peak:6.0f}" if g and peak else f" {'-':>6}"
         print(line)
     nominal = nominal_peak_gflops()
-    print(f"% peak: of {peak:.0f} GFLOP/s, the best 2048^3 float32 torch.mm on this machine now "
-          f"(nominal FMA peak at base clock {nominal or float('nan'):.0f}); "
+    print(f"%sgemm: of {peak:.0f} GFLOP/s, the best 2048^3 float32 torch.mm on this machine now "
+          f"(nominal FMA peak at the reported clock {nominal or float('nan'):.0f}); "
           f"threads = {torch.get_num_threads()}; loadavg = {os.getloadavg()[0]:.1f}")
 
 

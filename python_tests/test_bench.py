@@ -122,7 +122,7 @@ def test_merge_runs_keeps_each_implementation_minimum():
     assert row["seconds_per_run"] == [{"ours": 2e-3, "eager": 5e-3}, {"ours": 1e-3, "eager": 6e-3}]
     assert merged["meta"]["peak_gflops_fp32"] == 170.0 and merged["meta"]["runs"] == 2
     table = markdown_table(merged).splitlines()
-    assert table[0] == "| kind | shape | mode | ours ms | eager ms | x eager | GFLOP/s | % of 170 |"
+    assert table[0] == "| kind | shape | mode | ours ms | eager ms | x eager | GFLOP/s | % of sgemm 170 |"
     assert table[2] == "| dae | (48, 2, 6, 1024) | soft | 1.00 | 5.00 | 5.00 | 6.0 | 4 |"
     with pytest.raises(ValueError, match="no runs"):
         merge_runs([])
@@ -276,3 +276,38 @@ def test_op_paired_harness_builds_and_compares():
             assert 0.2 < float(m.group(1)) < 5.0
         if not dirty:
             assert out.stdout.count(f"outputs agree ({exact} bit-identical") == 2, out.stdout
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_peers_compute_what_ours_computes(mode):
+    """The benchmark's eager peers and the fused ops agree before anything is timed: the
+    denoiser's gradient wrt U, and the training step's loss and gradient on the same draws
+    (philox_draws); measured differences 2e-7 to 4e-6 of the largest entry."""
+    import molrg_ext
+
+    x, U, c, phi, gy = bench._problem(48, 2, 6, 256)
+    dims = [6, 6]
+    U1, U2 = U.clone().requires_grad_(), U.clone().requires_grad_()
+    (molrg_ext.subspace_dae(x, U1, c, phi, None, dims, mode) * gy).sum().backward()
+    (bench.eager_dae(x, U2, c, phi, dims, mode) * gy).sum().backward()
+    torch.testing.assert_close(U1.grad, U2.grad, rtol=0, atol=1e-5 * U2.grad.abs().max().item())
+
+    P, N, n, M = 3, 50, 48, 64
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(P, N, n, generator=g)
+    U0 = torch.randn(P, 2, n, 6, generator=g) / n ** 0.5
+    lv = bench._levels()
+    loss, grad = molrg_ext.train_step(X, U0, dims, lv, M, 11, 4, mode)
+    i, lev, eps = molrg_ext.philox_draws(11, 4, P, M, N, lv.L, n)
+    Ug = U0.clone().requires_grad_()
+    ref = bench.eager_train_loss(Ug, X, lv.table(torch.float32), i, lev, eps, dims, mode)
+    ref.backward()
+    torch.testing.assert_close(loss.sum(), ref.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, Ug.grad, rtol=0, atol=1e-4 * Ug.grad.abs().max().item())
+
+
+def test_train_flops_count_the_work_of_each_mode():
+    # hard: the clean projection on all K (the assignment), then one component: 2nKd + 10nd
+    assert bench.train_flops(48, 2, 6, 1, 1, "hard") == 2 * 48 * 12 + 10 * 48 * 6 == 4032
+    assert bench.train_flops(48, 2, 6, 1, 1, "soft") == 10 * 48 * 12
+    assert bench.train_flops(48, 2, 6, 1024, 64, "hard") == 4032 * 1024 * 64
