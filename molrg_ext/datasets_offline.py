@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._args import as_int
+
 __all__ = ["digits_images", "camera_patches"]
 
 
@@ -24,12 +26,14 @@ def camera_patches(N: int, size: int = 8, seed: int = 0, image: str = "camera") 
     import skimage.data
     from skimage.color import rgb2gray
 
-    if int(N) < 1 or int(size) < 1:
-        raise ValueError(f"camera_patches: N and size must be >= 1, got {N}, {size}")
-    try:
-        img = getattr(skimage.data, image)()
-    except AttributeError as e:
-        raise ValueError(f"camera_patches: scikit-image has no sample image {image!r}") from e
+    where = "camera_patches"
+    N, size = as_int(N, "N", where, 1), as_int(size, "size", where, 1)
+    seed = as_int(seed, "seed", where, 0)
+    loader = getattr(skimage.data, image, None) if isinstance(image, str) else None
+    if not callable(loader) or image.startswith("_"):
+        raise ValueError(f"{where}: scikit-image has no sample image {image!r}")
+    # binary_blobs draws its image: seed it too, so that a seed gives the same patches
+    img = loader(rng=seed) if image == "binary_blobs" else loader()
     img = np.asarray(img, dtype=np.float64)
     if img.ndim == 3:
         img = rgb2gray(img[..., :3])
@@ -38,8 +42,8 @@ def camera_patches(N: int, size: int = 8, seed: int = 0, image: str = "camera") 
     H, W = img.shape
     if size > min(H, W):
         raise ValueError(f"camera_patches: size {size} exceeds the image ({H} x {W})")
-    rng = np.random.default_rng(int(seed))
-    r = rng.integers(0, H - size + 1, int(N))
-    c = rng.integers(0, W - size + 1, int(N))
+    rng = np.random.default_rng(seed)
+    r = rng.integers(0, H - size + 1, N)
+    c = rng.integers(0, W - size + 1, N)
     patches = np.stack([img[i:i + size, j:j + size] for i, j in zip(r, c)]).astype(np.float32)
     return torch.from_numpy(patches * 2 - 1)[:, None]

@@ -235,8 +235,30 @@ class EDMDenoiser(nn.Module):
         self.image_shape = tuple(int(v) for v in image_shape) if image_shape is not None else None
         self.n = math.prod(self.image_shape) if self.image_shape else getattr(net, "n", None)
 
+    @staticmethod
+    def _levels(sigma, where: str) -> torch.Tensor:
+        """sigma (a number or a tensor) as a tensor, checked finite and > 0 (eagerly)."""
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
+            raise TypeError(f"{where}: sigma must be a number or a tensor, got "
+                            f"{type(sigma).__name__}")
+        s = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma),
+                                                                       dtype=torch.float64)
+        if not s.is_floating_point():
+            s = s.to(torch.get_default_dtype())
+        # data-dependent: checked eagerly, not while torch.compile traces or inside torch.func
+        # transforms (forward has checked its sigma already)
+        if (not torch.compiler.is_compiling()
+                and not torch._C._functorch.is_functorch_wrapped_tensor(s)
+                and not bool((torch.isfinite(s) & (s > 0)).all())):
+            raise ValueError(f"{where}: sigma must be finite and > 0")
+        return s
+
     def preconditioning(self, sigma: torch.Tensor):
-        """``(c_skip, c_out, c_in, c_noise)`` for noise levels ``sigma``."""
+        """``(c_skip, c_out, c_in, c_noise)`` for noise levels ``sigma`` (finite, > 0)."""
+        return self._preconditioning(self._levels(sigma, "EDMDenoiser.preconditioning"))
+
+    def _preconditioning(self, sigma: torch.Tensor):
+        # unchecked: forward passes the levels sigma_vector has checked (no second device sync)
         sd2 = self.sigma_data ** 2
         c_in = 1.0 / (sigma ** 2 + sd2).sqrt()
         c_noise = sigma.log() / 4.0
@@ -249,6 +271,7 @@ class EDMDenoiser(nn.Module):
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """``1 / c_out^2``: EDM's ``(sigma^2 + sd^2) / (sigma sd)^2`` for ``precond="edm"``,
         the constant ``1 / sd^2`` for ``precond="x0"``."""
+        sigma = self._levels(sigma, "EDMDenoiser.loss_weight")
         if self.precond == "x0":
             return torch.full_like(sigma, 1.0 / self.sigma_data ** 2)
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
@@ -273,7 +296,7 @@ class EDMDenoiser(nn.Module):
                 raise ValueError(f"EDMDenoiser: x must have shape [B, {self.n}], got {tuple(x.shape)}")
             xi = x
         s = sigma_vector(sigma, B, x, "EDMDenoiser")
-        c_skip, c_out, c_in, c_noise = self.preconditioning(s)
+        c_skip, c_out, c_in, c_noise = self._preconditioning(s)
         view = (B,) + (1,) * (xi.dim() - 1)
         f = self.net(xi * c_in.reshape(view), c_noise)
         out = c_skip.reshape(view) * xi + c_out.reshape(view) * f

@@ -107,6 +107,9 @@ class SubspaceDAE(nn.Module):
         """Denoise ``x_t`` at noise level ``sigma`` (scalar or per sample), or at time ``t`` of
         ``self.schedule``. ``s`` is the signal scale (1 for VE/EDM)."""
         if t is not None:
+            if sigma is not None or s is not None:
+                raise ValueError("SubspaceDAE: pass either sigma (and s) or t, not both: t sets "
+                                 "both from the schedule")
             if self.schedule is None:
                 raise ValueError("SubspaceDAE: forward(t=...) needs a schedule")
             t = torch.as_tensor(t, dtype=self.U.dtype, device=self.U.device)

@@ -12,10 +12,12 @@ so the result is a deterministic function of it) and can return the whole trajec
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from ._args import as_int
 from .schedules import EDM
 
 __all__ = ["Trajectory", "default_sigma_steps", "heun_sample", "ddim_sample"]
@@ -34,9 +36,8 @@ def default_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max
                         rho: float = 7.0, dtype=torch.float64) -> torch.Tensor:
     """The EDM sampling grid (``molrg_ext.schedules.EDM.sigma_steps``): ``num_steps`` decreasing
     levels, without the trailing 0."""
-    if int(num_steps) < 2:
-        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
-    grid = EDM(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).sigma_steps(int(num_steps), dtype=dtype)
+    num_steps = as_int(num_steps, "num_steps", "default_sigma_steps", 2)
+    grid = EDM(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).sigma_steps(num_steps, dtype=dtype)
     return grid[:-1]  # without the final 0, which the samplers append
 
 
@@ -48,8 +49,11 @@ def _prepare(noise, sigmas, num_steps, where):
     if not torch.isfinite(noise).all():
         raise ValueError(f"{where}: noise contains NaN or Inf")
     if sigmas is None:
-        sigmas = default_sigma_steps(num_steps)
-    sigmas = torch.as_tensor(sigmas, dtype=noise.dtype, device=noise.device).reshape(-1)
+        sigmas = default_sigma_steps(as_int(num_steps, "num_steps", where, 2))
+    sigmas = torch.as_tensor(sigmas, dtype=noise.dtype, device=noise.device)
+    if sigmas.dim() > 1:
+        raise ValueError(f"{where}: sigmas must be 1-D, got shape {tuple(sigmas.shape)}")
+    sigmas = sigmas.reshape(-1)
     if sigmas.numel() > 1 and sigmas[-1] == 0:
         sigmas = sigmas[:-1]  # a grid given with its final 0 (EDM.sigma_steps)
     if sigmas.numel() < 1 or not torch.isfinite(sigmas).all() or not (sigmas > 0).all():
@@ -63,7 +67,17 @@ def _call(denoiser, x, sigma):
     out = denoiser(x, sigma.expand(x.shape[0]))
     if out.shape != x.shape:
         raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"denoiser returned dtype {out.dtype} for input of dtype {x.dtype}")
     return out
+
+
+def _warn_if_training(denoiser, where):
+    """A module in training mode (dropout, batch norm) makes the sample a random function of the
+    noise: the samplers are meant to be deterministic given it."""
+    if isinstance(denoiser, torch.nn.Module) and denoiser.training:
+        warnings.warn(f"{where}: the denoiser is in training mode (call .eval() first): dropout "
+                      "or batch statistics make the samples non-deterministic", stacklevel=3)
 
 
 @torch.no_grad()
@@ -74,6 +88,7 @@ def heun_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.
     ``default_sigma_steps(num_steps)``). Returns the samples,
     or a :class:`Trajectory` when ``return_trajectory``."""
     t = _prepare(noise, sigmas, num_steps, "heun_sample")
+    _warn_if_training(denoiser, "heun_sample")
     x = noise * t[0]
     xs, dens = [x], []
     steps = range(t.numel() - 1)
@@ -104,6 +119,7 @@ def ddim_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.
     (``x_t = s_t (x_0 + sigma_t eps)``; default 1 for VE/EDM, VP gives ``sqrt(alpha_bar)``); the
     denoiser always sees the unscaled ``x_t / s_t``. Trajectory states are the scaled ``x_t``."""
     t = _prepare(noise, sigmas, num_steps, "ddim_sample")
+    _warn_if_training(denoiser, "ddim_sample")
     if scales is None:
         s = torch.ones_like(t)
     else:

@@ -19,6 +19,13 @@ def test_offline_datasets():
     torch.testing.assert_close(p, camera_patches(50, size=8, seed=1))
     with pytest.raises(ValueError, match="size"):
         camera_patches(5, size=10_000)
+    with pytest.raises(TypeError, match="N must be an int"):
+        camera_patches(2.7)
+    with pytest.raises(ValueError, match="no sample image 'data_dir'"):
+        camera_patches(3, image="data_dir")
+    # binary_blobs draws its image: seeded, the patches repeat
+    torch.testing.assert_close(camera_patches(5, image="binary_blobs", seed=3),
+                               camera_patches(5, image="binary_blobs", seed=3))
 
 
 def test_crossing_interpolates_on_log_scale():

@@ -73,3 +73,8 @@ def test_metric_bad_inputs():
         gl_score(x, torch.zeros(5, 3))
     with pytest.raises(TypeError, match="floating"):
         gl_score(torch.ones(5, 3, dtype=torch.int64), x)
+    # D grows with N: unequal counts scored 6.25 for one distribution (1000 against 100)
+    with pytest.raises(ValueError, match="x_gen has 10 samples but x_ref has 5"):
+        gl_score(torch.randn(10, 3), x)
+    with pytest.raises(TypeError, match="chunk must be an int"):
+        nearest_neighbor_distances(x, chunk=2.5)

@@ -43,6 +43,15 @@ def test_x0_preconditioning_matches_formula():
     expected = sd * (2 * x / torch.sqrt(s**2 + sd**2) + torch.log(s) / 4)
     torch.testing.assert_close(den(x, sigma), expected)
     torch.testing.assert_close(den.loss_weight(sigma), torch.full_like(sigma, 1 / sd**2))
+    for bad in (-1.0, 0.0, float("nan"), torch.tensor([0.5, -0.1])):
+        with pytest.raises(ValueError, match="preconditioning: sigma must be finite and > 0"):
+            den.preconditioning(bad)
+        with pytest.raises(ValueError, match="loss_weight: sigma must be finite and > 0"):
+            den.loss_weight(bad)
+    with pytest.raises(TypeError, match="sigma must be a number or a tensor"):
+        den.preconditioning("0.5")
+    torch.testing.assert_close(den.preconditioning(0.3)[2].float(),
+                               den.preconditioning(torch.tensor(0.3))[2])
     # the factories pass it through, and a zero-initialised x0 net predicts 0 (not c_skip x)
     for d in (make_mlp_denoiser(6, hidden=8, precond="x0"),
               make_unet_denoiser((3, 4, 4), model_channels=8, precond="x0")):

@@ -99,6 +99,22 @@ def test_subspace_dae_module_is_posterior_mean_and_trains():
     assert model.assign(xt).shape == (6,)
 
 
+def test_subspace_dae_module_t_and_sigma():
+    """forward(t=) takes s and sigma from the schedule; giving sigma or s too is an error (t used
+    to override them silently)."""
+    from molrg_ext.schedules import VP
+
+    g = torch.Generator().manual_seed(3)
+    m = molrg_ext.SubspaceDAE(8, [2, 3], schedule=VP(), dtype=torch.float64, generator=g)
+    x = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor(0.4, dtype=torch.float64)
+    torch.testing.assert_close(m(x, t=t), m(x, VP().sigma(t), s=VP().s(t)))
+    with pytest.raises(ValueError, match="either sigma"):
+        m(x, 0.1, t=0.4)
+    with pytest.raises(ValueError, match="either sigma"):
+        m(x, s=1.0, t=0.4)
+
+
 def test_subspace_dae_module_instances_and_errors():
     m = molrg_ext.SubspaceDAE(8, 2, K=3, instances=4, mode="hard")
     assert m.U.shape == (4, 3, 8, 2)

@@ -16,6 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .._args import as_int
+
 __all__ = ["nearest_neighbor_distances", "nn_distance_sum", "gl_score", "max_cosine_similarity",
            "copy_detection_score"]
 
@@ -36,9 +38,7 @@ def _as_matrix(x, name: str, where: str) -> torch.Tensor:
 
 
 def _check_chunk(chunk: int, where: str) -> int:
-    if int(chunk) < 1:
-        raise ValueError(f"{where}: chunk must be >= 1, got {chunk}")
-    return int(chunk)
+    return as_int(chunk, "chunk", where, 1)
 
 
 @torch.no_grad()
@@ -82,12 +82,19 @@ def nn_distance_sum(x: torch.Tensor, chunk: int = 1024) -> float:
 
 def gl_score(x_gen: torch.Tensor, x_ref: torch.Tensor, chunk: int = 1024) -> float:
     """GL score (21): ``D(x_gen) / D(x_ref)``; ``x_ref`` are fresh samples of the data
-    distribution. Use the same number of samples in both, since D grows with N."""
+    distribution, as many as ``x_gen`` (D grows with N: 1000 against 100 samples of one
+    distribution scored 6.25, so unequal counts are an error). Each needs at least 2 rows."""
     where = "gl_score"
     g = _as_matrix(x_gen, "x_gen", where)
     r = _as_matrix(x_ref, "x_ref", where)
     if g.shape[1] != r.shape[1]:
         raise ValueError(f"{where}: x_gen has {g.shape[1]} features but x_ref has {r.shape[1]}")
+    if g.shape[0] != r.shape[0]:
+        raise ValueError(f"{where}: x_gen has {g.shape[0]} samples but x_ref has {r.shape[0]}; "
+                         "D(X) grows with the number of samples, so use as many of each")
+    if g.shape[0] < 2:
+        raise ValueError(f"{where}: x_gen and x_ref need at least 2 samples each, got "
+                         f"{g.shape[0]}")
     d_ref = nn_distance_sum(r, chunk)
     if d_ref <= 0:
         raise ValueError(f"{where}: x_ref has D = 0 (all reference samples coincide)")
