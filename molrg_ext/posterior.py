@@ -55,6 +55,17 @@ def posterior_mean_coefficients(
     s2, g2 = s_t * s_t, g_t * g_t
     c = s_t / (s2 + g2)
     phi = s2 / (2.0 * g2 * (s2 + g2))
+    log_ratio = torch.log1p(s2 / g2)  # log((s^2 + gamma^2) / gamma^2)
+    # Where a square over- or underflows (s = 1e200, gamma = 1e-200 gave phi = NaN), the same
+    # coefficients from r = gamma / s: c = 1 / (s (1 + r^2)), phi = 1 / (2 gamma^2 (1 + r^2))
+    # (inf where the true value exceeds the dtype), log ratio = 2 log(s / gamma) + log1p(r^2).
+    extreme = ~(torch.isfinite(s2 + g2) & (s2 > 0) & (g2 > 0))
+    if bool(extreme.any()):
+        r2 = (g_t / s_t).square()
+        c = torch.where(extreme, 1.0 / (s_t * (1.0 + r2)), c)
+        phi = torch.where(extreme, 1.0 / (2.0 * g2 * (1.0 + r2)), phi)
+        log_ratio = torch.where(extreme, 2.0 * (torch.log(s_t) - torch.log(g_t)) + torch.log1p(r2),
+                                log_ratio)
     if dims is None and pi is None:
         return c, phi, None
     if pi is not None:
@@ -78,7 +89,7 @@ def posterior_mean_coefficients(
             raise ValueError("posterior_mean_coefficients: dims is empty (K = 0)")
     if pi is None:
         pi_t = torch.full((K,), 1.0 / K, dtype=s_t.dtype, device=s_t.device)
-    log_ratio = torch.log1p(s2 / g2)[..., None]  # log((s^2 + gamma^2) / gamma^2)
+    log_ratio = log_ratio[..., None]
     bias = torch.log(pi_t)
     if dims is not None:
         bias = bias - 0.5 * d_t * log_ratio

@@ -150,3 +150,24 @@ def test_random_orthonormal_bad_input():
         molrg_ext.random_orthonormal(4, 2, -1)
     Q = molrg_ext.random_orthonormal(5, 5, 3, dtype=torch.float64)
     torch.testing.assert_close(Q.transpose(-1, -2) @ Q, torch.eye(5, dtype=torch.float64).expand(3, 5, 5))
+
+
+def test_coefficients_at_extreme_scales_are_not_nan():
+    """Where s^2 or gamma^2 over- or underflows, the coefficients come from gamma / s: finite
+    where representable, +inf for a phi beyond float64 (s = 1e200, gamma = 1e-200 gave NaN)."""
+    f = molrg_ext.posterior_mean_coefficients
+    c, phi, bias = f(1e200, 1.0, dims=[2, 3])
+    torch.testing.assert_close(c, torch.tensor(1e-200, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(phi, torch.tensor(0.5, dtype=torch.float64))
+    # bias: log(1/2) - d/2 log(s^2 / gamma^2) = log(1/2) - d log(1e200)
+    want = torch.log(torch.tensor(0.5, dtype=torch.float64)) - torch.tensor([2.0, 3.0],
+                                                                              dtype=torch.float64) * 200 * torch.log(torch.tensor(10.0, dtype=torch.float64))
+    torch.testing.assert_close(bias, want)
+    c, phi, _ = f(1e200, 1e-200)
+    assert c.item() == pytest.approx(1e-200) and phi.item() == float("inf")
+    c, phi, _ = f(1e-200, 1e-200)  # c = 1 / (2 s), phi = 1 / (4 gamma^2) overflows
+    assert c.item() == pytest.approx(5e199) and phi.item() == float("inf")
+    # ordinary values are computed as before, exactly
+    s, g = torch.tensor([0.3, 2.0], dtype=torch.float64), torch.tensor([0.1, 3.0], dtype=torch.float64)
+    c, phi, _ = f(s, g)
+    assert torch.equal(c, s / (s * s + g * g)) and torch.equal(phi, s * s / (2 * g * g * (s * s + g * g)))
