@@ -357,8 +357,6 @@ def jacobian_spectrum(
     for name, v in (("iters", iters), ("oversample", oversample), ("probes", probes)):
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"{where}: {name} must be an int >= 0, got {v!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
-        raise TypeError(f"{where}: sigma must be a number or a tensor, got {type(sigma).__name__}")
     if method == "auto":
         method = "analytic" if _is_subspace_dae(denoiser) else ("jacrev" if n <= 1024 else "lanczos")
     if method == "analytic":
