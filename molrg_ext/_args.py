@@ -7,6 +7,7 @@ The fused op wrappers and the pure-PyTorch reference both use it, so they accept
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -15,15 +16,19 @@ import torch
 MODES = {"soft": 0, "hard": 1}
 
 
-def as_int(v, name: str, where: str, lo: Optional[int] = None) -> int:
+def as_int(v, name: str, where: str, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
     """v as a Python int: an int, a numpy integer or a one-element integer tensor; floats (also
-    2.0) and bools are refused instead of truncated. lo: the smallest value allowed."""
+    2.0) and bools are refused instead of truncated. lo: the smallest value allowed; hi: the
+    first value not allowed (with lo, the error names the range [lo, hi))."""
     if isinstance(v, bool):
         raise TypeError(f"{where}: {name} must be an int, got {v!r}")
     try:
         i = operator.index(v)
     except TypeError:
         raise TypeError(f"{where}: {name} must be an int, got {v!r}") from None
+    if hi is not None and (i >= hi or (lo is not None and i < lo)):
+        rng = f"[{lo}, {hi})" if lo is not None else f"< {hi}"
+        raise ValueError(f"{where}: {name} must be in {rng}, got {i}")
     if lo is not None and i < lo:
         raise ValueError(f"{where}: {name} must be >= {lo}, got {i}")
     return i
@@ -38,6 +43,71 @@ def as_int_list(vals, name: str, where: str, lo: Optional[int] = None) -> list[i
     if isinstance(vals, (str, bytes)) or not hasattr(vals, "__iter__"):
         raise TypeError(f"{where}: {name} must be a sequence of ints, got {vals!r}")
     return [as_int(v, f"{name}[{k}]", where, lo) for k, v in enumerate(vals)]
+
+
+def is_one_value(v) -> bool:
+    """True for a number or a 0-d tensor or array, False for sequences and 1-D or larger arrays."""
+    return not hasattr(v, "__len__") or getattr(v, "ndim", None) == 0
+
+
+def dims_list(dims, K: Optional[int], where: str, name: str = "dims", hi: Optional[int] = None,
+              hi_name: str = "n") -> list[int]:
+    """Subspace dimensions as a list of K ints in [1, hi] (every parser of ``dims`` uses this).
+
+    One int (or a 0-d integer tensor or array) stands for all K components, and for one when K is
+    None; a sequence (or 1-D integer tensor) must have K entries, or any number >= 1 when K is
+    None. Floats (also 2.0) and bools are TypeErrors, not truncated; an empty list, a wrong length
+    and values out of range are ValueErrors. Messages name ``name`` and, for the upper bound,
+    ``hi_name``."""
+    if is_one_value(dims):
+        out = [as_int(dims, name, where, 1)] * (1 if K is None else K)
+    else:
+        if getattr(dims, "ndim", 1) != 1:
+            raise ValueError(f"{where}: {name} must be one int or a 1-D sequence of ints, "
+                             f"got shape {tuple(dims.shape)}")
+        out = as_int_list(dims, name, where, 1)
+    if not out:
+        raise ValueError(f"{where}: {name} is empty (K = 0)")
+    if K is not None and len(out) != K:
+        raise ValueError(f"{where}: {name} must have K = {K} entries, got {len(out)}")
+    if hi is not None:
+        for k, d in enumerate(out):
+            if d > hi:
+                raise ValueError(f"{where}: {name}[{k}] = {d} must be <= {hi_name} = {hi}")
+    return out
+
+
+def number_or_tensor(v, name: str, where: str) -> torch.Tensor:
+    """v as a tensor: a Python number becomes a 0-d float64 tensor, an integer tensor the default
+    float dtype; bools and other types are TypeErrors naming ``name``."""
+    if isinstance(v, torch.Tensor):
+        return v if v.is_floating_point() else v.to(torch.get_default_dtype())
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return torch.tensor(float(v), dtype=torch.float64)
+    raise TypeError(f"{where}: {name} must be a number or a tensor, got {type(v).__name__}")
+
+
+def check_range(v: torch.Tensor, name: str, where: str, lo: float, hi: float = math.inf,
+                lo_open: bool = False, what: str = "") -> torch.Tensor:
+    """v, after a ValueError naming ``name`` unless every entry is finite and in [lo, hi] ((lo, hi]
+    when ``lo_open``); ``what`` replaces the interval in the message. One reduction (a device
+    sync), skipped while torch.compile traces and inside torch.func transforms, where values
+    cannot be read."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(v):
+        return v
+    ok = (v > lo) if lo_open else (v >= lo)
+    ok = ok & ((v <= hi) if hi < math.inf else (v < math.inf))  # NaN fails both comparisons
+    if not bool(ok.all()):
+        bad = v.detach()[~ok].flatten()[0].item()
+        if not what:
+            what = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{']' if hi < math.inf else ')'}"
+        raise ValueError(f"{where}: {name} must be {what}, got {bad}")
+    return v
+
+
+def check_positive(v: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """check_range for finite values > 0 (noise levels and scales)."""
+    return check_range(v, name, where, 0.0, lo_open=True, what="finite and > 0")
 
 
 class DaeArgs(NamedTuple):
@@ -62,15 +132,8 @@ def parse_dims(dims, K: int, dmax: int, n: int, where: str = "subspace_dae") -> 
     """dims as K ints with 1 <= d_k <= min(dmax, n); None means every subspace uses dmax."""
     if K == 0:
         raise ValueError(f"{where}: U must hold at least one subspace (K = 0)")
-    if dims is None:
-        out = [int(dmax)] * K
-    else:
-        out = as_int_list(dims, "dims", where)
-        if len(out) != K:
-            raise ValueError(f"{where}: dims must have K = {K} entries, got {len(out)}")
+    out = [int(dmax)] * K if dims is None else dims_list(dims, K, where, hi=dmax, hi_name="dmax")
     for k, d in enumerate(out):
-        if not 1 <= d <= dmax:
-            raise ValueError(f"{where}: dims[{k}] = {d} must be in [1, dmax = {dmax}]")
         if d > n:
             raise ValueError(f"{where}: dims[{k}] = {d} exceeds the ambient dimension n = {n}")
     return out

@@ -31,31 +31,9 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._args import as_int, as_int_list
+from ._args import as_int, dims_list
 
 __all__ = ["PCASubspace", "KSubspaces", "EnSC", "top_subspace", "match_dims"]
-
-
-def _as_dims(dims, K: int, where: str, name: str = "dims") -> list:
-    """``dims`` (one int for all K, or K ints) as a list of Python ints >= 1. Floats (also 2.0),
-    bools and other non-integers are refused, not truncated (TypeError); values < 1 and a wrong
-    length are ValueErrors. Every message names ``name``."""
-    scalar = (not hasattr(dims, "__len__")
-              or (isinstance(dims, (torch.Tensor, np.ndarray)) and dims.ndim == 0))
-    if scalar:
-        try:
-            d = as_int(dims, name, where, 1)
-        except TypeError:
-            what = "an int >= 1 or a sequence of K ints >= 1" if name == "dims" else "an int >= 1"
-            raise TypeError(f"{where}: {name} must be {what}, got {dims!r}") from None
-        return [d] * K
-    if isinstance(dims, (torch.Tensor, np.ndarray)) and dims.ndim != 1:
-        raise ValueError(f"{where}: {name} must be one int or a 1-D sequence of ints, "
-                         f"got shape {tuple(dims.shape)}")
-    dims = as_int_list(dims, name, where, 1)
-    if len(dims) != K:
-        raise ValueError(f"{where}: {name} must have K = {K} entries, got {len(dims)}")
-    return dims
 
 
 def _as_array(X, where: str):
@@ -141,7 +119,7 @@ class PCASubspace(_Base):
         self.d = d
 
     def fit(self, X, y=None) -> "PCASubspace":
-        dims = _as_dims(self.d, 1, "PCASubspace", name="d")
+        dims = dims_list(self.d, 1, "PCASubspace", name="d")
         Xn, dtype = _validate_X(X, 1, dims, "PCASubspace")
         B = top_subspace(Xn, dims[0], np.random.default_rng(0))
         self.bases_ = _pack([B], Xn.shape[1], dtype)
@@ -241,7 +219,7 @@ class KSubspaces(_Base):
     def fit(self, X, y=None) -> "KSubspaces":
         where = "KSubspaces"
         K = as_int(self.K, "K", where, 1)
-        dims = _as_dims(self.dims, K, where)
+        dims = dims_list(self.dims, K, where)
         n_init = as_int(self.n_init, "n_init", where, 1)
         max_iter = as_int(self.max_iter, "max_iter", where, 1)
         if self.init not in ("random", "points", "spectral"):
@@ -330,7 +308,7 @@ class EnSC(_Base):
     def fit(self, X, y=None) -> "EnSC":
         where = "EnSC"
         K = as_int(self.K, "K", where, 1)
-        dims = _as_dims(self.dims, K, where)
+        dims = dims_list(self.dims, K, where)
         try:
             alpha, l1_ratio = float(self.alpha), float(self.l1_ratio)
         except (TypeError, ValueError):

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._args import as_int, as_int_list
+from ._args import as_int, as_int_list, dims_list
 
 __all__ = ["MoLRGData", "sample_molrg", "sample_from_bases"]
 
@@ -61,20 +61,6 @@ class MoLRGData:
         set of the GL score). Use a seed different from the training one."""
         return sample_from_bases(self.bases, self.dims, N=N, counts=counts, pi=self.pi,
                                  noise_std=self.noise_std, seed=seed, dtype=self.X.dtype)
-
-
-def _parse_dims(dims, K: Optional[int], n: int) -> list:
-    if isinstance(dims, int) and not isinstance(dims, bool):
-        dims = [dims] * (1 if K is None else as_int(K, "K", "sample_molrg", 1))
-    if not isinstance(dims, torch.Tensor) and not hasattr(dims, "__iter__"):
-        raise TypeError(f"sample_molrg: dims must be an int or a sequence of ints, got {dims!r}")
-    dims = as_int_list(dims, "dims", "sample_molrg")
-    if len(dims) == 0:
-        raise ValueError("sample_molrg: dims is empty (K = 0)")
-    for k, d in enumerate(dims):
-        if not 1 <= d <= n:
-            raise ValueError(f"sample_molrg: dims[{k}] = {d} must be in [1, n = {n}]")
-    return dims
 
 
 def _parse_pi(pi, K: int, where: str) -> torch.Tensor:
@@ -161,9 +147,8 @@ def sample_molrg(
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{where}: dtype must be float32 or float64, got {dtype}")
     instances = as_int(instances, "instances", where, 1)
-    dims = _parse_dims(dims, K, n)
-    if K is not None and as_int(K, "K", where, 1) != len(dims):
-        raise ValueError(f"{where}: K = {K} but dims has {len(dims)} entries")
+    K = None if K is None else as_int(K, "K", where, 1)
+    dims = dims_list(dims, K, where, hi=n)
     K = len(dims)
     pi_t = _parse_pi(pi, K, where)
     noise_std = _check_noise(noise_std, where)
@@ -204,9 +189,7 @@ def sample_from_bases(bases: torch.Tensor, dims=None, N: Optional[int] = None,
     P, K, n, dmax = bases.shape
     if dims is None:
         dims = [dmax] * K
-    dims = as_int_list(dims, "dims", where)
-    if len(dims) != K or any(not 1 <= d <= dmax for d in dims):
-        raise ValueError(f"{where}: dims must be K = {K} ints in [1, {dmax}], got {dims}")
+    dims = dims_list(dims, K, where, hi=dmax, hi_name="dmax")
     if not torch.isfinite(bases).all():
         raise ValueError(f"{where}: bases contain NaN or Inf")
     pi_t = _parse_pi(pi, K, where)

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import prepare_dae_args, restore
+from ._args import check_positive, prepare_dae_args, restore
 
 __all__ = [
     "dae_jacobian_spectrum",
@@ -208,9 +208,7 @@ def _sigma_per_sample(sigma, x: torch.Tensor, B: int, where: str) -> torch.Tenso
         s = torch.broadcast_to(s, (B,))
     except RuntimeError as e:
         raise ValueError(f"{where}: sigma of shape {tuple(s.shape)} does not broadcast to [B = {B}]") from e
-    if not torch.isfinite(s).all() or (s <= 0).any():
-        raise ValueError(f"{where}: sigma must be finite and > 0")
-    return s.contiguous()
+    return check_positive(s, "sigma", where).contiguous()
 
 
 def _check_common(denoiser, x_t, method: str, where: str):

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._args import check_positive, number_or_tensor
+
 __all__ = [
     "EDMDenoiser",
     "UNet",
@@ -46,10 +48,7 @@ def sigma_vector(sigma, batch: int, like: torch.Tensor, where: str = "denoiser")
     if s.dim() > 1 or (s.dim() == 1 and s.numel() not in (1, batch)):
         raise ValueError(f"{where}: sigma must be a scalar or have shape [{batch}], got {tuple(s.shape)}")
     # values are checked eagerly; inside torch.func transforms (vmap/jacrev) they cannot be read
-    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(s):
-        if not torch.isfinite(s).all() or not (s > 0).all():
-            raise ValueError(f"{where}: sigma must be finite and > 0")
-    return s.reshape(-1).expand(batch)
+    return check_positive(s, "sigma", where).reshape(-1).expand(batch)
 
 
 class PositionalEmbedding(nn.Module):
@@ -238,20 +237,7 @@ class EDMDenoiser(nn.Module):
     @staticmethod
     def _levels(sigma, where: str) -> torch.Tensor:
         """sigma (a number or a tensor) as a tensor, checked finite and > 0 (eagerly)."""
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
-            raise TypeError(f"{where}: sigma must be a number or a tensor, got "
-                            f"{type(sigma).__name__}")
-        s = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma),
-                                                                       dtype=torch.float64)
-        if not s.is_floating_point():
-            s = s.to(torch.get_default_dtype())
-        # data-dependent: checked eagerly, not while torch.compile traces or inside torch.func
-        # transforms (forward has checked its sigma already)
-        if (not torch.compiler.is_compiling()
-                and not torch._C._functorch.is_functorch_wrapped_tensor(s)
-                and not bool((torch.isfinite(s) & (s > 0)).all())):
-            raise ValueError(f"{where}: sigma must be finite and > 0")
-        return s
+        return check_positive(number_or_tensor(sigma, "sigma", where), "sigma", where)
 
     def preconditioning(self, sigma: torch.Tensor):
         """``(c_skip, c_out, c_in, c_noise)`` for noise levels ``sigma`` (finite, > 0)."""

@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._args import as_int, as_int_list, parse_dims, parse_mode
+from ._args import as_int, dims_list, is_one_value, parse_dims, parse_mode
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients
 
@@ -65,13 +65,9 @@ class SubspaceDAE(nn.Module):
         where = "SubspaceDAE"
         if K is not None:
             K = as_int(K, "K", where, 1)
-        if isinstance(dims, int) and not isinstance(dims, bool):
-            if K is None:
-                raise ValueError("SubspaceDAE: K is required when dims is an int")
-            dims = [dims] * K
-        dims = as_int_list(dims, "dims", where)
-        if K is not None and K != len(dims):
-            raise ValueError(f"SubspaceDAE: K = {K} but dims has {len(dims)} entries")
+        if K is None and is_one_value(dims):
+            raise ValueError("SubspaceDAE: K is required when dims is an int")
+        dims = dims_list(dims, K, where)
         K = len(dims)
         self.n, self.K, self.dmax = as_int(n, "n", where, 1), K, max(dims) if dims else 0
         self.dims = parse_dims(dims, K, self.dmax, self.n, "SubspaceDAE")

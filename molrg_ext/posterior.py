@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._args import as_int_list
+from ._args import dims_list
 
 __all__ = ["posterior_mean_coefficients"]
 
@@ -78,7 +78,7 @@ def posterior_mean_coefficients(
         pi_t = pi_t / pi_t.sum()
         K = pi_t.numel()
     if dims is not None:
-        d_t = torch.as_tensor(as_int_list(dims, "dims", "posterior_mean_coefficients", 1),
+        d_t = torch.as_tensor(dims_list(dims, None, "posterior_mean_coefficients"),
                               dtype=s_t.dtype, device=s_t.device)
         if pi is not None and d_t.numel() != K:
             raise ValueError(

@@ -36,7 +36,13 @@ def default_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max
                         rho: float = 7.0, dtype=torch.float64) -> torch.Tensor:
     """The EDM sampling grid (``molrg_ext.schedules.EDM.sigma_steps``): ``num_steps`` decreasing
     levels, without the trailing 0."""
-    num_steps = as_int(num_steps, "num_steps", "default_sigma_steps", 2)
+    return _edm_grid(num_steps, "default_sigma_steps", sigma_min, sigma_max, rho, dtype)
+
+
+def _edm_grid(num_steps, where: str, sigma_min: float = 0.002, sigma_max: float = 80.0,
+              rho: float = 7.0, dtype=torch.float64) -> torch.Tensor:
+    """default_sigma_steps with num_steps checked once, in the name of the caller ``where``."""
+    num_steps = as_int(num_steps, "num_steps", where, 2)
     grid = EDM(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).sigma_steps(num_steps, dtype=dtype)
     return grid[:-1]  # without the final 0, which the samplers append
 
@@ -49,7 +55,7 @@ def _prepare(noise, sigmas, num_steps, where):
     if not torch.isfinite(noise).all():
         raise ValueError(f"{where}: noise contains NaN or Inf")
     if sigmas is None:
-        sigmas = default_sigma_steps(as_int(num_steps, "num_steps", where, 2))
+        sigmas = _edm_grid(num_steps, where)
     sigmas = torch.as_tensor(sigmas, dtype=noise.dtype, device=noise.device)
     if sigmas.dim() > 1:
         raise ValueError(f"{where}: sigmas must be 1-D, got shape {tuple(sigmas.shape)}")

@@ -27,38 +27,18 @@ from typing import Union
 
 import torch
 
+from ._args import as_int, check_range, number_or_tensor
+
 __all__ = ["Schedule", "VP", "VE", "EDM", "get_schedule", "SCHEDULES"]
 
 TensorLike = Union[float, int, torch.Tensor]
 
 
 def _t(t: TensorLike, name: str = "t") -> torch.Tensor:
-    if isinstance(t, torch.Tensor):
-        if not t.is_floating_point():
-            t = t.to(torch.get_default_dtype())
-        return t
-    if isinstance(t, (int, float)):
-        return torch.tensor(float(t), dtype=torch.float64)
-    raise TypeError(f"schedule: {name} must be a number or a tensor, got {type(t).__name__}")
+    return number_or_tensor(t, name, "schedule")
 
 
 _SLACK = 1e-5  # relative round-off slack on the sigma range of sigma_to_t
-
-
-def _check_range(v: torch.Tensor, name: str, where: str, lo: float, hi: float = math.inf,
-                 lo_open: bool = False, interval: str = "") -> torch.Tensor:
-    """ValueError naming ``name`` unless every entry is in [lo, hi] ((lo, hi] when ``lo_open``),
-    finite and not NaN; one reduction, skipped under torch.compile tracing / torch.func."""
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(v):
-        return v
-    ok = (v > lo) if lo_open else (v >= lo)
-    ok = ok & ((v <= hi) if hi < math.inf else (v < math.inf))  # NaN fails both comparisons
-    if not bool(ok.all()):
-        bad = v.detach()[~ok].flatten()[0].item()
-        if not interval:
-            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{']' if hi < math.inf else ')'}"
-        raise ValueError(f"{where}: {name} must be in {interval}, got {bad}")
-    return v
 
 
 def _check_positive(name: str, v: float) -> float:
@@ -76,7 +56,7 @@ class Schedule:
 
     def _time(self, t: TensorLike, fn: str) -> torch.Tensor:
         """``t`` as a tensor, checked to lie in [0, t_max]."""
-        return _check_range(_t(t), "t", f"{type(self).__name__}.{fn}", 0.0, self.t_max)
+        return check_range(_t(t), "t", f"{type(self).__name__}.{fn}", 0.0, self.t_max)
 
     def s(self, t: TensorLike) -> torch.Tensor:
         raise NotImplementedError
@@ -139,8 +119,8 @@ class VP(Schedule):
 
     def sigma_to_t(self, sigma):
         sig_max = math.sqrt(math.expm1(self.beta_min + 0.5 * (self.beta_max - self.beta_min)))
-        sigma = _check_range(_t(sigma, "sigma"), "sigma", "VP.sigma_to_t", 0.0,
-                             sig_max * (1 + _SLACK), interval=f"[0, sigma(1) = {sig_max:g}]")
+        sigma = check_range(_t(sigma, "sigma"), "sigma", "VP.sigma_to_t", 0.0,
+                             sig_max * (1 + _SLACK), what=f"in [0, sigma(1) = {sig_max:g}]")
         # -log alpha_bar = log(1 + sigma^2) = b0 t + (b1 - b0) t^2 / 2: solve the quadratic.
         c = torch.log1p(sigma * sigma)
         a = 0.5 * (self.beta_max - self.beta_min)
@@ -169,9 +149,9 @@ class VE(Schedule):
         return self.sigma_min * torch.exp(t * math.log(self.sigma_max / self.sigma_min))
 
     def sigma_to_t(self, sigma):
-        sigma = _check_range(_t(sigma, "sigma"), "sigma", "VE.sigma_to_t",
+        sigma = check_range(_t(sigma, "sigma"), "sigma", "VE.sigma_to_t",
                              self.sigma_min * (1 - _SLACK), self.sigma_max * (1 + _SLACK),
-                             interval=f"[sigma_min, sigma_max] = [{self.sigma_min:g}, "
+                             what=f"in [sigma_min, sigma_max] = [{self.sigma_min:g}, "
                                       f"{self.sigma_max:g}]")
         return torch.log(sigma / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
@@ -206,13 +186,13 @@ class EDM(Schedule):
         return self._time(t, "sigma").clone()
 
     def sigma_to_t(self, sigma):
-        return _check_range(_t(sigma, "sigma"), "sigma", "EDM.sigma_to_t", 0.0).clone()
+        return check_range(_t(sigma, "sigma"), "sigma", "EDM.sigma_to_t", 0.0).clone()
 
     def weight(self, t):
         t = self._time(t, "weight")
         if self.weighting == "uniform":
             return torch.ones_like(t)
-        _check_range(t, "t", "EDM.weight", 0.0, lo_open=True)  # the EDM weight is 1/0 at t = 0
+        check_range(t, "t", "EDM.weight", 0.0, lo_open=True)  # the EDM weight is 1/0 at t = 0
         sd2 = self.sigma_data ** 2
         sig = self.sigma(t)
         return (sig * sig + sd2) / (sig * sig * sd2)
@@ -220,8 +200,7 @@ class EDM(Schedule):
     def sigma_steps(self, N: int = 18, dtype=torch.float64, device=None) -> torch.Tensor:
         """EDM sampling grid ``sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``,
         i = 0..N-1 (decreasing from sigma_max to sigma_min), followed by a final 0: ``N + 1`` values."""
-        if not isinstance(N, int) or N < 2:
-            raise ValueError(f"sigma_steps: N must be an int >= 2, got {N!r}")
+        N = as_int(N, "N", "EDM.sigma_steps", 2)
         i = torch.arange(N, dtype=dtype, device=device)
         inv = 1.0 / self.rho
         a, b = self.sigma_max ** inv, self.sigma_min ** inv
@@ -231,7 +210,7 @@ class EDM(Schedule):
     def precond(self, sigma: TensorLike):
         """EDM preconditioning ``(c_skip, c_out, c_in, c_noise)`` at noise level ``sigma``:
         ``D(x) = c_skip x + c_out F(c_in x, c_noise)``; finite ``sigma > 0``."""
-        sigma = _check_range(_t(sigma, "sigma"), "sigma", "EDM.precond", 0.0, lo_open=True)
+        sigma = check_range(_t(sigma, "sigma"), "sigma", "EDM.precond", 0.0, lo_open=True)
         sd = self.sigma_data
         denom = sigma * sigma + sd * sd
         c_skip = sd * sd / denom

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import as_int_list, check_float_pair, parse_dims, parse_mode
+from ._args import as_int, check_float_pair, dims_list, parse_dims, parse_mode
 from .posterior import posterior_mean_coefficients
 
 __all__ = ["Levels", "make_levels", "train_step", "philox_draws"]
@@ -109,7 +109,7 @@ def make_levels(schedule, L: int = 64, dims: Optional[Sequence[int]] = None,
     # with dims or pi, posterior_mean_coefficients also validates them (ints >= 1; weights
     # finite, >= 0, not all zero); the bias is kept only where it differs between components
     if dims is not None:
-        dims = as_int_list(dims, "dims", "make_levels", 1)
+        dims = dims_list(dims, None, "make_levels")
     c, phi, bias = posterior_mean_coefficients(s, gamma, dims, pi)
     heterogeneous = False
     if dims is not None and len(set(dims)) > 1:
@@ -123,18 +123,6 @@ def make_levels(schedule, L: int = 64, dims: Optional[Sequence[int]] = None,
     return Levels(s, gamma, lam, c, phi, bias)
 
 
-def _check_int(v, name: str, lo: int, hi: Optional[int] = None, where: str = "train_step") -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
-            v = int(v.item())
-        else:
-            raise TypeError(f"{where}: {name} must be an int, got {type(v).__name__}")
-    if v < lo or (hi is not None and v >= hi):
-        rng = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
-        raise ValueError(f"{where}: {name} must be in {rng}, got {v}")
-    return int(v)
-
-
 def philox_draws(seed: int, step: int, P: int, batch: int, N: int, L: int, n: int,
                  dtype: torch.dtype = torch.float32):
     """The random numbers of ``train_step(..., seed, step)``: ``(idx [P, M], level [P, M]``
@@ -142,10 +130,9 @@ def philox_draws(seed: int, step: int, P: int, batch: int, N: int, L: int, n: in
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"philox_draws: dtype must be float32 or float64, got {dtype}")
     w, u32 = "philox_draws", 2**32
-    args = (_check_int(seed, "seed", 0, 2**63, w), _check_int(step, "step", 0, u32, w),
-            _check_int(P, "P", 0, u32, w), _check_int(batch, "batch", 1, u32, w),
-            _check_int(N, "N", 1, u32, w), _check_int(L, "L", 1, u32, w),
-            _check_int(n, "n", 0, 2**31, w))
+    args = (as_int(seed, "seed", w, 0, 2**63), as_int(step, "step", w, 0, u32),
+            as_int(P, "P", w, 0, u32), as_int(batch, "batch", w, 1, u32),
+            as_int(N, "N", w, 1, u32), as_int(L, "L", w, 1, u32), as_int(n, "n", w, 0, 2**31))
     return torch.ops.molrg.philox_draws(*args, dtype == torch.float64)
 
 
@@ -191,9 +178,9 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
         raise ValueError("train_step: U must have at least one column (dmax = 0)")
     dims_l = parse_dims(dims, K, dmax, X3.shape[2], "train_step")
     mode_i = parse_mode(mode, "train_step")
-    batch = _check_int(batch, "batch", 1, 2**32)
-    seed = _check_int(seed, "seed", 0, 2**63)
-    step = _check_int(step, "step", 0, 2**32)
+    batch = as_int(batch, "batch", "train_step", 1, 2**32)
+    seed = as_int(seed, "seed", "train_step", 0, 2**63)
+    step = as_int(step, "step", "train_step", 0, 2**32)
     table = _cached_table(levels, X.dtype, X.device)
     bias = None
     if levels.bias is not None:

@@ -44,9 +44,9 @@ def test_x0_preconditioning_matches_formula():
     torch.testing.assert_close(den(x, sigma), expected)
     torch.testing.assert_close(den.loss_weight(sigma), torch.full_like(sigma, 1 / sd**2))
     for bad in (-1.0, 0.0, float("nan"), torch.tensor([0.5, -0.1])):
-        with pytest.raises(ValueError, match="preconditioning: sigma must be finite and > 0"):
+        with pytest.raises(ValueError, match="preconditioning: sigma must be finite and > 0, got"):
             den.preconditioning(bad)
-        with pytest.raises(ValueError, match="loss_weight: sigma must be finite and > 0"):
+        with pytest.raises(ValueError, match="loss_weight: sigma must be finite and > 0, got"):
             den.loss_weight(bad)
     with pytest.raises(TypeError, match="sigma must be a number or a tensor"):
         den.preconditioning("0.5")

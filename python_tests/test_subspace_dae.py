@@ -311,7 +311,7 @@ BAD = [
     (dict(U=torch.randn(0, 10, 4, dtype=torch.float64), dims=[]), ValueError, "K = 0"),
     (dict(dims=[4, 2]), ValueError, "dims must have K = 3"),
     (dict(dims=[5, 2, 3]), ValueError, r"dims\[0\] = 5"),
-    (dict(dims=[0, 2, 3]), ValueError, r"dims\[0\] = 0"),
+    (dict(dims=[0, 2, 3]), ValueError, r"dims\[0\] must be >= 1, got 0"),
     (dict(c=torch.randn(6, dtype=torch.float64)), ValueError, "c of shape"),
     (dict(phi=torch.randn(7, dtype=torch.float32)), TypeError, "phi has dtype"),
     (dict(c=torch.tensor(float("nan"), dtype=torch.float64)), RuntimeError, "c contains NaN"),

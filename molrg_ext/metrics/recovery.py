@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .._args import as_int_list
+from .._args import dims_list
 
 __all__ = ["subspace_distance", "recovery_success", "clustering_accuracy", "projectors"]
 
@@ -74,14 +74,14 @@ def subspace_distance(U_est: torch.Tensor, U_true: torch.Tensor, dims=None,
     if K == 0:
         raise ValueError("subspace_distance: K = 0")
     w = "subspace_distance"
-    dims_e = [A.shape[-1]] * K if dims is None else as_int_list(dims, "dims", w)
-    dims_t = dims_e if dims_true is None else as_int_list(dims_true, "dims_true", w)
-    if dims is None and dims_true is None:
-        dims_t = [B.shape[-1]] * K
-    for name, dd, M in (("dims", dims_e, A), ("dims_true", dims_t, B)):
-        if len(dd) != K or any(not 1 <= d <= M.shape[-1] for d in dd):
-            raise ValueError(f"subspace_distance: {name} must be K = {K} ints in "
-                             f"[1, {M.shape[-1]}], got {dd}")
+    dmax_e, dmax_t = A.shape[-1], B.shape[-1]
+    dims_e = [dmax_e] * K if dims is None else dims_list(dims, K, w, hi=dmax_e, hi_name="dmax")
+    if dims_true is not None:
+        dims_t = dims_list(dims_true, K, w, "dims_true", hi=dmax_t, hi_name="dmax of U_true")
+    elif dims is None:
+        dims_t = [dmax_t] * K
+    else:
+        dims_t = dims_list(dims, K, w, hi=dmax_t, hi_name="dmax of U_true")
     A = A.detach().to(torch.float64)
     B = B.detach().to(torch.float64).to(A.device)
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .._args import as_int, as_int_list, parse_dims, parse_mode
+from .._args import as_int, dims_list, parse_dims, parse_mode
 from ..modules import random_orthonormal
 from ..ops import hard_assign, subspace_dae
 from ..posterior import posterior_mean_coefficients
@@ -103,11 +103,7 @@ class SubspaceTrainer:
         where = "SubspaceTrainer"
         if isinstance(K, bool) or not isinstance(K, int) or K < 1:
             raise ValueError(f"{where}: K must be a positive int, got {K!r}")
-        if isinstance(dims, int) and not isinstance(dims, bool):
-            dims = [dims] * K
-        self.dims = as_int_list(dims, "dims", where)  # 2.9 is an error, not 2
-        if len(self.dims) != K or any(d < 1 for d in self.dims):
-            raise ValueError(f"{where}: dims must be K = {K} positive ints, got {dims!r}")
+        self.dims = dims_list(dims, K, where)  # 2.9 is an error, not 2
         parse_mode(mode, where)
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"{where}: optimizer must be 'sgd' or 'adam', got {optimizer!r}")
