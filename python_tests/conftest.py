@@ -46,3 +46,25 @@ def backward_is_one_op(dispatched_ops):
         assert not [o for o in ops if "zero" in o or "fill" in o], ops
 
     return check
+
+
+def _two_point_queries(X, s, gamma, g):
+    """float64 queries x_b = s_b (X_a + X_c) / 2 + t_b gamma_b^2 d / (s_b ||d||^2) on the segment
+    between two random training points X_a, X_c (d = X_a - X_c, t_b uniform in [-2, 2]), for
+    per-query scales s [B] and noise levels gamma [B]. The Gaussian-kernel logit gap
+    l_a - l_c = s <x - s (X_a + X_c) / 2, d> / gamma^2 is t_b: the posterior mixes the two
+    points at any noise level, where its mean and gradient are most sensitive."""
+    X64, N, B = X.double(), X.shape[0], s.shape[0]
+    a = torch.randint(0, N, (B,), generator=g)
+    c = (a + 1 + torch.randint(0, N - 1, (B,), generator=g)) % N
+    s, gamma = s.double()[:, None], gamma.double()[:, None]
+    d = X64[a] - X64[c]
+    t = torch.rand(B, 1, generator=g, dtype=torch.float64) * 4 - 2
+    return s * (X64[a] + X64[c]) / 2 + t * gamma**2 * d / (s * (d * d).sum(1, keepdim=True))
+
+
+@pytest.fixture
+def two_point_queries():
+    """_two_point_queries(X, s, gamma, g): queries where the posterior over training points
+    mixes two of them (the optimal denoiser's tests)."""
+    return _two_point_queries

@@ -393,7 +393,7 @@ def _od_dense64(x, X, s, gamma):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sigma", [0.005, 0.1, 0.7, 5.0])
 @pytest.mark.parametrize("N,n", [(1001, 13), (100, 70)])
-def test_optimal_denoiser_cuda_matches_cpu(dtype, sigma, N, n):
+def test_optimal_denoiser_cuda_matches_cpu(dtype, sigma, N, n, two_point_queries):
     _need_optimal_cuda()
     x, X, s, gamma, v = _od_problem(37, N, n, sigma, dtype, seed=21 + n)
     y_c, lse_c = torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 64)
@@ -419,7 +419,7 @@ def test_optimal_denoiser_cuda_matches_cpu(dtype, sigma, N, n):
     torch.testing.assert_close(lse_g.cpu().double(), lse_ref, **lse_ref_tol)
     # The gradient on these queries and on queries between two training points (where it is
     # large at every sigma), against the float64 reference row by row; the CPU's too.
-    x, s, gamma, v = _od_with_mixed_queries(x, X, s, gamma, v, sigma, seed=22 + n)
+    x, s, gamma, v = _od_with_mixed_queries(two_point_queries, x, X, s, gamma, v, sigma, seed=22 + n)
     args_g = tuple(t.cuda() for t in (x, X, s, gamma))
     y_g, lse_g = torch.ops.molrg.optimal_denoiser(*args_g, 64)
     dx_g = torch.ops.molrg.optimal_denoiser_backward(v.cuda(), *args_g, y_g, lse_g)
@@ -429,21 +429,13 @@ def test_optimal_denoiser_cuda_matches_cpu(dtype, sigma, N, n):
     _assert_od_grad_close(dx_c, v, x, X, s, gamma)
 
 
-def _od_with_mixed_queries(x, X, s, gamma, v, sigma, seed, B=16):
-    """The problem with B queries appended on segments between two training points X_a, X_b,
-    x = s (X_a + X_b) / 2 + t gamma^2 d / (s ||d||^2) with d = X_a - X_b, so the logit gap
-    l_a - l_b = s <x - s (X_a + X_b) / 2, d> / gamma^2 is t (uniform in [-2, 2]) and the posterior
-    mixes the two points at any sigma."""
+def _od_with_mixed_queries(queries, x, X, s, gamma, v, sigma, seed, B=16):
+    """The problem with B queries appended between two training points (conftest's
+    two_point_queries), with scales s in [0.6, 1.1] and gamma = (0.5 .. 1.5) s sigma."""
     g = torch.Generator().manual_seed(seed)
-    X64, N = X.double(), X.shape[0]
-    a = torch.randint(0, N, (B,), generator=g)
-    b = (a + 1 + torch.randint(0, N - 1, (B,), generator=g)) % N
     sm = 0.6 + 0.5 * torch.rand(B, generator=g, dtype=torch.float64)
     gm = sm * sigma * (0.5 + torch.rand(B, generator=g, dtype=torch.float64))
-    d = X64[a] - X64[b]
-    t = torch.rand(B, 1, generator=g, dtype=torch.float64) * 4 - 2
-    xm = sm[:, None] * (X64[a] + X64[b]) / 2 + t * gm[:, None] ** 2 * d / (
-        sm[:, None] * (d * d).sum(1, keepdim=True))
+    xm = queries(X, sm, gm, g)
     vm = torch.randn(B, X.shape[1], generator=g, dtype=torch.float64)
     return tuple(torch.cat([u, w.to(u.dtype)]) for u, w in ((x, xm), (s, sm), (gamma, gm), (v, vm)))
 
@@ -478,11 +470,12 @@ def _assert_od_grad_close(dx, v, x, X, s, gamma):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sigma", [0.005, 0.7])
-def test_optimal_denoiser_cpu_gradient_within_the_device_test_bound(dtype, sigma):
+def test_optimal_denoiser_cpu_gradient_within_the_device_test_bound(dtype, sigma,
+                                                                     two_point_queries):
     """The per-row bound the CUDA comparison uses holds for the CPU kernel (runs everywhere), and
     is tight enough that a zero gradient fails it."""
     x, X, s, gamma, v = _od_problem(37, 100, 70, sigma, dtype, seed=91)
-    x, s, gamma, v = _od_with_mixed_queries(x, X, s, gamma, v, sigma, seed=92)
+    x, s, gamma, v = _od_with_mixed_queries(two_point_queries, x, X, s, gamma, v, sigma, seed=92)
     y, lse = torch.ops.molrg.optimal_denoiser(x, X, s, gamma, 64)
     dx = torch.ops.molrg.optimal_denoiser_backward(v, x, X, s, gamma, y, lse)
     ref, bound = _assert_od_grad_close(dx, v, x, X, s, gamma)

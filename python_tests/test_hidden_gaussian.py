@@ -74,21 +74,8 @@ def test_optimal_returns_training_points_at_small_noise(dtype):
     torch.testing.assert_close(y, X[idx], rtol=0, atol=1e-6)
 
 
-def _between_two_points(X, sigma, B, g):
-    """Queries on the segment between two random training points X_a, X_b, placed so that the
-    logit gap l_a - l_b = t is O(1) (t uniform in [-2, 2]): D(x) mixes X_a and X_b with weights
-    sigmoid(t), at any sigma. Returned in X's dtype (the reference then uses the same inputs)."""
-    N = X.shape[0]
-    a = torch.randint(0, N, (B,), generator=g)
-    b = (a + 1 + torch.randint(0, N - 1, (B,), generator=g)) % N
-    d = (X[a] - X[b]).double()
-    t = torch.rand(B, 1, generator=g, dtype=torch.float64) * 4 - 2
-    x = (X[a] + X[b]).double() / 2 + t * sigma**2 * d / (d * d).sum(1, keepdim=True)
-    return x.to(X.dtype)
-
-
 @pytest.mark.parametrize("sigma", [0.002, 0.02, 0.2, 0.5, 1.0])
-def test_optimal_float32_accurate_where_posterior_is_mixed(sigma):
+def test_optimal_float32_accurate_where_posterior_is_mixed(sigma, two_point_queries):
     """float32 against the float64 reference on the same inputs, where two training points share
     the weight. At small sigma the kernel must carry the cross term <x, X_j> in double (in float32
     the logits of ||x||^2 - 2<x, X_j> + ||X_j||^2 would be off by O(1) at sigma = 0.002 and the
@@ -96,7 +83,8 @@ def test_optimal_float32_accurate_where_posterior_is_mixed(sigma):
     cross terms are allowed by a rounding bound (logit error < 2^-11), which costs <= ~1e-4."""
     g = gen(21)
     X = torch.randn(300, 48, generator=g)
-    x = _between_two_points(X, sigma, 48, g)
+    ones = torch.ones(48)
+    x = two_point_queries(X, ones, sigma * ones, g).to(X.dtype)
     ref = direct_optimal(x.double(), X.double(), sigma)
     xr = x.clone().requires_grad_()
     y = optimal_denoiser(xr, X, sigma)
