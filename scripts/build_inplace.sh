@@ -14,7 +14,12 @@ if [ ! -f build/inplace/build.ninja ]; then
     -DMOLRG_CUDA="${MOLRG_CUDA:-AUTO}" >/dev/null
 fi
 cmake --build build/inplace
-cp -f build/inplace/_C*.so molrg_ext/
+# copied beside the target, then renamed over it: a process that has the old module loaded keeps
+# its inode (cp over it rewrote the mapped file, and a test run in progress crashed)
+for so in build/inplace/_C*.so; do
+  cp -f "$so" "molrg_ext/.$(basename "$so").tmp"
+  mv -f "molrg_ext/.$(basename "$so").tmp" "molrg_ext/$(basename "$so")"
+done
 # An installed molrg_ext (pip install -e . in particular: scikit-build-core's editable import hook
 # runs before PYTHONPATH) would shadow the module just built: say so instead of letting tests and
 # benchmarks silently run a stale binary.
