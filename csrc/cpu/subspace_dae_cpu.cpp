@@ -184,13 +184,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     return hard_backward_groups(grad_y, x, U, c, proj, w, s, need_dx, need_dU);
   auto Ub = stacked_bases(U, s);
   auto r = at::bmm(grad_y, Ub);  // [P, B, K*dm]
-  auto dP = at::empty_like(r);
+  auto dP = r;                   // overwritten in place: r is not needed after dP
   auto A = need_dU ? at::empty_like(r) : at::Tensor();
   auto dc = at::empty({s.P, s.B}, x.options());
   auto dphi = at::empty({s.P, s.B}, x.options());
   auto dbias = at::empty({s.P, s.B, s.K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "subspace_dae_backward_cpu_gemm", [&] {
-    const scalar_t* rp = r.data_ptr<scalar_t>();
     const scalar_t* pp = proj.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t* cp = c.data_ptr<scalar_t>();
@@ -203,10 +202,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const int K = (int)s.K, dm = (int)s.dm;
     const int32_t* dp = s.dims.data();
     parallel_for_flushed(0, s.P * s.B, 1024, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> rpk(K);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t o = idx * K * dm;
-        dae_dP_from_r<scalar_t>(rp + o, pp + o, wp + idx * K, cp[idx], php[idx], K, dm, dp,
-                                (int)mode, dPp + o, dbp + idx * K, dcp + idx, dphip + idx);
+        dae_dP_from_r<scalar_t>(dPp + o, pp + o, wp + idx * K, cp[idx], php[idx], K, dm, dp,
+                                (int)mode, dPp + o, dbp + idx * K, rpk.data(), dcp + idx,
+                                dphip + idx);
         if (Ap)
           for (int k = 0; k < K; ++k) {
             const scalar_t a = cp[idx] * wp[idx * K + k];

@@ -137,32 +137,10 @@ dae_backward_kernel(const T* __restrict__ g, const T* __restrict__ U, const T* _
       for (int j = dk + lane; j < dm; j += kWarp) dPs[k * dm + j] = T(0);
     }
     __syncwarp();
-    if (lane == 0) {
-      const T cs = c[s], phs = phi[s];
-      T dc_acc = T(0);
-      for (int k = 0; k < K; ++k) {
-        const int dk = dims[k];
-        T rp = T(0);
-        for (int j = 0; j < dk; ++j) rp += dPs[k * dm + j] * ps[k * dm + j];
-        rps[k] = rp;  // every dlogit_k reads all of them (kernels::dae_dlogit)
-        dc_acc += ws[k] * rp;
-      }
-      dc[s] = dc_acc;
-      for (int k = 0; k < K; ++k)
-        dbs[k] = mode == kSoft ? dae_dlogit<T>(rps, 1, ws, 1, K, k, cs) : T(0);
-      T dphi_acc = T(0);
-      for (int k = 0; k < K; ++k) {
-        const int dk = dims[k];
-        const T wk = ws[k];
-        const T dl = dbs[k];
-        T sq = T(0);
-        for (int j = 0; j < dk; ++j) sq += ps[k * dm + j] * ps[k * dm + j];
-        dphi_acc += dl * sq;
-        const T a = cs * wk, b = T(2) * phs * dl;
-        for (int j = 0; j < dk; ++j) dPs[k * dm + j] = a * dPs[k * dm + j] + b * ps[k * dm + j];
-      }
-      dphi[s] = dphi_acc;
-    }
+    // dP_k from r_k in place, dlogit into dbias, dc and dphi: the CPU's per-sample formulas
+    if (lane == 0)
+      dae_dP_from_r<T>(dPs, ps, ws, c[s], phi[s], K, dm, dims, mode, dPs, dbs, rps, dc + s,
+                       dphi + s);
     __syncwarp();
     if (dx) {
       for (int i = lane; i < n; i += kWarp) {

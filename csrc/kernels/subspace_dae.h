@@ -99,23 +99,24 @@ MOLRG_HD T dae_dlogit(const T* rp, int rs, const T* w, int ws, int K, int k, T c
 }
 
 // From r_k = U_k^T g (r [K*dm], padding ignored), proj and w: dlogit [K], dP [K*dm] (padding 0),
-// dc and dphi of one sample. Components with w_k == 0 get dP_k = 0.
+// dc and dphi of one sample. Components with w_k == 0 get dP_k = 0. rp [K] receives <r_k, P_k>
+// (every dlogit_k reads all of them). dP may be r itself: each entry of r is read before the same
+// entry of dP is written (the CUDA backward keeps r and dP in one buffer).
 template <typename T>
-MOLRG_HD void dae_dP_from_r(const T* __restrict__ r, const T* __restrict__ proj,
-                            const T* __restrict__ w, T c, T phi, int K, int dm,
-                            const int32_t* dims, int mode, T* __restrict__ dP,
-                            T* __restrict__ dlogit, T* dc, T* dphi) {
+MOLRG_HD void dae_dP_from_r(const T* r, const T* __restrict__ proj, const T* __restrict__ w, T c,
+                            T phi, int K, int dm, const int32_t* dims, int mode, T* dP,
+                            T* __restrict__ dlogit, T* __restrict__ rp, T* dc, T* dphi) {
   T dc_acc = T(0);
   for (int k = 0; k < K; ++k) {
-    T rp = T(0);
+    T acc = T(0);
     if (w[k] != T(0))
-      for (int j = 0; j < dims[k]; ++j) rp += r[k * dm + j] * proj[k * dm + j];
-    dP[k * dm] = rp;  // <r_k, P_k> until the second pass (dP_k is written after the last read)
-    dc_acc += w[k] * rp;
+      for (int j = 0; j < dims[k]; ++j) acc += r[k * dm + j] * proj[k * dm + j];
+    rp[k] = acc;
+    dc_acc += w[k] * acc;
   }
   *dc = dc_acc;
   for (int k = 0; k < K; ++k)
-    dlogit[k] = mode == kSoft ? dae_dlogit<T>(dP, dm, w, 1, K, k, c) : T(0);
+    dlogit[k] = mode == kSoft ? dae_dlogit<T>(rp, 1, w, 1, K, k, c) : T(0);
   T dphi_acc = T(0);
   for (int k = 0; k < K; ++k) {
     const int dk = dims[k];
