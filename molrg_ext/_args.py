@@ -223,7 +223,8 @@ def prepare_dae_args(
             raise ValueError(
                 f"{where}: U has {U4.shape[0]} instances but x has {x3.shape[0]}"
             )
-        U4 = U4.expand(x3.shape[0], *U4.shape[1:])
+        if U4.shape[0] != x3.shape[0]:
+            U4 = U4.expand(x3.shape[0], *U4.shape[1:])
     P, B, n = x3.shape
     K, n_u, dmax = U4.shape[1:]
     if n_u != n:
@@ -238,8 +239,14 @@ def prepare_dae_args(
             return _broadcast(v, (P, B, *trailing), name, where)
         return _broadcast(v, (B, *trailing), name, where).unsqueeze(0)
 
-    c2 = per_sample(_as_float(c, x, "c", where), "c").contiguous()
-    phi2 = per_sample(_as_float(phi, x, "phi", where), "phi").contiguous()
+    def per_sample_scale(v, name):
+        # a Python number straight into a [P, B] tensor (one op; ~4 us less per argument than a
+        # 0-d tensor broadcast and copied, a third of the wrapper's time at small B)
+        if isinstance(v, (int, float)):
+            return torch.full((P, B), float(v), dtype=x.dtype, device=x.device)
+        return per_sample(_as_float(v, x, name, where), name).contiguous()
+
+    c2, phi2 = per_sample_scale(c, "c"), per_sample_scale(phi, "phi")
     bias3 = None
     if bias is not None:
         bias3 = per_sample(_as_float(bias, x, "bias", where), "bias", (K,)).contiguous()

@@ -227,6 +227,26 @@ def test_backward_runs_one_op_and_no_zero_fills(mode, backward_is_one_op):
     assert U.grad is not None and U.grad.abs().sum() > 0
 
 
+def test_wrapper_adds_no_graph_nodes_and_takes_numbers_for_c_and_phi():
+    """U with x's instance count reaches the op itself (no expand view, whose backward node cost
+    ~13 us a call at small B), so U's gradient goes straight to its AccumulateGrad; numbers for c
+    and phi (made [P, B] in one op) give exactly what tensors of those values give."""
+    x, U, c, phi, _, dims = make_inputs(P=2, dtype=torch.float32, bias_form=None)
+    U.requires_grad_()
+    y = molrg_ext.subspace_dae(x, U, 0.75, 3.0, None, dims)
+    feeds = [type(f).__name__ for f, _ in y.grad_fn.next_functions if f is not None]
+    assert feeds == ["AccumulateGrad"], feeds
+    y2 = molrg_ext.subspace_dae(x, U, torch.full_like(c, 0.75), torch.full_like(phi, 3.0), None,
+                                dims)
+    assert torch.equal(y, y2)
+    # a shared [K, n, dmax] U is still expanded over the instances, and its gradient summed
+    U3 = U[0].detach().clone().requires_grad_()
+    molrg_ext.subspace_dae(x, U3, 0.75, 3.0, None, dims).sum().backward()
+    Ue = U[0].detach().expand(2, *U3.shape).clone().requires_grad_()
+    molrg_ext.subspace_dae(x, Ue, 0.75, 3.0, None, dims).sum().backward()
+    torch.testing.assert_close(U3.grad, Ue.grad.sum(0))
+
+
 def test_outputs_require_grad_exactly_when_a_graph_is_recorded():
     x, U, c, phi, _, dims = make_inputs(P=2, dtype=torch.float32, bias_form=None)
     assert not molrg_ext.subspace_dae(x, U, c, phi, None, dims).requires_grad
