@@ -140,19 +140,9 @@ train_step_kernel(const T* __restrict__ X, int64_t N, const T* __restrict__ U,
       for (int j = dk + lane; j < dm; j += kWarp) dP[k * dm + j] = T(0);
     }
     __syncwarp();
-    if (lane == 0) {
-      for (int k = 0; k < K; ++k) {
-        T rp = T(0);
-        for (int j = 0; j < dims[k]; ++j) rp += dP[k * dm + j] * proj[k * dm + j];
-        rps[k] = rp;
-      }
-      for (int k = 0; k < K; ++k) {
-        const T wk = w[k];
-        if (wk == T(0)) continue;
-        const T dl = mode == kSoft ? dae_dlogit<T>(rps, 1, w, 1, K, k, c) : T(0);
-        const T a = c * wk, b = T(2) * phi * dl;
-        for (int j = 0; j < dims[k]; ++j) dP[k * dm + j] = a * dP[k * dm + j] + b * proj[k * dm + j];
-      }
+    if (lane == 0) {  // the denoiser backward's per-sample formulas (kernels/subspace_dae.h)
+      dae_r_dot_proj<T>(dP, proj, w, K, dm, dims, rps);
+      dae_dP_from_rp<T>(dP, proj, w, rps, c, phi, K, dm, dims, mode, dP, nullptr, nullptr);
     }
     __syncwarp();
     // dU_k += x_t dP_k^T + g (c w_k P_k)^T

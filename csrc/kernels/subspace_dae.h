@@ -98,38 +98,57 @@ MOLRG_HD T dae_dlogit(const T* rp, int rs, const T* w, int ws, int K, int k, T c
   return c * wk * acc;
 }
 
-// From r_k = U_k^T g (r [K*dm], padding ignored), proj and w: dlogit [K], dP [K*dm] (padding 0),
-// dc and dphi of one sample. Components with w_k == 0 get dP_k = 0. rp [K] receives <r_k, P_k>
-// (every dlogit_k reads all of them). dP may be r itself: each entry of r is read before the same
-// entry of dP is written (the CUDA backward keeps r and dP in one buffer).
+// The backward of one sample in two steps, from r_k = U_k^T g (r [K*dm], padding ignored), proj
+// and w. Components with w_k == 0 get rp_k = 0 and dP_k = 0.
+// Step 1: rp [K] = <r_k, P_k> (every dlogit_k reads all of them); returns dc = sum_k w_k rp_k.
 template <typename T>
-MOLRG_HD void dae_dP_from_r(const T* r, const T* __restrict__ proj, const T* __restrict__ w, T c,
-                            T phi, int K, int dm, const int32_t* dims, int mode, T* dP,
-                            T* __restrict__ dlogit, T* __restrict__ rp, T* dc, T* dphi) {
-  T dc_acc = T(0);
+MOLRG_HD T dae_r_dot_proj(const T* r, const T* __restrict__ proj, const T* __restrict__ w, int K,
+                          int dm, const int32_t* dims, T* __restrict__ rp) {
+  T dc = T(0);
   for (int k = 0; k < K; ++k) {
     T acc = T(0);
     if (w[k] != T(0))
       for (int j = 0; j < dims[k]; ++j) acc += r[k * dm + j] * proj[k * dm + j];
     rp[k] = acc;
-    dc_acc += w[k] * acc;
+    dc += w[k] * acc;
   }
-  *dc = dc_acc;
-  for (int k = 0; k < K; ++k)
-    dlogit[k] = mode == kSoft ? dae_dlogit<T>(rp, 1, w, 1, K, k, c) : T(0);
+  return dc;
+}
+
+// Step 2: dP_k = c w_k r_k + 2 phi dlogit_k P_k ([K*dm], padding 0). dP may be r itself (each
+// entry of r is read before the same entry of dP is written), which is how both CUDA kernels
+// keep them. dlogit [K] and dphi = sum_k dlogit_k ||P_k||^2 are stored where not null (the
+// training step needs neither).
+template <typename T>
+MOLRG_HD void dae_dP_from_rp(const T* r, const T* __restrict__ proj, const T* __restrict__ w,
+                             const T* __restrict__ rp, T c, T phi, int K, int dm,
+                             const int32_t* dims, int mode, T* dP, T* __restrict__ dlogit,
+                             T* dphi) {
   T dphi_acc = T(0);
   for (int k = 0; k < K; ++k) {
     const int dk = dims[k];
-    const T dl = dlogit[k];
-    T sq = T(0);
-    for (int j = 0; j < dk; ++j) sq += proj[k * dm + j] * proj[k * dm + j];
-    dphi_acc += dl * sq;
+    const T dl = mode == kSoft ? dae_dlogit<T>(rp, 1, w, 1, K, k, c) : T(0);
+    if (dlogit) dlogit[k] = dl;
+    if (dphi) {
+      T sq = T(0);
+      for (int j = 0; j < dk; ++j) sq += proj[k * dm + j] * proj[k * dm + j];
+      dphi_acc += dl * sq;
+    }
     const T a = c * w[k];
     const T b = T(2) * phi * dl;
     for (int j = 0; j < dm; ++j)
       dP[k * dm + j] = (j < dk && w[k] != T(0)) ? a * r[k * dm + j] + b * proj[k * dm + j] : T(0);
   }
-  *dphi = dphi_acc;
+  if (dphi) *dphi = dphi_acc;
+}
+
+// Both steps: dlogit [K], dP [K*dm] (may be r), dc and dphi of one sample; rp [K] is workspace.
+template <typename T>
+MOLRG_HD void dae_dP_from_r(const T* r, const T* __restrict__ proj, const T* __restrict__ w, T c,
+                            T phi, int K, int dm, const int32_t* dims, int mode, T* dP,
+                            T* __restrict__ dlogit, T* __restrict__ rp, T* dc, T* dphi) {
+  *dc = dae_r_dot_proj<T>(r, proj, w, K, dm, dims, rp);
+  dae_dP_from_rp<T>(r, proj, w, rp, c, phi, K, dm, dims, mode, dP, dlogit, dphi);
 }
 
 }  // namespace molrg::kernels
