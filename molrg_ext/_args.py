@@ -20,7 +20,7 @@ def as_int(v, name: str, where: str, lo: Optional[int] = None, hi: Optional[int]
     """v as a Python int: an int, a numpy integer or a one-element integer tensor; floats (also
     2.0) and bools are refused instead of truncated. lo: the smallest value allowed; hi: the
     first value not allowed (with lo, the error names the range [lo, hi))."""
-    if isinstance(v, bool):
+    if isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("torch.bool", "bool"):
         raise TypeError(f"{where}: {name} must be an int, got {v!r}")
     try:
         i = operator.index(v)
@@ -46,8 +46,11 @@ def as_int_list(vals, name: str, where: str, lo: Optional[int] = None) -> list[i
 
 
 def is_one_value(v) -> bool:
-    """True for a number or a 0-d tensor or array, False for sequences and 1-D or larger arrays."""
-    return not hasattr(v, "__len__") or getattr(v, "ndim", None) == 0
+    """True for a number or a 0-d tensor or array (and anything else that is not iterable), False
+    for sequences, iterators and generators, strings and 1-D or larger arrays."""
+    if getattr(v, "ndim", None) == 0:
+        return True
+    return not (hasattr(v, "__len__") or hasattr(v, "__iter__"))
 
 
 def dims_list(dims, K: Optional[int], where: str, name: str = "dims", hi: Optional[int] = None,
@@ -243,7 +246,10 @@ def prepare_dae_args(
         # a Python number straight into a [P, B] tensor (one op; ~4 us less per argument than a
         # 0-d tensor broadcast and copied, a third of the wrapper's time at small B)
         if isinstance(v, (int, float)):
-            return torch.full((P, B), float(v), dtype=x.dtype, device=x.device)
+            try:
+                return torch.full((P, B), float(v), dtype=x.dtype, device=x.device)
+            except RuntimeError:  # beyond float32's range: rounded to inf below, which the op names
+                pass
         return per_sample(_as_float(v, x, name, where), name).contiguous()
 
     c2, phi2 = per_sample_scale(c, "c"), per_sample_scale(phi, "phi")

@@ -1,5 +1,6 @@
-"""Merge several runs of the benchmark table (``python -m benchmarks --out run.json``) and render
-the merged table as Markdown.
+"""Merge several runs of the benchmark table into one, rendered as Markdown.
+
+The runs are the JSON files of ``python -m benchmarks --out run.json``.
 
 On a shared machine one run is disturbed now and then, differently for each implementation, so
 the merged time of an implementation in a case is its minimum over the runs (each run already

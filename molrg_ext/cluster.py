@@ -4,7 +4,8 @@
 * :class:`KSubspaces` -- problem (18) by K-subspaces (the paper's ref. [45], Wang, Liu, So,
   Balzano 2022): alternate the assignment ``argmax_k ||U_k^T x||`` and per-cluster top-d_k PCA;
   ``n_init`` restarts keep the largest objective ``sum_k sum_{i in C_k} ||U_k^T x_i||^2``;
-  ``init="random"`` (random orthonormal bases) or ``"spectral"`` (spectral clustering of the
+  ``init="random"`` (random orthonormal bases), ``"points"`` (spans of d_k random data points)
+  or ``"spectral"`` (spectral clustering of the
   absolute cosine-similarity graph, then per-cluster PCA).
 * :class:`EnSC` -- elastic-net subspace clustering: self-expressive coefficients by
   ``sklearn.linear_model.ElasticNet`` per point, affinity ``|C| + |C|^T``,

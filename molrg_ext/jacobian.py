@@ -1,4 +1,4 @@
-"""Jacobian spectrum and numerical rank of denoisers (SPEC section 4, paper Lemma 2 and eq. (46)).
+"""Jacobian spectrum and numerical rank of denoisers (paper Lemma 2 and eq. (46)).
 
 * :func:`dae_jacobian_spectrum`: closed-form singular values (and right singular vectors) of the
   Jacobian ``J = d x_theta / d x_t`` of the subspace denoiser. ``J = Ubar G Ubar^T`` with

@@ -66,6 +66,7 @@ class SubspaceDAE(nn.Module):
         if K is not None:
             K = as_int(K, "K", where, 1)
         if K is None and is_one_value(dims):
+            as_int(dims, "dims", where, 1)  # a non-int is a TypeError first
             raise ValueError("SubspaceDAE: K is required when dims is an int")
         dims = dims_list(dims, K, where)
         K = len(dims)

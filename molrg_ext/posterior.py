@@ -78,7 +78,9 @@ def posterior_mean_coefficients(
         pi_t = pi_t / pi_t.sum()
         K = pi_t.numel()
     if dims is not None:
-        d_t = torch.as_tensor(dims_list(dims, None, "posterior_mean_coefficients"),
+        # one int stands for every component (K from pi when given)
+        d_t = torch.as_tensor(dims_list(dims, K if pi is not None else None,
+                                        "posterior_mean_coefficients"),
                               dtype=s_t.dtype, device=s_t.device)
         if pi is not None and d_t.numel() != K:
             raise ValueError(

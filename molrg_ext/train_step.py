@@ -108,8 +108,9 @@ def make_levels(schedule, L: int = 64, dims: Optional[Sequence[int]] = None,
         raise ValueError("make_levels: schedule weight(t) must be >= 0")
     # with dims or pi, posterior_mean_coefficients also validates them (ints >= 1; weights
     # finite, >= 0, not all zero); the bias is kept only where it differs between components
-    if dims is not None:
-        dims = dims_list(dims, None, "make_levels")
+    if dims is not None:  # one int stands for every component (K from pi when given)
+        K_pi = None if pi is None else torch.as_tensor(pi, dtype=torch.float64).numel()
+        dims = dims_list(dims, K_pi, "make_levels")
     c, phi, bias = posterior_mean_coefficients(s, gamma, dims, pi)
     heterogeneous = False
     if dims is not None and len(set(dims)) > 1:

@@ -96,3 +96,33 @@ def test_every_dims_parser_is_the_shared_one():
             call([2, 2.9])
         with pytest.raises(ValueError, match=rf"{where}: dims\[1\] must be >= 1, got 0"):
             call([2, 0])
+
+
+def test_review_edge_cases_of_the_shared_parsers():
+    """Iterators count as sequences; bool tensors are not ints; one int for dims follows the K
+    that pi gives; SubspaceDAE names a non-int dims as such; numbers beyond float32 for phi reach
+    the op's non-finite check (named) instead of failing in torch.full."""
+    x = torch.randn(4, 5)
+    U = torch.linalg.qr(torch.randn(2, 5, 3))[0]
+    ref = M.subspace_dae(x, U, 1.0, 1.0, dims=[2, 3])
+    assert torch.equal(M.subspace_dae(x, U, 1.0, 1.0, dims=iter([2, 3])), ref)
+    assert sample_molrg(5, map(int, "23"), N=4).dims == [2, 3]
+    assert M.SubspaceDAE(5, (d for d in [2, 3])).dims == [2, 3]
+    assert float(subspace_distance(U, U, dims=iter([2, 3]))) < 1e-6  # parsed once, used twice
+    for bad in (torch.tensor(True), np.array(True)):
+        with pytest.raises(TypeError, match="subspace_dae: dims must be an int"):
+            M.subspace_dae(x, U, 1.0, 1.0, dims=bad)
+    for bad in (2.0, None, True):
+        with pytest.raises(TypeError, match="SubspaceDAE: dims must be an int"):
+            M.SubspaceDAE(5, bad)
+    with pytest.raises(ValueError, match="SubspaceDAE: K is required"):
+        M.SubspaceDAE(5, 2)
+    _, _, bias = M.posterior_mean_coefficients(1.0, 0.5, dims=2, pi=[0.5, 0.5])
+    _, _, bias2 = M.posterior_mean_coefficients(1.0, 0.5, dims=[2, 2], pi=[0.5, 0.5])
+    assert bias.shape == (2,) and torch.equal(bias, bias2)
+    lv = M.make_levels(VP(), L=4, dims=2, pi=[0.2, 0.8])
+    assert lv.bias.shape == (4, 2)
+    with pytest.raises(RuntimeError, match="subspace_dae: phi contains NaN or Inf"):
+        M.subspace_dae(x, U, 1.0, 1e39)
+    y = M.subspace_dae(x, U, 3.4028235e38, 1.0)  # rounds to float32's largest finite value
+    assert y.shape == x.shape  # accepted (c rounds to float32's largest finite value)

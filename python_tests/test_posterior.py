@@ -65,7 +65,7 @@ def test_coefficients_closed_form_and_shapes():
     (dict(s=1.0, gamma=0.0), "gamma must be finite and > 0"),
     (dict(s=-1.0, gamma=1.0), "s must be finite and > 0"),
     (dict(s=1.0, gamma=float("nan")), "gamma must be finite"),
-    (dict(s=1.0, gamma=1.0, dims=[1, 2], pi=[1.0]), "dims has 2 entries but pi has 1"),
+    (dict(s=1.0, gamma=1.0, dims=[1, 2], pi=[1.0]), "dims must have K = 1 entries, got 2"),
     (dict(s=1.0, gamma=1.0, pi=[0.5, -0.5]), "pi must be finite and >= 0"),
     (dict(s=1.0, gamma=1.0, dims=[]), "K = 0"),
     (dict(s=1.0, gamma=1.0, pi=[0.0, 0.0]), "pi must be .*not all zero"),

@@ -7,7 +7,7 @@ the success rate ``mean_p [dist_p <= 0.5]`` is recorded (distance of Section E.1
 Methods: ``svd`` (K = 1 only, Theorem 1), ``kss`` (K-subspaces, problem (18)), ``ensc``
 (elastic-net subspace clustering), ``sgd-hard`` / ``sgd-soft`` (Algorithm 1 on the denoiser (16) /
 (9); all P instances of a cell are trained together as one batched problem). ``--all`` runs
-``sgd-hard`` for K = 2, 3 as the project's SPEC asks; the paper's Section 4.1 text names the
+``sgd-hard`` for K = 2, 3 as the project's specification asks; the paper's Section 4.1 text names the
 soft-max denoiser (9) for Fig. 4 (``--method sgd-soft``; identical for K = 1). With the quick
 budget the soft one succeeds less often near the threshold (K = 2, d = 4, N_k = 6 / 8: 0.3 / 0.4
 against 0.8 / 1.0 for hard, lr 0.5).

@@ -81,7 +81,7 @@ def subspace_distance(U_est: torch.Tensor, U_true: torch.Tensor, dims=None,
     elif dims is None:
         dims_t = [dmax_t] * K
     else:
-        dims_t = dims_list(dims, K, w, hi=dmax_t, hi_name="dmax of U_true")
+        dims_t = dims_list(dims_e, K, w, hi=dmax_t, hi_name="dmax of U_true")
     A = A.detach().to(torch.float64)
     B = B.detach().to(torch.float64).to(A.device)
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
