@@ -465,14 +465,34 @@ def main(argv=None):
     return run_args(p.parse_args(argv))
 
 
+def _int_at_least(lo):
+    from .experiments._common import int_at_least
+    return int_at_least(lo)
+
+
+def _shapes(text: str) -> list:
+    """argparse type of --shapes: "n,K,d,B;n,K,d,B" with positive ints (K d <= n is the ops')."""
+    import argparse
+    out = []
+    for sh in text.split(";"):
+        try:
+            vals = tuple(int(v) for v in sh.split(","))
+        except ValueError:
+            vals = ()
+        if len(vals) != 4 or min(vals) < 1:
+            raise argparse.ArgumentTypeError(f"shape {sh!r} is not n,K,d,B with positive ints")
+        out.append(vals)
+    return out
+
+
 def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="small shapes only")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=_int_at_least(1), default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--modes", default="soft", help="denoiser modes, comma separated")
     p.add_argument("--out", default="results/bench.json", help="JSON output path")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--shapes", default=None,
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch.set_num_threads")
+    p.add_argument("--shapes", type=_shapes, default=None,
                    help="denoiser shapes as n,K,d,B;n,K,d,B (default: the built-in list)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     p.add_argument("--no-jacobian", action="store_true", help="skip the Jacobian-spectrum rows")
@@ -484,7 +504,7 @@ def run_args(a):
         torch.set_num_threads(a.threads)
     dae = [DAE_SHAPES[0], DAE_SHAPES[3]] if a.quick else None
     if a.shapes:
-        dae = [tuple(int(v) for v in sh.split(",")) for sh in a.shapes.split(";")]
+        dae = a.shapes
     train = [(48, 2, 6, 256, 8)] if a.quick else None
     if a.no_train:
         train = []

@@ -154,3 +154,106 @@ def test_x0_mlp_rank_follows_subspace_dae():
     assert gap["net_high_snr"] < 0.17 and gap["mid"] < 0.06 and gap["all"] < 0.06
     # the DAE rank drops from D = 12 to d = 6 as the SNR grows; the network's does too
     assert np.mean(net["ratio_mean"][:5]) > np.mean(net["ratio_mean"][-5:]) + 0.05
+
+
+def _curve_fields(v):
+    return {k: x for k, x in v.items() if k != "seconds"}
+
+
+def test_rank_vs_snr_rerun_settings_and_earlier_checkpoints(tmp_path, capsys):
+    """A rerun into the same --out with another seed is refused (exit 2, the difference named)
+    instead of labelling the old curves with the new seed; --fresh starts over. A checkpoint
+    earlier than the saved network's step is trained again from scratch: it equals an
+    uninterrupted run's, and the CSV lists the curves in step order either way."""
+    base = ["--noises", "2", "--real-steps", "0", "--channels", "4", "--no-progress"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert cli.main(["rank-vs-snr", "--out", a, "--checkpoints", "6", *base]) == 0
+    with pytest.raises(SystemExit) as e:
+        cli.main(["rank-vs-snr", "--out", a, "--checkpoints", "6", "--seed", "1", *base])
+    assert e.value.code == 2 and "seed: 0 -> 1" in capsys.readouterr().err
+    assert cli.main(["rank-vs-snr", "--out", a, "--checkpoints", "3", "6", *base]) == 0
+    assert cli.main(["rank-vs-snr", "--out", b, "--checkpoints", "3", "6", *base]) == 0
+    ra, rb = (json.load(open(os.path.join(d, "rank_vs_snr.json"))) for d in (a, b))
+    for k in ("unet_molrg@3", "unet_molrg@6"):
+        assert _curve_fields(ra[k]) == _curve_fields(rb[k]), k
+    assert ra["unet_molrg:grad_norm"] == rb["unet_molrg:grad_norm"] and len(rb["unet_molrg:grad_norm"]) == 6
+    csv_a, csv_b = (open(os.path.join(d, "rank_vs_snr.csv")).read() for d in (a, b))
+    assert csv_a == csv_b
+    # the CSV shows the checkpoints asked for; the JSON keeps the others
+    assert cli.main(["rank-vs-snr", "--out", a, "--checkpoints", "6", *base]) == 0
+    assert "unet_molrg@3," not in open(os.path.join(a, "rank_vs_snr.csv")).read()
+    assert "unet_molrg@3" in json.load(open(os.path.join(a, "rank_vs_snr.json")))
+    assert cli.main(["rank-vs-snr", "--out", a, "--checkpoints", "6", "--seed", "1", "--fresh",
+                     *base]) == 0
+    ra = json.load(open(os.path.join(a, "rank_vs_snr.json")))
+    assert ra["config"]["seed"] == 1 and "unet_molrg@3" not in ra
+    assert _curve_fields(ra["unet_molrg@6"]) != _curve_fields(rb["unet_molrg@6"])
+
+
+def test_gl_score_cells_are_keyed_by_seed(tmp_path):
+    out = str(tmp_path / "gl")
+    args = ["gl-score", "--out", out, "--dims", "3", "--ratios", "2", "--steps", "5", "--gen",
+            "8", "--channels", "4", "--model", "mlp", "--no-progress"]
+    assert cli.main(args) == 0
+    assert cli.main(args + ["--seed", "1"]) == 0
+    cells = json.load(open(os.path.join(out, "gl_score.json")))["cells"]
+    assert len(cells) == 2 and len({c["gl"] for c in cells.values()}) == 2
+
+
+def test_edit_refuses_a_model_of_other_settings(tmp_path, capsys):
+    out = str(tmp_path / "edit")
+    args = ["edit", "--out", out, "--channels", "4", "--images", "1", "--directions", "1",
+            "--alphas", "0", "1", "--no-progress"]
+    assert cli.main(args + ["--steps", "10"]) == 0
+    with pytest.raises(SystemExit) as e:
+        cli.main(args + ["--steps", "5"])
+    assert e.value.code == 2 and "steps: 10 -> 5" in capsys.readouterr().err
+    open(os.path.join(out, "mine.txt"), "w").write("not the command's")
+    assert cli.main(args + ["--steps", "5", "--fresh"]) == 0
+    assert os.path.exists(os.path.join(out, "mine.txt"))  # --fresh deletes only its own files
+    assert json.load(open(os.path.join(out, "settings.json")))["steps"] == 5
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["rank-vs-snr", "--noises", "0"], "--noises"),
+    (["rank-vs-snr", "--real-steps", "-5"], "--real-steps"),
+    (["rank-vs-snr", "--threads", "-3"], "--threads"),
+    (["gl-score", "--ratios", "inf"], "--ratios"),
+    (["gl-score", "--ratios", "nan"], "--ratios"),
+    (["edit", "--steps", "-5"], "--steps"),
+    (["edit", "--alphas", "nan"], "--alphas"),
+    (["edit", "--sigma", "0"], "--sigma"),
+    (["hidden-gaussian", "--steps", "0"], "--steps"),
+    (["hidden-gaussian", "--datasets", ","], "--datasets"),
+    (["hidden-gaussian", "--digits-d", "100"], "--digits-d"),
+    (["hidden-gaussian", "--sizes", "0"], "--sizes"),
+    (["phase-transition", "--instances", "0"], "--instances"),
+    (["phase-transition", "--noise", "-1"], "--noise"),
+    (["demo", "--K", "-1"], "--K"),
+    (["demo", "--Nk", "0"], "--Nk"),
+    (["bench", "--threads", "-2"], "--threads"),
+    (["bench", "--shapes=-8,1,2,4"], "--shapes"),
+    (["bench", "--repeats", "0"], "--repeats"),
+])
+def test_bad_values_are_usage_errors_naming_the_option(argv, option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and option in err[-1], err
+
+
+def test_a_corrupt_results_file_is_moved_aside_and_recomputed(tmp_path):
+    out = str(tmp_path / "gl")
+    args = ["gl-score", "--out", out, "--dims", "3", "--ratios", "2", "--steps", "5", "--gen",
+            "8", "--channels", "4", "--model", "mlp", "--no-progress"]
+    assert cli.main(args) == 0
+    path = os.path.join(out, "gl_score.json")
+    cells = json.load(open(path))["cells"]
+    text = open(path).read()
+    open(path, "w").write(text[: len(text) // 2])
+    with pytest.warns(RuntimeWarning, match="not valid JSON"):
+        assert cli.main(args) == 0
+    again = json.load(open(path))["cells"]
+    assert {k: _curve_fields(v) for k, v in again.items()} == {
+        k: _curve_fields(v) for k, v in cells.items()}  # recomputed: the same but for the timing
+    assert os.path.exists(path + ".corrupt")

@@ -86,3 +86,32 @@ def test_cli_all_produces_every_panel_of_fig4_and_fig8(tmp_path):
         rows = {int(r.split(",")[3]): float(r.split(",")[4])
                 for r in (tmp_path / f"{name}.csv").read_text().strip().splitlines()[1:]}
         assert rows[1] == 0.0 and rows[6] == 1.0, (name, rows)
+
+
+def test_heatmap_of_a_grid_with_gaps_draws_only_measured_cells(tmp_path):
+    """--d 2,6: the figure has one cell per integer d in [2, 6]; d = 3, 4, 5 were not measured
+    and are masked (drawn in the 'bad' colour), not painted with d = 2's or d = 6's rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from molrg_ext.experiments import phase_transition as pt
+
+    shown = {}
+    real_savefig = plt.Figure.savefig
+
+    def capture(fig, *a, **k):
+        shown["grid"] = fig.axes[0].images[0].get_array()
+        return real_savefig(fig, *a, **k)
+
+    plt.Figure.savefig = capture
+    try:
+        res = {(d, N): {"success_rate": 1.0 if d == 2 else 0.25} for d in (2, 6) for N in (2, 3, 12)}
+        pt.plot_heatmap(tmp_path, 1, "svd", [2, 6], [2, 3, 12], res)
+    finally:
+        plt.Figure.savefig = real_savefig
+    g = shown["grid"]
+    assert g.shape == (5, 11)
+    assert not g.mask[0, 0] and g[0, 0] == 1.0 and not g.mask[4, 10] and g[4, 10] == 0.25
+    assert g.mask[1:4].all() and g.mask[:, 2:10].all()  # d = 3..5 and N_k = 4..11: not measured
+    assert parse_range("5,3,5") == [3, 5]

@@ -1,12 +1,19 @@
-"""Helpers shared by the network experiments (rank-vs-snr, gl-score, edit)."""
+"""Helpers shared by the experiment commands: seeding, atomic JSON files, the settings check that
+keeps a rerun from mixing its results with an earlier run's, and argparse value types."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
+import shutil
+import warnings
+
 import numpy as np
 import torch
 
-__all__ = ["write_json", "read_json", "seed_everything"]
+__all__ = ["write_json", "read_json", "seed_everything", "check_settings", "int_at_least",
+           "finite_float"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -24,7 +31,87 @@ def write_json(path: str, obj) -> None:
 
 
 def read_json(path: str):
+    """The JSON in ``path``, or None when there is none. A file that does not parse (written by
+    hand or by another program; this package writes atomically) is moved aside to
+    ``path + ".corrupt"`` with a warning naming it, and None is returned: the run then recomputes
+    what the file held instead of stopping."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        os.replace(path, path + ".corrupt")
+        warnings.warn(f"{path} is not valid JSON ({e}); moved to {path}.corrupt, recomputing",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
+def _plain(obj):
+    """obj as JSON would give it back (tuples become lists), for comparisons with saved data."""
+    return json.loads(json.dumps(obj))
+
+
+def check_settings(out: str, where: str, settings: dict, fresh: bool = False,
+                   owned: tuple = (), saved: dict | None = None) -> None:
+    """Refuse to reuse ``out`` for other settings.
+
+    ``settings`` are the values that determine the results and checkpoints cached in ``out``
+    (seed, model, data and training settings; not the list of things to compute, which a rerun may
+    extend). They are kept in ``out/settings.json``; a rerun whose settings differ raises a
+    ValueError naming each difference (the CLI reports it as a usage error), since mixing the
+    two runs' results or resuming a network trained with other settings would be silently wrong.
+    ``fresh``: delete what the command keeps in ``out`` first (``owned``: its result files and
+    checkpoint folders, names relative to ``out``; nothing else there) and start over. ``saved``:
+    the settings an older version recorded elsewhere (used when there is no settings.json)."""
+    path = os.path.join(out, "settings.json")
+    if fresh:
+        saved = None
+        for name in (*owned, "settings.json"):
+            p = os.path.join(out, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+    os.makedirs(out, exist_ok=True)
+    new = _plain({"command": where, **settings})
+    old = read_json(path)
+    if old is None and saved is not None:
+        old = _plain({"command": where, **saved})
+    if old is not None and old != new:
+        keys = sorted(set(old) | set(new))
+        diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+                         if old.get(k) != new.get(k))
+        raise ValueError(f"{where}: {out} holds results of other settings ({diff}); pass another "
+                         "--out, or --fresh to delete them and start over")
+    write_json(path, new)
+
+
+def int_at_least(lo: int):
+    """argparse type: an int >= lo (the error names the option, exit status 2)."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {lo}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an int >= {lo}, got {v}")
+        return v
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+def finite_float(lo: float = -math.inf, lo_open: bool = False):
+    """argparse type: a finite float >= lo (> lo when lo_open)."""
+    what = "a finite number" + ("" if lo == -math.inf else f" {'>' if lo_open else '>='} {lo:g}")
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}") from None
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        return v
+    parse.__name__ = what
+    return parse

@@ -14,20 +14,25 @@ from pathlib import Path
 
 import torch
 
+from ._common import finite_float, int_at_least
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
                    help="folder for demo.json and demo.png")
-    p.add_argument("--K", type=int, default=2, help="number of subspaces")
-    p.add_argument("--n", type=int, default=48, help="ambient dimension")
-    p.add_argument("--d", type=int, default=4, help="dimension of each subspace (K d <= n)")
-    p.add_argument("--Nk", type=int, default=16, help="training samples per subspace")
-    p.add_argument("--instances", type=int, default=4, help="independent problems trained at once")
+    p.add_argument("--K", type=int_at_least(1), default=2, help="number of subspaces")
+    p.add_argument("--n", type=int_at_least(1), default=48, help="ambient dimension")
+    p.add_argument("--d", type=int_at_least(1), default=4,
+                   help="dimension of each subspace (K d <= n)")
+    p.add_argument("--Nk", type=int_at_least(1), default=16, help="training samples per subspace")
+    p.add_argument("--instances", type=int_at_least(1), default=4,
+                   help="independent problems trained at once")
     p.add_argument("--init", choices=("paper", "random"), default="paper",
                    help="initial bases: eq. (48) near the truth, or random orthonormal")
-    p.add_argument("--steps", type=int, default=300, help="SGD steps (Algorithm 1)")
-    p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
-    p.add_argument("--batch", type=int, default=128, help="samples per step and instance")
+    p.add_argument("--steps", type=int_at_least(1), default=300, help="SGD steps (Algorithm 1)")
+    p.add_argument("--lr", type=finite_float(0.0), default=0.5, help="SGD learning rate")
+    p.add_argument("--batch", type=int_at_least(1), default=128,
+                   help="samples per step and instance")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
 
 

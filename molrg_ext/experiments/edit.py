@@ -9,7 +9,8 @@ the Heun sampler from there back to sigma = 0. ``alpha`` spans [-6, 6].
 Also records how much each edit changes the denoiser output relative to the random direction,
 i.e. ``||x_theta(x_t + alpha v) - x_theta(x_t)||`` (first order: ``|alpha| sigma_i``).
 Writes ``edit.png`` (grid), ``edit.json`` and ``edit.csv`` to ``--out``; the trained model is
-checkpointed under ``--out/ckpt``.
+checkpointed under ``--out/ckpt`` and resumed or reused by a rerun with the same seed and
+training settings (other ones in the same ``--out`` are refused; ``--fresh`` starts over).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ..jacobian import jacobian_spectrum
 from ..models import make_unet_denoiser
 from ..sampling import default_sigma_steps, heun_sample
 from ..train.network import NetworkTrainer
-from ._common import seed_everything, write_json
+from ._common import check_settings, finite_float, int_at_least, seed_everything, write_json
 
 PRESETS = {
     "quick": dict(steps=800, batch=64, lr=1e-3, channels=16, sigma=1.0, images=2),
@@ -36,13 +37,15 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--out", default="results/edit")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="training steps of the U-Net")
-    p.add_argument("--channels", type=int, help="U-Net base channels")
-    p.add_argument("--sigma", type=float, help="noise level of the edit (x_t)")
-    p.add_argument("--images", type=int, help="number of images to edit")
-    p.add_argument("--directions", type=int, nargs="+", default=[1, 2, 3],
-                   help="which singular vectors (1-based) to move along")
-    p.add_argument("--alphas", type=float, nargs="+", default=[-6, -3, 0, 3, 6])
+    p.add_argument("--steps", type=int_at_least(1), help="training steps of the U-Net")
+    p.add_argument("--channels", type=int_at_least(1), help="U-Net base channels")
+    p.add_argument("--sigma", type=finite_float(0.002, lo_open=True),
+                   help="noise level of the edit (x_t), > 0.002")
+    p.add_argument("--images", type=int_at_least(1), help="number of images to edit")
+    p.add_argument("--directions", type=int_at_least(1), nargs="+", default=[1, 2, 3],
+                   help="which singular vectors (1-based, at most 64) to move along")
+    p.add_argument("--alphas", type=finite_float(), nargs="+", default=[-6, -3, 0, 3, 6])
+    p.add_argument("--fresh", action="store_true", help="delete --out's earlier model and results first")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -66,9 +69,18 @@ def run(args) -> int:
     for k in ("steps", "channels", "sigma", "images"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
-    if not cfg["sigma"] > 0.002 or cfg["images"] < 1 or min(args.directions) < 1 or max(args.directions) > 64:
-        raise SystemExit("edit: need --sigma > 0.002, --images >= 1, --directions in [1, 64]")
-    os.makedirs(args.out, exist_ok=True)
+    for ok, what in ((cfg["sigma"] > 0.002, "--sigma must be > 0.002"),
+                     (cfg["images"] >= 1, "--images must be >= 1"),
+                     (cfg["steps"] >= 1, "--steps must be >= 1"),
+                     (1 <= min(args.directions) and max(args.directions) <= 64,
+                      "--directions must be in [1, 64] (the digits are 8 x 8)")):
+        if not ok:
+            raise ValueError(f"edit: {what}")
+    # the checkpointed network depends on these; the edit itself is recomputed on every run
+    check_settings(args.out, "edit", {k: cfg[k] for k in ("steps", "batch", "lr", "channels")}
+                   | {"seed": args.seed}, fresh=args.fresh,
+                   owned=("ckpt", "edit.json", "edit.csv", "edit.png"),
+                   saved={} if os.path.exists(os.path.join(args.out, "ckpt")) else None)
     seed_everything(args.seed)
     data = digits_images()
     torch.manual_seed(args.seed)

@@ -11,7 +11,9 @@ with direct x0 prediction, ``precond="x0"``, uniform loss weight, 3000 steps per
 With EDM's preconditioning a small net trained briefly does not remove the off-subspace noise at
 small sigma and the GL score exceeds 1 at every ratio (see :mod:`molrg_ext.models`).
 
-Writes ``gl_score.json`` / ``.csv`` / ``.png`` to ``--out``; finished cells are kept on a rerun.
+Writes ``gl_score.json`` / ``.csv`` / ``.png`` to ``--out``; finished cells are kept on a rerun
+(each under a key of all the settings that determine it: seed, model, training and sampling), and
+the CSV and figure show the cells of the current grid.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ..metrics.generation import gl_score
 from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..sampling import heun_sample
 from ..train.network import NetworkTrainer
-from ._common import read_json, seed_everything, write_json
+from ._common import finite_float, int_at_least, read_json, seed_everything, write_json
 
 PRESETS = {
     "quick": dict(dims=[3, 4, 5, 6], ratios=[2, 10, 40], steps=300, batch=64, lr=1e-3, gen=300,
@@ -44,15 +46,17 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--out", default="results/gl_score")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dims", type=int, nargs="+", help="d_k values (paper: 3 4 5 6)")
-    p.add_argument("--ratios", type=float, nargs="+", help="N_k / d_k values")
-    p.add_argument("--steps", type=int, help="training steps per cell")
-    p.add_argument("--gen", type=int, help="generated (and reference) samples per cell")
+    p.add_argument("--dims", type=int_at_least(1), nargs="+", help="d_k values (paper: 3 4 5 6)")
+    p.add_argument("--ratios", type=finite_float(0.0, lo_open=True), nargs="+",
+                   help="N_k / d_k values")
+    p.add_argument("--steps", type=int_at_least(1), help="training steps per cell")
+    p.add_argument("--gen", type=int_at_least(2), help="generated (and reference) samples per cell")
     p.add_argument("--model", choices=["unet", "mlp"], help="network (default: the preset's)")
     p.add_argument("--precond", choices=["edm", "x0"], help="EDMDenoiser preconditioning")
     p.add_argument("--weighting", choices=["edm", "none"], help="loss weight lambda(sigma)")
-    p.add_argument("--channels", type=int, help="U-Net base channels / MLP width / 4")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (small nets: 1)")
+    p.add_argument("--channels", type=int_at_least(1), help="U-Net base channels / MLP width / 4")
+    p.add_argument("--threads", type=int_at_least(1), default=1,
+                   help="torch intra-op threads (small nets: 1)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -123,11 +127,11 @@ def run(args) -> int:
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if min(cfg["dims"]) < 1 or 2 * max(cfg["dims"]) > 48:
-        raise SystemExit("gl-score: --dims must be in [1, 24] (K = 2, n = 48)")
-    if min(cfg["ratios"]) <= 0 or cfg["gen"] < 2 or cfg["steps"] < 1:
-        raise SystemExit("gl-score: --ratios must be > 0, --gen >= 2, --steps >= 1")
+        raise ValueError("gl-score: --dims must be in [1, 24] (K = 2, n = 48)")
+    if not all(0 < r < float("inf") for r in cfg["ratios"]) or cfg["gen"] < 2 or cfg["steps"] < 1:
+        raise ValueError("gl-score: --ratios must be finite and > 0, --gen >= 2, --steps >= 1")
     os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     path = os.path.join(args.out, "gl_score.json")
     saved = read_json(path) or {}
@@ -135,9 +139,10 @@ def run(args) -> int:
     model = cfg["model"]
     config = {**cfg, "seed": args.seed, "preset": args.preset}
 
-    def key(d, r):
+    def key(d, r):  # every setting that changes a cell's result
         return (f"d{d}_r{r:g}_{model}_{cfg['precond']}_{cfg['weighting']}_s{cfg['steps']}"
-                f"_c{cfg['channels']}_g{cfg['gen']}")
+                f"_c{cfg['channels']}_g{cfg['gen']}_b{cfg['batch']}_lr{cfg['lr']:g}"
+                f"_seed{args.seed}")
 
     todo = [(d, r) for d in cfg["dims"] for r in cfg["ratios"]]
     t_start = time.time()

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ._common import int_at_least, read_json
+
 PRESETS = {
     "quick": dict(sizes=[16, 128, 1024], steps=2000, hidden=128, batch=128, n_eval=200,
                   n_sigmas=10, n_pairs=100),
@@ -231,30 +233,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/hidden_gaussian", help="output folder")
     p.add_argument("--datasets", default="molrg,digits", help="comma list: molrg, digits")
     p.add_argument("--sizes", default=None, help="comma list of training-set sizes N")
-    p.add_argument("--steps", type=int, default=None, help="training steps per network")
-    p.add_argument("--hidden", type=int, default=None, help="MLP width")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per network")
+    p.add_argument("--hidden", type=int_at_least(1), default=None, help="MLP width")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--molrg-n", type=int, default=16)
-    p.add_argument("--molrg-K", type=int, default=2)
-    p.add_argument("--molrg-d", type=int, default=3)
-    p.add_argument("--digits-d", type=int, default=6)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--molrg-n", type=int_at_least(1), default=16)
+    p.add_argument("--molrg-K", type=int_at_least(1), default=2)
+    p.add_argument("--molrg-d", type=int_at_least(1), default=3)
+    p.add_argument("--digits-d", type=int_at_least(1), default=6)
+    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads")
 
 
 def _ints(text: str, name: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as e:
-        raise SystemExit(f"hidden-gaussian: {name} must be a comma list of ints") from e
+        raise ValueError(f"hidden-gaussian: {name} must be a comma list of ints") from e
     if not vals or any(v < 1 for v in vals):
-        raise SystemExit(f"hidden-gaussian: {name} must hold positive ints")
+        raise ValueError(f"hidden-gaussian: {name} must hold positive ints")
     return vals
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads)
     pre = dict(PRESETS[args.preset])
     if args.sizes:
         pre["sizes"] = _ints(args.sizes, "--sizes")
@@ -263,11 +265,22 @@ def run(args: argparse.Namespace) -> int:
     if args.hidden is not None:
         pre["hidden"] = args.hidden
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if not datasets:
+        raise ValueError("hidden-gaussian: --datasets names no dataset (molrg, digits)")
     for d in datasets:
         if d not in ("molrg", "digits"):
-            raise SystemExit(f"hidden-gaussian: unknown dataset {d!r} (molrg, digits)")
-    if args.molrg_K * args.molrg_d > args.molrg_n:
-        raise SystemExit("hidden-gaussian: need molrg_K * molrg_d <= molrg_n")
+            raise ValueError(f"hidden-gaussian: unknown dataset {d!r} in --datasets (molrg, digits)")
+    if pre["steps"] < 1 or pre["hidden"] < 1:
+        raise ValueError("hidden-gaussian: --steps and --hidden must be >= 1")
+    if "molrg" in datasets and args.molrg_K * args.molrg_d > args.molrg_n:
+        raise ValueError("hidden-gaussian: need --molrg-K * --molrg-d <= --molrg-n")
+    if "digits" in datasets:  # checked before any network trains, not when the digits run starts
+        n_digits, n_pix = (int(v) for v in digits_data()[0].shape)
+        if max(pre["sizes"]) > n_digits:
+            raise ValueError(f"hidden-gaussian: --sizes {max(pre['sizes'])} exceeds the "
+                             f"{n_digits} digits images")
+        if args.digits_d > n_pix:
+            raise ValueError(f"hidden-gaussian: --digits-d must be <= {n_pix} (8 x 8 images)")
     cfgs = [RunConfig(ds, N, pre["steps"], pre["hidden"], pre["batch"], pre["n_eval"],
                       pre["n_sigmas"], pre["n_pairs"], args.seed, args.molrg_n, args.molrg_K,
                       args.molrg_d, args.digits_d)
@@ -277,9 +290,9 @@ def run(args: argparse.Namespace) -> int:
     results, todo = [], []
     for c in cfgs:
         path = os.path.join(run_dir, f"{c.dataset}_N{c.N}_{c.key()}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results.append(json.load(f))
+        saved = read_json(path)  # a file that does not parse is moved aside and the run redone
+        if saved is not None:
+            results.append(saved)
         else:
             todo.append((c, path))
     if len(todo) < len(cfgs):

@@ -50,12 +50,15 @@ from pathlib import Path
 
 import torch
 
+from ._common import finite_float, int_at_least
+
 METHODS = ("svd", "kss", "ensc", "sgd-hard", "sgd-soft")
 N_AMBIENT = 48
 
 
 def parse_range(text: str) -> list:
-    """``"2:8"`` -> [2..8]; ``"2:8:2"`` -> [2, 4, 6, 8]; ``"3,5"`` -> [3, 5]; ``"4"`` -> [4]."""
+    """``"2:8"`` -> [2..8]; ``"2:8:2"`` -> [2, 4, 6, 8]; ``"5,3"`` -> [3, 5]; ``"4"`` -> [4]
+    (sorted, without repeats)."""
     try:
         if ":" in text:
             parts = [int(p) for p in text.split(":")]
@@ -71,7 +74,7 @@ def parse_range(text: str) -> list:
         raise argparse.ArgumentTypeError(f"bad range {text!r}: use A:B, A:B:STEP or A,B,C") from e
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"range {text!r} must hold positive ints")
-    return vals
+    return sorted(set(vals))
 
 
 def sgd_settings(preset: str, K: int, Nk: int, init: str | None) -> dict:
@@ -202,14 +205,23 @@ def plot_heatmap(out: Path, K, method, ds, Ns, results):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    grid = np.array([[results[(d, N)]["success_rate"] for N in Ns] for d in ds])
+    # one unit cell per integer (d, N_k) from the smallest to the largest measured; the cells a
+    # grid with gaps (A:B:STEP, comma lists) did not measure are drawn in a light colour, not
+    # stretched over by their neighbours
+    d0, d1, n0, n1 = min(ds), max(ds), min(Ns), max(Ns)
+    grid = np.full((d1 - d0 + 1, n1 - n0 + 1), np.nan)
+    for d in ds:
+        for N in Ns:
+            grid[d - d0, N - n0] = results[(d, N)]["success_rate"]
+    cmap = plt.get_cmap("gray").copy()
+    cmap.set_bad("#f2dede")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    im = ax.imshow(grid, origin="lower", cmap="gray", vmin=0, vmax=1, aspect="auto",
-                   extent=(Ns[0] - 0.5, Ns[-1] + 0.5, ds[0] - 0.5, ds[-1] + 0.5))
-    line = np.linspace(min(Ns[0], ds[0]) - 0.5, max(Ns[-1], ds[-1]) + 0.5, 10)
+    im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", cmap=cmap, vmin=0, vmax=1,
+                   aspect="auto", extent=(n0 - 0.5, n1 + 0.5, d0 - 0.5, d1 + 0.5))
+    line = np.linspace(min(n0, d0) - 0.5, max(n1, d1) + 0.5, 10)
     ax.plot(line, line, "r--", lw=1.2, label="$N_k = d$")
-    ax.set_xlim(Ns[0] - 0.5, Ns[-1] + 0.5)
-    ax.set_ylim(ds[0] - 0.5, ds[-1] + 0.5)
+    ax.set_xlim(n0 - 0.5, n1 + 0.5)
+    ax.set_ylim(d0 - 0.5, d1 + 0.5)
     ax.set_xlabel("$N_k$ (training samples per subspace)")
     ax.set_ylabel("$d$")
     ax.set_title(f"K = {K}, {method}: success rate")
@@ -231,9 +243,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: svd for K = 1, kss otherwise")
     p.add_argument("--d", type=parse_range, default=parse_range("2:8"), help="e.g. 2:8")
     p.add_argument("--N", type=parse_range, default=parse_range("2:15"), help="N_k, e.g. 2:15")
-    p.add_argument("--instances", type=int, default=20)
+    p.add_argument("--instances", type=int_at_least(1), default=20)
     p.add_argument("--preset", choices=("quick", "paper"), default="quick")
-    p.add_argument("--noise", type=float, default=0.0, help="std of the isotropic noise e")
+    p.add_argument("--noise", type=finite_float(0.0), default=0.0,
+                   help="std of the isotropic noise e")
     p.add_argument("--init", choices=("paper", "random"), default=None,
                    help="SGD initialisation (default: random for K = 1, paper (48) for K >= 2)")
     p.add_argument("--out", type=Path, default=Path("runs/phase_transition"))
@@ -241,21 +254,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="x axis is the total N = K N_k (the grid --N still gives N_k)")
     p.add_argument("--all", action="store_true", help="all panels of Fig. 4 (a-d) and Fig. 8")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int_at_least(1), default=1,
                    help="torch intra-op threads (1 is fastest for these small problems)")
 
 
 def run(args) -> int:
     if args.instances < 1:
-        raise SystemExit("--instances must be >= 1")
-    if args.noise < 0:
-        raise SystemExit("--noise must be >= 0")
-    torch.set_num_threads(max(1, args.threads))
+        raise ValueError("phase-transition: --instances must be >= 1")
+    if not 0 <= args.noise < float("inf"):
+        raise ValueError("phase-transition: --noise must be finite and >= 0")
+    torch.set_num_threads(args.threads)
     panels = ALL_PANELS if args.all else [(args.K, args.method or ("svd" if args.K == 1 else "kss"))]
     summary = {}
     for K, method in panels:
         if method == "svd" and K != 1:
-            raise SystemExit("--method svd needs --K 1")
+            raise ValueError("phase-transition: --method svd needs --K 1")
         t0 = time.perf_counter()
         res = run_grid(args.out, K, method, args.d, args.N, args.instances, args.noise,
                        args.preset, args.init, args.seed)

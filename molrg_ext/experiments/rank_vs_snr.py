@@ -22,7 +22,10 @@ for any bases); all 18 Heun steps are reported where the paper shows 12 of them;
 gradient norm is the per-step mini-batch norm, not the gradient of the full objective.
 
 Writes ``rank_vs_snr.json``, ``rank_vs_snr.csv`` and ``rank_vs_snr.png`` in ``--out``; trained
-models are checkpointed under ``--out/ckpt`` and finished evaluations are reused on a rerun.
+models are checkpointed under ``--out/ckpt`` and finished evaluations are reused on a rerun with
+the same settings (more ``--checkpoints`` or another ``--real-steps`` add to them; the CSV and the
+figure show the ones asked for). Other settings in the same ``--out`` are refused (``--fresh``
+starts over).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..modules import SubspaceDAE
 from ..sampling import default_sigma_steps, heun_sample
 from ..train.network import NetworkTrainer
-from ._common import read_json, seed_everything, write_json
+from ._common import check_settings, int_at_least, read_json, seed_everything, write_json
 
 PRESETS = {
     # checkpoints: training steps at which the network is evaluated
@@ -59,14 +62,20 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--out", default="results/rank_vs_snr")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoints", type=int, nargs="+", help="training steps to evaluate at")
-    p.add_argument("--noises", type=int, help="initial noises per trajectory set (paper: 15)")
-    p.add_argument("--real-steps", type=int, help="training steps of the real-data networks (0: skip)")
-    p.add_argument("--channels", type=int, help="U-Net base channels / MLP width / 4")
+    p.add_argument("--checkpoints", type=int_at_least(1), nargs="+",
+                   help="training steps to evaluate at")
+    p.add_argument("--noises", type=int_at_least(1),
+                   help="initial noises per trajectory set (paper: 15)")
+    p.add_argument("--real-steps", type=int_at_least(0),
+                   help="training steps of the real-data networks (0: skip)")
+    p.add_argument("--channels", type=int_at_least(1), help="U-Net base channels / MLP width / 4")
     p.add_argument("--model", choices=["unet", "mlp"], help="network (default: the preset's)")
     p.add_argument("--precond", choices=["edm", "x0"], help="EDMDenoiser preconditioning")
     p.add_argument("--weighting", choices=["edm", "none"], help="loss weight lambda(sigma)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (small nets: 1)")
+    p.add_argument("--threads", type=int_at_least(1), default=1,
+                   help="torch intra-op threads (small nets: 1)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete --out's earlier results and checkpoints first")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -94,17 +103,25 @@ def model_name(cfg: dict, dataset: str) -> str:
 def _train_and_eval(name, data, image_shape, cfg, checkpoints, out, results, progress, seed):
     """Train the network on ``data``; evaluate the rank curve (EMA weights) at each checkpoint."""
     ckpt = os.path.join(out, "ckpt", f"{name}.pt")
-    torch.manual_seed(seed)
     sd = float(data.std())
-    if cfg["model"] == "unet":
-        model = make_unet_denoiser(image_shape, model_channels=cfg["channels"], sigma_data=sd,
-                                   precond=cfg["precond"])
-    else:
+    if cfg["model"] != "unet":
         data = data.reshape(data.shape[0], -1)
-        model = make_mlp_denoiser(data.shape[1], hidden=4 * cfg["channels"], depth=3, sigma_data=sd,
-                                  precond=cfg["precond"])
-    tr = NetworkTrainer(model, data, batch_size=cfg["batch"], lr=cfg["lr"], ema_decay=0.99,
-                        seed=seed, checkpoint=ckpt, weighting=cfg["weighting"])
+
+    def trainer(resume: bool) -> NetworkTrainer:
+        torch.manual_seed(seed)
+        if cfg["model"] == "unet":
+            model = make_unet_denoiser(image_shape, model_channels=cfg["channels"], sigma_data=sd,
+                                       precond=cfg["precond"])
+        else:
+            model = make_mlp_denoiser(data.shape[1], hidden=4 * cfg["channels"], depth=3,
+                                      sigma_data=sd, precond=cfg["precond"])
+        t = NetworkTrainer(model, data, batch_size=cfg["batch"], lr=cfg["lr"], ema_decay=0.99,
+                           seed=seed, checkpoint=ckpt if resume else None,
+                           weighting=cfg["weighting"])
+        t.checkpoint = ckpt
+        return t
+
+    tr = trainer(resume=True)
     n = data[0].numel()
     noise = torch.randn(cfg["noises"], n, generator=torch.Generator().manual_seed(seed + 1))
     for step in sorted(checkpoints):
@@ -112,6 +129,8 @@ def _train_and_eval(name, data, image_shape, cfg, checkpoints, out, results, pro
         if key in results:
             continue
         t0 = time.time()
+        if tr.step > step:  # the saved network is past this checkpoint: train it again up to it
+            tr = trainer(resume=False)
         if tr.step < step:
             tr.train(step - tr.step, progress=progress, save_every=max(1, step // 4))
         tr.ema.eval()
@@ -120,7 +139,9 @@ def _train_and_eval(name, data, image_shape, cfg, checkpoints, out, results, pro
                      final_loss=float(np.mean(tr.history["loss"][-20:])),
                      seconds=time.time() - t0)  # training since the previous checkpoint + this evaluation
         results[key] = curve
-        results[f"{name}:grad_norm"] = tr.history["grad_norm"][:step]
+        gn = tr.history["grad_norm"][:step]  # a retrained prefix does not cut a longer history
+        if len(gn) >= len(results.get(f"{name}:grad_norm", [])):
+            results[f"{name}:grad_norm"] = gn
         yield key
 
 
@@ -137,13 +158,19 @@ def run(args) -> int:
     if args.real_steps is not None:
         cfg["real_steps"] = args.real_steps
     checkpoints = args.checkpoints or cfg["checkpoints"]
-    if min(checkpoints) < 1:
-        raise SystemExit("rank-vs-snr: --checkpoints must be >= 1")
-    os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(max(1, args.threads))
+    if min(checkpoints) < 1 or cfg["noises"] < 1 or cfg["real_steps"] < 0:
+        raise ValueError("rank-vs-snr: need --checkpoints >= 1, --noises >= 1, --real-steps >= 0")
+    # what determines the cached curves and networks (not which checkpoints are evaluated)
+    settings = {k: v for k, v in cfg.items() if k not in ("checkpoints", "real_steps")}
+    settings["seed"] = args.seed
+    path = os.path.join(args.out, "rank_vs_snr.json")
+    old = None if args.fresh or not os.path.exists(path) else (read_json(path) or {})
+    check_settings(args.out, "rank-vs-snr", settings, fresh=args.fresh,
+                   owned=("ckpt", "rank_vs_snr.json", "rank_vs_snr.csv", "rank_vs_snr.png"),
+                   saved=None if old is None else _settings_of(old.get("config", {})))
+    torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     progress = not args.no_progress
-    path = os.path.join(args.out, "rank_vs_snr.json")
     results = read_json(path) or {}
     results["config"] = {**cfg, "checkpoints": checkpoints, "seed": args.seed, "preset": args.preset}
 
@@ -170,16 +197,22 @@ def run(args) -> int:
                 write_json(path, results)
             jobs.update(1)
     jobs.close()
-    results["seconds_all_networks"] = sum(v.get("seconds", 0.0) for v in _curves(results).values())
-    results["gap_to_dae"] = {k: dae_gap(v, results["subspace_dae"]) for k, v in results.items()
+    # the figure, the CSV and the summaries show what this run asked for; the JSON keeps all
+    wanted = {"subspace_dae"} | {f"{model_name(cfg, 'molrg')}@{s}" for s in checkpoints}
+    if cfg["real_steps"]:
+        wanted |= {f"{model_name(cfg, d)}@{cfg['real_steps']}" for d in ("digits", "patches")}
+    shown = {k: v for k, v in results.items() if k in wanted or k not in _curves(results)}
+    results["seconds_all_networks"] = sum(v.get("seconds", 0.0) for v in _curves(shown).values())
+    results["gap_to_dae"] = {k: dae_gap(v, results["subspace_dae"]) for k, v in shown.items()
                              if "_molrg@" in k}
+    shown["gap_to_dae"] = results["gap_to_dae"]
     write_json(path, results)
-    _write_csv(os.path.join(args.out, "rank_vs_snr.csv"), results)
-    _plot(plt, os.path.join(args.out, "rank_vs_snr.png"), results)
+    _write_csv(os.path.join(args.out, "rank_vs_snr.csv"), shown)
+    _plot(plt, os.path.join(args.out, "rank_vs_snr.png"), shown)
     dae = results["subspace_dae"]
     print(f"subspace DAE rank range along trajectories: [{min(dae['rank_mean']):.1f}, "
           f"{max(dae['rank_mean']):.1f}] (Lemma 2: [6, 12])")
-    for k, v in results.items():
+    for k, v in shown.items():
         if "@" in k:
             print(f"{k}: kimg {v['kimg']:.1f}, rank/n min {min(v['ratio_mean']):.3f} "
                   f"max {max(v['ratio_mean']):.3f}, loss {v['final_loss']:.4f}")
@@ -190,6 +223,11 @@ def run(args) -> int:
               f"(DAE {g['dae_high_snr']:.3f})")
     print(f"wrote {path}")
     return 0
+
+
+def _settings_of(config: dict) -> dict:
+    """The settings part of a results file's config (for folders written before settings.json)."""
+    return {k: v for k, v in config.items() if k not in ("checkpoints", "real_steps", "preset")}
 
 
 def dae_gap(net: dict, dae: dict, mid=(0.91, 10.0)) -> dict:
@@ -204,7 +242,12 @@ def dae_gap(net: dict, dae: dict, mid=(0.91, 10.0)) -> dict:
 
 
 def _curves(results):
-    return {k: v for k, v in results.items() if isinstance(v, dict) and "ratio_mean" in v}
+    """The rank curves, ordered by model and step (not by when a rerun computed them)."""
+    def order(k):
+        name, _, step = k.partition("@")
+        return name, int(step) if step else -1
+    return {k: results[k] for k in sorted(results, key=order)
+            if isinstance(results[k], dict) and "ratio_mean" in results[k]}
 
 
 def _write_csv(path, results) -> None:
