@@ -170,8 +170,7 @@ def make_jacobian_case(impl: str, n, K, d, B, mode="soft", device="cpu") -> Call
     synchronises before it returns."""
     x, U, c, phi = (t[0].to(device) for t in _problem(n, K, d, B)[:4])
     dims = [d] * K
-    case = _jacobian_case(impl, x, U, c, phi, dims, mode, B)
-    return cuda_synced(case) if torch.device(device).type == "cuda" else case
+    return _synced_on_cuda(_jacobian_case(impl, x, U, c, phi, dims, mode, B), device)
 
 
 def _jacobian_case(impl, x, U, c, phi, dims, mode, B):
@@ -239,8 +238,15 @@ def make_train_case(impl: str, n, K, d, M, P, mode="hard", N=4096,
     (randint + randn + gather + denoiser + loss + backward in plain PyTorch, batched over P),
     'compile' (torch.compile of that) or 'eager-loop' (the eager step run instance by instance).
     On CUDA the callable synchronises before it returns."""
-    case = _train_case(impl, n, K, d, M, P, mode, N, device)
-    return cuda_synced(case) if torch.device(device).type == "cuda" else case
+    return _synced_on_cuda(_train_case(impl, n, K, d, M, P, mode, N, device), device)
+
+
+def _synced_on_cuda(case: Optional[Callable], device) -> Optional[Callable]:
+    """case, synchronising before it returns on CUDA; None stays None (an unavailable peer, e.g.
+    CuPy not installed, which the benchmarks skip)."""
+    if case is None or torch.device(device).type != "cuda":
+        return case
+    return cuda_synced(case)
 
 
 def _train_case(impl, n, K, d, M, P, mode, N, device):

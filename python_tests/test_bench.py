@@ -311,3 +311,15 @@ def test_train_flops_count_the_work_of_each_mode():
     assert bench.train_flops(48, 2, 6, 1, 1, "hard") == 2 * 48 * 12 + 10 * 48 * 6 == 4032
     assert bench.train_flops(48, 2, 6, 1, 1, "soft") == 10 * 48 * 12
     assert bench.train_flops(48, 2, 6, 1024, 64, "hard") == 4032 * 1024 * 64
+
+
+def test_unavailable_peer_stays_none_on_cuda():
+    """A peer that is not available (make_*_case returned None, e.g. CuPy not installed) is
+    skipped by the benchmarks; on CUDA it must not be wrapped into a synchronising callable that
+    then fails with 'NoneType is not callable'."""
+    from molrg_ext.bench import _synced_on_cuda
+
+    assert _synced_on_cuda(None, "cuda") is None and _synced_on_cuda(None, "cpu") is None
+    f = lambda: 3  # noqa: E731
+    assert _synced_on_cuda(f, "cpu") is f
+    assert _synced_on_cuda(f, "cuda") is not f  # wrapped: synchronises before returning

@@ -327,11 +327,7 @@ def test_jacobian_spectrum_cuda_matches_cpu(mode):
                                       bias=_to(b, "cuda"), dims=dims, mode=mode,
                                       return_vectors=True)
     torch.testing.assert_close(sv_g.cpu(), sv_c, rtol=1e-9, atol=1e-10)
-    # vectors up to sign, compared on the well-separated singular values only
-    gap = (sv_c[..., :-1] - sv_c[..., 1:]).abs()
-    sep = torch.cat([gap[..., :1], torch.minimum(gap[..., 1:], gap[..., :-1]), gap[..., -1:]], -1)
-    dots = (V_g.cpu() * V_c).sum(-2).abs()
-    assert torch.all(dots[sep > 1e-6] > 1 - 1e-6)
+    assert _compare_singular_subspaces(sv_c, V_g.cpu(), V_c) > 0
     # and the singular values are those of the dense Jacobian from autograd (one sample)
     J = torch.autograd.functional.jacobian(
         lambda v: ops.subspace_dae(v[None, None], U[:1].cuda(), c[:1, :1].cuda(),
@@ -339,6 +335,52 @@ def test_jacobian_spectrum_cuda_matches_cpu(mode):
                                    else None, dims=dims, mode=mode)[0, 0], x[0, 0].cuda())
     sv_dense = torch.linalg.svdvals(J.cpu())[: sv_c.shape[-1]]
     torch.testing.assert_close(sv_g[0, 0].cpu(), sv_dense, rtol=1e-8, atol=1e-9)
+    # the device's vectors are right singular vectors of that J: J^T J v = s^2 v, every column
+    Jc, v, s = J.cpu(), V_g[0, 0].cpu(), sv_g[0, 0].cpu()
+    torch.testing.assert_close(Jc.mT @ (Jc @ v), v * s**2, rtol=0, atol=1e-9)
+
+
+def _compare_singular_subspaces(sv, V, V_ref, tol=1e-6):
+    """Asserts that V and V_ref span the same subspace for every group of equal nonzero singular
+    values of every sample (sv [..., r], V [..., n, r]): the projectors V_G V_G^T agree. A
+    repeated value (hard mode: c repeated d_k times) has no unique vectors, so columns are not
+    compared one by one; zero values are skipped (their vectors are any basis of the null part).
+    Returns the number of groups compared."""
+    compared = 0
+    flat_sv, flat_V, flat_R = sv.reshape(-1, sv.shape[-1]), V.flatten(0, -3), V_ref.flatten(0, -3)
+    for s, A, R in zip(flat_sv, flat_V, flat_R):
+        scale = max(float(s.abs().max()), 1e-300)
+        edges = [0] + [i for i in range(1, len(s)) if abs(float(s[i] - s[i - 1])) > tol * scale]
+        for a, b in zip(edges, edges[1:] + [len(s)]):
+            if float(s[a]) <= tol * scale:
+                continue
+            PA, PR = A[:, a:b] @ A[:, a:b].mT, R[:, a:b] @ R[:, a:b].mT
+            torch.testing.assert_close(PA, PR, rtol=0, atol=1e-7)
+            compared += 1
+    return compared
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_singular_subspace_comparison_can_fail(mode):
+    """The vector check above, on CPU: a rotation inside a repeated group passes (hard mode has
+    c repeated d_k times), a vector from another group does not, and groups are compared in
+    both modes (the old column-by-column check compared none in hard mode)."""
+    from molrg_ext.jacobian import dae_jacobian_spectrum
+
+    dims = [3, 2, 4]
+    x, U, c, phi, b = _problem(2, 9, 13, dims, 4, torch.float64, seed=12, bias=(mode == "soft"))
+    sv, V = dae_jacobian_spectrum(x, U, c, phi, bias=b, dims=dims, mode=mode, return_vectors=True)
+    assert _compare_singular_subspaces(sv, V, V) >= 2 * 9  # at least one group per sample
+    if mode == "hard":  # rotate the first group (c repeated) of sample (0, 0): still right
+        d = int((sv[0, 0] > sv[0, 0, 0] * (1 - 1e-9)).sum())
+        Q = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]
+        W = V.clone()
+        W[0, 0, :, :d] = V[0, 0, :, :d] @ Q
+        _compare_singular_subspaces(sv, W, V)
+    W = V.clone()
+    W[0, 0, :, 0] = V[0, 0, :, -1]  # a vector of another group
+    with pytest.raises(AssertionError):
+        _compare_singular_subspaces(sv, W, V)
 
 
 @cuda_test

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The prepared run for a lent GPU machine (the device tool runs a command in a copy of the working
+# tree and brings $OUT back; build outputs are not copied, so the extension is built there).
+# Stages, each under its own time limit so that a slow one still leaves the others' output:
+#   1. environment (nvidia-smi, torch, nvcc, cmake)           -> $OUT/env.txt
+#   2. build with CUDA for the local GPU's architecture       -> $OUT/build.log
+#   3. python_tests/test_cuda.py (CUDA against CPU, opcheck)  -> $OUT/test_cuda.log, .xml
+#   4. the CUDA benchmarks (ours, eager, compile, CuPy peers) -> $OUT/bench_cuda.log, .json
+# Usage: OUT=dir bash scripts/gpu_session.sh [python]    (default python3; STAGES="1 2 3 4";
+# BUILD_S, TEST_S, BENCH_S: the stage limits in seconds, default 300, 240, 180)
+# Without a GPU it still configures and builds (architecture 90), and the tests skip: the way to
+# try it here, with a CUDA build of torch (docs/cuda.md).
+set -uo pipefail
+PY=${1:-python3}
+root=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$root/gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$root"
+stages=${STAGES:-1 2 3 4}
+has() { [[ " $stages " == *" $1 "* ]]; }
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/stages.txt"; }
+
+if has 1; then
+  { nvidia-smi || true
+    "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'available', torch.cuda.is_available()); \
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no device')"
+    command -v nvcc && nvcc --version | tail -2
+    cmake --version | head -1
+    "$PY" -c "import cupy; print('cupy', cupy.__version__)" || true
+  } > "$OUT/env.txt" 2>&1
+  stamp "env done"
+fi
+
+if has 2; then
+  arch=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')" \
+         2>/dev/null || echo 90)
+  # pip wheels of torch keep cuBLAS/NVRTC headers and libraries in site-packages/nvidia/cu13
+  # rather than the toolkit folder: point CMake at them when they are there (docs/cuda.md)
+  sp=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  extra=()
+  for d in "$sp"/nvidia/cu13 "$sp"/nvidia/cu12; do
+    [ -d "$d/include" ] && extra+=("-DCMAKE_CXX_FLAGS=-isystem $d/include") && break
+  done
+  nvrtc=$(ls "$sp"/nvidia/cu13/lib/libnvrtc.so* "$sp"/nvidia/cuda_nvrtc/lib/libnvrtc.so* \
+          2>/dev/null | head -1)
+  [ -n "$nvrtc" ] && extra+=("-DCUDA_nvrtc_LIBRARY=$nvrtc")
+  nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  export TORCH_CUDA_ARCH_LIST="${arch:0:${#arch}-1}.${arch: -1}"
+  rm -rf build/gpu
+  timeout "${BUILD_S:-300}" bash -c '
+    cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$1" \
+      -DMOLRG_CUDA=ON -DMOLRG_NATIVE=OFF -DCMAKE_CUDA_COMPILER="$2" \
+      -DCMAKE_CUDA_ARCHITECTURES="$3" "${@:4}" &&
+    cmake --build build/gpu -j "$(nproc)"' _ "$(command -v "$PY")" "$nvcc_bin" "$arch" \
+    "${extra[@]}" > "$OUT/build.log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then
+    for so in build/gpu/_C*.so; do  # renamed over the old module (scripts/build_inplace.sh)
+      cp -f "$so" "molrg_ext/.$(basename "$so").tmp"
+      mv -f "molrg_ext/.$(basename "$so").tmp" "molrg_ext/$(basename "$so")"
+    done
+    PYTHONPATH=. "$PY" -c "
+import torch, molrg_ext
+ops = ['subspace_dae', 'subspace_dae_backward', 'hard_assign', 'train_step',
+       'dae_jacobian_spectrum', 'sym_eig', 'optimal_denoiser', 'optimal_denoiser_backward']
+for op in ops:
+    print(op, torch._C._dispatch_has_kernel_for_dispatch_key('molrg::' + op, 'CUDA'))
+" >> "$OUT/build.log" 2>&1
+  fi
+  stamp "build rc=$rc (arch $arch)"
+fi
+
+if has 3; then
+  PYTHONPATH=. timeout "${TEST_S:-240}" "$PY" -m pytest -q -rs python_tests/test_cuda.py \
+    -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" > "$OUT/test_cuda.log" 2>&1
+  stamp "test_cuda rc=$? ($(tail -1 "$OUT/test_cuda.log"))"
+fi
+
+if has 4; then
+  PYTHONPATH=. timeout "${BENCH_S:-180}" "$PY" -m pytest -q benchmarks/bench_cuda.py \
+    benchmarks/bench_optimal_denoiser_cuda.py -p no:cacheprovider --benchmark-only \
+    --benchmark-columns=min,median,rounds --benchmark-json="$OUT/bench_cuda.json" \
+    > "$OUT/bench_cuda.log" 2>&1
+  stamp "bench_cuda rc=$? ($(tail -1 "$OUT/bench_cuda.log"))"
+fi
