@@ -39,7 +39,9 @@ inline OdSizes check_od_args(const at::Tensor& x, const at::Tensor& X, const at:
   return z;
 }
 
-// The backward's extra inputs: grad_y and y like x, lse [B].
+// The backward's extra inputs: grad_y and y like x, lse [B] float64 (the forward returns it in
+// double for every input type: a float32 lse of |lse| > 2^24 is off by more than 1, which
+// distorted or underflowed the recomputed weights exp(l_j - lse)).
 inline void check_od_backward_args(const at::Tensor& grad_y, const at::Tensor& y,
                                    const at::Tensor& lse, const at::Tensor& x, const OdSizes& z,
                                    const char* op) {
@@ -49,7 +51,10 @@ inline void check_od_backward_args(const at::Tensor& grad_y, const at::Tensor& y
   check_like(y, x, op, "y", "x");
   check_shape(y, x.sizes(), op, "y");
   check_contig(y, op, "y");
-  check_like(lse, x, op, "lse", "x");
+  TORCH_CHECK(lse.scalar_type() == at::kDouble, op, ": lse must be float64 (as optimal_denoiser "
+              "returns it), got ", lse.scalar_type());
+  TORCH_CHECK(lse.device() == x.device(), op, ": lse is on ", lse.device(), " but x is on ",
+              x.device());
   check_shape(lse, {z.B}, op, "lse");
   check_contig(lse, op, "lse");
 }

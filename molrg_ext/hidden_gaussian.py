@@ -48,7 +48,7 @@ _DEFAULT_BLOCK = 512
 # ----------------------------------------------------------------------------------- fake kernels
 @torch.library.register_fake("molrg::optimal_denoiser")
 def _optimal_denoiser_fake(x, X, s, gamma, block):
-    return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+    return x.new_empty(x.shape), x.new_empty(x.shape[:1], dtype=torch.float64)
 
 
 @torch.library.register_fake("molrg::optimal_denoiser_backward")

@@ -709,3 +709,28 @@ def test_score_difference_is_the_mean_of_per_sample_rmse():
     a = torch.zeros(2, 4, dtype=torch.float64)
     b = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 3.0, 3.0]], dtype=torch.float64)
     assert _rmse(a, b) == pytest.approx(2.0)  # (1 + 3) / 2; the root of the mean square is sqrt(5)
+
+
+def test_float32_backward_is_right_far_from_the_data():
+    """A query far from the data at small sigma has |lse| ~ 1e9. Saved in float32 that lse was
+    off by ~100: the backward capped the top weights (dx 1-3.4x the true value) or underflowed
+    all of them (a false 'lse is inconsistent' error). lse is float64 for every input type."""
+    X = torch.tensor([[0.0, 0.0], [1e-7, 0.0]])
+    for x0 in (9.0, 9.5, 10.0, 10.5, 11.0):
+        x = torch.tensor([[x0, 0.0]], requires_grad=True)
+        optimal_denoiser(x, X, 7.0710678e-4)[0, 0].backward()
+        x64 = x.detach().double().requires_grad_()
+        optimal_denoiser(x64, X.double(), 7.0710678e-4)[0, 0].backward()
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=0)
+    x = torch.tensor([[83.0]], requires_grad=True)
+    optimal_denoiser(x, torch.zeros(1, 1), 1.1e-3).sum().backward()  # raised before
+    assert x.grad.item() == 0.0
+    y, lse = torch.ops.molrg.optimal_denoiser(x.detach(), torch.zeros(1, 1), torch.ones(1),
+                                              torch.full((1,), 1.1e-3), 8)
+    assert lse.dtype == torch.float64 and y.dtype == torch.float32
+    g32 = torch.tensor(1.1e-3).item()  # the float32 gamma the op sees
+    assert lse.item() == pytest.approx(-83.0**2 / (2 * g32**2), rel=1e-12)
+    with pytest.raises(RuntimeError, match="lse must be float64"):
+        torch.ops.molrg.optimal_denoiser_backward(torch.ones_like(y), x.detach(), torch.zeros(1, 1),
+                                                  torch.ones(1), torch.full((1,), 1.1e-3), y,
+                                                  lse.float())

@@ -28,7 +28,7 @@
 
 TORCH_LIBRARY_FRAGMENT(molrg, m) {
   // x [B, n] queries; X [N, n] training points; s, gamma [B] (x = s x_0 + gamma eps);
-  // block: training points per streamed tile. Returns (y [B, n], lse [B]) with
+  // block: training points per streamed tile. Returns (y [B, n], lse [B] float64) with
   // lse_b = log sum_j exp(-||x_b - s_b X_j||^2 / (2 gamma_b^2)).
   m.def("optimal_denoiser(Tensor x, Tensor X, Tensor s, Tensor gamma, int block) -> (Tensor, Tensor)");
   // dL/dx from grad_y and the saved y and lse. Returns dx [B, n].
@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cpu(const at::Tensor& x, con
   TORCH_CHECK(block >= 1, op, ": block must be >= 1, got ", block);
   OdSizes z = check_od(x, X, s, gamma, op);
   auto y = at::empty_like(x);
-  auto lse = at::empty({z.B}, x.options());
+  auto lse = at::empty({z.B}, x.options().dtype(at::kDouble));  // double for every input type
   if (z.B == 0) return {y, lse};
   const OdPlan pl = plan_for(z, block);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "optimal_denoiser_cpu", [&] {
@@ -249,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cpu(const at::Tensor& x, con
     const scalar_t* sp = s.data_ptr<scalar_t>();
     const scalar_t* gp = gamma.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* lp = lse.data_ptr<scalar_t>();
+    double* lp = lse.data_ptr<double>();
     // Partial states, [splits, B, n] and [splits, B]; with one split the state is y itself.
     std::vector<scalar_t> ypart(pl.splits > 1 ? pl.splits * z.B * z.n : 0);
     std::vector<Acc> mpart(pl.splits * z.B), lpart(pl.splits * z.B);
@@ -281,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cpu(const at::Tensor& x, con
         }
         // L >= 1: the maximum logit contributes exp(0) to its split.
         for (int64_t t = 0; t < z.n; ++t) yp[b * z.n + t] = static_cast<scalar_t>(acc[t] / L);
-        lp[b] = static_cast<scalar_t>(M + std::log(L));
+        lp[b] = M + std::log(L);
       }
     });
   });
@@ -293,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cpu(const at::Tensor& x, con
 // exceeds the saved lse by more than its rounding.
 template <typename T>
 void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* gp, const T* y,
-                   const T* lsep, const OdSizes& z, const OdPlan& pl, int64_t q0, int64_t q1,
+                   const double* lsep, const OdSizes& z, const OdPlan& pl, int64_t q0, int64_t q1,
                    int64_t j0, int64_t j1, T* acc, Acc* qsum, Acc* wsum, char* bad) {
   const int64_t nq = q1 - q0, n = z.n;
   OdScratch<T> sc(pl, x, X, sp, gp, q0, nq, n);
@@ -310,7 +310,7 @@ void backward_item(const T* gyp, const T* x, const T* X, const T* sp, const T* g
       const int64_t i = ib + r;
       const Acc lse_i = Acc(lsep[q0 + i]);
       // lse >= every logit up to its own rounding; more means lse belongs to other inputs.
-      if (od_lse_exceeded<T, Acc>(sc.row_logits(ib, r), lse_i)) bad[i] = 1;
+      if (od_lse_exceeded<double, Acc>(sc.row_logits(ib, r), lse_i)) bad[i] = 1;
       const Acc ws = od_row_exp(sc.C.data() + r * cnt, cnt, lse_i, W.data() + r * cnt);
       wsum[i] += ws;
       any |= ws > 0;
@@ -345,7 +345,7 @@ at::Tensor optimal_denoiser_backward_cpu(const at::Tensor& grad_y, const at::Ten
     const scalar_t* sp = s.data_ptr<scalar_t>();
     const scalar_t* gp = gamma.data_ptr<scalar_t>();
     const scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* lp = lse.data_ptr<scalar_t>();
+    const double* lp = lse.data_ptr<double>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     // Partial sums, [splits, B, n] and [splits, B]; with one split acc lives in dx.
     std::vector<scalar_t> apart(pl.splits > 1 ? pl.splits * z.B * z.n : 0);

@@ -89,7 +89,8 @@ cudaError_t launch_sym_eig(T* A, int64_t total, int m, T* evals, T* evecs, T* wo
 // Empirical optimal denoiser (csrc/cuda/optimal_denoiser.cu): x [B, n], X [N, n], s, gamma [B].
 // The training set is cut into optimal_denoiser_splits(B, N) ranges; with more than one, the
 // partial states need a workspace part of splits * B * n T elements (with one it may be null) and
-// always stats of 2 * splits * B doubles. The forward writes y [B, n] and lse [B]; the backward
+// always stats of 2 * splits * B doubles. The forward writes y [B, n] and lse [B] (double for
+// both input types); the backward
 // dx [B, n] and sets *failed (device int, zeroed by the caller) to 1 when lse is inconsistent
 // with the inputs (a logit above lse, or every weight exp(l_j - lse) underflowing).
 constexpr int64_t kOdMaxSplits = 65535;  // grid.y limit
@@ -100,12 +101,12 @@ int64_t optimal_denoiser_max_batch();
 template <typename T>
 cudaError_t launch_optimal_denoiser(const T* x, const T* X, const T* s, const T* gamma,
                                     int64_t B, int64_t N, int64_t n, int64_t splits, T* part,
-                                    double* stats, T* y, T* lse, cudaStream_t stream);
+                                    double* stats, T* y, double* lse, cudaStream_t stream);
 
 template <typename T>
 cudaError_t launch_optimal_denoiser_backward(const T* grad_y, const T* x, const T* X,
                                              const T* s, const T* gamma, const T* y,
-                                             const T* lse, int64_t B, int64_t N, int64_t n,
+                                             const double* lse, int64_t B, int64_t N, int64_t n,
                                              int64_t splits, T* part, double* stats, T* dx,
                                              int* failed, cudaStream_t stream);
 

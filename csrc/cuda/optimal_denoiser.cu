@@ -218,7 +218,7 @@ od_forward_kernel(const T* __restrict__ x, const T* __restrict__ X, const T* __r
 // L = sum_s e^{m_s - M} l_s, lse = M + log L. ypart may be y itself (one split).
 template <typename T>
 __global__ void od_merge_kernel(const T* ypart, const Acc* __restrict__ stats, int64_t B,
-                                int64_t n, int splits, T* y, T* __restrict__ lse) {
+                                int64_t n, int splits, T* y, double* __restrict__ lse) {
   const int64_t e = (int64_t)blockIdx.x * kMergeThreads + threadIdx.x;
   if (e >= B * n) return;
   const int64_t b = e / n, k = e % n;
@@ -235,7 +235,7 @@ __global__ void od_merge_kernel(const T* ypart, const Acc* __restrict__ stats, i
   }
   // L >= 1: the maximum logit contributes exp(0) to its split.
   y[e] = static_cast<T>(acc / L);
-  if (k == 0) lse[b] = static_cast<T>(M + log(L));
+  if (k == 0) lse[b] = M + log(L);
 }
 
 // Backward: grid (query blocks, splits). Per split: apart[sp, b] = sum_j q_bj X_j,
@@ -245,7 +245,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 od_backward_kernel(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ X,
                    const T* __restrict__ sp, const T* __restrict__ gp, const T* __restrict__ y,
-                   const T* __restrict__ lse, int64_t B, int64_t N, int64_t n,
+                   const double* __restrict__ lse, int64_t B, int64_t N, int64_t n,
                    T* __restrict__ apart, Acc* __restrict__ stats, int* __restrict__ failed) {
   __shared__ Smem sm;
   const int t = threadIdx.x, warp = t / 32, lane = t % 32;
@@ -285,7 +285,7 @@ od_backward_kernel(const T* __restrict__ g, const T* __restrict__ x, const T* __
       const Acc l = valid ? -d[r] * sm.inv2g2[q] : Acc(-INFINITY);
       const Acc lse_q = sm.ref[q];
       const Acc rowmax = warp_max(l);
-      if (lane == 0 && q < qn && od_lse_exceeded<T, Acc>(rowmax, lse_q)) atomicExch(failed, 1);
+      if (lane == 0 && q < qn && od_lse_exceeded<double, Acc>(rowmax, lse_q)) atomicExch(failed, 1);
       const T w = valid ? od_weight<T, Acc>(l, lse_q) : T(0);
       const Acc qv = Acc(w) * (a[r] - sm.gy[q]);
       const Acc qsum = warp_sum(qv), wsum = warp_sum(Acc(w));
@@ -350,7 +350,7 @@ int64_t optimal_denoiser_max_batch() { return int64_t(kQ) * 2147483647; }
 template <typename T>
 cudaError_t launch_optimal_denoiser(const T* x, const T* X, const T* s, const T* gamma,
                                     int64_t B, int64_t N, int64_t n, int64_t splits, T* ypart,
-                                    double* stats, T* y, T* lse, cudaStream_t stream) {
+                                    double* stats, T* y, double* lse, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   T* part = splits > 1 ? ypart : y;
   od_forward_kernel<T><<<main_grid(B, splits), kThreads, 0, stream>>>(x, X, s, gamma, B, N, n,
@@ -365,7 +365,7 @@ cudaError_t launch_optimal_denoiser(const T* x, const T* X, const T* s, const T*
 template <typename T>
 cudaError_t launch_optimal_denoiser_backward(const T* grad_y, const T* x, const T* X,
                                              const T* s, const T* gamma, const T* y,
-                                             const T* lse, int64_t B, int64_t N, int64_t n,
+                                             const double* lse, int64_t B, int64_t N, int64_t n,
                                              int64_t splits, T* apart, double* stats, T* dx,
                                              int* failed, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
@@ -382,9 +382,10 @@ cudaError_t launch_optimal_denoiser_backward(const T* grad_y, const T* x, const 
 #define MOLRG_INSTANTIATE(T)                                                                  \
   template cudaError_t launch_optimal_denoiser<T>(const T*, const T*, const T*, const T*,     \
                                                   int64_t, int64_t, int64_t, int64_t, T*,     \
-                                                  double*, T*, T*, cudaStream_t);             \
+                                                  double*, T*, double*, cudaStream_t);        \
   template cudaError_t launch_optimal_denoiser_backward<T>(                                   \
-      const T*, const T*, const T*, const T*, const T*, const T*, const T*, int64_t, int64_t, \
+      const T*, const T*, const T*, const T*, const T*, const T*, const double*, int64_t,     \
+      int64_t, \
       int64_t, int64_t, T*, double*, T*, int*, cudaStream_t);
 MOLRG_INSTANTIATE(float)
 MOLRG_INSTANTIATE(double)

@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cuda(const at::Tensor& x, co
   const c10::cuda::CUDAGuard guard(x.device());
   const OdSizes z = check_od_cuda(x, X, s, gamma, kFwd);
   auto y = at::empty_like(x);
-  auto lse = at::empty({z.B}, x.options());
+  auto lse = at::empty({z.B}, x.options().dtype(at::kDouble));  // double for every input type
   if (z.B == 0) return {y, lse};
   const int64_t splits = cuda::optimal_denoiser_splits(z.B, z.N);
   auto part = part_workspace(z, splits, x);
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cuda(const at::Tensor& x, co
         x.data_ptr<scalar_t>(), X.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
         gamma.data_ptr<scalar_t>(), z.B, z.N, z.n, splits,
         splits > 1 ? part.data_ptr<scalar_t>() : nullptr, stats.data_ptr<double>(),
-        y.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), stream.stream()));
+        y.data_ptr<scalar_t>(), lse.data_ptr<double>(), stream.stream()));
   });
   return {y, lse};
 }
@@ -84,7 +84,7 @@ at::Tensor optimal_denoiser_backward_cuda(const at::Tensor& grad_y, const at::Te
     C10_CUDA_CHECK(cuda::launch_optimal_denoiser_backward<scalar_t>(
         grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), X.data_ptr<scalar_t>(),
         s.data_ptr<scalar_t>(), gamma.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-        lse.data_ptr<scalar_t>(), z.B, z.N, z.n, splits,
+        lse.data_ptr<double>(), z.B, z.N, z.n, splits,
         splits > 1 ? part.data_ptr<scalar_t>() : nullptr, stats.data_ptr<double>(),
         dx.data_ptr<scalar_t>(), failed.data_ptr<int>(), stream.stream()));
   });

@@ -73,7 +73,8 @@ MOLRG_HD Acc od_row_logits(const Tc* c, Acc* l, int64_t cnt, const Acc* XX, Acc 
 }
 
 // Weights of one tile row: p_j = exp(l_j - m) in the input type T (forward: m = running maximum,
-// so l_j - m <= 0; backward: m = the saved lse, so l_j - m <= its rounding). sm_exp is the
+// so l_j - m <= 0; backward: m = the saved lse, kept in double for every input type, so
+// l_j - m <= its rounding, ~1e-16 |lse|). sm_exp is the
 // vectorisable series exp of series_math.h (exact to a few ulp for arguments <= 0, 0 below the
 // normal range); arguments are capped at 1, which no consistent lse reaches (the backward reports
 // a row maximum above lse as an error). Returns sum_j p_j.
@@ -131,7 +132,11 @@ MOLRG_HD Acc od_online_rescale(Acc m, Acc bm, Acc* l, T* y, int64_t n) {
 //         = (s / gamma^2) (acc - qsum y) / wsum,   acc = sum_j q_j X_j, qsum = sum_j q_j,
 // i.e. (s / gamma^2) Cov_w(X) g (Tweedie). Centring at y (subtracting qsum y) cancels the
 // first-order rounding of the q_j when w is peaked; dividing by the recomputed wsum (= 1 in exact
-// arithmetic) removes the common factor exp(lse_true - lse_saved) of a rounded saved lse.
+// arithmetic) removes the common factor exp(lse_true - lse_saved) of a rounded saved lse. That
+// holds while no weight is capped or underflows, which is why lse is saved in double: stored in
+// float32, an lse of magnitude 1e9 (a query far from the data at small sigma) was off by ~100,
+// which capped the top weights (dx up to 3.4x off) or underflowed all of them (a false
+// "inconsistent" error).
 // Machine epsilon of the input type (device code cannot call std::numeric_limits without
 // --expt-relaxed-constexpr).
 template <typename T> struct OdEps;
@@ -139,7 +144,8 @@ template <> struct OdEps<float> { static constexpr double value = 1.192092895507
 template <> struct OdEps<double> { static constexpr double value = 2.220446049250313e-16; };
 
 // The backward's consistency test: a logit (here a row maximum) above the saved lse by more than
-// the rounding of an lse stored in T means lse belongs to other inputs.
+// the rounding of an lse stored in T (double: the ops store it so) means lse belongs to other
+// inputs.
 template <typename T, typename Acc>
 MOLRG_HD bool od_lse_exceeded(Acc rowmax, Acc lse) {
   const Acc a = lse < Acc(0) ? -lse : lse;
