@@ -8,8 +8,9 @@
 #   4. the CUDA benchmarks (ours, eager, compile, CuPy peers) -> $OUT/bench_cuda.log, .json
 # Usage: OUT=dir bash scripts/gpu_session.sh [python]    (default python3; STAGES="1 2 3 4";
 # BUILD_S, TEST_S, BENCH_S: the stage limits in seconds, default 300, 240, 180)
-# Without a GPU it still configures and builds (architecture 90), and the tests skip: the way to
-# try it here, with a CUDA build of torch (docs/cuda.md).
+# Without a GPU it still configures and builds (architecture 90) and checks the registration,
+# leaves molrg_ext/ as it is, and the tests skip: the way to try it here, with a CUDA build of
+# torch (docs/cuda.md).
 set -uo pipefail
 PY=${1:-python3}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -58,17 +59,23 @@ if has 2; then
     "${extra[@]}" > "$OUT/build.log" 2>&1
   rc=$?
   if [ $rc -eq 0 ]; then
-    for so in build/gpu/_C*.so; do  # renamed over the old module (scripts/build_inplace.sh)
-      cp -f "$so" "molrg_ext/.$(basename "$so").tmp"
-      mv -f "molrg_ext/.$(basename "$so").tmp" "molrg_ext/$(basename "$so")"
-    done
-    PYTHONPATH=. "$PY" -c "
-import torch, molrg_ext
+    # the built library alone (no molrg_ext import): are all eight ops registered for CUDA?
+    "$PY" -c "
+import glob, torch
+torch.ops.load_library(glob.glob('build/gpu/_C*.so')[0])
 ops = ['subspace_dae', 'subspace_dae_backward', 'hard_assign', 'train_step',
        'dae_jacobian_spectrum', 'sym_eig', 'optimal_denoiser', 'optimal_denoiser_backward']
 for op in ops:
     print(op, torch._C._dispatch_has_kernel_for_dispatch_key('molrg::' + op, 'CUDA'))
 " >> "$OUT/build.log" 2>&1
+    # installed next to the Python sources for the tests only where there is a GPU (a dry run
+    # here keeps the working tree's CPU build); renamed over the old module, as build_inplace.sh
+    if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+      for so in build/gpu/_C*.so; do
+        cp -f "$so" "molrg_ext/.$(basename "$so").tmp"
+        mv -f "molrg_ext/.$(basename "$so").tmp" "molrg_ext/$(basename "$so")"
+      done
+    fi
   fi
   stamp "build rc=$rc (arch $arch)"
 fi
