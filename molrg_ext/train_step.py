@@ -154,6 +154,12 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
     Returns:
         ``(loss [P], grad_U)`` with ``loss_p = mean_m lambda_l ||x_theta(s_l x_i + gamma_l eps)
         - x_i||^2`` and ``grad_U = d loss / d U`` (shapes follow the unbatched inputs).
+
+    On the CPU the loss does not depend on the number of threads, and neither does ``grad_U``
+    as long as P >= 2 x threads in both runs (each instance is then one thread's, block after
+    block) or P < 2 x threads in both (instances split into chunks summed in chunk order). With
+    batch > 256 a run on either side of that line sums an instance's blocks in another order, so
+    ``grad_U`` can differ in the last bits between the two.
     """
     check_float_pair(X, U, "X", "U", "train_step")
     if not isinstance(levels, Levels):
