@@ -4,9 +4,9 @@
 * :class:`KSubspaces` -- problem (18) by K-subspaces (the paper's ref. [45], Wang, Liu, So,
   Balzano 2022): alternate the assignment ``argmax_k ||U_k^T x||`` and per-cluster top-d_k PCA;
   ``n_init`` restarts keep the largest objective ``sum_k sum_{i in C_k} ||U_k^T x_i||^2``;
-  ``init="random"`` (random orthonormal bases), ``"points"`` (spans of d_k random data points)
-  or ``"spectral"`` (spectral clustering of the
-  absolute cosine-similarity graph, then per-cluster PCA).
+  ``init="auto"`` (``"points"`` for unequal dims, else ``"random"``), ``"random"`` (random
+  orthonormal bases), ``"points"`` (spans of d_k random data points) or ``"spectral"`` (spectral
+  clustering of the absolute cosine-similarity graph, then per-cluster PCA).
 * :class:`EnSC` -- elastic-net subspace clustering: self-expressive coefficients by
   ``sklearn.linear_model.ElasticNet`` per point, affinity ``|C| + |C|^T``,
   ``sklearn.cluster.SpectralClustering(affinity="precomputed")``, per-cluster PCA bases.
@@ -194,11 +194,13 @@ class KSubspaces(_Base):
             columns.
         n_init: restarts; the run with the largest objective (18) is kept.
         max_iter: alternations per restart (stops earlier when the labels stop changing).
-        init: ``"random"`` (random orthonormal bases), ``"points"`` (basis k spans d_k random
-            data points) or ``"spectral"`` (the first restart uses the spectral clustering labels,
-            later restarts are random). With unequal dims, random bases often end in a wrong
-            local optimum (dims [3, 1, 2], n = 16, 20 points each: 5 of 5 seeds failed with
-            n_init = 10), while ``"points"`` and ``"spectral"`` recovered all of them.
+        init: ``"auto"`` (default: ``"points"`` when the dims differ, ``"random"`` when they are
+            equal), ``"random"`` (random orthonormal bases), ``"points"`` (basis k spans d_k
+            random data points) or ``"spectral"`` (the first restart uses the spectral clustering
+            labels, later restarts are random). With unequal dims, random bases often end in a
+            wrong local optimum (dims [3, 1, 2], n = 16, 20 points each: 5 of 5 seeds failed with
+            n_init = 10), while ``"points"`` and ``"spectral"`` recovered all of them; with equal
+            dims ``"auto"`` keeps the random bases of earlier versions (same results).
         seed: numpy seed.
 
     Each alternation fits cluster k with its top-``dims[k]`` PCA basis, after relabelling the
@@ -209,7 +211,7 @@ class KSubspaces(_Base):
     """
 
     def __init__(self, K: int, dims: Union[int, Sequence[int]], n_init: int = 10,
-                 max_iter: int = 100, init: str = "random", seed: int = 0):
+                 max_iter: int = 100, init: str = "auto", seed: int = 0):
         self.K = K
         self.dims = dims
         self.n_init = n_init
@@ -223,20 +225,23 @@ class KSubspaces(_Base):
         dims = dims_list(self.dims, K, where)
         n_init = as_int(self.n_init, "n_init", where, 1)
         max_iter = as_int(self.max_iter, "max_iter", where, 1)
-        if self.init not in ("random", "points", "spectral"):
-            raise ValueError(f"{where}: init must be 'random', 'points' or 'spectral', got "
-                             f"{self.init!r}")
+        if self.init not in ("auto", "random", "points", "spectral"):
+            raise ValueError(f"{where}: init must be 'auto', 'random', 'points' or 'spectral', "
+                             f"got {self.init!r}")
+        init = self.init
+        if init == "auto":
+            init = "random" if len(set(dims)) == 1 else "points"
         Xn, dtype = _validate_X(X, K, dims, where)
         N, n = Xn.shape
         rng = np.random.default_rng(self.seed)
         best = None
         for r in range(n_init):
-            if self.init == "spectral" and r == 0:
+            if init == "spectral" and r == 0:
                 norms = np.linalg.norm(Xn, axis=1, keepdims=True)
                 Y = Xn / np.maximum(norms, 1e-300)
                 lab = _spectral_labels(np.abs(Y @ Y.T), K, self.seed)
                 _, bases = _fit_clusters(Xn, lab, dims, rng)
-            elif self.init == "points":  # the span of d_k distinct random data points
+            elif init == "points":  # the span of d_k distinct random data points
                 bases = [top_subspace(Xn[rng.choice(N, size=min(d, N), replace=False)], d, rng)
                          for d in dims]
             else:

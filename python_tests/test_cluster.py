@@ -307,5 +307,19 @@ def test_kss_points_init_beats_random_bases_with_unequal_dims():
             est = KSubspaces(3, dims, n_init=10, init=init, seed=seed).fit(data.X[0])
             fails[init] += subspace_distance(est.bases_, data.bases[0], dims=dims).item() > 1e-6
     assert fails["points"] == 0 and fails["random"] >= 3
-    with pytest.raises(ValueError, match="init must be 'random', 'points' or 'spectral'"):
+    with pytest.raises(ValueError, match="init must be 'auto', 'random', 'points' or 'spectral'"):
         KSubspaces(2, 2, init="kmeans++").fit(torch.randn(10, 4))
+
+
+def test_kss_default_init_takes_points_for_unequal_dims_only():
+    """init='auto' (the default) is 'points' when the dims differ, so the default recovers the
+    [3, 1, 2] problems above, and 'random' when they are equal (earlier results unchanged)."""
+    data = sample_molrg(16, [3, 1, 2], counts=[20] * 3, seed=1, dtype=torch.float64)
+    X = data.X[0]
+    auto = KSubspaces(3, [3, 1, 2], n_init=10, seed=1).fit(X)
+    assert torch.equal(auto.bases_, KSubspaces(3, [3, 1, 2], n_init=10, init="points",
+                                               seed=1).fit(X).bases_)
+    assert subspace_distance(auto.bases_, data.bases[0], dims=[3, 1, 2]).item() < 1e-6
+    eq = sample_molrg(16, [2, 2], counts=[20] * 2, seed=0, dtype=torch.float64).X[0]
+    assert torch.equal(KSubspaces(2, 2, n_init=3, seed=0).fit(eq).bases_,
+                       KSubspaces(2, 2, n_init=3, init="random", seed=0).fit(eq).bases_)
