@@ -1,5 +1,6 @@
 """Network denoisers (EDM preconditioning, U-Net, MLP) and the network trainer."""
 import math
+import os
 
 import pytest
 import torch
@@ -154,6 +155,12 @@ def test_trainer_resume_reproduces_loss_curve(tmp_path):
     for pe, pf in zip(resumed.ema.parameters(), full.ema.parameters()):
         torch.testing.assert_close(pe, pf)
     assert resumed.history["kimg"][-1] == pytest.approx(12 * 16 / 1000)
+    # a checkpoint torch cannot read (cut short by hand) is moved aside, and training restarts
+    raw = open(ckpt, "rb").read()
+    open(ckpt, "wb").write(raw[: len(raw) // 2])
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        again = make(ckpt)
+    assert again.step == 0 and os.path.exists(ckpt + ".corrupt") and not os.path.exists(ckpt)
 
 
 def test_trainer_learns_and_ema_tracks():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -58,6 +59,8 @@ class NetworkTrainer:
             norm is recorded either way).
         seed: seeds the trainer's own generator (batches, noise levels, noise).
         checkpoint: file path; if it exists the trainer resumes from it, ``save()`` writes it.
+            A file torch cannot read is moved to ``checkpoint + ".corrupt"`` with a warning,
+            and training starts from step 0.
         post_step: optional callable run on the model after each optimiser step (e.g.
             ``SubspaceDAE.orthonormalize_``).
     """
@@ -119,7 +122,15 @@ class NetworkTrainer:
         self.history: dict[str, list[float]] = {"loss": [], "grad_norm": [], "kimg": []}
         self.checkpoint = checkpoint
         if checkpoint is not None and os.path.exists(checkpoint):
-            self.load(checkpoint)
+            try:
+                state = torch.load(checkpoint, map_location=self.data.device, weights_only=False)
+            except Exception as e:  # not a readable checkpoint (this class saves atomically)
+                os.replace(checkpoint, checkpoint + ".corrupt")
+                warnings.warn(f"NetworkTrainer: {checkpoint} could not be read ({e}); moved to "
+                              f"{checkpoint}.corrupt, training from step 0", RuntimeWarning,
+                              stacklevel=2)
+            else:
+                self.load_state_dict(state)
 
     @property
     def kimg(self) -> float:
