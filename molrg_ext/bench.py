@@ -509,8 +509,8 @@ def run_args(a):
     if a.threads:
         torch.set_num_threads(a.threads)
     dae = [DAE_SHAPES[0], DAE_SHAPES[3]] if a.quick else None
-    if a.shapes:
-        dae = a.shapes
+    if a.shapes:  # parsed by argparse (_shapes); a string from a caller's own Namespace too
+        dae = _shapes(a.shapes) if isinstance(a.shapes, str) else a.shapes
     train = [(48, 2, 6, 256, 8)] if a.quick else None
     if a.no_train:
         train = []

@@ -1,4 +1,5 @@
 """The network experiments run end to end at tiny sizes, write their files and resume."""
+import contextlib
 import json
 import os
 
@@ -211,7 +212,22 @@ def test_edit_refuses_a_model_of_other_settings(tmp_path, capsys):
     open(os.path.join(out, "mine.txt"), "w").write("not the command's")
     assert cli.main(args + ["--steps", "5", "--fresh"]) == 0
     assert os.path.exists(os.path.join(out, "mine.txt"))  # --fresh deletes only its own files
-    assert json.load(open(os.path.join(out, "settings.json")))["steps"] == 5
+    assert json.load(open(os.path.join(out, "edit.settings.json")))["steps"] == 5
+
+
+def test_commands_sharing_an_out_keep_their_own_settings_and_files(tmp_path):
+    """rank-vs-snr and edit in one --out: neither refuses because of the other, and --fresh on
+    one deletes only its own files (they had shared settings.json and ckpt/)."""
+    out = str(tmp_path / "shared")
+    rank = ["rank-vs-snr", "--out", out, "--checkpoints", "2", "--noises", "2", "--real-steps",
+            "0", "--channels", "4", "--no-progress"]
+    edit = ["edit", "--out", out, "--steps", "3", "--channels", "4", "--images", "1",
+            "--directions", "1", "--alphas", "0", "1", "--no-progress"]
+    assert cli.main(rank) == 0 and cli.main(edit) == 0
+    assert cli.main(edit + ["--fresh"]) == 0
+    assert os.path.exists(os.path.join(out, "ckpt", "unet_molrg.pt"))
+    assert os.path.exists(os.path.join(out, "rank-vs-snr.settings.json"))
+    assert cli.main(rank) == 0  # still its own settings: accepted, nothing recomputed
 
 
 @pytest.mark.parametrize("argv, option", [
@@ -257,3 +273,23 @@ def test_a_corrupt_results_file_is_moved_aside_and_recomputed(tmp_path):
     assert {k: _curve_fields(v) for k, v in again.items()} == {
         k: _curve_fields(v) for k, v in cells.items()}  # recomputed: the same but for the timing
     assert os.path.exists(path + ".corrupt")
+
+
+def test_rank_vs_snr_old_folder_without_settings(tmp_path, capsys):
+    """A folder of an older version (no settings file): the results' config stands in for it,
+    and networks whose config cannot be read (results moved aside as corrupt) are refused every
+    time, not once."""
+    out = str(tmp_path / "old")
+    args = ["rank-vs-snr", "--out", out, "--checkpoints", "2", "--noises", "2", "--real-steps",
+            "0", "--channels", "4", "--no-progress"]
+    assert cli.main(args) == 0
+    os.remove(os.path.join(out, "rank-vs-snr.settings.json"))
+    assert cli.main(args) == 0  # same settings as the results' config: accepted
+    os.remove(os.path.join(out, "rank-vs-snr.settings.json"))
+    open(os.path.join(out, "rank_vs_snr.json"), "w").write("{")
+    for _ in range(2):
+        with pytest.raises(SystemExit) as e:
+            with pytest.warns(RuntimeWarning) if _ == 0 else contextlib.nullcontext():
+                cli.main(args + ["--seed", "1"])
+        assert e.value.code == 2
+    assert "--fresh" in capsys.readouterr().err

@@ -14,6 +14,9 @@
 # torch (docs/cuda.md).
 set -uo pipefail
 PY=${1:-python3}
+# an absolute path to the interpreter: the script changes directory below
+if [[ "$PY" == */* ]]; then PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
+else PY=$(command -v "$PY" || echo "$PY"); fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$root/gpu_out}
 mkdir -p "$OUT"
@@ -23,6 +26,8 @@ stages=${STAGES:-1 2 3 4}
 has() { [[ " $stages " == *" $1 "* ]]; }
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/stages.txt"; }
+failed=0   # the exit status: 1 when any stage failed (the device tool reports it as rc)
+built=1    # stages 3 and 4 need the CUDA build of stage 2 when it runs
 
 if has 1; then
   { nvidia-smi || true
@@ -59,16 +64,19 @@ if has 2; then
     cmake --build build/gpu -j "$(nproc)"' _ "$(command -v "$PY")" "$nvcc_bin" "$arch" \
     "${extra[@]}" > "$OUT/build.log" 2>&1
   rc=$?
+  [ $rc -eq 0 ] || { failed=1; built=0; }
   if [ $rc -eq 0 ]; then
     # the built library alone (no molrg_ext import): are all eight ops registered for CUDA?
     "$PY" -c "
-import glob, torch
+import glob, sys, torch
 torch.ops.load_library(glob.glob('build/gpu/_C*.so')[0])
 ops = ['subspace_dae', 'subspace_dae_backward', 'hard_assign', 'train_step',
        'dae_jacobian_spectrum', 'sym_eig', 'optimal_denoiser', 'optimal_denoiser_backward']
-for op in ops:
-    print(op, torch._C._dispatch_has_kernel_for_dispatch_key('molrg::' + op, 'CUDA'))
-" >> "$OUT/build.log" 2>&1
+ok = [torch._C._dispatch_has_kernel_for_dispatch_key('molrg::' + op, 'CUDA') for op in ops]
+for op, k in zip(ops, ok):
+    print(op, k)
+sys.exit(0 if all(ok) else 1)
+" >> "$OUT/build.log" 2>&1 || { failed=1; built=0; rc="$rc, not every op has a CUDA kernel"; }
     # installed next to the Python sources for the tests only where there is a GPU (a dry run
     # here keeps the working tree's CPU build); renamed over the old module, as build_inplace.sh
     if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -81,10 +89,17 @@ for op in ops:
   stamp "build rc=$rc (arch $arch)"
 fi
 
+if has 3 || has 4; then
+  # without a working CUDA build the CUDA tests would skip and pass: not a result
+  if [ $built -eq 0 ]; then stamp "stages 3-4 not run: the build failed"; exit 1; fi
+fi
+
 if has 3; then
   PYTHONPATH=. timeout "${TEST_S:-180}" "$PY" -m pytest -q -rs python_tests/test_cuda.py \
     -p no:cacheprovider --junitxml="$OUT/test_cuda.xml" > "$OUT/test_cuda.log" 2>&1
-  stamp "test_cuda rc=$? ($(tail -1 "$OUT/test_cuda.log"))"
+  rc=$?
+  [ $rc -eq 0 ] || failed=1
+  stamp "test_cuda rc=$rc ($(tail -1 "$OUT/test_cuda.log"))"
 fi
 
 if has 4; then
@@ -92,5 +107,8 @@ if has 4; then
     benchmarks/bench_optimal_denoiser_cuda.py -p no:cacheprovider --benchmark-only \
     --benchmark-columns=min,median,rounds --benchmark-json="$OUT/bench_cuda.json" \
     > "$OUT/bench_cuda.log" 2>&1
-  stamp "bench_cuda rc=$? ($(tail -1 "$OUT/bench_cuda.log"))"
+  rc=$?
+  [ $rc -eq 0 ] || failed=1
+  stamp "bench_cuda rc=$rc ($(tail -1 "$OUT/bench_cuda.log"))"
 fi
+exit $failed

@@ -58,16 +58,19 @@ def check_settings(out: str, where: str, settings: dict, fresh: bool = False,
 
     ``settings`` are the values that determine the results and checkpoints cached in ``out``
     (seed, model, data and training settings; not the list of things to compute, which a rerun may
-    extend). They are kept in ``out/settings.json``; a rerun whose settings differ raises a
+    extend). They are kept in ``out/<where>.settings.json`` (one file per command, so commands
+    sharing an ``out`` never compare each other's); a rerun whose settings differ raises a
     ValueError naming each difference (the CLI reports it as a usage error), since mixing the
     two runs' results or resuming a network trained with other settings would be silently wrong.
     ``fresh``: delete what the command keeps in ``out`` first (``owned``: its result files and
-    checkpoint folders, names relative to ``out``; nothing else there) and start over. ``saved``:
-    the settings an older version recorded elsewhere (used when there is no settings.json)."""
-    path = os.path.join(out, "settings.json")
+    checkpoint folders, names relative to ``out``, none shared with another command; nothing
+    else there) and start over. ``saved``: the settings an older version recorded elsewhere
+    (used when there is no settings file; ``{}`` refuses any settings)."""
+    settings_name = f"{where}.settings.json"
+    path = os.path.join(out, settings_name)
     if fresh:
         saved = None
-        for name in (*owned, "settings.json"):
+        for name in (*owned, settings_name):
             p = os.path.join(out, name)
             if os.path.isdir(p):
                 shutil.rmtree(p)

@@ -9,7 +9,7 @@ the Heun sampler from there back to sigma = 0. ``alpha`` spans [-6, 6].
 Also records how much each edit changes the denoiser output relative to the random direction,
 i.e. ``||x_theta(x_t + alpha v) - x_theta(x_t)||`` (first order: ``|alpha| sigma_i``).
 Writes ``edit.png`` (grid), ``edit.json`` and ``edit.csv`` to ``--out``; the trained model is
-checkpointed under ``--out/ckpt`` and resumed or reused by a rerun with the same seed and
+checkpointed under ``--out/ckpt_edit`` and resumed or reused by a rerun with the same seed and
 training settings (other ones in the same ``--out`` are refused; ``--fresh`` starts over).
 """
 from __future__ import annotations
@@ -77,16 +77,17 @@ def run(args) -> int:
         if not ok:
             raise ValueError(f"edit: {what}")
     # the checkpointed network depends on these; the edit itself is recomputed on every run
+    # (its own checkpoint folder: rank-vs-snr, which may share --out, has ckpt/unet_digits.pt too)
     check_settings(args.out, "edit", {k: cfg[k] for k in ("steps", "batch", "lr", "channels")}
-                   | {"seed": args.seed}, fresh=args.fresh,
-                   owned=("ckpt", "edit.json", "edit.csv", "edit.png"),
-                   saved={} if os.path.exists(os.path.join(args.out, "ckpt")) else None)
+                   | {"seed": args.seed}, fresh=getattr(args, "fresh", False),
+                   owned=("ckpt_edit", "edit.json", "edit.csv", "edit.png"))
     seed_everything(args.seed)
     data = digits_images()
     torch.manual_seed(args.seed)
     model = make_unet_denoiser((1, 8, 8), model_channels=cfg["channels"], sigma_data=float(data.std()))
     tr = NetworkTrainer(model, data, batch_size=cfg["batch"], lr=cfg["lr"], ema_decay=0.99,
-                        seed=args.seed, checkpoint=os.path.join(args.out, "ckpt", "unet_digits.pt"))
+                        seed=args.seed,
+                        checkpoint=os.path.join(args.out, "ckpt_edit", "unet_digits.pt"))
     if tr.step < cfg["steps"]:
         tr.train(cfg["steps"] - tr.step, progress=not args.no_progress, save_every=200)
     den = tr.ema.eval()

@@ -164,10 +164,17 @@ def run(args) -> int:
     settings = {k: v for k, v in cfg.items() if k not in ("checkpoints", "real_steps")}
     settings["seed"] = args.seed
     path = os.path.join(args.out, "rank_vs_snr.json")
-    old = None if args.fresh or not os.path.exists(path) else (read_json(path) or {})
-    check_settings(args.out, "rank-vs-snr", settings, fresh=args.fresh,
+    fresh = getattr(args, "fresh", False)
+    # a folder of an older version has no settings file: its results' config stands in, and
+    # networks without a readable config (results moved aside as corrupt) are refused every time
+    old = None
+    if not fresh and os.path.exists(path):
+        old = _settings_of((read_json(path) or {}).get("config", {}))
+    if not fresh and old is None and os.path.isdir(os.path.join(args.out, "ckpt")):
+        old = {}
+    check_settings(args.out, "rank-vs-snr", settings, fresh=fresh,
                    owned=("ckpt", "rank_vs_snr.json", "rank_vs_snr.csv", "rank_vs_snr.png"),
-                   saved=None if old is None else _settings_of(old.get("config", {})))
+                   saved=old)
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     progress = not args.no_progress
@@ -202,6 +209,16 @@ def run(args) -> int:
     if cfg["real_steps"]:
         wanted |= {f"{model_name(cfg, d)}@{cfg['real_steps']}" for d in ("digits", "patches")}
     shown = {k: v for k, v in results.items() if k in wanted or k not in _curves(results)}
+    # gradient-norm histories of the networks shown, up to the last step asked for
+    last = {model_name(cfg, "molrg"): max(checkpoints)}
+    if cfg["real_steps"]:
+        last |= {model_name(cfg, d): cfg["real_steps"] for d in ("digits", "patches")}
+    for k in [k for k in shown if k.endswith(":grad_norm")]:
+        name = k[: -len(":grad_norm")]
+        if name in last:
+            shown[k] = shown[k][: last[name]]
+        else:
+            del shown[k]
     results["seconds_all_networks"] = sum(v.get("seconds", 0.0) for v in _curves(shown).values())
     results["gap_to_dae"] = {k: dae_gap(v, results["subspace_dae"]) for k, v in shown.items()
                              if "_molrg@" in k}
@@ -226,7 +243,8 @@ def run(args) -> int:
 
 
 def _settings_of(config: dict) -> dict:
-    """The settings part of a results file's config (for folders written before settings.json)."""
+    """The settings part of a results file's config (for folders written before the settings
+    file)."""
     return {k: v for k, v in config.items() if k not in ("checkpoints", "real_steps", "preset")}
 
 
