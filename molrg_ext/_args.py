@@ -80,14 +80,36 @@ def dims_list(dims, K: Optional[int], where: str, name: str = "dims", hi: Option
     return out
 
 
+def check_mixture_weights(p: torch.Tensor, K: Optional[int], where: str) -> torch.Tensor:
+    """p, after a ValueError unless it is a 1-D tensor of K (any number >= 1 when K is None)
+    finite weights >= 0, not all zero. The caller normalises it (in its own dtype)."""
+    bad_shape = p.dim() != 1 or p.numel() == 0 or (K is not None and p.numel() != K)
+    if K is not None:
+        if bad_shape or not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+            raise ValueError(f"{where}: pi must be K = {K} finite weights >= 0, not all zero, got "
+                             f"{p.tolist()}")
+        return p
+    if bad_shape:
+        raise ValueError(f"{where}: pi must be a 1-D sequence of K weights, got shape "
+                         f"{tuple(p.shape)}")
+    if not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"{where}: pi must be finite and >= 0, not all zero, got {p.tolist()}")
+    return p
+
+
+def check_number_or_tensor(v, name: str, where: str):
+    """v, after a TypeError naming ``name`` unless it is a tensor or a Python number (not a bool)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
+        raise TypeError(f"{where}: {name} must be a number or a tensor, got {type(v).__name__}")
+    return v
+
+
 def number_or_tensor(v, name: str, where: str) -> torch.Tensor:
     """v as a tensor: a Python number becomes a 0-d float64 tensor, an integer tensor the default
     float dtype; bools and other types are TypeErrors naming ``name``."""
-    if isinstance(v, torch.Tensor):
+    if isinstance(check_number_or_tensor(v, name, where), torch.Tensor):
         return v if v.is_floating_point() else v.to(torch.get_default_dtype())
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return torch.tensor(float(v), dtype=torch.float64)
-    raise TypeError(f"{where}: {name} must be a number or a tensor, got {type(v).__name__}")
+    return torch.tensor(float(v), dtype=torch.float64)
 
 
 def check_range(v: torch.Tensor, name: str, where: str, lo: float, hi: float = math.inf,

@@ -37,6 +37,7 @@ from .jacobian import dae_jacobian_spectrum
 from .ops import subspace_dae
 from .posterior import posterior_mean_coefficients
 from .reference import masked_bases
+from .experiments._common import int_at_least
 from .train_step import Levels, train_step
 
 __all__ = [
@@ -471,11 +472,6 @@ def main(argv=None):
     return run_args(p.parse_args(argv))
 
 
-def _int_at_least(lo):
-    from .experiments._common import int_at_least
-    return int_at_least(lo)
-
-
 def _shapes(text: str) -> list:
     """argparse type of --shapes: "n,K,d,B;n,K,d,B" with positive ints (K d <= n is the ops')."""
     import argparse
@@ -493,11 +489,11 @@ def _shapes(text: str) -> list:
 
 def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="small shapes only")
-    p.add_argument("--repeats", type=_int_at_least(1), default=5)
+    p.add_argument("--repeats", type=int_at_least(1), default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--modes", default="soft", help="denoiser modes, comma separated")
     p.add_argument("--out", default="results/bench.json", help="JSON output path")
-    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch.set_num_threads")
     p.add_argument("--shapes", type=_shapes, default=None,
                    help="denoiser shapes as n,K,d,B;n,K,d,B (default: the built-in list)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step rows")

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._args import as_int, as_int_list, dims_list
+from ._args import as_int, as_int_list, check_mixture_weights, dims_list
 
 __all__ = ["MoLRGData", "sample_molrg", "sample_from_bases"]
 
@@ -66,11 +66,7 @@ class MoLRGData:
 def _parse_pi(pi, K: int, where: str) -> torch.Tensor:
     if pi is None:
         return torch.full((K,), 1.0 / K, dtype=torch.float64)
-    p = torch.as_tensor(pi, dtype=torch.float64).flatten()
-    if p.numel() != K:
-        raise ValueError(f"{where}: pi must have K = {K} entries, got {p.numel()}")
-    if not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
-        raise ValueError(f"{where}: pi must be finite, >= 0 and not all zero, got {p.tolist()}")
+    p = check_mixture_weights(torch.as_tensor(pi, dtype=torch.float64).flatten(), K, where)
     return p / p.sum()
 
 

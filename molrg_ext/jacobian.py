@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import check_positive, prepare_dae_args, restore
+from ._args import check_number_or_tensor, check_positive, prepare_dae_args, restore
 
 __all__ = [
     "dae_jacobian_spectrum",
@@ -151,10 +151,8 @@ def numerical_rank(svals: torch.Tensor, eta: float = 0.99, tail=None) -> torch.T
     s = torch.sort(svals.double(), dim=-1, descending=True).values
     tail_t = None
     if tail is not None:
-        if isinstance(tail, bool) or not isinstance(tail, (int, float, torch.Tensor)):
-            raise TypeError(f"numerical_rank: tail must be a number or a tensor, got "
-                            f"{type(tail).__name__}")
-        tail_t = torch.as_tensor(tail, dtype=torch.float64, device=svals.device)
+        tail_t = torch.as_tensor(check_number_or_tensor(tail, "tail", "numerical_rank"),
+                                 dtype=torch.float64, device=svals.device)
         try:
             ok = torch.broadcast_shapes(tail_t.shape, lead) == lead
         except RuntimeError:
@@ -201,9 +199,8 @@ def _is_subspace_dae(denoiser) -> bool:
 
 
 def _sigma_per_sample(sigma, x: torch.Tensor, B: int, where: str) -> torch.Tensor:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
-        raise TypeError(f"{where}: sigma must be a number or a tensor, got {type(sigma).__name__}")
-    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    s = torch.as_tensor(check_number_or_tensor(sigma, "sigma", where), dtype=x.dtype,
+                        device=x.device)
     try:
         s = torch.broadcast_to(s, (B,))
     except RuntimeError as e:

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._args import as_int, check_denoiser_data
+from ._args import as_int, check_denoiser_data, check_number_or_tensor
 
 __all__ = ["linear_distill", "LinearDenoiser"]
 
@@ -42,10 +42,7 @@ class LinearDenoiser(nn.Module):
 
     def index(self, sigma: float) -> int:
         """Grid index of the level equal to the number ``sigma`` (an error for any other)."""
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
-            raise TypeError(f"LinearDenoiser: sigma must be a number or a tensor, got "
-                            f"{type(sigma).__name__}")
-        sig = float(sigma)
+        sig = float(check_number_or_tensor(sigma, "sigma", "LinearDenoiser"))
         err = (self.sigmas.double() - sig).abs()
         j = int(err.argmin())
         if not err[j] <= 1e-6 * max(abs(sig), 1e-12):  # NaN fails too

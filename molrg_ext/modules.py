@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._args import as_int, dims_list, is_one_value, parse_dims, parse_mode
+from ._args import as_int, check_mixture_weights, dims_list, is_one_value, parse_dims, parse_mode
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients
 
@@ -77,11 +77,7 @@ class SubspaceDAE(nn.Module):
         self.instances = instances
         self.schedule = schedule
         if pi is not None:
-            pi_t = torch.as_tensor(pi, dtype=torch.float64)
-            if (pi_t.shape != (K,) or not torch.isfinite(pi_t).all() or (pi_t < 0).any()
-                    or pi_t.sum() <= 0):
-                raise ValueError(f"SubspaceDAE: pi must be K = {K} finite weights >= 0, not all "
-                                 f"zero, got {pi_t.tolist()}")
+            pi_t = check_mixture_weights(torch.as_tensor(pi, dtype=torch.float64), K, where)
             self.register_buffer("pi", (pi_t / pi_t.sum()).to(dtype))
         else:
             self.pi = None

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._args import dims_list
+from ._args import check_mixture_weights, check_positive, dims_list
 
 __all__ = ["posterior_mean_coefficients"]
 
@@ -48,10 +48,8 @@ def posterior_mean_coefficients(
     s_t = _as_tensor(s, "s", dtype, device)
     g_t = _as_tensor(gamma, "gamma", dtype, device)
     s_t, g_t = torch.broadcast_tensors(s_t, g_t)
-    if not torch.isfinite(s_t).all() or not (s_t > 0).all():
-        raise ValueError("posterior_mean_coefficients: s must be finite and > 0")
-    if not torch.isfinite(g_t).all() or not (g_t > 0).all():
-        raise ValueError("posterior_mean_coefficients: gamma must be finite and > 0")
+    check_positive(s_t, "s", "posterior_mean_coefficients")
+    check_positive(g_t, "gamma", "posterior_mean_coefficients")
     s2, g2 = s_t * s_t, g_t * g_t
     c = s_t / (s2 + g2)
     phi = s2 / (2.0 * g2 * (s2 + g2))
@@ -69,12 +67,8 @@ def posterior_mean_coefficients(
     if dims is None and pi is None:
         return c, phi, None
     if pi is not None:
-        pi_t = torch.as_tensor(pi, dtype=s_t.dtype, device=s_t.device)
-        if pi_t.dim() != 1 or pi_t.numel() == 0:
-            raise ValueError("posterior_mean_coefficients: pi must be a 1-D sequence of K weights")
-        if (pi_t < 0).any() or not torch.isfinite(pi_t).all() or pi_t.sum() <= 0:
-            raise ValueError("posterior_mean_coefficients: pi must be finite and >= 0, not all "
-                             f"zero, got {pi_t.tolist()}")
+        pi_t = check_mixture_weights(torch.as_tensor(pi, dtype=s_t.dtype, device=s_t.device),
+                                     None, "posterior_mean_coefficients")
         pi_t = pi_t / pi_t.sum()
         K = pi_t.numel()
     if dims is not None:
@@ -82,13 +76,7 @@ def posterior_mean_coefficients(
         d_t = torch.as_tensor(dims_list(dims, K if pi is not None else None,
                                         "posterior_mean_coefficients"),
                               dtype=s_t.dtype, device=s_t.device)
-        if pi is not None and d_t.numel() != K:
-            raise ValueError(
-                f"posterior_mean_coefficients: dims has {d_t.numel()} entries but pi has {K}"
-            )
         K = d_t.numel()
-        if K == 0:
-            raise ValueError("posterior_mean_coefficients: dims is empty (K = 0)")
     if pi is None:
         pi_t = torch.full((K,), 1.0 / K, dtype=s_t.dtype, device=s_t.device)
     log_ratio = log_ratio[..., None]
