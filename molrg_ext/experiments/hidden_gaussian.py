@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ._common import int_at_least, read_json
+from ._common import int_at_least, read_json, write_json
 
 PRESETS = {
     "quick": dict(sizes=[16, 128, 1024], steps=2000, hidden=128, batch=128, n_eval=200,
@@ -301,13 +301,9 @@ def run(args: argparse.Namespace) -> int:
         for c, path in todo:
             bar.set_postfix(dataset=c.dataset, N=c.N)
             res = run_one(c, bar)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(res, f, indent=1)
-            os.replace(tmp, path)
+            write_json(path, res)
             results.append(res)
-    with open(os.path.join(args.out, "hidden_gaussian.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(os.path.join(args.out, "hidden_gaussian.json"), results)
     plot(results, os.path.join(args.out, "hidden_gaussian.png"))
     for r in sorted(results, key=lambda r: (r["config"]["dataset"], r["config"]["N"])):
         mid = min(range(len(r["sigma"])), key=lambda i: abs(math.log(r["sigma"][i] / 0.5)))

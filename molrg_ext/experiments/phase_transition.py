@@ -44,13 +44,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from ._common import finite_float, int_at_least
+from ._common import finite_float, int_at_least, write_json
 
 METHODS = ("svd", "kss", "ensc", "sgd-hard", "sgd-soft")
 N_AMBIENT = 48
@@ -175,9 +174,7 @@ def run_grid(out: Path, K: int, method: str, ds: list, Ns: list, instances: int 
                 rec = None
         if rec is None:
             rec = run_cell(K, method, d, Nk, instances, noise, preset, init, seed)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rec, indent=1))
-            os.replace(tmp, path)  # atomic: an interrupted run never leaves half a cell
+            write_json(str(path), rec)  # atomic: an interrupted run never leaves half a cell
             computed += 1
         results[(d, Nk)] = rec
         bar.set_postfix(d=d, N=Nk, rate=f"{rec['success_rate']:.2f}")

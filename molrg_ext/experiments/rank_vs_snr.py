@@ -161,8 +161,7 @@ def run(args) -> int:
     if min(checkpoints) < 1 or cfg["noises"] < 1 or cfg["real_steps"] < 0:
         raise ValueError("rank-vs-snr: need --checkpoints >= 1, --noises >= 1, --real-steps >= 0")
     # what determines the cached curves and networks (not which checkpoints are evaluated)
-    settings = {k: v for k, v in cfg.items() if k not in ("checkpoints", "real_steps")}
-    settings["seed"] = args.seed
+    settings = _settings_of({**cfg, "seed": args.seed})
     path = os.path.join(args.out, "rank_vs_snr.json")
     fresh = getattr(args, "fresh", False)
     # a folder of an older version has no settings file: its results' config stands in, and
@@ -243,8 +242,8 @@ def run(args) -> int:
 
 
 def _settings_of(config: dict) -> dict:
-    """The settings part of a results file's config (for folders written before the settings
-    file)."""
+    """The settings part of a run's config (the results file's, for folders written before the
+    settings file): all of it but which checkpoints and real-data steps are evaluated."""
     return {k: v for k, v in config.items() if k not in ("checkpoints", "real_steps", "preset")}
 
 
