@@ -12,7 +12,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from .._args import dims_list
 
@@ -91,6 +90,8 @@ def subspace_distance(U_est: torch.Tensor, U_true: torch.Tensor, dims=None,
     cost = torch.linalg.matrix_norm(diff, ord=NORMS[norm]).cpu().numpy()
     dist = np.empty(cost.shape[0])
     perms = np.empty((cost.shape[0], K), dtype=np.int64)
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize costs 0.4 s to import
+
     for p in range(cost.shape[0]):
         rows, cols = linear_sum_assignment(cost[p])
         dist[p] = cost[p][rows, cols].mean()
@@ -128,6 +129,8 @@ def clustering_accuracy(labels, pred) -> torch.Tensor:
     single = lab.dim() == 1
     lab2, prd2 = lab.reshape(-1, lab.shape[-1]).cpu(), prd.reshape(-1, prd.shape[-1]).cpu()
     acc = np.empty(lab2.shape[0])
+    from scipy.optimize import linear_sum_assignment  # here: see subspace_distance
+
     for p in range(lab2.shape[0]):
         kt, kp = int(lab2[p].max()) + 1, int(prd2[p].max()) + 1
         conf = np.zeros((kp, kt))
