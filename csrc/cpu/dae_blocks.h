@@ -328,7 +328,7 @@ inline void transpose_vw(const T* z, int zs, T* out, int64_t ld) {
     store_transposed8(z, zs, out, ld);
 }
 
-// Whether a block's rows [S, Dp] can be turned into columns of W samples (lanes_in, lanes_out):
+// Whether a block's rows [S, Dp] can be turned into columns of W samples (lanes_in):
 // float with AVX2 or AVX-512 (the vector transposes), and panels of at most 4 vectors (the lane
 // buffers' size).
 template <typename T>
@@ -342,16 +342,11 @@ inline bool lanes_apply(const PanelGeom& g) {
 #endif
 }
 
-// cols [Dp][W] = the W rows at rows (row stride Dp), transposed; and back (lanes_apply).
+// cols [Dp][W] = the W rows at rows (row stride Dp), transposed (lanes_apply).
 template <typename T>
 inline void lanes_in(const T* rows, int Dp, T* cols) {
   constexpr int W = simd<T>::W;
   for (int c = 0; c < Dp; c += W) transpose_vw(rows + c, Dp, cols + c * W, W);
-}
-template <typename T>
-inline void lanes_out(const T* cols, int Dp, T* rows) {
-  constexpr int W = simd<T>::W;
-  for (int c = 0; c < Dp; c += W) transpose_vw(cols + c * W, W, rows + c, Dp);
 }
 
 // The sums of comp_sums from the products Q [rows of Dp] by W x W transposes (lanes_apply): one
@@ -602,8 +597,8 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
 // R) are transposed, one vector per column with the samples in the lanes; ||P_k||^2 and
 // <r_k, P_k> are summed over each component's columns; the soft-max weights and their gradient
 // run lane by lane (soft_weights, soft_dlogit, lane-major [K][W]); C_k = c w_k P_k and
-// dP_k = c w_k r_k + 2 phi dlogit_k P_k are formed as columns and transposed back into the rows
-// of C and dP. The row-major path makes [S, Kp] sums (comp_sums), spreads [S, K] coefficients by
+// dP_k = c w_k r_k + 2 phi dlogit_k P_k are formed as columns and stored lane-major, group by
+// group (lane_group), where expand and outer read them (tiles.h, coef_offset). The row-major path makes [S, Kp] sums (comp_sums), spreads [S, K] coefficients by
 // indicator products and runs an elementwise pass over [S, Dp] for each of C and dP. Training
 // step, a block of 64 at n = 48, K = 2, d = 6, forward and backward, in cache: 738 against 921 ns
 // (AVX-512), 662 against 1057 (AVX2); in the op, paired, soft 0.943; the denoiser's fwd+bwd at
@@ -620,6 +615,13 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
 template <typename T>
 inline bool soft_lanes_apply(const PanelGeom& g) {
   return lanes_apply<T>(g) && g.K <= 4;
+}
+
+// The [Dp][W] block of the group of samples r0 .. r0 + W - 1 (r0 a multiple of W) in a
+// lane-major coefficient buffer of a block (s.C, s.dP; tiles.h coef_offset with stride Dp).
+template <typename T>
+inline T (*lane_group(T* buf, int r0, const PanelGeom& g))[simd<T>::W] {
+  return reinterpret_cast<T(*)[simd<T>::W]>(buf + (int64_t)r0 * g.Dp);
 }
 
 // out[k] = sum over the columns j of component k of a[j] b[j], lane by lane.
@@ -654,7 +656,7 @@ inline void lanes_coef_cols(const T (*ca)[simd<T>::W], const T* a, const T (*cb)
 template <typename T, int KC>
 struct SoftLanes {
   static constexpr int W = simd<T>::W;
-  alignas(64) T pt[4 * W][W], rt[4 * W][W], out[4 * W][W];  // columns of P, R, and of C or dP
+  alignas(64) T pt[4 * W][W], rt[4 * W][W];  // columns of P and R
   alignas(64) T sq[KC][W], rp[KC][W], w[KC][W], ca[KC][W], cb[KC][W], dl[KC][W];
   alignas(64) T c[W], phi[W], dc[W], dphi[W];
   alignas(64) T bias[W][KC];  // row-major: soft_weights reads bias rows (BiasRows::kSample)
@@ -678,7 +680,7 @@ struct SoftLanes {
   }
 };
 
-// The training step's forward: P rows [S, Dp] -> C rows (s.C); keeps P^T in s.Q and w, c w in
+// The training step's forward: P rows [S, Dp] -> C, lane-major (s.C); keeps P^T in s.Q and w, c w in
 // s.w, s.ca (per group, lane-major [K][W]) for soft_train_lanes_bwd. cs, phis: s.cs, s.phis.
 template <typename T, int KC>
 MOLRG_FULL_WIDTH void soft_train_lanes_fwd(const T* P, int S, const PanelGeom& g,
@@ -700,12 +702,13 @@ MOLRG_FULL_WIDTH void soft_train_lanes_fwd(const T* P, int S, const PanelGeom& g
     else
       soft_weights<T, KC, BiasRows::kNone, W>(&ln.sq[0][0], 0, phis, cs, nullptr, nullptr, W, w,
                                               ca);
-    lanes_coef_cols<T, KC>(reinterpret_cast<const T(*)[W]>(ca), pt, nullptr, nullptr, g, ln.out);
-    lanes_out(&ln.out[0][0], g.Dp, s.C.data() + (int64_t)r0 * g.Dp);
+    lanes_coef_cols<T, KC>(reinterpret_cast<const T(*)[W]>(ca), pt, nullptr, nullptr, g,
+                           lane_group(s.C.data(), r0, g));
   }
 }
 
-// The training step's backward: R rows [S, Dp] -> dP rows (s.dP), from what the forward kept.
+// The training step's backward: R rows [S, Dp] -> dP, lane-major (s.dP), from what the forward
+// kept.
 template <typename T, int KC>
 MOLRG_FULL_WIDTH void soft_train_lanes_bwd(const T* R, int S, const PanelGeom& g,
                                            BlockScratch<T>& s) {
@@ -719,8 +722,8 @@ MOLRG_FULL_WIDTH void soft_train_lanes_bwd(const T* R, int S, const PanelGeom& g
     soft_dlogit<T, KC, false, W>(&ln.rp[0][0], nullptr, 0, s.w.data() + (int64_t)r0 * KC,
                                  s.cs.data() + r0, s.phis.data() + r0, W, &ln.cb[0][0], nullptr,
                                  nullptr, nullptr);
-    lanes_coef_cols<T, KC>(ca, &ln.rt[0][0], ln.cb, pt, g, ln.out);
-    lanes_out(&ln.out[0][0], g.Dp, s.dP.data() + (int64_t)r0 * g.Dp);
+    lanes_coef_cols<T, KC>(ca, &ln.rt[0][0], ln.cb, pt, g,
+                           lane_group(s.dP.data(), r0, g));
   }
 }
 
@@ -750,8 +753,8 @@ inline void lanes_to_rows(const T (*lanes)[simd<T>::W], int r0, int rows, T* a) 
     for (int k = 0; k < KC; ++k) a[(int64_t)(r0 + l) * KC + k] = lanes[k][l];
 }
 
-// The denoiser's forward (dae_forward_block): P rows [S, Dp] -> w [S, K] (the caller's) and C rows
-// (s.C), from c, phi [S] and bias [S, K] (or none).
+// The denoiser's forward (dae_forward_block): P rows [S, Dp] -> w [S, K] (the caller's) and C,
+// lane-major (s.C), from c, phi [S] and bias [S, K] (or none).
 template <typename T, int KC>
 void soft_dae_lanes_fwd(const T* P, int S, const PanelGeom& g, const T* c, const T* phi,
                         const T* bias, T* w, BlockScratch<T>& s) {
@@ -767,13 +770,13 @@ void soft_dae_lanes_fwd(const T* P, int S, const PanelGeom& g, const T* c, const
                                               &ln.w[0][0], &ln.ca[0][0]);
     }
     lanes_to_rows<T, KC>(ln.w, r0, rows, w);
-    lanes_coef_cols<T, KC>(ln.ca, &ln.pt[0][0], nullptr, nullptr, g, ln.out);
-    lanes_out(&ln.out[0][0], g.Dp, s.C.data() + (int64_t)r0 * g.Dp);
+    lanes_coef_cols<T, KC>(ln.ca, &ln.pt[0][0], nullptr, nullptr, g,
+                           lane_group(s.C.data(), r0, g));
   });
 }
 
 // The denoiser's backward (dae_backward_block): P rows (the saved projections, padded) and R rows
-// [S, Dp], w [S, K], c, phi [S] -> C and dP rows (s.C, s.dP), dlogit [S, K], dc, dphi [S].
+// [S, Dp], w [S, K], c, phi [S] -> C and dP, lane-major (s.C, s.dP), dlogit [S, K], dc, dphi [S].
 template <typename T, int KC>
 void soft_dae_lanes_bwd(const T* P, const T* R, int S, const PanelGeom& g, const T* w,
                         const T* c, const T* phi, T* dlogit, T* dc, T* dphi, BlockScratch<T>& s) {
@@ -789,10 +792,10 @@ void soft_dae_lanes_bwd(const T* P, const T* R, int S, const PanelGeom& g, const
     lanes_to_rows<T, KC>(ln.dl, r0, rows, dlogit);
     std::copy(ln.dc, ln.dc + rows, dc + r0);
     std::copy(ln.dphi, ln.dphi + rows, dphi + r0);
-    lanes_coef_cols<T, KC>(ln.ca, &ln.pt[0][0], nullptr, nullptr, g, ln.out);
-    lanes_out(&ln.out[0][0], g.Dp, s.C.data() + (int64_t)r0 * g.Dp);
-    lanes_coef_cols<T, KC>(ln.ca, &ln.rt[0][0], ln.cb, &ln.pt[0][0], g, ln.out);
-    lanes_out(&ln.out[0][0], g.Dp, s.dP.data() + (int64_t)r0 * g.Dp);
+    lanes_coef_cols<T, KC>(ln.ca, &ln.pt[0][0], nullptr, nullptr, g,
+                           lane_group(s.C.data(), r0, g));
+    lanes_coef_cols<T, KC>(ln.ca, &ln.rt[0][0], ln.cb, &ln.pt[0][0], g,
+                           lane_group(s.dP.data(), r0, g));
   });
 }
 
@@ -947,7 +950,7 @@ void dae_forward_block(const T* x, int S, const Panels<T>& pn, const int32_t* di
       soft_block_weights(s.P.data(), s.sums.data(), phi, c, bias,
                          bias ? BiasRows::kSample : BiasRows::kNone, nullptr, S, pn, w, s);
     }
-    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_y, pf);
+    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_y, pf, lanes);
     return;
   }
   // hard: one group per component (the x rows were read in order by the projection above)
@@ -989,7 +992,8 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
     }
     project(s.rowA.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D, pf);
     pad_proj_rows(proj, S, D, Dp, s.P.data());  // the saved projections as full-panel rows
-    if (soft_lanes_apply<T>(g)) {
+    const bool lanes = soft_lanes_apply<T>(g);  // C and dP lane-major (else rows)
+    if (lanes) {
       with_lanes_K(K, [&](auto kc) {
         soft_dae_lanes_bwd<T, decltype(kc)::value>(s.P.data(), s.R.data(), S, g, w, c, phi,
                                                    dbias, dc, dphi, s);
@@ -1000,8 +1004,10 @@ void dae_backward_block(const T* gy, const T* x, int S, const Panels<T>& pn, con
       soft_block_grads(s.R.data(), s.P.data(), s.sums2.data(), w, c, phi, S, pn, dbias, dc, dphi,
                        s);
     }
-    if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_dx, pf);
-    if (acc) outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc, pf);
+    if (dx) expand(s.dP.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), stream_dx, pf, lanes);
+    if (acc) {
+      outer(s.rowB.data(), s.dP.data(), s.rowA.data(), s.C.data(), Dp, S, D, n, acc, pf, lanes);
+    }
     return;
   }
   // hard: one group per component, reading the gy and x rows (and writing dx) in group order;
@@ -1196,7 +1202,7 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
                          level_bias ? BiasRows::kLevel : BiasRows::kNone, s.lev.data(), S, pn,
                          s.w.data(), s);
     }
-    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), false, tpf);
+    expand(s.C.data(), Dp, S, D, pn.UfT(), D, n, s.rowY.data(), false, tpf, lanes);
     for (int t = 0; t < S; ++t) loss_and_grad(t, s.rowY[t], false);
     project(s.rowC.data(), S, n, pn.Uf(), n, Dp, s.R.data(), Dp, D, tpf);
     if (lanes) {
@@ -1207,7 +1213,7 @@ MOLRG_FULL_WIDTH void train_block(const T* X, uint32_t N, int S, uint32_t m0, ui
       soft_block_grads<T>(s.R.data(), s.P.data(), s.sums2.data(), s.w.data(), s.cs.data(),
                           s.phis.data(), S, pn, nullptr, nullptr, nullptr, s);
     }
-    outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, D, n, acc, tpf);
+    outer(s.rowB.data(), s.dP.data(), s.rowC.data(), s.C.data(), Dp, S, D, n, acc, tpf, lanes);
     s.finish_ahead(pf);
     return;
   }

@@ -246,10 +246,28 @@ inline void project(const T* const* A, int R, int n, const T* U, int urows, int 
   }
 }
 
+// Coefficient matrices [R, J] (C of expand, B of outer) come row-major (entry (r, j) at
+// r * stride + j) or, with Lanes, lane-major by groups of W rows: group q is a [stride][W] block
+// (stride >= J columns of W lanes), entry (r, j) at (r / W) W stride + j W + r % W. That is the
+// layout the soft mode's per-sample math makes in vector lanes (dae_blocks.h), read here without
+// transposing it back into rows. Only the broadcasts' addresses differ: the same sums in the same
+// order, so both layouts give the same bits. Without the transposes back (one 16 x 16 each, about
+// 3 cycles per sample; paired in the op on two threads, Xeon VM): the denoiser's soft fwd+bwd at
+// (48, 2, 6, 65536) 0.983-0.988, at (48, 3, 8, 65536) 0.968; the soft training step 0.994.
+template <typename T, bool Lanes>
+inline int64_t coef_offset(int r, int j, int stride) {
+  constexpr unsigned W = (unsigned)simd<T>::W;
+  if constexpr (Lanes)
+    return (int64_t)((unsigned)r / W) * W * stride + (int64_t)j * W + (unsigned)r % W;
+  else
+    return (int64_t)r * stride + j;
+}
+
 // ---- expand: Y[r][i0 : i0 + NB*W] = sum_{j<J} C[r, j] UTc[j, 0 : NB*W] for RT rows, UTc the
 // panel's chunk of columns i0 .. (rows NB*W apart); entries of the last vector beyond n are not
-// written. Stream: the whole-vector rows are written by non-temporal stores (expand).
-template <typename T, int NB, int RT, bool Stream = false>
+// written. Stream: the whole-vector rows are written by non-temporal stores (expand). Lanes: C
+// points at the tile's first row inside one lane-major group (rows r at C[r + j W]).
+template <typename T, int NB, int RT, bool Stream = false, bool Lanes = false>
 inline void expand_tile(const T* C, int cstride, int J, const T* UTc, int i0, int n,
                         T* const* Y) {
   using S = simd<T>;
@@ -261,7 +279,7 @@ inline void expand_tile(const T* C, int cstride, int J, const T* UTc, int i0, in
     v u[NB];
     for (int b = 0; b < NB; ++b) u[b] = S::load(UTc + (int64_t)j * (NB * W) + b * W);
     for (int r = 0; r < RT; ++r) {
-      const v a = S::set1(C[(int64_t)r * cstride + j]);
+      const v a = S::set1(Lanes ? C[r + j * W] : C[(int64_t)r * cstride + j]);
       for (int b = 0; b < NB; ++b) acc[r][b] += a * u[b];
     }
   }
@@ -284,19 +302,25 @@ inline void expand_tile(const T* C, int cstride, int J, const T* UTc, int i0, in
     for (int e = 0; e < m; ++e) Y[r][i0 + e] = buf[r][e];
 }
 
-template <typename T, int NB, int RT, bool Stream>
+// Lanes: the tiles run group by group (a tile's rows must lie in one group).
+template <typename T, int NB, int RT, bool Stream, bool Lanes>
 inline void expand_rows(const T* C, int cstride, int R, int J, const T* UTc, int i0, int n,
                         T* const* Y, RangePrefetch* pf) {
-  int r = 0;
-  for (; r + RT <= R; r += RT) {
-    if (pf) pf->next();
-    expand_tile<T, NB, RT, Stream>(C + (int64_t)r * cstride, cstride, J, UTc, i0, n, Y + r);
+  const int G = Lanes ? simd<T>::W : R;
+  for (int g0 = 0; g0 < R; g0 += G) {
+    const int Rg = std::min(G, R - g0);
+    auto at = [&](int r) { return C + coef_offset<T, Lanes>(g0 + r, 0, cstride); };
+    int r = 0;
+    for (; r + RT <= Rg; r += RT) {
+      if (pf) pf->next();
+      expand_tile<T, NB, RT, Stream, Lanes>(at(r), cstride, J, UTc, i0, n, Y + g0 + r);
+    }
+    with_tail<RT>(Rg - r, [&](auto m) {
+      if (pf) pf->next();
+      expand_tile<T, NB, decltype(m)::value, Stream, Lanes>(at(r), cstride, J, UTc, i0, n,
+                                                            Y + g0 + r);
+    });
   }
-  with_tail<RT>(R - r, [&](auto m) {
-    if (pf) pf->next();
-    expand_tile<T, NB, decltype(m)::value, Stream>(C + (int64_t)r * cstride, cstride, J, UTc,
-                                                   i0, n, Y + r);
-  });
 }
 
 // Y [R rows of n] = C [R, J] (row stride cstride) @ UT [J, np], UT the first J rows of a chunked
@@ -305,9 +329,11 @@ inline void expand_rows(const T* C, int cstride, int R, int J, const T* UTc, int
 // long (stream_rows): written by non-temporal stores, which skip reading every line in from
 // memory before overwriting it, and leave the caches to the inputs; the caller calls
 // stream_fence() before the rows are handed on. pf (optional): lines prefetched a few per tile.
+// lanes: C is lane-major by groups of W rows (coef_offset), cstride its columns per group.
 template <typename T>
 inline void expand(const T* C, int cstride, int R, int J, const T* UT, int utrows, int n,
-                   T* const* Y, bool stream = false, RangePrefetch* pf = nullptr) {
+                   T* const* Y, bool stream = false, RangePrefetch* pf = nullptr,
+                   bool lanes = false) {
   static_assert(kExpandChunk == 4, "for_vector_chunks' column blocks are the panel's chunks");
   for_vector_chunks<T>(n, [&](int i0, auto nb) {
     constexpr int NB = decltype(nb)::value;
@@ -319,8 +345,17 @@ inline void expand(const T* C, int cstride, int R, int J, const T* UT, int utrow
     constexpr int F = kVecRegs / 16;
     constexpr int RT = std::min(8, (NB == 1 ? 8 : 12 / NB) * F);
     const T* UTc = UT + (int64_t)i0 * utrows;
-    if (stream) expand_rows<T, NB, RT, true>(C, cstride, R, J, UTc, i0, n, Y, pf);
-    else expand_rows<T, NB, RT, false>(C, cstride, R, J, UTc, i0, n, Y, pf);
+    auto run = [&](auto st, auto ln) {
+      expand_rows<T, NB, RT, decltype(st)::value, decltype(ln)::value>(C, cstride, R, J, UTc, i0,
+                                                                       n, Y, pf);
+    };
+    if (lanes) {
+      if (stream) run(std::true_type{}, std::true_type{});
+      else run(std::false_type{}, std::true_type{});
+    } else {
+      if (stream) run(std::true_type{}, std::false_type{});
+      else run(std::false_type{}, std::false_type{});
+    }
   });
 }
 
@@ -329,7 +364,7 @@ inline void expand(const T* C, int cstride, int R, int J, const T* UT, int utrow
 // FMA per row r, and a row costs NB vector loads and RJ broadcasts for RJ*NB FMAs. Full: the
 // NB vectors lie inside the rows of A; otherwise the last ones are read through a zero-filled
 // copy, so nothing past a row's n entries is touched.
-template <typename T, int NB, int RJ, bool Full>
+template <typename T, int NB, int RJ, bool Full, bool Lanes = false>
 inline void outer_tile(const T* const* A, const T* B, int bstride, int R, int j0, int i0, int n,
                        T* dUT, int np) {
   using S = simd<T>;
@@ -339,7 +374,8 @@ inline void outer_tile(const T* const* A, const T* B, int bstride, int R, int j0
   unrolled<RJ>([&](auto jj) { unrolled<NB>([&](auto q) { acc[jj][q] = v{}; }); });
   for (int r = 0; r < R; ++r) {
     v b[RJ];
-    for (int jj = 0; jj < RJ; ++jj) b[jj] = S::set1(B[(int64_t)r * bstride + j0 + jj]);
+    const T* Br = B + coef_offset<T, Lanes>(r, j0, bstride);
+    for (int jj = 0; jj < RJ; ++jj) b[jj] = S::set1(Br[Lanes ? jj * W : jj]);
     const T* a = A[r] + i0;
     for (int q = 0; q < NB; ++q) {
       v av;
@@ -362,20 +398,20 @@ inline void outer_tile(const T* const* A, const T* B, int bstride, int R, int j0
   });
 }
 
-template <typename T, int NB, int RJ>
+template <typename T, int NB, int RJ, bool Lanes>
 inline void outer_rows(const T* const* A, const T* B, int bstride, int R, int J, int i0, int n,
                        T* dUT, int np, RangePrefetch* pf) {
   constexpr int W = simd<T>::W;
   auto run = [&](auto full) {
+    constexpr bool F = decltype(full)::value;
     int j = 0;
     for (; j + RJ <= J; j += RJ) {
       if (pf) pf->next();
-      outer_tile<T, NB, RJ, decltype(full)::value>(A, B, bstride, R, j, i0, n, dUT, np);
+      outer_tile<T, NB, RJ, F, Lanes>(A, B, bstride, R, j, i0, n, dUT, np);
     }
     with_tail<RJ>(J - j, [&](auto m) {
       if (pf) pf->next();
-      outer_tile<T, NB, decltype(m)::value, decltype(full)::value>(A, B, bstride, R, j, i0, n,
-                                                                   dUT, np);
+      outer_tile<T, NB, decltype(m)::value, F, Lanes>(A, B, bstride, R, j, i0, n, dUT, np);
     });
   };
   if (i0 + NB * W <= n) run(std::true_type{});
@@ -384,10 +420,11 @@ inline void outer_rows(const T* const* A, const T* B, int bstride, int R, int J,
 
 // dUT [J rows of np] += B^T A + B2^T A2, with A, A2 [R rows of n], B, B2 [R, >= J] (row stride
 // bstride) and np = n rounded up to the vector width: the gradient wrt the basis, transposed.
-// pf (optional): lines prefetched a few per tile.
+// pf (optional): lines prefetched a few per tile. lanes: B and B2 are lane-major by groups of W
+// rows (coef_offset), bstride their columns per group.
 template <typename T>
 inline void outer(const T* const* A, const T* B, const T* const* A2, const T* B2, int bstride,
-                  int R, int J, int n, T* dUT, RangePrefetch* pf = nullptr) {
+                  int R, int J, int n, T* dUT, RangePrefetch* pf = nullptr, bool lanes = false) {
   const int np = round_up_vec<T>(n);
   for (int pass = 0; pass < 2; ++pass) {
     const T* const* Ap = pass ? A2 : A;
@@ -396,7 +433,8 @@ inline void outer(const T* const* A, const T* B, const T* const* A2, const T* B2
       constexpr int NB = decltype(nb)::value;
       // RJ*NB accumulators + RJ broadcasts + 1 load: 3, 3, 5, 7 (16 registers), 6, 7, 10, 15 (32)
       constexpr int RJ = (kVecRegs - 1) / (NB + 1);
-      outer_rows<T, NB, RJ>(Ap, Bp, bstride, R, J, i0, n, dUT, np, pf);
+      if (lanes) outer_rows<T, NB, RJ, true>(Ap, Bp, bstride, R, J, i0, n, dUT, np, pf);
+      else outer_rows<T, NB, RJ, false>(Ap, Bp, bstride, R, J, i0, n, dUT, np, pf);
     });
   }
 }
