@@ -598,8 +598,9 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
 // <r_k, P_k> are summed over each component's columns; the soft-max weights and their gradient
 // run lane by lane (soft_weights, soft_dlogit, lane-major [K][W]); C_k = c w_k P_k and
 // dP_k = c w_k r_k + 2 phi dlogit_k P_k are formed as columns and stored lane-major, group by
-// group (lane_group), where expand and outer read them (tiles.h, coef_offset). The row-major path makes [S, Kp] sums (comp_sums), spreads [S, K] coefficients by
-// indicator products and runs an elementwise pass over [S, Dp] for each of C and dP. Training
+// group (lane_group), where expand and outer read them (tiles.h, coef_offset). The row-major
+// path makes [S, Kp] sums (comp_sums), spreads [S, K] coefficients by indicator products and runs
+// an elementwise pass over [S, Dp] for each of C and dP. Training
 // step, a block of 64 at n = 48, K = 2, d = 6, forward and backward, in cache: 738 against 921 ns
 // (AVX-512), 662 against 1057 (AVX2); in the op, paired, soft 0.943; the denoiser's fwd+bwd at
 // (48, 2, 6, 65536) 0.942 and (48, 3, 8, 65536) 0.895. Same formulas; the sums of
@@ -680,8 +681,9 @@ struct SoftLanes {
   }
 };
 
-// The training step's forward: P rows [S, Dp] -> C, lane-major (s.C); keeps P^T in s.Q and w, c w in
-// s.w, s.ca (per group, lane-major [K][W]) for soft_train_lanes_bwd. cs, phis: s.cs, s.phis.
+// The training step's forward: P rows [S, Dp] -> C, lane-major (s.C); keeps P^T in s.Q and w,
+// c w in s.w, s.ca (per group, lane-major [K][W]) for soft_train_lanes_bwd. cs, phis: s.cs,
+// s.phis.
 template <typename T, int KC>
 MOLRG_FULL_WIDTH void soft_train_lanes_fwd(const T* P, int S, const PanelGeom& g,
                                            const T* level_bias, const uint32_t* lev,
