@@ -35,6 +35,10 @@ CASES = [
     (2, 301, 37, [9, 17, 4]),  # D = 51: column chunks 3 + 3 + 1 vectors, dW = 3 vectors
     (1, 130, 64, [8, 8, 8, 8]),  # D = 32, component panels of one vector
     (3, 65, 20, [16]),  # K = 1, dm = 16: two-vector component panel
+    # soft lanes (float32), lane-major C and dP: Dp = 48 (three 16-column blocks per group) with a
+    # partial last group; n = 80: expand chunks of 4 + 1 vectors (tiles of 6 rows, 16-row groups)
+    (2, 77, 40, [16, 9, 12]),
+    (1, 45, 80, [5, 7]),
     (2, 37, 700, [12, 20, 5]),  # large panel (> 64 KiB): batched-GEMM path, padded columns
     (2, 200, 700, [12, 20, 5]),  # B n dmax >= 2^21: hard mode by component groups
     (1, 0, 700, [20, 20, 20]),  # large panel, empty batch

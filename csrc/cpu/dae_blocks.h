@@ -25,6 +25,7 @@
 // both into dU [K, n, dm].
 #pragma once
 
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -166,11 +167,33 @@ void unpack_grad(const T* acc, const PanelGeom& g, const int32_t* dims, T* dU) {
   }
 }
 
+// Allocator of 64-byte aligned storage (a cache line, one AVX-512 vector).
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(std::size_t count) {
+    return static_cast<T*>(::operator new(count * sizeof(T), kAlign));
+  }
+  void deallocate(T* ptr, std::size_t) { ::operator delete(ptr, kAlign); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+};
+
+// A vector whose data start on a cache line. The scratch buffers below are read and written by
+// whole vectors from their start (rows of Dp or n values): from std::vector's 16-byte aligned
+// storage most of those accesses of 64 bytes spanned two lines.
+template <typename T>
+using line_vector = std::vector<T, LineAligned<T>>;
+
 // Per-thread buffers for one block.
 template <typename T>
 struct BlockScratch {
-  std::vector<T> P, C, R, dP, xt, y, w;
-  std::vector<T> Q, E, E2, sums, sums2, ca, cb, cs, phis, dlogit;  // per-sample math
+  line_vector<T> P, C, R, dP, xt, y, w;
+  line_vector<T> Q, E, E2, sums, sums2, ca, cb, cs, phis, dlogit;  // per-sample math
   std::vector<const T*> rowA, rowB, rowC, rowQ;
   std::vector<T*> rowY, rowE, rowE2;
   std::vector<int> comp, sel, start;
@@ -186,7 +209,7 @@ struct BlockScratch {
   uint32_t next_m0 = 0;
   // One instance's packed panels and gradient accumulators, for callers that pack, run and
   // unpack an instance on the thread that owns it (the training step); sized by them.
-  std::vector<T> pan, acc;
+  line_vector<T> pan, acc;
   explicit BlockScratch(const PanelGeom& g) {
     const int64_t wide = (int64_t)kBlock * std::max(g.Dp, g.dW);
     P.assign(wide + simd<T>::W, T(0));  // + a vector: the hard-mode copies read whole vectors
@@ -600,14 +623,15 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
 // dP_k = c w_k r_k + 2 phi dlogit_k P_k are formed as columns and stored lane-major, group by
 // group (lane_group), where expand and outer read them (tiles.h, coef_offset). The row-major
 // path makes [S, Kp] sums (comp_sums), spreads [S, K] coefficients by indicator products and runs
-// an elementwise pass over [S, Dp] for each of C and dP. Training
-// step, a block of 64 at n = 48, K = 2, d = 6, forward and backward, in cache: 738 against 921 ns
-// (AVX-512), 662 against 1057 (AVX2); in the op, paired, soft 0.943; the denoiser's fwd+bwd at
-// (48, 2, 6, 65536) 0.942 and (48, 3, 8, 65536) 0.895. Same formulas; the sums of
-// squares and products are multiply-adds here where the row path rounds each product first, so
-// the last bits may differ. A group past S reads rows of the block's buffers up to the next
-// multiple of W (all within kBlock) and leaves those lanes unused; per-sample inputs and outputs
-// of the caller's arrays are copied through lane buffers for the S samples only.
+// an elementwise pass over [S, Dp] for each of C and dP. Training step, a block of 64 at n = 48,
+// K = 2, d = 6, forward and backward, in cache: 738 against 921 ns (AVX-512), 662 against 1057
+// (AVX2); in the op, paired, soft 0.943; the denoiser's fwd+bwd at (48, 2, 6, 65536) 0.942 and
+// (48, 3, 8, 65536) 0.895. Same formulas; the sums of squares and products are multiply-adds
+// here where the row path rounds each product first, so the last bits may differ. A group past S
+// reads rows of the block's buffers up to the next multiple of W (all within kBlock), writes
+// whole [Dp][W] blocks of s.C and s.dP, and leaves those lanes unused (expand and outer read the
+// S rows only); per-sample inputs and outputs of the caller's arrays are copied through lane
+// buffers for the S samples only.
 // The functions that run the groups (soft_train_lanes_*, soft_dae_lane_groups) are
 // MOLRG_FULL_WIDTH: without it GCC vectorised the omp simd loops inlined into them (soft_weights,
 // soft_dlogit) in two 256-bit halves per group. With it, and a group's c and phi copied by one
@@ -622,6 +646,7 @@ inline bool soft_lanes_apply(const PanelGeom& g) {
 // lane-major coefficient buffer of a block (s.C, s.dP; tiles.h coef_offset with stride Dp).
 template <typename T>
 inline T (*lane_group(T* buf, int r0, const PanelGeom& g))[simd<T>::W] {
+  static_assert(kBlock % simd<T>::W == 0, "a block is whole groups");
   return reinterpret_cast<T(*)[simd<T>::W]>(buf + (int64_t)r0 * g.Dp);
 }
 
@@ -758,8 +783,8 @@ inline void lanes_to_rows(const T (*lanes)[simd<T>::W], int r0, int rows, T* a) 
 // The denoiser's forward (dae_forward_block): P rows [S, Dp] -> w [S, K] (the caller's) and C,
 // lane-major (s.C), from c, phi [S] and bias [S, K] (or none).
 template <typename T, int KC>
-void soft_dae_lanes_fwd(const T* P, int S, const PanelGeom& g, const T* c, const T* phi,
-                        const T* bias, T* w, BlockScratch<T>& s) {
+MOLRG_FULL_WIDTH void soft_dae_lanes_fwd(const T* P, int S, const PanelGeom& g, const T* c,
+                                          const T* phi, const T* bias, T* w, BlockScratch<T>& s) {
   constexpr int W = simd<T>::W;
   soft_dae_lane_groups<T, KC>(S, c, phi, P, g, [&](SoftLanes<T, KC>& ln, int r0, int rows) {
     if (bias) {
@@ -780,8 +805,9 @@ void soft_dae_lanes_fwd(const T* P, int S, const PanelGeom& g, const T* c, const
 // The denoiser's backward (dae_backward_block): P rows (the saved projections, padded) and R rows
 // [S, Dp], w [S, K], c, phi [S] -> C and dP, lane-major (s.C, s.dP), dlogit [S, K], dc, dphi [S].
 template <typename T, int KC>
-void soft_dae_lanes_bwd(const T* P, const T* R, int S, const PanelGeom& g, const T* w,
-                        const T* c, const T* phi, T* dlogit, T* dc, T* dphi, BlockScratch<T>& s) {
+MOLRG_FULL_WIDTH void soft_dae_lanes_bwd(const T* P, const T* R, int S, const PanelGeom& g,
+                                          const T* w, const T* c, const T* phi, T* dlogit, T* dc,
+                                          T* dphi, BlockScratch<T>& s) {
   constexpr int W = simd<T>::W;
   soft_dae_lane_groups<T, KC>(S, c, phi, P, g, [&](SoftLanes<T, KC>& ln, int r0, int rows) {
     lanes_from_rows<T, KC>(w, r0, rows, ln.w);
