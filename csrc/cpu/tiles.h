@@ -254,6 +254,13 @@ inline void project(const T* const* A, int R, int n, const T* U, int urows, int 
 // order, so both layouts give the same bits. Without the transposes back (one 16 x 16 each, about
 // 3 cycles per sample; paired in the op on two threads, Xeon VM): the denoiser's soft fwd+bwd at
 // (48, 2, 6, 65536) 0.983-0.988, at (48, 3, 8, 65536) 0.968; the soft training step 0.994.
+// The largest divisor of w that is at most m (m >= 1).
+constexpr int divisor_at_most(int w, int m) {
+  int d = m < w ? m : w;
+  while (w % d != 0) --d;
+  return d;
+}
+
 template <typename T, bool Lanes>
 inline int64_t coef_offset(int r, int j, int stride) {
   constexpr unsigned W = (unsigned)simd<T>::W;
@@ -345,9 +352,13 @@ inline void expand(const T* C, int cstride, int R, int J, const T* UT, int utrow
     constexpr int F = kVecRegs / 16;
     constexpr int RT = std::min(8, (NB == 1 ? 8 : 12 / NB) * F);
     const T* UTc = UT + (int64_t)i0 * utrows;
+    // lane-major C: tiles of a divisor of W rows, so that a group of W is whole tiles (with RT = 6
+    // and W = 8 each group ended in a two-row tile of too few accumulators to hide the FMA latency)
+    constexpr int RTL = divisor_at_most(simd<T>::W, RT);
     auto run = [&](auto st, auto ln) {
-      expand_rows<T, NB, RT, decltype(st)::value, decltype(ln)::value>(C, cstride, R, J, UTc, i0,
-                                                                       n, Y, pf);
+      constexpr bool L = decltype(ln)::value;
+      expand_rows<T, NB, L ? RTL : RT, decltype(st)::value, L>(C, cstride, R, J, UTc, i0, n, Y,
+                                                               pf);
     };
     if (lanes) {
       if (stream) run(std::true_type{}, std::true_type{});
