@@ -10,17 +10,22 @@ import molrg_ext
 from molrg_ext import cli
 
 
-def test_import_first_in_fresh_interpreter_registers_ops(tmp_path):
-    code = ("import molrg_ext, torch; "
-            "print(torch._C._dispatch_has_kernel_for_dispatch_key('molrg::subspace_dae', 'CPU'))")
-    # Run outside the source tree (where ./molrg_ext may be an unbuilt checkout), pointing the
-    # child at the very copy of the package this session imported (installed or in-place build).
+def _fresh_interpreter(code, cwd):
+    """stdout of `python -c code` in a new interpreter. It runs outside the source tree (where
+    ./molrg_ext may be an unbuilt checkout), pointed at the very copy of the package this session
+    imported (installed or in-place build)."""
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(molrg_ext.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=tmp_path, env=env)
-    assert out.stdout.strip() == "True"
+                         cwd=cwd, env=env)
+    return out.stdout.strip()
+
+
+def test_import_first_in_fresh_interpreter_registers_ops(tmp_path):
+    code = ("import molrg_ext, torch; "
+            "print(torch._C._dispatch_has_kernel_for_dispatch_key('molrg::subspace_dae', 'CPU'))")
+    assert _fresh_interpreter(code, tmp_path) == "True"
 
 
 def test_import_does_not_load_scipy_or_sklearn(tmp_path):
@@ -28,12 +33,7 @@ def test_import_does_not_load_scipy_or_sklearn(tmp_path):
     # importing them with the package had added 0.4-0.6 s to every `import molrg_ext`
     code = ("import sys, molrg_ext; "
             "print(sorted(m for m in ('scipy', 'sklearn') if m in sys.modules))")
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(molrg_ext.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=tmp_path, env=env)
-    assert out.stdout.strip() == "[]"
+    assert _fresh_interpreter(code, tmp_path) == "[]"
 
 
 def test_ops_have_cpu_kernels_and_flag():
