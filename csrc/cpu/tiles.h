@@ -246,6 +246,13 @@ inline void project(const T* const* A, int R, int n, const T* U, int urows, int 
   }
 }
 
+// The largest divisor of w that is at most m (m >= 1).
+constexpr int divisor_at_most(int w, int m) {
+  int d = m < w ? m : w;
+  while (w % d != 0) --d;
+  return d;
+}
+
 // Coefficient matrices [R, J] (C of expand, B of outer) come row-major (entry (r, j) at
 // r * stride + j) or, with Lanes, lane-major by groups of W rows: group q is a [stride][W] block
 // (stride >= J columns of W lanes), entry (r, j) at (r / W) W stride + j W + r % W. That is the
@@ -254,13 +261,6 @@ inline void project(const T* const* A, int R, int n, const T* U, int urows, int 
 // order, so both layouts give the same bits. Without the transposes back (one 16 x 16 each, about
 // 3 cycles per sample; paired in the op on two threads, Xeon VM): the denoiser's soft fwd+bwd at
 // (48, 2, 6, 65536) 0.983-0.988, at (48, 3, 8, 65536) 0.968; the soft training step 0.994.
-// The largest divisor of w that is at most m (m >= 1).
-constexpr int divisor_at_most(int w, int m) {
-  int d = m < w ? m : w;
-  while (w % d != 0) --d;
-  return d;
-}
-
 template <typename T, bool Lanes>
 inline int64_t coef_offset(int r, int j, int stride) {
   constexpr unsigned W = (unsigned)simd<T>::W;
