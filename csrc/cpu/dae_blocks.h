@@ -634,9 +634,9 @@ void soft_block_grads(const T* R, const T* P, const T* sq_rows, const T* w, cons
 // buffers for the S samples only.
 // The functions that run the groups (soft_train_lanes_*, soft_dae_lane_groups) are
 // MOLRG_FULL_WIDTH: without it GCC vectorised the omp simd loops inlined into them (soft_weights,
-// soft_dlogit) in two 256-bit halves per group. With it, and a group's c and phi copied by one
-// vector each (SoftLanes::begin), paired in the op on two threads (Xeon VM): the denoiser's
-// fwd+bwd at (48, 2, 6, 65536) soft 0.955, the soft training step 0.978; bit-identical.
+// soft_dlogit) in two 256-bit halves per group. With it, paired in the op on two threads (Xeon
+// VM): the denoiser's fwd+bwd at (48, 2, 6, 65536) soft 0.947-0.955, the soft training step
+// 0.978; bit-identical.
 template <typename T>
 inline bool soft_lanes_apply(const PanelGeom& g) {
   return lanes_apply<T>(g) && g.K <= 4;
@@ -689,17 +689,9 @@ struct SoftLanes {
   // The denoiser's groups: c, phi of samples r0 .. r0 + rows - 1 of the caller's arrays into the
   // lanes (0 in the rest), P's rows of the group transposed into pt and ||P_k||^2 into sq.
   void begin(const T* c_, const T* phi_, int r0, int rows, const T* P, const PanelGeom& g) {
-    // whole groups by one vector copy each: lane-by-lane stores, read back as one vector by
-    // soft_weights, stalled the load until the stores had drained (no store-to-load forwarding)
-    using V = simd<T>;
-    if (rows == W) {
-      V::store(c, V::load(c_ + r0));
-      V::store(phi, V::load(phi_ + r0));
-    } else {
-      for (int l = 0; l < W; ++l) {
-        c[l] = l < rows ? c_[r0 + l] : T(0);
-        phi[l] = l < rows ? phi_[r0 + l] : T(0);
-      }
+    for (int l = 0; l < W; ++l) {
+      c[l] = l < rows ? c_[r0 + l] : T(0);
+      phi[l] = l < rows ? phi_[r0 + l] : T(0);
     }
     lanes_in(P + (int64_t)r0 * g.Dp, g.Dp, &pt[0][0]);
     lanes_comp_sums<T, KC>(&pt[0][0], &pt[0][0], g.dm, sq);
