@@ -25,7 +25,6 @@
 // both into dU [K, n, dm].
 #pragma once
 
-#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -33,6 +32,7 @@
 #include "../kernels/series_math.h"
 #include "../kernels/subspace_dae.h"
 #include "../kernels/train_step.h"
+#include "line_aligned.h"
 #include "philox_lanes.h"
 #include "tiles.h"
 
@@ -166,28 +166,6 @@ void unpack_grad(const T* acc, const PanelGeom& g, const int32_t* dims, T* dU) {
     }
   }
 }
-
-// Allocator of 64-byte aligned storage (a cache line, one AVX-512 vector).
-template <typename T>
-struct LineAligned {
-  using value_type = T;
-  static constexpr std::align_val_t kAlign{64};
-  LineAligned() = default;
-  template <typename U>
-  LineAligned(const LineAligned<U>&) {}
-  T* allocate(std::size_t count) {
-    return static_cast<T*>(::operator new(count * sizeof(T), kAlign));
-  }
-  void deallocate(T* ptr, std::size_t) { ::operator delete(ptr, kAlign); }
-  template <typename U>
-  bool operator==(const LineAligned<U>&) const { return true; }
-};
-
-// A vector whose data start on a cache line. The scratch buffers below are read and written by
-// whole vectors from their start (rows of Dp or n values): from std::vector's 16-byte aligned
-// storage most of those accesses of 64 bytes spanned two lines.
-template <typename T>
-using line_vector = std::vector<T, LineAligned<T>>;
 
 // Per-thread buffers for one block.
 template <typename T>
