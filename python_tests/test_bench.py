@@ -253,9 +253,9 @@ def test_avx2_and_avx512_kernels_agree(mode):
                     or shutil.which("ninja") is None, reason="needs cmake, ninja and git")
 def test_op_paired_harness_builds_and_compares():
     # benchmarks/paired/op_run.sh builds HEAD's extension with its namespaces renamed (molrg_ref)
-    # and times torch.ops.molrg.train_step (then the denoiser's forward and backward ops) against
-    # it call by call; with the tested build at HEAD too (CI installs HEAD), both are the same
-    # code and must agree
+    # and times torch.ops.molrg.train_step (then the denoiser's and the optimal denoiser's forward
+    # and backward ops) against it call by call; with the tested build at HEAD too (CI installs
+    # HEAD), both are the same code and must agree
     root = Path(__file__).resolve().parents[1]
     if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
                       capture_output=True).returncode != 0:
@@ -276,6 +276,16 @@ def test_op_paired_harness_builds_and_compares():
             assert 0.2 < float(m.group(1)) < 5.0
         if not dirty:
             assert out.stdout.count(f"outputs agree ({exact} bit-identical") == 2, out.stdout
+    # the optimal denoiser's forward and backward (one mode; its shape is B,N,n)
+    out = subprocess.run(["bash", str(root / "benchmarks/paired/op_run.sh"), "HEAD", "4", "1", "1",
+                          "optimal", "64,500,16"], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = re.search(r"optimal B=64 N=500 n=16: .* this/ref median ([0-9.]+) \(quartiles", out.stdout)
+    assert m, out.stdout
+    assert 0.2 < float(m.group(1)) < 5.0
+    if not dirty:
+        assert "optimal: outputs agree (bit-identical)" in out.stdout, out.stdout
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])

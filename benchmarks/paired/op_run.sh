@@ -3,14 +3,15 @@
 # on the CPU only with its op and C++ namespaces renamed to molrg_ref (-Dmolrg=molrg_ref), against
 # the build that `import molrg_ext` finds (with PYTHONPATH=. after scripts/build_inplace.sh: the
 # working tree; otherwise the installed one), alternating call by call in one process. Usage:
-#   benchmarks/paired/op_run.sh REV [rounds] [M] [P] [OP] [n,K,d]   (PYTHON: the interpreter,
-#   default python3; n,K,d default 48,2,6)
-# OP = train (default) or dae (the denoiser's forward and backward ops on M samples per instance).
+#   benchmarks/paired/op_run.sh REV [rounds] [M] [P] [OP] [SHAPE]   (PYTHON: the interpreter,
+#   default python3; SHAPE: n,K,d for train and dae, default 48,2,6)
+# OP = train (default), dae (the denoiser's forward and backward ops on M samples per instance) or
+# optimal (the optimal denoiser's forward and backward; the last argument is then B,N,n).
 # The build of REV (about 1.5 min on 2 cores) is kept in build/op_ref/REV_HASH for later runs.
 set -euo pipefail
 dir=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$dir/../.." && pwd)
-rev=${1:?usage: op_run.sh REV [rounds] [M] [P] [OP] [n,K,d]}
+rev=${1:?usage: op_run.sh REV [rounds] [M] [P] [OP] [SHAPE]}
 PY=${PYTHON:-python3}
 hash=$(git -C "$root" rev-parse "$rev^{commit}")
 # REF_CMAKE_ARGS: extra cmake arguments for the build of REV (its build is kept apart from the plain one)
@@ -25,4 +26,4 @@ if ! ls "$out"/build/_C*.so >/dev/null 2>&1; then
     { tail -30 "$out/build.log" >&2; exit 1; }
 fi
 "$PY" "$dir/op_pair.py" "$(ls "$out"/build/_C*.so | head -1)" "${2:-40}" "${3:-1024}" \
-  "${4:-64}" "${5:-train}" "${6:-48,2,6}"
+  "${4:-64}" "${5:-train}" ${6:+"$6"}
