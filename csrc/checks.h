@@ -83,17 +83,22 @@ inline void check_dae_mode(int64_t mode, const char* op) {
   TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (soft) or 1 (hard), got ", mode);
 }
 
+// x [P, B, n] (the samples) and U [P, K, n, dmax] with dims. x_name, x_shape: how errors name the
+// first argument (train_step's is the training set X [P, N, n]).
 inline DaeSizes check_dae_xU(const at::Tensor& x, const at::Tensor& U, at::IntArrayRef dims,
-                             const char* op) {
-  check_float(x, op, "x");
-  check_like(U, x, op, "U", "x");
-  TORCH_CHECK(x.dim() == 3, op, ": x must be [P, B, n], got shape ", x.sizes());
+                             const char* op, const char* x_name = "x",
+                             const char* x_shape = "[P, B, n]") {
+  check_float(x, op, x_name);
+  check_like(U, x, op, "U", x_name);
+  TORCH_CHECK(x.dim() == 3, op, ": ", x_name, " must be ", x_shape, ", got shape ", x.sizes());
   TORCH_CHECK(U.dim() == 4, op, ": U must be [P, K, n, dmax], got shape ", U.sizes());
-  check_contig(x, op, "x");
+  check_contig(x, op, x_name);
   check_contig(U, op, "U");
   DaeSizes s{x.size(0), x.size(1), x.size(2), U.size(1), U.size(3), {}};
-  TORCH_CHECK(U.size(0) == s.P, op, ": U has ", U.size(0), " instances but x has ", s.P);
-  TORCH_CHECK(U.size(2) == s.n, op, ": U has n = ", U.size(2), " rows but x has n = ", s.n);
+  TORCH_CHECK(U.size(0) == s.P, op, ": U has ", U.size(0), " instances but ", x_name, " has ",
+              s.P);
+  TORCH_CHECK(U.size(2) == s.n, op, ": U has n = ", U.size(2), " rows but ", x_name, " has n = ",
+              s.n);
   TORCH_CHECK(s.K > 0, op, ": U must hold at least one subspace (K = 0)");
   TORCH_CHECK(s.dm > 0, op, ": U must have at least one column (dmax = 0)");
   TORCH_CHECK((int64_t)dims.size() == s.K, op, ": dims must have K = ", s.K, " entries, got ",

@@ -482,6 +482,15 @@ def test_bad_inputs():
         M.philox_draws(1, 0, 1, 2, 10, 4, "3")
     with pytest.raises(RuntimeError, match="batch"):
         torch.ops.molrg.philox_draws(0, 0, 1, 0, 5, 5, 3, False)  # the op checks too
+    # the op names its first argument X (the training set), as the wrapper does, not x
+    table, op = lv.table(), torch.ops.molrg.train_step
+    for bad, msg in [(X[:, :, :4].contiguous(), r"train_step: U has n = 5 rows but X has n = 4"),
+                     (X[:1], "train_step: U has 2 instances but X has 1"),
+                     (X[0], r"train_step: X must be \[P, N, n\]"),
+                     (X.transpose(1, 2).contiguous().transpose(1, 2),
+                      "train_step: X must be contiguous")]:
+        with pytest.raises(RuntimeError, match=msg):
+            op(bad, U, table, None, dims, 8, 0, 0, 0)
     # a Levels table whose fields are not 1-D of one length L names them
     with pytest.raises(ValueError, match="Levels: s must be a 1-D"):
         call(levels=M.Levels(*[t[0] for t in lv[:5]], None))

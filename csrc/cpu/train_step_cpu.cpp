@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cpu(const at::Tensor& X, const at:
                                                   at::IntArrayRef dims, int64_t batch,
                                                   int64_t seed, int64_t step, int64_t mode) {
   check_dae_mode(mode, kTs);
-  DaeSizes s = check_dae_xU(X, U, dims, kTs);  // s.B is N, the training-set size
+  DaeSizes s = check_dae_xU(X, U, dims, kTs, "X", "[P, N, n]");  // s.B is N
   TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
   // X is not scanned: the loss check catches a drawn non-finite sample (train_step_checks.h).
   check_finite(U, kTs, "U");

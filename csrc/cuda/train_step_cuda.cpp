@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> train_step_cuda(const at::Tensor& X, const at
                                                    int64_t seed, int64_t step, int64_t mode) {
   check_dae_mode(mode, kTs);
   TORCH_CHECK(X.is_cuda(), kTs, ": X must be a CUDA tensor, got device ", X.device());
-  DaeSizes s = check_dae_xU(X, U, dims, kTs);  // s.B is N, the training-set size
+  DaeSizes s = check_dae_xU(X, U, dims, kTs, "X", "[P, N, n]");  // s.B is N
   const c10::cuda::CUDAGuard guard(X.device());
   TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
   // X is not scanned: checked_train_loss catches a drawn non-finite sample (train_step_checks.h).
