@@ -18,5 +18,5 @@ TORCH_LIBRARY(molrg, m) {
       "Tensor proj, Tensor w, int[] dims, int mode, bool need_dx, bool need_dU) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // argmax_k ||U_k^T x|| per sample (ties to the lowest k): x [P,B,n], U [P,K,n,dm] -> [P,B] int64.
-  m.def("hard_assign(Tensor x, Tensor U, int[] dims) -> Tensor");
+  m.def("hard_assign(Tensor x0, Tensor U, int[] dims) -> Tensor");
 }

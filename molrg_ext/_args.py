@@ -224,10 +224,15 @@ def prepare_dae_args(
     mode: str = "soft",
     assign: Optional[torch.Tensor] = None,
     where: str = "subspace_dae",
+    x_name: str = "x",
 ) -> DaeArgs:
-    check_float_pair(x, U, "x", "U", where)
+    """x and U as the ops take them ([P, B, n], [P, K, n, dmax]), the per-sample arguments as
+    [P, B] (and [P, B, K]) tensors. Errors name the function (where) and x as x_name."""
+    check_float_pair(x, U, x_name, "U", where)
     if x.dim() not in (2, 3):
-        raise ValueError(f"{where}: x must be [B, n] or [P, B, n], got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{where}: {x_name} must be [B, n] or [P, B, n], got shape {tuple(x.shape)}"
+        )
     if U.dim() not in (3, 4):
         raise ValueError(
             f"{where}: U must be [K, n, dmax] or [P, K, n, dmax], got shape {tuple(U.shape)}"
@@ -237,8 +242,8 @@ def prepare_dae_args(
     if not batched:
         if U.dim() == 4:
             raise ValueError(
-                f"{where}: U has an instance dimension (shape {tuple(U.shape)}) but x is [B, n]; "
-                "pass x as [P, B, n]"
+                f"{where}: U has an instance dimension (shape {tuple(U.shape)}) but {x_name} is "
+                f"[B, n]; pass {x_name} as [P, B, n]"
             )
         x3, U4 = x.unsqueeze(0), U.unsqueeze(0)
     else:
@@ -246,14 +251,14 @@ def prepare_dae_args(
         U4 = U.unsqueeze(0) if U.dim() == 3 else U
         if U4.shape[0] not in (1, x3.shape[0]):
             raise ValueError(
-                f"{where}: U has {U4.shape[0]} instances but x has {x3.shape[0]}"
+                f"{where}: U has {U4.shape[0]} instances but {x_name} has {x3.shape[0]}"
             )
         if U4.shape[0] != x3.shape[0]:
             U4 = U4.expand(x3.shape[0], *U4.shape[1:])
     P, B, n = x3.shape
     K, n_u, dmax = U4.shape[1:]
     if n_u != n:
-        raise ValueError(f"{where}: U has n = {n_u} rows but x has n = {n}")
+        raise ValueError(f"{where}: U has n = {n_u} rows but {x_name} has n = {n}")
     if dmax == 0:
         raise ValueError(f"{where}: U must have at least one column (dmax = 0)")
     dims_l = parse_dims(dims, K, dmax, n, where)
@@ -286,7 +291,9 @@ def prepare_dae_args(
         if assign.dtype != torch.int64:
             raise TypeError(f"{where}: assign must be int64, got {assign.dtype}")
         if assign.device != x.device:
-            raise ValueError(f"{where}: assign is on {assign.device} but x is on {x.device}")
+            raise ValueError(
+                f"{where}: assign is on {assign.device} but {x_name} is on {x.device}"
+            )
         assign2 = per_sample(assign, "assign").contiguous()
     return DaeArgs(
         x3.contiguous(), U4.contiguous(), c2, phi2, bias3, assign2, dims_l, mode_i, batched

@@ -34,8 +34,8 @@ def _subspace_dae_backward_fake(grad_y, x, U, c, phi, proj, w, dims, mode, need_
 
 
 @torch.library.register_fake("molrg::hard_assign")
-def _hard_assign_fake(x, U, dims):
-    return x.new_empty(x.shape[:2], dtype=torch.long)
+def _hard_assign_fake(x0, U, dims):
+    return x0.new_empty(x0.shape[:2], dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -82,6 +82,6 @@ def hard_assign(x0: torch.Tensor, U: torch.Tensor, dims=None) -> torch.Tensor:
     ``x0`` is ``[B, n]`` or ``[P, B, n]``; ``U`` as in :func:`subspace_dae`. Returns int64 ``[B]``
     or ``[P, B]``.
     """
-    a = prepare_dae_args(x0, U, 0.0, 0.0, dims=dims, where="hard_assign")
+    a = prepare_dae_args(x0, U, 0.0, 0.0, dims=dims, where="hard_assign", x_name="x0")
     out = torch.ops.molrg.hard_assign(a.x, a.U, a.dims)
     return restore(out, a)

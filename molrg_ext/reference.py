@@ -51,6 +51,8 @@ def subspace_dae(
 
 
 def hard_assign(x0: torch.Tensor, U: torch.Tensor, dims=None) -> torch.Tensor:
-    a = prepare_dae_args(x0, U, 0.0, 0.0, dims=dims, where="reference.hard_assign")
+    a = prepare_dae_args(
+        x0, U, 0.0, 0.0, dims=dims, where="reference.hard_assign", x_name="x0"
+    )
     proj = torch.einsum("pbn,pknd->pbkd", a.x, masked_bases(a.U, a.dims))
     return restore(proj.square().sum(-1).argmax(-1), a)

@@ -383,6 +383,25 @@ def test_finite_check_scans_every_value_of_a_large_input(dtype):
                 molrg_ext.subspace_dae(x, U, c2, phi, None, None, "soft")
 
 
+def test_hard_assign_errors_name_x0():
+    """hard_assign's first argument is the clean sample x0: the wrapper's and the op's errors
+    call it so (they had said x)."""
+    x, U, c, phi, bias, dims = make_inputs(P=2)
+    for bad, exc, msg in [
+        ("abc", TypeError, "hard_assign: x0 must be a torch.Tensor"),
+        (x[0, 0], ValueError, r"hard_assign: x0 must be \[B, n\] or \[P, B, n\]"),
+        (x[:, :, :-1], ValueError, "hard_assign: U has n = 10 rows but x0 has n = 9"),
+        (torch.cat([x, x]), ValueError, "hard_assign: U has 2 instances but x0 has 4"),
+        (x.float(), TypeError, "hard_assign: U has dtype torch.float64 but x0 has dtype"),
+    ]:
+        with pytest.raises(exc, match=msg):
+            molrg_ext.hard_assign(bad, U, dims)
+    with pytest.raises(ValueError, match="but x0 is \\[B, n\\]; pass x0 as"):
+        molrg_ext.hard_assign(x[0], U, dims)
+    with pytest.raises(RuntimeError, match="hard_assign: x0 must be contiguous"):
+        torch.ops.molrg.hard_assign(x.transpose(0, 1), U, dims)  # the op's own check
+
+
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_non_finite_inputs(mode):
     """U and hard_assign's inputs must be finite (an argmax of NaN energies would be a silent
@@ -397,7 +416,7 @@ def test_non_finite_inputs(mode):
             molrg_ext.hard_assign(x, Ub, dims)
         xb = x.clone()
         xb[1, 4, 2] = bad
-        with pytest.raises(RuntimeError, match="hard_assign: x contains NaN or Inf"):
+        with pytest.raises(RuntimeError, match="hard_assign: x0 contains NaN or Inf"):
             molrg_ext.hard_assign(xb, U, dims)
         y = molrg_ext.subspace_dae(xb, U, c, phi, bias, dims, mode)
         assert not torch.isfinite(y[1, 4]).any()

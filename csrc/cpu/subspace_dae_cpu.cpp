@@ -344,8 +344,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
 }
 
 at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArrayRef dims) {
-  DaeSizes s = check_dae_xU(x, U, dims, "hard_assign");
-  check_finite(x, "hard_assign", "x");  // an argmax of NaN energies would be a silent label
+  DaeSizes s = check_dae_xU(x, U, dims, "hard_assign", "x0");
+  check_finite(x, "hard_assign", "x0");  // an argmax of NaN energies would be a silent label
   check_finite(U, "hard_assign", "U");
   auto out = at::empty({s.P, s.B}, x.options().dtype(at::kLong));
   const int64_t total = s.P * s.B;

@@ -103,9 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subspace_
 }
 
 at::Tensor hard_assign_cuda(const at::Tensor& x, const at::Tensor& U, at::IntArrayRef dims) {
-  check_cuda(x, "hard_assign", "x");
-  DaeSizes s = check_dae_xU(x, U, dims, "hard_assign");
-  check_finite(x, "hard_assign", "x");  // an argmax of NaN energies would be a silent label
+  check_cuda(x, "hard_assign", "x0");
+  DaeSizes s = check_dae_xU(x, U, dims, "hard_assign", "x0");
+  check_finite(x, "hard_assign", "x0");  // an argmax of NaN energies would be a silent label
   check_finite(U, "hard_assign", "U");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({s.P, s.B}, x.options().dtype(at::kLong));
