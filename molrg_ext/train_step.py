@@ -90,8 +90,7 @@ def make_levels(schedule, L: int = 64, dims: Optional[Sequence[int]] = None,
     coefficients of Lemma 1 / Proposition 1 (``bias`` only when ``dims`` or ``pi`` differ across
     components; with equal ones every logit gets the same shift and the soft-max ignores it).
     Everything is float64; :func:`train_step` casts to the data's dtype."""
-    if not isinstance(L, int) or isinstance(L, bool) or L < 1:
-        raise ValueError(f"make_levels: L must be a positive int, got {L!r}")
+    L = as_int(L, "L", "make_levels", 1, 2**32)  # train_step's level index is 32-bit
     for name in ("s", "weight", "time_grid"):
         if not callable(getattr(schedule, name, None)):
             raise TypeError(f"make_levels: schedule has no method {name}()")

@@ -459,6 +459,13 @@ def test_bad_inputs():
         call(levels=lv._replace(bias=torch.zeros(4, 3, dtype=torch.float64)))
     with pytest.raises(ValueError, match="L must be"):
         M.make_levels(TinySchedule(), L=0)
+    # beyond the op's 32-bit level index: named before anything is allocated (2**70 had been an
+    # OverflowError naming nothing)
+    with pytest.raises(ValueError, match=r"make_levels: L must be in \[1, 4294967296\)"):
+        M.make_levels(TinySchedule(), L=2**70)
+    with pytest.raises(TypeError, match="make_levels: L must be an int, got 4.0"):
+        M.make_levels(TinySchedule(), L=4.0)
+    assert M.make_levels(TinySchedule(), L=np.int64(4)).s.shape == (4,)
     with pytest.raises(TypeError, match="has no method"):
         M.make_levels(object())
     # dims and pi are validated even where equal ones would drop the bias
