@@ -151,6 +151,28 @@ def test_optimal_backward_normalises_saved_lse():
         bw(v, x, X, s, gamma, y, torch.full_like(lse, float("nan")))
 
 
+def test_optimal_extreme_scales_are_errors_not_nan():
+    """Below gamma = s sigma ~ 5.27e-155 the logit scale 1 / (2 gamma^2) overflows float64 and
+    every weight was NaN (y all NaN, no error); huge s overflowed s^2 ||X_j||^2 the same way.
+    Both are errors naming what is out of range; the edge itself still gives the nearest point."""
+    g = gen(8)
+    X = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    x = X[:3] + 0.3
+    for sigma, s in [(1e-160, 1.0), (1e-100, 1e-60), (1e-200, 1.0)]:
+        with pytest.raises(RuntimeError, match=r"optimal_denoiser: gamma = s \* sigma must be >= "
+                                               r"5\.27\d*e-155"):
+            optimal_denoiser(x, X, sigma, s=s)
+    with pytest.raises(RuntimeError, match="optimal_denoiser: the soft-max of some query is not "
+                                           "finite .*s, x_t or X_train too large"):
+        optimal_denoiser(x, X, 0.5, s=1e200)
+    y = optimal_denoiser(X[:3] + 1e-150, X, 6e-155)
+    torch.testing.assert_close(y, X[:3], rtol=0, atol=0)
+    # the backward op refuses the same gamma (its lse would be meaningless)
+    one = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="optimal_denoiser_backward: gamma = s"):
+        torch.ops.molrg.optimal_denoiser_backward(x, x, X, one, one * 1e-160, x, one)
+
+
 def test_optimal_large_noise_gives_training_mean():
     g = gen(5)
     X = torch.randn(64, 4, generator=g, dtype=torch.float64)
@@ -277,20 +299,22 @@ def test_optimal_bad_inputs():
         optimal_denoiser(x, X, 1.0, block=0)
     with pytest.raises(ValueError, match="X_train"):
         optimal_denoiser(x, X.clone().requires_grad_(), 1.0)
-    with pytest.raises(RuntimeError, match="x contains NaN"):
+    with pytest.raises(RuntimeError, match="optimal_denoiser: x_t contains NaN"):
         optimal_denoiser(torch.full((3, 4), float("nan")), X, 1.0)
-    with pytest.raises(RuntimeError, match="X contains NaN"):
+    with pytest.raises(RuntimeError, match="optimal_denoiser: X_train contains NaN"):
         optimal_denoiser(x, torch.full((10, 4), float("inf")), 1.0)
     # a training set above the scan's 2^16-value grain, scanned in parallel: one bad value, last
     Xbig = torch.randn(20000, 4, dtype=x.dtype)
     Xbig[-1, -1] = float("nan")
-    with pytest.raises(RuntimeError, match="X contains NaN"):
+    with pytest.raises(RuntimeError, match="X_train contains NaN"):
         optimal_denoiser(x, Xbig, 1.0)
     one = torch.ones(3)
     with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
         torch.ops.molrg.optimal_denoiser(x, X, one, torch.zeros(3), 4)
-    with pytest.raises(RuntimeError, match="x must be"):
+    with pytest.raises(RuntimeError, match=r"optimal_denoiser: x_t must be \[B, n\]"):
         torch.ops.molrg.optimal_denoiser(x[None], X, one, one, 4)
+    with pytest.raises(RuntimeError, match="X_train has n = 4 columns but x_t has n = 3"):
+        torch.ops.molrg.optimal_denoiser(x[:, :3].contiguous(), X, one, one, 4)
     with pytest.raises(RuntimeError, match="s must have shape"):
         torch.ops.molrg.optimal_denoiser(x, X, torch.ones(4), one, 4)
     # Gradients w.r.t. the training set are not implemented: a clear error, not a silent None.

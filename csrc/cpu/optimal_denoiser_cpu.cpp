@@ -27,13 +27,16 @@
 #include "../kernels/optimal_denoiser.h"
 
 TORCH_LIBRARY_FRAGMENT(molrg, m) {
-  // x [B, n] queries; X [N, n] training points; s, gamma [B] (x = s x_0 + gamma eps);
+  // x_t [B, n] queries; X_train [N, n] training points; s, gamma [B] (x = s x_0 + gamma eps);
   // block: training points per streamed tile. Returns (y [B, n], lse [B] float64) with
   // lse_b = log sum_j exp(-||x_b - s_b X_j||^2 / (2 gamma_b^2)).
-  m.def("optimal_denoiser(Tensor x, Tensor X, Tensor s, Tensor gamma, int block) -> (Tensor, Tensor)");
+  m.def(
+      "optimal_denoiser(Tensor x_t, Tensor X_train, Tensor s, Tensor gamma, int block) -> "
+      "(Tensor, Tensor)");
   // dL/dx from grad_y and the saved y and lse. Returns dx [B, n].
   m.def(
-      "optimal_denoiser_backward(Tensor grad_y, Tensor x, Tensor X, Tensor s, Tensor gamma, "
+      "optimal_denoiser_backward(Tensor grad_y, Tensor x_t, Tensor X_train, Tensor s, "
+      "Tensor gamma, "
       "Tensor y, Tensor lse) -> Tensor");
 }
 
@@ -51,8 +54,8 @@ constexpr int64_t kDefaultBackwardBlock = 512;
 OdSizes check_od(const at::Tensor& x, const at::Tensor& X, const at::Tensor& s,
                  const at::Tensor& gamma, const char* op) {
   OdSizes z = check_od_args(x, X, s, gamma, op);
-  check_finite(x, op, "x");
-  check_finite(X, op, "X");
+  check_finite(x, op, "x_t");
+  check_finite(X, op, "X_train");
   return z;
 }
 
@@ -284,6 +287,8 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cpu(const at::Tensor& x, con
         lp[b] = M + std::log(L);
       }
     });
+    TORCH_CHECK(std::all_of(lp, lp + z.B, [](double v) { return std::isfinite(v); }), op,
+                kOdLseNotFinite);
   });
   return {y, lse};
 }

@@ -24,15 +24,15 @@ OdSizes check_od_cuda(const at::Tensor& x, const at::Tensor& X, const at::Tensor
   OdSizes z = check_od_args(x, X, s, gamma, op);
   TORCH_CHECK(z.B <= cuda::optimal_denoiser_max_batch(), op, ": B = ", z.B,
               " queries exceed the CUDA grid (at most ", cuda::optimal_denoiser_max_batch(), ")");
-  check_finite(x, op, "x");
-  check_finite(X, op, "X");
+  check_finite(x, op, "x_t");
+  check_finite(X, op, "X_train");
   return z;
 }
 
 // The dispatcher picks this kernel when any input is on CUDA; x decides the device (before the
 // guard, which would reject a CPU device without naming the argument).
 void check_x_cuda(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.is_cuda(), op, ": x_t must be a CUDA tensor, got device ", x.device());
 }
 
 // Partial-state workspace for `splits` training ranges (none needed for one split).
@@ -61,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cuda(const at::Tensor& x, co
         splits > 1 ? part.data_ptr<scalar_t>() : nullptr, stats.data_ptr<double>(),
         y.data_ptr<scalar_t>(), lse.data_ptr<double>(), stream.stream()));
   });
+  TORCH_CHECK(at::isfinite(lse).all().item<bool>(), kFwd, kOdLseNotFinite);
   return {y, lse};
 }
 
