@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import operator
+import reprlib
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
 MODES = {"soft": 0, "hard": 1}
+INDEX_MAX = 2**31 - 1  # the ops index with int32
 
 
 def as_int(v, name: str, where: str, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
@@ -62,6 +64,8 @@ def dims_list(dims, K: Optional[int], where: str, name: str = "dims", hi: Option
     None. Floats (also 2.0) and bools are TypeErrors, not truncated; an empty list, a wrong length
     and values out of range are ValueErrors. Messages name ``name`` and, for the upper bound,
     ``hi_name``."""
+    if K is not None and K > INDEX_MAX:  # before [d] * K tries to build the list
+        raise ValueError(f"{where}: K must be <= 2**31 - 1 (the ops' int32 range), got {K}")
     if is_one_value(dims):
         out = [as_int(dims, name, where, 1)] * (1 if K is None else K)
     else:
@@ -82,25 +86,35 @@ def dims_list(dims, K: Optional[int], where: str, name: str = "dims", hi: Option
 
 def check_mixture_weights(p: torch.Tensor, K: Optional[int], where: str) -> torch.Tensor:
     """p, after a ValueError unless it is a 1-D tensor of K (any number >= 1 when K is None)
-    finite weights >= 0, not all zero. The caller normalises it (in its own dtype)."""
+    finite weights >= 0, not all zero, with a finite sum. The caller normalises it (in its own
+    dtype), so a sum that overflows would turn every weight into 0."""
     bad_shape = p.dim() != 1 or p.numel() == 0 or (K is not None and p.numel() != K)
     if K is not None:
-        if bad_shape or not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
-            raise ValueError(f"{where}: pi must be K = {K} finite weights >= 0, not all zero, got "
-                             f"{p.tolist()}")
+        if bad_shape or not _weights_ok(p):
+            raise ValueError(f"{where}: pi must be K = {K} finite weights >= 0, not all zero, "
+                             f"with a finite sum, got {p.tolist()}")
         return p
     if bad_shape:
         raise ValueError(f"{where}: pi must be a 1-D sequence of K weights, got shape "
                          f"{tuple(p.shape)}")
-    if not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
-        raise ValueError(f"{where}: pi must be finite and >= 0, not all zero, got {p.tolist()}")
+    if not _weights_ok(p):
+        raise ValueError(f"{where}: pi must be finite and >= 0, not all zero, with a finite sum, "
+                         f"got {p.tolist()}")
     return p
 
 
+def _weights_ok(p: torch.Tensor) -> bool:
+    total = p.sum()
+    return bool(torch.isfinite(p).all() and (p >= 0).all() and total > 0 and torch.isfinite(total))
+
+
 def check_number_or_tensor(v, name: str, where: str):
-    """v, after a TypeError naming ``name`` unless it is a tensor or a Python number (not a bool)."""
+    """v, after a TypeError naming ``name`` unless it is a real tensor (not complex or bool: a cast
+    would drop the imaginary part) or a Python number (not a bool)."""
     if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
         raise TypeError(f"{where}: {name} must be a number or a tensor, got {type(v).__name__}")
+    if isinstance(v, torch.Tensor) and (v.is_complex() or v.dtype == torch.bool):
+        raise TypeError(f"{where}: {name} must be a real (not bool) tensor, got dtype {v.dtype}")
     return v
 
 
@@ -109,7 +123,33 @@ def number_or_tensor(v, name: str, where: str) -> torch.Tensor:
     float dtype; bools and other types are TypeErrors naming ``name``."""
     if isinstance(check_number_or_tensor(v, name, where), torch.Tensor):
         return v if v.is_floating_point() else v.to(torch.get_default_dtype())
-    return torch.tensor(float(v), dtype=torch.float64)
+    return torch.tensor(_float(v, name, where), dtype=torch.float64)
+
+
+def _float(v, name: str, where: str) -> float:
+    """float(v), with an int beyond float64's range a ValueError naming ``name``."""
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{where}: {name} must be within float64's range, got "
+                         f"{reprlib.repr(v)}") from None
+
+
+def real_tensor(v, name: str, where: str, dtype: Optional[torch.dtype] = None,
+                device=None) -> torch.Tensor:
+    """torch.as_tensor(v, dtype, device) for real numbers, sequences of them, arrays and tensors;
+    strings, complex or bool arrays and anything torch cannot convert are errors naming ``name``
+    (TypeError, ValueError for a ragged or out-of-range sequence)."""
+    kind = str(getattr(v, "dtype", ""))
+    if isinstance(v, (str, bytes)) or "complex" in kind or "bool" in kind:
+        raise TypeError(f"{where}: {name} must hold real numbers, got {reprlib.repr(v)}")
+    try:
+        return torch.as_tensor(v, dtype=dtype, device=device)
+    except TypeError:
+        raise TypeError(f"{where}: {name} must hold real numbers, got {reprlib.repr(v)}") from None
+    except (ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"{where}: {name} must be a rectangular sequence of real numbers within "
+                         f"range, got {reprlib.repr(v)} ({e})") from None
 
 
 def check_range(v: torch.Tensor, name: str, where: str, lo: float, hi: float = math.inf,
@@ -193,7 +233,10 @@ def check_denoiser_data(denoiser, X0, where: str) -> None:
 
 
 def _as_float(v, like: torch.Tensor, name: str, where: str) -> torch.Tensor:
-    """Python numbers become tensors of x's dtype/device; tensors must already match."""
+    """Python numbers (not bools) become tensors of x's dtype/device; tensors must already
+    match."""
+    if isinstance(v, bool):
+        raise TypeError(f"{where}: {name} must be a number or a tensor, got bool")
     if isinstance(v, torch.Tensor):
         if v.device != like.device:
             raise ValueError(f"{where}: {name} is on {v.device} but x is on {like.device}")
@@ -201,7 +244,7 @@ def _as_float(v, like: torch.Tensor, name: str, where: str) -> torch.Tensor:
             raise TypeError(f"{where}: {name} has dtype {v.dtype} but x has dtype {like.dtype}")
         return v
     if isinstance(v, (int, float)):
-        return torch.tensor(float(v), dtype=like.dtype, device=like.device)
+        return torch.tensor(_float(v, name, where), dtype=like.dtype, device=like.device)
     raise TypeError(f"{where}: {name} must be a number or a tensor, got {type(v).__name__}")
 
 
@@ -272,10 +315,12 @@ def prepare_dae_args(
     def per_sample_scale(v, name):
         # a Python number straight into a [P, B] tensor (one op; ~4 us less per argument than a
         # 0-d tensor broadcast and copied, a third of the wrapper's time at small B)
-        if isinstance(v, (int, float)):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
             try:
                 return torch.full((P, B), float(v), dtype=x.dtype, device=x.device)
-            except RuntimeError:  # beyond float32's range: rounded to inf below, which the op names
+            except (RuntimeError, OverflowError):
+                # beyond float32's range: rounded to inf below, which the op names; an int
+                # beyond float64's: _as_float names it
                 pass
         return per_sample(_as_float(v, x, name, where), name).contiguous()
 

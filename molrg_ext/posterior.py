@@ -12,21 +12,21 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._args import check_mixture_weights, check_positive, dims_list
+from ._args import (check_mixture_weights, check_number_or_tensor, check_positive, dims_list,
+                    real_tensor)
 
 __all__ = ["posterior_mean_coefficients"]
 
 Number = Union[float, int, torch.Tensor]
+WHERE = "posterior_mean_coefficients"
 
 
 def _as_tensor(v: Number, name: str, dtype=None, device=None) -> torch.Tensor:
-    if isinstance(v, torch.Tensor):
+    if isinstance(check_number_or_tensor(v, name, WHERE), torch.Tensor):
         if not v.is_floating_point():
             v = v.to(dtype or torch.get_default_dtype())
         return v
-    if isinstance(v, (int, float)):
-        return torch.tensor(float(v), dtype=dtype or torch.float64, device=device)
-    raise TypeError(f"posterior_mean_coefficients: {name} must be a number or a tensor")
+    return torch.tensor(float(v), dtype=dtype or torch.float64, device=device)
 
 
 def posterior_mean_coefficients(
@@ -47,34 +47,49 @@ def posterior_mean_coefficients(
     device = ref.device if ref is not None else None
     s_t = _as_tensor(s, "s", dtype, device)
     g_t = _as_tensor(gamma, "gamma", dtype, device)
-    s_t, g_t = torch.broadcast_tensors(s_t, g_t)
-    check_positive(s_t, "s", "posterior_mean_coefficients")
-    check_positive(g_t, "gamma", "posterior_mean_coefficients")
+    try:
+        s_t, g_t = torch.broadcast_tensors(s_t, g_t)
+    except RuntimeError:
+        raise ValueError(f"{WHERE}: s and gamma must broadcast together, got shapes "
+                         f"{tuple(s_t.shape)} and {tuple(g_t.shape)}") from None
+    check_positive(s_t, "s", WHERE)
+    check_positive(g_t, "gamma", WHERE)
     s2, g2 = s_t * s_t, g_t * g_t
+    den = 2.0 * g2 * (s2 + g2)
     c = s_t / (s2 + g2)
-    phi = s2 / (2.0 * g2 * (s2 + g2))
+    phi = s2 / den
     log_ratio = torch.log1p(s2 / g2)  # log((s^2 + gamma^2) / gamma^2)
-    # Where a square over- or underflows (s = 1e200, gamma = 1e-200 gave phi = NaN), the same
-    # coefficients from r = gamma / s: c = 1 / (s (1 + r^2)), phi = 1 / (2 gamma^2 (1 + r^2))
-    # (inf where the true value exceeds the dtype), log ratio = 2 log(s / gamma) + log1p(r^2).
-    extreme = ~(torch.isfinite(s2 + g2) & (s2 > 0) & (g2 > 0))
+    # Where a square or phi's denominator over- or underflows (s = 1e200, gamma = 1e-200 gave
+    # phi = NaN, s = 1e-200 bias = -inf), the same coefficients from r = min(s, gamma) /
+    # max(s, gamma) <= 1 (inf or 0 only where the true value is beyond the dtype). s >= gamma:
+    # c = 1 / (s (1 + r^2)), phi = 1 / (2 gamma^2 (1 + r^2)), log ratio = 2 log(s / gamma) +
+    # log1p(r^2); s < gamma: c = (r / gamma) / (1 + r^2), phi = (r / gamma)^2 / (2 (1 + r^2)),
+    # log ratio = log1p(r^2).
+    tiny = torch.finfo(s2.dtype).tiny
+    extreme = ~((s2 >= tiny) & (g2 >= tiny) & (den >= tiny) & torch.isfinite(den))
     if bool(extreme.any()):
-        r2 = (g_t / s_t).square()
-        c = torch.where(extreme, 1.0 / (s_t * (1.0 + r2)), c)
-        phi = torch.where(extreme, 1.0 / (2.0 * g2 * (1.0 + r2)), phi)
-        log_ratio = torch.where(extreme, 2.0 * (torch.log(s_t) - torch.log(g_t)) + torch.log1p(r2),
-                                log_ratio)
+        big = s_t >= g_t
+        r = torch.minimum(s_t, g_t) / torch.maximum(s_t, g_t)
+        r2 = r.square()
+        c_big, c_small = 1.0 / (s_t * (1.0 + r2)), (r / g_t) / (1.0 + r2)
+        phi_big, phi_small = 1.0 / (2.0 * g2 * (1.0 + r2)), (r / g_t).square() / (2.0 * (1.0 + r2))
+        # log(s / gamma) without the cancellation of log s - log gamma, unless s / gamma overflows
+        q = s_t / g_t
+        log_q = torch.where(torch.isfinite(q), torch.log(q), torch.log(s_t) - torch.log(g_t))
+        lr_big = 2.0 * log_q + torch.log1p(r2)
+        c = torch.where(extreme, torch.where(big, c_big, c_small), c)
+        phi = torch.where(extreme, torch.where(big, phi_big, phi_small), phi)
+        log_ratio = torch.where(extreme, torch.where(big, lr_big, torch.log1p(r2)), log_ratio)
     if dims is None and pi is None:
         return c, phi, None
     if pi is not None:
-        pi_t = check_mixture_weights(torch.as_tensor(pi, dtype=s_t.dtype, device=s_t.device),
-                                     None, "posterior_mean_coefficients")
+        pi_t = check_mixture_weights(real_tensor(pi, "pi", WHERE, s_t.dtype, s_t.device), None,
+                                     WHERE)
         pi_t = pi_t / pi_t.sum()
         K = pi_t.numel()
     if dims is not None:
         # one int stands for every component (K from pi when given)
-        d_t = torch.as_tensor(dims_list(dims, K if pi is not None else None,
-                                        "posterior_mean_coefficients"),
+        d_t = torch.as_tensor(dims_list(dims, K if pi is not None else None, WHERE),
                               dtype=s_t.dtype, device=s_t.device)
         K = d_t.numel()
     if pi is None:
