@@ -23,6 +23,7 @@ undefined, is left out).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Union
 
 import torch
@@ -34,18 +35,63 @@ __all__ = ["Schedule", "VP", "VE", "EDM", "get_schedule", "SCHEDULES"]
 TensorLike = Union[float, int, torch.Tensor]
 
 
-def _t(t: TensorLike, name: str = "t") -> torch.Tensor:
-    return number_or_tensor(t, name, "schedule")
-
-
 _SLACK = 1e-5  # relative round-off slack on the sigma range of sigma_to_t
+_MAX_LEVELS = 2**32  # grid sizes: the training step's level index is 32-bit (make_levels)
 
 
-def _check_positive(name: str, v: float) -> float:
-    v = float(v)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"schedule: {name} must be finite and > 0, got {v}")
-    return v
+def _check_positive(where: str, name: str, v) -> float:
+    """v as a finite Python float > 0: a real number (numpy scalars included, bools not) or a
+    one-element real tensor."""
+    if isinstance(v, torch.Tensor):
+        if v.is_complex() or v.dtype == torch.bool:
+            raise TypeError(f"{where}: {name} must be a real number, got dtype {v.dtype}")
+        if v.numel() != 1:
+            raise ValueError(f"{where}: {name} must be one number, got shape {tuple(v.shape)}")
+    elif isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a real number, got {v!r}")
+    try:
+        f = float(v)
+    except OverflowError:
+        raise ValueError(f"{where}: {name} must be finite and > 0, got an int beyond float64's "
+                         f"range") from None
+    if not math.isfinite(f) or f <= 0:
+        raise ValueError(f"{where}: {name} must be finite and > 0, got {v}")
+    return f
+
+
+def _check_grid_dtype(dtype, where: str):
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{where}: dtype must be torch.float32 or torch.float64, got {dtype!r}")
+
+
+def _sqrt_expm1(x: float) -> float:
+    """sqrt(e^x - 1), also where e^x overflows but the result does not (inf beyond float64)."""
+    try:
+        return math.sqrt(math.expm1(x))
+    except OverflowError:
+        pass
+    try:
+        return math.exp(0.5 * x) * math.sqrt(-math.expm1(-x))
+    except OverflowError:
+        return math.inf
+
+
+def _karras_log(smin: float, smax: float, rho: float, N: int, device=None) -> torch.Tensor:
+    """EDM.sigma_steps' levels (without the final 0) in float64, in a form that neither overflows
+    nor loses smin for any rho: sigma_i = smax q^rho, q = (1 - f) + f r, f = i / (N - 1),
+    r = (smin / smax)^(1/rho). log q = log1p(f (r - 1)) for r near 1 (large rho), and
+    log(e^log(1 - f) + e^(log f + log r)) for small r, where r itself may underflow. In float64
+    since rho and rho log q may be beyond float32's range."""
+    log_ratio = math.log(smin) - math.log(smax)
+    log_r = log_ratio / rho
+    f = torch.arange(N, dtype=torch.float64, device=device) / (N - 1)
+    if log_r > -1.0:
+        log_q = torch.log1p(f * math.expm1(log_r))
+    else:
+        log_q = torch.logaddexp(torch.log1p(-f), torch.log(f) + log_r)
+    if log_ratio > -700:
+        return smax * torch.exp(rho * log_q)
+    return torch.exp(math.log(smax) + rho * log_q)  # exp(rho log q) would underflow
 
 
 class Schedule:
@@ -56,7 +102,8 @@ class Schedule:
 
     def _time(self, t: TensorLike, fn: str) -> torch.Tensor:
         """``t`` as a tensor, checked to lie in [0, t_max]."""
-        return check_range(_t(t), "t", f"{type(self).__name__}.{fn}", 0.0, self.t_max)
+        where = f"{type(self).__name__}.{fn}"
+        return check_range(number_or_tensor(t, "t", where), "t", where, 0.0, self.t_max)
 
     def s(self, t: TensorLike) -> torch.Tensor:
         raise NotImplementedError
@@ -78,9 +125,11 @@ class Schedule:
         return torch.ones_like(t)
 
     def time_grid(self, L: int = 64, dtype=torch.float64, device=None) -> torch.Tensor:
-        """The L training levels ``t_i = i / L``, ``i = 1..L`` (t = 0 excluded)."""
-        if not isinstance(L, int) or L < 1:
-            raise ValueError(f"time_grid: L must be a positive int, got {L!r}")
+        """The L training levels ``t_i = i / L``, ``i = 1..L`` (t = 0 excluded); ``1 <= L < 2^32``,
+        ``dtype`` float32 or float64 (None: torch's default)."""
+        where = f"{type(self).__name__}.time_grid"
+        L = as_int(L, "L", where, 1, _MAX_LEVELS)
+        _check_grid_dtype(dtype, where)
         return torch.arange(1, L + 1, dtype=dtype, device=device) / L
 
     def levels(self, L: int = 64, dtype=torch.float64, device=None):
@@ -100,13 +149,20 @@ class VP(Schedule):
     name = "vp"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
-        self.beta_min = _check_positive("beta_min", beta_min)
-        self.beta_max = _check_positive("beta_max", beta_max)
+        self.beta_min = _check_positive("VP", "beta_min", beta_min)
+        self.beta_max = _check_positive("VP", "beta_max", beta_max)
         if self.beta_max < self.beta_min:
             raise ValueError("VP: beta_max must be >= beta_min")
 
     def _log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         return -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t)
+
+    def _huge(self, dtype: torch.dtype) -> bool:
+        """Whether -log alpha_bar(1) comes near the end of dtype's exp range (very large betas),
+        where the plain formulas overflow; the guarded forms run only then (decided on Python
+        numbers: no device sync, and torch.compile sees a constant)."""
+        x1 = self.beta_min + 0.5 * (self.beta_max - self.beta_min)
+        return x1 > math.log(torch.finfo(dtype).max) - 2
 
     def s(self, t):
         t = self._time(t, "s")
@@ -115,19 +171,53 @@ class VP(Schedule):
     def sigma(self, t):
         t = self._time(t, "sigma")
         # sqrt(1 - a) / sqrt(a) = sqrt(1/a - 1) = sqrt(expm1(-log a))
-        return torch.sqrt(torch.expm1(-self._log_alpha_bar(t)))
+        x = -self._log_alpha_bar(t)
+        sig = torch.sqrt(torch.expm1(x))
+        if not self._huge(x.dtype):
+            return sig
+        # expm1 overflows before its square root does: e^(x/2) sqrt(1 - e^-x) there. The clamp
+        # keeps the unused branch's gradient finite (sqrt'(0) at t = 0 would give NaN).
+        xs = x.clamp(min=1.0)
+        return torch.where(torch.isinf(sig), torch.exp(0.5 * xs) * torch.sqrt(-torch.expm1(-xs)),
+                           sig)
+
+    def gamma(self, t):
+        """``gamma_t = s_t sigma_t = sqrt(1 - alpha_bar_t)``."""
+        t = self._time(t, "gamma")
+        s = self.s(t)
+        g = s * self.sigma(t)
+        if not self._huge(t.dtype):
+            return g
+        # where alpha_bar underflows, s (subnormal or 0) times sigma (huge or inf) loses
+        # gamma = sqrt(1 - alpha_bar), which is 1 to working precision there (clamped as in sigma)
+        stable = torch.sqrt(-torch.expm1(self._log_alpha_bar(t).clamp(max=-1.0)))
+        return torch.where(s < torch.finfo(s.dtype).tiny, stable, g)
 
     def sigma_to_t(self, sigma):
-        sig_max = math.sqrt(math.expm1(self.beta_min + 0.5 * (self.beta_max - self.beta_min)))
-        sigma = check_range(_t(sigma, "sigma"), "sigma", "VP.sigma_to_t", 0.0,
-                             sig_max * (1 + _SLACK), what=f"in [0, sigma(1) = {sig_max:g}]")
+        sig_max = _sqrt_expm1(self.beta_min + 0.5 * (self.beta_max - self.beta_min))
+        where = "VP.sigma_to_t"
+        sigma = check_range(number_or_tensor(sigma, "sigma", where), "sigma", where, 0.0,
+                            sig_max * (1 + _SLACK), what=f"in [0, sigma(1) = {sig_max:g}]")
+        huge = self._huge(sigma.dtype)
         # -log alpha_bar = log(1 + sigma^2) = b0 t + (b1 - b0) t^2 / 2: solve the quadratic.
         c = torch.log1p(sigma * sigma)
+        if huge:
+            # beyond sqrt(float max), log(1 + sigma^2) = 2 log sigma to working precision (the
+            # clamp keeps log'(0) out of the gradient at sigma = 0)
+            c = torch.where(torch.isinf(c), 2 * torch.log(sigma.clamp(min=1.0)), c)
         a = 0.5 * (self.beta_max - self.beta_min)
         b = self.beta_min
         if a == 0:
             return c / b
-        return (-b + torch.sqrt(b * b + 4 * a * c)) / (2 * a)
+        t = (-b + torch.sqrt(b * b + 4 * a * c)) / (2 * a)
+        if not huge:
+            return t
+        # b^2 or 4ac overflow for betas near float max: the same root without forming them
+        # (on c = 1 where unused, so that sqrt'(0) does not put NaN in the gradient)
+        ok = torch.isfinite(t)
+        cs = torch.where(ok, torch.ones_like(c), c)
+        root = 2 * cs / (b + torch.hypot(torch.full_like(cs, b), 2 * math.sqrt(a) * torch.sqrt(cs)))
+        return torch.where(ok, t, root)
 
 
 class VE(Schedule):
@@ -136,8 +226,8 @@ class VE(Schedule):
     name = "ve"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        self.sigma_min = _check_positive("sigma_min", sigma_min)
-        self.sigma_max = _check_positive("sigma_max", sigma_max)
+        self.sigma_min = _check_positive("VE", "sigma_min", sigma_min)
+        self.sigma_max = _check_positive("VE", "sigma_max", sigma_max)
         if self.sigma_max <= self.sigma_min:
             raise ValueError("VE: sigma_max must be > sigma_min")
 
@@ -149,10 +239,11 @@ class VE(Schedule):
         return self.sigma_min * torch.exp(t * math.log(self.sigma_max / self.sigma_min))
 
     def sigma_to_t(self, sigma):
-        sigma = check_range(_t(sigma, "sigma"), "sigma", "VE.sigma_to_t",
-                             self.sigma_min * (1 - _SLACK), self.sigma_max * (1 + _SLACK),
-                             what=f"in [sigma_min, sigma_max] = [{self.sigma_min:g}, "
-                                      f"{self.sigma_max:g}]")
+        where = "VE.sigma_to_t"
+        sigma = check_range(number_or_tensor(sigma, "sigma", where), "sigma", where,
+                            self.sigma_min * (1 - _SLACK), self.sigma_max * (1 + _SLACK),
+                            what=f"in [sigma_min, sigma_max] = [{self.sigma_min:g}, "
+                                 f"{self.sigma_max:g}]")
         return torch.log(sigma / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
 
@@ -169,12 +260,12 @@ class EDM(Schedule):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  sigma_data: float = 0.5, weighting: str = "uniform"):
-        self.sigma_min = _check_positive("sigma_min", sigma_min)
-        self.sigma_max = _check_positive("sigma_max", sigma_max)
+        self.sigma_min = _check_positive("EDM", "sigma_min", sigma_min)
+        self.sigma_max = _check_positive("EDM", "sigma_max", sigma_max)
         if self.sigma_max <= self.sigma_min:
             raise ValueError("EDM: sigma_max must be > sigma_min")
-        self.rho = _check_positive("rho", rho)
-        self.sigma_data = _check_positive("sigma_data", sigma_data)
+        self.rho = _check_positive("EDM", "rho", rho)
+        self.sigma_data = _check_positive("EDM", "sigma_data", sigma_data)
         if weighting not in ("uniform", "edm"):
             raise ValueError(f"EDM: weighting must be 'uniform' or 'edm', got {weighting!r}")
         self.weighting = weighting
@@ -186,7 +277,8 @@ class EDM(Schedule):
         return self._time(t, "sigma").clone()
 
     def sigma_to_t(self, sigma):
-        return check_range(_t(sigma, "sigma"), "sigma", "EDM.sigma_to_t", 0.0).clone()
+        where = "EDM.sigma_to_t"
+        return check_range(number_or_tensor(sigma, "sigma", where), "sigma", where, 0.0).clone()
 
     def weight(self, t):
         t = self._time(t, "weight")
@@ -199,18 +291,37 @@ class EDM(Schedule):
 
     def sigma_steps(self, N: int = 18, dtype=torch.float64, device=None) -> torch.Tensor:
         """EDM sampling grid ``sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``,
-        i = 0..N-1 (decreasing from sigma_max to sigma_min), followed by a final 0: ``N + 1`` values."""
-        N = as_int(N, "N", "EDM.sigma_steps", 2)
-        i = torch.arange(N, dtype=dtype, device=device)
-        inv = 1.0 / self.rho
-        a, b = self.sigma_max ** inv, self.sigma_min ** inv
-        sig = (a + i / (N - 1) * (b - a)) ** self.rho
+        i = 0..N-1 (decreasing from sigma_max to sigma_min), followed by a final 0: ``N + 1``
+        values; ``2 <= N < 2^32``, ``dtype`` float32 or float64 (None: torch's default). Computed
+        in log form where this formula would overflow or round badly (rho well below 1 or
+        above ~1e7)."""
+        N = as_int(N, "N", "EDM.sigma_steps", 2, _MAX_LEVELS)
+        _check_grid_dtype(dtype, "EDM.sigma_steps")
+        smin, smax, rho = self.sigma_min, self.sigma_max, self.rho
+        out = dtype or torch.get_default_dtype()
+        log_r = (math.log(smin) - math.log(smax)) / rho  # r = (smin / smax)^(1/rho)
+        # Karras' formula rounds to about rho / r units in the last place (smin^(1/rho) is lost
+        # next to smax^(1/rho) when r is small: the last level is 0 for rho = 0.01), and
+        # smax^(1/rho) or smin^(1/rho) leave the dtype's range for small rho. It is kept where it
+        # is accurate (to ~1e-9 in float64: rho >= 1 over 7 decades of sigma) and in range; the
+        # log form, accurate to a few ulps, is used elsewhere.
+        if (math.log(rho) - log_r < math.log(1e7)
+                and max(abs(math.log(smin)), abs(math.log(smax))) / rho
+                < -math.log(torch.finfo(out).tiny) - 1):
+            i = torch.arange(N, dtype=dtype, device=device)
+            inv = 1.0 / rho
+            a, b = smax ** inv, smin ** inv
+            sig = (a + i / (N - 1) * (b - a)) ** rho
+        else:
+            sig = _karras_log(smin, smax, rho, N, device).to(out)
         return torch.cat([sig, sig.new_zeros(1)])
 
     def precond(self, sigma: TensorLike):
         """EDM preconditioning ``(c_skip, c_out, c_in, c_noise)`` at noise level ``sigma``:
         ``D(x) = c_skip x + c_out F(c_in x, c_noise)``; finite ``sigma > 0``."""
-        sigma = check_range(_t(sigma, "sigma"), "sigma", "EDM.precond", 0.0, lo_open=True)
+        where = "EDM.precond"
+        sigma = check_range(number_or_tensor(sigma, "sigma", where), "sigma", where, 0.0,
+                            lo_open=True)
         sd = self.sigma_data
         denom = sigma * sigma + sd * sd
         c_skip = sd * sd / denom
