@@ -32,51 +32,97 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._args import as_int, dims_list
+from ._args import as_int, as_int_list, dims_list
 
 __all__ = ["PCASubspace", "KSubspaces", "EnSC", "top_subspace", "match_dims"]
 
 
-def _as_array(X, where: str):
-    """X as a float64 numpy ``[N, n]`` array (non-empty, finite) and the torch dtype of the
-    results (X's floating dtype; float64 for integer tensors and numpy input)."""
+def _as_array(X, where: str, name: str = "X", min_rows: int = 1):
+    """X as a float64 numpy ``[N, n]`` array (at least ``min_rows`` rows, n >= 1, finite, with a
+    finite squared norm) and the torch dtype of the results (X's floating dtype; float64 for
+    integer tensors and numpy input). Errors name the argument as ``name``."""
     if isinstance(X, torch.Tensor):
         if X.is_complex():
-            raise TypeError(f"{where}: X must be real, got dtype {X.dtype}")
+            raise TypeError(f"{where}: {name} must be real, got dtype {X.dtype}")
         dtype = X.dtype if X.is_floating_point() else torch.float64
         Xn = X.detach().cpu().to(torch.float64).numpy()
     else:
         dtype = torch.float64
-        if np.iscomplexobj(X):
-            raise TypeError(f"{where}: X must be real, got a complex array")
-        try:
-            Xn = np.asarray(X, dtype=np.float64)
+        if X is None:  # np.asarray makes it a 0-d NaN
+            raise TypeError(f"{where}: {name} must be a numeric [N, n] array, got None")
+        try:  # np.iscomplexobj raises too for a ragged list
+            is_complex = np.iscomplexobj(X)
+            if not is_complex:
+                Xn = np.asarray(X, dtype=np.float64)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"{where}: X must be a numeric [N, n] array") from e
+            raise TypeError(f"{where}: {name} must be a numeric [N, n] array") from e
+        if is_complex:
+            raise TypeError(f"{where}: {name} must be real, got a complex array")
     if Xn.ndim != 2:
-        raise ValueError(f"{where}: X must be [N, n], got shape {Xn.shape}")
+        raise ValueError(f"{where}: {name} must be [N, n], got shape {Xn.shape}")
     N, n = Xn.shape
-    if N == 0 or n == 0:
-        raise ValueError(f"{where}: X is empty (shape {Xn.shape})")
-    if not np.isfinite(Xn).all():
-        raise ValueError(f"{where}: X contains NaN or Inf")
+    if N < min_rows or n == 0:
+        raise ValueError(f"{where}: {name} is empty (shape {Xn.shape})")
+    # one pass for both checks: the energy is NaN or Inf for non-finite entries, and Inf when
+    # finite entries (|x| ~ 1e154 and more) overflow the projection energies the fits compare
+    if not np.isfinite(np.einsum("ij,ij->", Xn, Xn)):
+        if not np.isfinite(Xn).all():
+            raise ValueError(f"{where}: {name} contains NaN or Inf")
+        raise ValueError(f"{where}: {name} is too large: its squared norm overflows float64 "
+                         f"(largest |entry| {np.abs(Xn).max():.3g}); rescale it")
     return Xn, dtype
 
 
-def _validate_X(X, K: int, dims: list, where: str):
+def _validate_X(X, K: int, dims, where: str, name: str = "dims"):
+    """(Xn, dtype, dims as K ints): X as ``_as_array`` gives it, K <= N checked before ``dims`` is
+    expanded to K entries (K = 2**40 would not fit in memory), every d_k < n."""
     Xn, dtype = _as_array(X, where)
     N, n = Xn.shape
     if K > N:
         raise ValueError(f"{where}: K = {K} clusters but only N = {N} samples")
+    dims = dims_list(dims, K, where, name=name)
     for k, d in enumerate(dims):
         if d >= n:
-            raise ValueError(f"{where}: dims[{k}] = {d} must be < n = {n}")
-    return Xn, dtype
+            what = name if name == "d" else f"{name}[{k}]"  # PCASubspace's one d
+            raise ValueError(f"{where}: {what} = {d} must be < n = {n}")
+    return Xn, dtype, dims
 
 
-def top_subspace(Xk: np.ndarray, d: int, rng: np.random.Generator) -> np.ndarray:
-    """n x d orthonormal basis: top-d left singular vectors of ``Xk`` ([m, n] rows). When the
-    cluster spans fewer than d directions, random orthonormal directions complete the basis."""
+def _check_seed(seed, where: str, sklearn: bool = False):
+    """seed as numpy's default_rng takes it: None, a Generator or RandomState, an int >= 0 or a
+    list of them. sklearn=True: as SpectralClustering's random_state also takes it (None, a
+    RandomState or an int in [0, 2**32))."""
+    if seed is None or isinstance(seed, np.random.RandomState):
+        return seed
+    if isinstance(seed, np.random.Generator):
+        if not sklearn:
+            return seed
+        raise TypeError(f"{where}: seed must be None, an int or a numpy RandomState for spectral "
+                        "clustering (sklearn takes no Generator), got a Generator")
+    if isinstance(seed, (list, tuple)) and not sklearn:
+        return as_int_list(seed, "seed", where, 0)
+    return as_int(seed, "seed", where, 0, 2 ** 32 if sklearn else None)
+
+
+def top_subspace(Xk, d: int, rng: np.random.Generator) -> np.ndarray:
+    """n x d orthonormal basis (float64 numpy): top-d left singular vectors of ``Xk`` ([m, n]
+    rows, m >= 0, numpy or torch), 1 <= d <= n. When the rows span fewer than d directions,
+    random orthonormal directions from ``rng`` (a numpy Generator or RandomState) complete the
+    basis."""
+    where = "top_subspace"
+    Xk, _ = _as_array(Xk, where, "Xk", min_rows=0)
+    n = Xk.shape[1]
+    d = as_int(d, "d", where, 1)
+    if d > n:
+        raise ValueError(f"{where}: d = {d} must be <= n = {n}")
+    if not isinstance(rng, (np.random.Generator, np.random.RandomState)):
+        raise TypeError(f"{where}: rng must be a numpy Generator or RandomState, got "
+                        f"{type(rng).__name__}")
+    return _top_subspace(Xk, d, rng)
+
+
+def _top_subspace(Xk: np.ndarray, d: int, rng: np.random.Generator) -> np.ndarray:
+    """top_subspace for checked arguments (Xk a finite float64 [m, n] array, 1 <= d <= n)."""
     n = Xk.shape[1]
     if Xk.shape[0] > 0:
         u, s, _ = np.linalg.svd(Xk.T, full_matrices=False)
@@ -120,9 +166,8 @@ class PCASubspace(_Base):
         self.d = d
 
     def fit(self, X, y=None) -> "PCASubspace":
-        dims = dims_list(self.d, 1, "PCASubspace", name="d")
-        Xn, dtype = _validate_X(X, 1, dims, "PCASubspace")
-        B = top_subspace(Xn, dims[0], np.random.default_rng(0))
+        Xn, dtype, dims = _validate_X(X, 1, self.d, "PCASubspace", name="d")
+        B = _top_subspace(Xn, dims[0], np.random.default_rng(0))
         self.bases_ = _pack([B], Xn.shape[1], dtype)
         self.labels_ = torch.zeros(Xn.shape[0], dtype=torch.int64)
         self.objective_ = float(np.sum((Xn @ B) ** 2))
@@ -141,14 +186,41 @@ def _assign(Xn: np.ndarray, bases) -> tuple:
     return labels, float(scores[np.arange(len(labels)), labels].sum())
 
 
-def match_dims(Xn: np.ndarray, labels: np.ndarray, dims: list) -> np.ndarray:
+def match_dims(Xn, labels, dims) -> np.ndarray:
     """Relabel a K-clustering so that cluster k is the one fitted with ``dims[k]``.
 
     Cluster c fitted with the top d (uncentred) principal directions leaves the residual energy
     ``sum_{i > d} sigma_i(X_c)^2``; the one-to-one map of clusters to entries of ``dims`` with
     the least total residual is found with ``scipy.optimize.linear_sum_assignment``. The labels
     are returned unchanged when all d_k are equal or when they are already optimal (within
-    rounding), so equal-dimension runs and ties keep their numbering."""
+    rounding), so equal-dimension runs and ties keep their numbering.
+
+    Args: ``Xn`` ``[N, n]`` (numpy or torch, finite), ``labels`` N integers in [0, K),
+    ``dims`` K ints in [1, n]. Returns int64 ``[N]``."""
+    where = "match_dims"
+    Xn, _ = _as_array(Xn, where, "Xn")
+    N, n = Xn.shape
+    dims = dims_list(dims, None, where, hi=n)
+    try:
+        lab = np.asarray(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{where}: labels must be an integer array, got "
+                        f"{type(labels).__name__}") from None
+    if lab.dtype.kind not in "iu":
+        raise TypeError(f"{where}: labels must be integers, got dtype {lab.dtype}")
+    if lab.shape != (N,):
+        raise ValueError(f"{where}: labels must be [N] = [{N}] (one per row of Xn), got shape "
+                         f"{lab.shape}")
+    K = len(dims)
+    bad = lab[(lab < 0) | (lab >= K)]
+    if bad.size:
+        raise ValueError(f"{where}: labels must be in [0, K) = [0, {K}) (K = len(dims)), got "
+                         f"{bad[0]}")
+    return _match_dims(Xn, lab, dims)
+
+
+def _match_dims(Xn: np.ndarray, labels: np.ndarray, dims: list) -> np.ndarray:
+    """match_dims for checked arguments."""
     K = len(dims)
     labels = np.asarray(labels, dtype=np.int64)
     if K == 1 or len(set(dims)) == 1:
@@ -168,8 +240,8 @@ def match_dims(Xn: np.ndarray, labels: np.ndarray, dims: list) -> np.ndarray:
 
 def _fit_clusters(Xn: np.ndarray, labels: np.ndarray, dims: list, rng) -> tuple:
     """(labels matched to dims, per-cluster top-d_k bases) for a clustering of ``Xn``."""
-    labels = match_dims(Xn, labels, dims)
-    return labels, [top_subspace(Xn[labels == k], d, rng) for k, d in enumerate(dims)]
+    labels = _match_dims(Xn, labels, dims)
+    return labels, [_top_subspace(Xn[labels == k], d, rng) for k, d in enumerate(dims)]
 
 
 def _spectral_labels(W: np.ndarray, K: int, seed) -> np.ndarray:
@@ -222,30 +294,31 @@ class KSubspaces(_Base):
     def fit(self, X, y=None) -> "KSubspaces":
         where = "KSubspaces"
         K = as_int(self.K, "K", where, 1)
-        dims = dims_list(self.dims, K, where)
         n_init = as_int(self.n_init, "n_init", where, 1)
         max_iter = as_int(self.max_iter, "max_iter", where, 1)
-        if self.init not in ("auto", "random", "points", "spectral"):
+        if not isinstance(self.init, str) or self.init not in ("auto", "random", "points",
+                                                                "spectral"):
             raise ValueError(f"{where}: init must be 'auto', 'random', 'points' or 'spectral', "
                              f"got {self.init!r}")
+        seed = _check_seed(self.seed, where, sklearn=self.init == "spectral")
+        Xn, dtype, dims = _validate_X(X, K, self.dims, where)
         init = self.init
         if init == "auto":
             init = "random" if len(set(dims)) == 1 else "points"
-        Xn, dtype = _validate_X(X, K, dims, where)
         N, n = Xn.shape
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(seed)
         best = None
         for r in range(n_init):
             if init == "spectral" and r == 0:
                 norms = np.linalg.norm(Xn, axis=1, keepdims=True)
                 Y = Xn / np.maximum(norms, 1e-300)
-                lab = _spectral_labels(np.abs(Y @ Y.T), K, self.seed)
+                lab = _spectral_labels(np.abs(Y @ Y.T), K, seed)
                 _, bases = _fit_clusters(Xn, lab, dims, rng)
             elif init == "points":  # the span of d_k distinct random data points
-                bases = [top_subspace(Xn[rng.choice(N, size=min(d, N), replace=False)], d, rng)
+                bases = [_top_subspace(Xn[rng.choice(N, size=min(d, N), replace=False)], d, rng)
                          for d in dims]
             else:
-                bases = [top_subspace(np.zeros((0, n)), d, rng) for d in dims]
+                bases = [_top_subspace(np.zeros((0, n)), d, rng) for d in dims]
             labels, obj = _assign(Xn, bases)
             for it in range(max_iter):
                 labels, bases = _fit_clusters(Xn, labels, dims, rng)
@@ -295,14 +368,40 @@ class EnSC(_Base):
         self.l1_ratio = l1_ratio
         self.seed = seed
 
-    def coefficients(self, Xn: np.ndarray) -> np.ndarray:
+    def _enet_params(self, where: str) -> tuple:
+        """(alpha, l1_ratio) as floats: alpha finite and > 0, l1_ratio in [0, 1]."""
+        out = []
+        for name, v in (("alpha", self.alpha), ("l1_ratio", self.l1_ratio)):
+            f = None
+            if not isinstance(v, (bool, np.bool_)):
+                try:
+                    f = float(v)
+                except (TypeError, ValueError, RuntimeError):
+                    pass
+            if f is None:
+                raise TypeError(f"{where}: {name} must be a number, got {v!r}")
+            out.append(f)
+        alpha, l1_ratio = out
+        if not 0 < alpha < np.inf:
+            raise ValueError(f"{where}: alpha must be finite and > 0, got {alpha}")
+        if not 0 <= l1_ratio <= 1:
+            raise ValueError(f"{where}: l1_ratio must be in [0, 1], got {l1_ratio}")
+        return alpha, l1_ratio
+
+    def coefficients(self, Xn) -> np.ndarray:
+        """``[N, N]`` self-expressive coefficients of the rows of ``Xn`` ``[N, n]`` (zero
+        diagonal)."""
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import ElasticNet
 
+        where = "EnSC.coefficients"
+        alpha, l1_ratio = self._enet_params(where)
+        Xn, _ = _as_array(Xn, where, "Xn")
         N = Xn.shape[0]
+        if N < 2:
+            raise ValueError(f"{where}: needs at least 2 samples")
         C = np.zeros((N, N))
-        model = ElasticNet(alpha=float(self.alpha), l1_ratio=float(self.l1_ratio),
-                           fit_intercept=False, max_iter=5000)
+        model = ElasticNet(alpha=alpha, l1_ratio=l1_ratio, fit_intercept=False, max_iter=5000)
         for i in range(N):
             others = np.delete(np.arange(N), i)
             with warnings.catch_warnings():
@@ -314,22 +413,16 @@ class EnSC(_Base):
     def fit(self, X, y=None) -> "EnSC":
         where = "EnSC"
         K = as_int(self.K, "K", where, 1)
-        dims = dims_list(self.dims, K, where)
-        try:
-            alpha, l1_ratio = float(self.alpha), float(self.l1_ratio)
-        except (TypeError, ValueError):
-            raise TypeError(f"{where}: alpha and l1_ratio must be numbers, got "
-                            f"{self.alpha!r}, {self.l1_ratio!r}") from None
-        if not alpha > 0 or not 0 <= l1_ratio <= 1:
-            raise ValueError(f"{where}: need alpha > 0 and 0 <= l1_ratio <= 1")
-        Xn, dtype = _validate_X(X, K, dims, where)
+        self._enet_params(where)
+        seed = _check_seed(self.seed, where, sklearn=True)
+        Xn, dtype, dims = _validate_X(X, K, self.dims, where)
         if Xn.shape[0] < 2:
             raise ValueError(f"{where}: needs at least 2 samples")
         C = self.coefficients(Xn)
         W = np.abs(C) + np.abs(C).T
         self.affinity_ = W
-        labels = _spectral_labels(W, K, self.seed)
-        labels, bases = _fit_clusters(Xn, labels, dims, np.random.default_rng(self.seed))
+        labels = _spectral_labels(W, K, seed)
+        labels, bases = _fit_clusters(Xn, labels, dims, np.random.default_rng(seed))
         self.labels_ = torch.from_numpy(labels)
         self.bases_ = _pack(bases, Xn.shape[1], dtype)
         return self

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._args import dims_list
+from .._args import _check_tensor, check_positive, dims_list, number_or_tensor
 
 __all__ = ["subspace_distance", "recovery_success", "clustering_accuracy", "projectors"]
 
@@ -23,6 +23,8 @@ NORMS = {"spectral": 2, "fro": "fro"}
 def _as4(U, name):
     if not isinstance(U, torch.Tensor):
         raise TypeError(f"subspace_distance: {name} must be a torch.Tensor")
+    if U.is_complex() or U.dtype == torch.bool:
+        raise TypeError(f"subspace_distance: {name} must be real, got dtype {U.dtype}")
     if U.dim() == 3:
         return U.unsqueeze(0), False
     if U.dim() == 4:
@@ -32,7 +34,24 @@ def _as4(U, name):
 
 
 def projectors(U: torch.Tensor, dims) -> torch.Tensor:
-    """``[P, K, n, n]`` projectors ``U_k U_k^T`` from the first ``dims[k]`` columns of ``U``."""
+    """``[P, K, n, n]`` (``[K, n, n]`` for ``[K, n, dmax]``) projectors ``U_k U_k^T`` from the
+    first ``dims[k]`` columns of ``U`` ``[P, K, n, dmax]`` (real, finite); ``dims``: one int or K
+    ints in [1, dmax]."""
+    where = "projectors"
+    _check_tensor(U, "U", where)
+    if U.dim() not in (3, 4):
+        raise ValueError(f"{where}: U must be [K, n, dmax] or [P, K, n, dmax], got shape "
+                         f"{tuple(U.shape)}")
+    if U.is_complex() or U.dtype == torch.bool:
+        raise TypeError(f"{where}: U must be real, got dtype {U.dtype}")
+    dims = dims_list(dims, U.shape[-3], where, hi=U.shape[-1], hi_name="dmax")
+    if not torch.isfinite(U).all():
+        raise ValueError(f"{where}: U contains NaN or Inf")
+    return _projectors(U, dims)
+
+
+def _projectors(U: torch.Tensor, dims: list) -> torch.Tensor:
+    """projectors for checked arguments."""
     mask = (torch.arange(U.shape[-1], device=U.device)[None, :]
             < torch.as_tensor(dims, device=U.device)[:, None]).to(U.dtype)  # [K, dmax]
     Um = U * mask[:, None, :]
@@ -55,8 +74,10 @@ def subspace_distance(U_est: torch.Tensor, U_true: torch.Tensor, dims=None,
     Returns:
         float64 tensor ``[P]`` (a 0-d tensor for unbatched inputs).
     """
-    if norm not in NORMS:
+    if not isinstance(norm, str) or norm not in NORMS:
         raise ValueError(f"subspace_distance: norm must be one of {sorted(NORMS)}, got {norm!r}")
+    if not isinstance(return_perm, (bool, np.bool_)):
+        raise TypeError(f"subspace_distance: return_perm must be a bool, got {return_perm!r}")
     A, batched = _as4(U_est, "U_est")
     B, batched_t = _as4(U_true, "U_true")
     if A.shape[1] != B.shape[1] or A.shape[2] != B.shape[2]:
@@ -85,7 +106,11 @@ def subspace_distance(U_est: torch.Tensor, U_true: torch.Tensor, dims=None,
     B = B.detach().to(torch.float64).to(A.device)
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise ValueError("subspace_distance: bases contain NaN or Inf")
-    PA, PB = projectors(A, dims_e), projectors(B, dims_t)  # [P, K, n, n]
+    PA, PB = _projectors(A, dims_e), _projectors(B, dims_t)  # [P, K, n, n]
+    for name, Pr in (("U_est", PA), ("U_true", PB)):
+        if not torch.isfinite(Pr).all():  # finite entries of ~1e154 and more overflow U U^T
+            raise ValueError(f"subspace_distance: {name} is too large: U U^T overflows float64 "
+                             "(bases should have unit-norm columns)")
     diff = PA[:, :, None] - PB[:, None, :]  # [P, K_est, K_true, n, n]
     cost = torch.linalg.matrix_norm(diff, ord=NORMS[norm]).cpu().numpy()
     dist = np.empty(cost.shape[0])
@@ -104,24 +129,53 @@ def subspace_distance(U_est: torch.Tensor, U_true: torch.Tensor, dims=None,
 
 
 def recovery_success(dist: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Boolean success ``dist <= threshold`` (the paper uses 0.5)."""
-    dist = torch.as_tensor(dist)
-    if torch.isnan(dist).any():
-        raise ValueError("recovery_success: dist contains NaN")
-    return dist <= threshold
+    """Boolean success ``dist <= threshold`` (the paper uses 0.5). ``dist``: real distances (no
+    NaN); ``threshold``: a finite number > 0, or a tensor of them that broadcasts to ``dist``."""
+    where = "recovery_success"
+    d = _number_tensor(dist, "dist", where, integer=False)
+    if torch.isnan(d).any():
+        raise ValueError(f"{where}: dist contains NaN")
+    if isinstance(threshold, np.generic):
+        threshold = threshold.item()
+    if isinstance(threshold, torch.Tensor) and (threshold.is_complex()
+                                                or threshold.dtype == torch.bool):
+        raise TypeError(f"{where}: threshold must be real, got dtype {threshold.dtype}")
+    thr = check_positive(number_or_tensor(threshold, "threshold", where), "threshold", where)
+    try:
+        shape = torch.broadcast_shapes(d.shape, thr.shape)
+    except RuntimeError:
+        shape = None
+    if shape != d.shape:
+        raise ValueError(f"{where}: threshold of shape {tuple(thr.shape)} does not broadcast to "
+                         f"dist's shape {tuple(d.shape)}")
+    # a Python number is compared as a float (2**70 as an int does not fit the tensor's type)
+    return d <= (threshold if isinstance(threshold, torch.Tensor) else float(threshold))
+
+
+def _number_tensor(v, name: str, where: str, integer: bool) -> torch.Tensor:
+    """v as a tensor of integers (``integer``) or of real numbers (also integers); TypeErrors
+    name ``name``."""
+    try:
+        t = torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{where}: {name} must be a tensor or array of numbers, got "
+                        f"{type(v).__name__}") from None
+    if t.is_complex() or t.dtype == torch.bool or (integer and t.is_floating_point()):
+        raise TypeError(f"{where}: {name} must be {'integers' if integer else 'real'}, got dtype "
+                        f"{t.dtype}")
+    return t
 
 
 def clustering_accuracy(labels, pred) -> torch.Tensor:
     """Fraction of samples whose predicted cluster matches the true label after the best
     one-to-one relabelling (Hungarian). ``labels``/``pred``: ``[N]`` or ``[P, N]`` ints; returns
-    float64 ``[P]`` (0-d for 1-D inputs). Predicted clusters may outnumber the true ones."""
-    lab = torch.as_tensor(labels)
-    prd = torch.as_tensor(pred)
+    float64 ``[P]`` (0-d for 1-D inputs). Predicted clusters may outnumber the true ones. Label
+    values are arbitrary integers >= 0 (only which samples share one matters)."""
+    lab = _number_tensor(labels, "labels", "clustering_accuracy", integer=True)
+    prd = _number_tensor(pred, "pred", "clustering_accuracy", integer=True)
     if lab.shape != prd.shape:
         raise ValueError(f"clustering_accuracy: labels {tuple(lab.shape)} and pred "
                          f"{tuple(prd.shape)} differ in shape")
-    if lab.dtype.is_floating_point or prd.dtype.is_floating_point:
-        raise TypeError("clustering_accuracy: labels and pred must be integers")
     if lab.dim() not in (1, 2) or lab.shape[-1] == 0:
         raise ValueError("clustering_accuracy: labels must be a non-empty [N] or [P, N]")
     if (lab < 0).any() or (prd < 0).any():
@@ -132,9 +186,12 @@ def clustering_accuracy(labels, pred) -> torch.Tensor:
     from scipy.optimize import linear_sum_assignment  # here: see subspace_distance
 
     for p in range(lab2.shape[0]):
-        kt, kp = int(lab2[p].max()) + 1, int(prd2[p].max()) + 1
-        conf = np.zeros((kp, kt))
-        np.add.at(conf, (prd2[p].numpy(), lab2[p].numpy()), 1)
+        # the confusion matrix of the distinct values only (labels like 2**40 would size it by
+        # the largest value); dropping all-zero rows and columns keeps the best matching
+        _, lt = np.unique(lab2[p].numpy(), return_inverse=True)
+        _, pt = np.unique(prd2[p].numpy(), return_inverse=True)
+        conf = np.zeros((pt.max() + 1, lt.max() + 1))
+        np.add.at(conf, (pt, lt), 1)
         rows, cols = linear_sum_assignment(conf, maximize=True)
         acc[p] = conf[rows, cols].sum() / lab2.shape[1]
     out = torch.from_numpy(acc)
