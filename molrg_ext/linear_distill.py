@@ -5,14 +5,40 @@ we solve it in closed form with ``torch.linalg.lstsq`` (float64), which is its e
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ._args import as_int, check_denoiser_data, check_number_or_tensor
+from ._args import (_check_tensor, as_int, as_int_list, check_denoiser_data,
+                    check_number_or_tensor, check_positive)
 
 __all__ = ["linear_distill", "LinearDenoiser"]
+
+
+def check_denoiser_output(y, x: torch.Tensor, sigma: float, where: str) -> torch.Tensor:
+    """y = denoiser(x, sigma), after an error unless it is a finite real floating tensor of x's
+    shape and device (a wrong one would otherwise be fitted or scored silently)."""
+    what = f"{where}: the denoiser's output"
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(y).__name__}")
+    if y.shape != x.shape:
+        raise ValueError(f"{what} must have the input's shape {tuple(x.shape)}, got "
+                         f"{tuple(y.shape)}")
+    if not y.is_floating_point():
+        raise TypeError(f"{what} must be real floating point, got dtype {y.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"{what} is on {y.device} but its input is on {x.device}")
+    if not torch.isfinite(y).all():
+        raise ValueError(f"{what} contains NaN or Inf values (sigma = {sigma})")
+    return y
+
+
+def check_generator(generator, where: str) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{where}: generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -35,14 +61,47 @@ class LinearDenoiser(nn.Module):
     def __init__(self, sigmas: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
                  sample_shape: Sequence[int]):
         super().__init__()
+        where = "LinearDenoiser"
+        for t, name in ((sigmas, "sigmas"), (W, "W"), (b, "b")):
+            _check_tensor(t, name, where)
+        for t, name in ((sigmas, "sigmas"), (b, "b")):
+            if t.device != W.device:
+                raise ValueError(f"{where}: {name} is on {t.device} but W is on {W.device}")
+        if not W.is_floating_point():
+            raise TypeError(f"{where}: W must be floating point, got dtype {W.dtype}")
+        if b.dtype != W.dtype:
+            raise TypeError(f"{where}: b has dtype {b.dtype} but W has dtype {W.dtype}")
+        if sigmas.is_complex() or sigmas.dtype == torch.bool:
+            raise TypeError(f"{where}: sigmas must be real, got dtype {sigmas.dtype}")
+        if W.dim() != 3 or W.shape[0] == 0 or W.shape[1] != W.shape[2]:
+            raise ValueError(f"{where}: W must be [S, n, n] with S >= 1 levels, got shape "
+                             f"{tuple(W.shape)}")
+        S, n = W.shape[0], W.shape[1]
+        if sigmas.shape != (S,):
+            raise ValueError(f"{where}: sigmas must hold one level per matrix of W: W has "
+                             f"S = {S} (shape {tuple(W.shape)}), sigmas has shape "
+                             f"{tuple(sigmas.shape)}")
+        if b.shape != (S, n):
+            raise ValueError(f"{where}: b must be [S, n] = [{S}, {n}] for W of shape "
+                             f"{tuple(W.shape)}, got shape {tuple(b.shape)}")
+        check_positive(sigmas, "sigmas", where)
+        for t, name in ((W, "W"), (b, "b")):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{where}: {name} contains NaN or Inf values")
+        shape = tuple(as_int_list(sample_shape, "sample_shape", where, 0))
+        if math.prod(shape) != n:
+            raise ValueError(f"{where}: sample_shape {shape} has {math.prod(shape)} entries but "
+                             f"W is [S, n, n] with n = {n}")
         self.register_buffer("sigmas", sigmas)
         self.register_buffer("W", W)
         self.register_buffer("b", b)
-        self.sample_shape = tuple(sample_shape)
+        self.sample_shape = shape
 
     def index(self, sigma: float) -> int:
         """Grid index of the level equal to the number ``sigma`` (an error for any other)."""
         sig = float(check_number_or_tensor(sigma, "sigma", "LinearDenoiser"))
+        if not math.isfinite(sig):  # the relative tolerance below would be inf
+            raise ValueError(f"LinearDenoiser: sigma must be finite, got {sig}")
         err = (self.sigmas.double() - sig).abs()
         j = int(err.argmin())
         if not err[j] <= 1e-6 * max(abs(sig), 1e-12):  # NaN fails too
@@ -61,8 +120,13 @@ class LinearDenoiser(nn.Module):
         grid = self.sigmas.double()
         # membership check on the concrete values (under vmap: those of every sample at once)
         vals = _plain(sigma).detach().reshape(-1, 1).to(device=grid.device, dtype=torch.float64)
-        ok = (vals - grid).abs().min(dim=1).values <= 1e-6 * vals[:, 0].abs().clamp_min(1e-12)
-        if not bool(ok.all()):  # NaN is off the grid too
+        finite = torch.isfinite(vals[:, 0])  # for +-inf the relative tolerance would be inf
+        ok = finite & ((vals - grid).abs().min(dim=1).values
+                       <= 1e-6 * vals[:, 0].abs().clamp_min(1e-12))
+        if not bool(ok.all()):
+            if not bool(finite.all()):
+                raise ValueError(f"{where}: sigma must be finite, got "
+                                 f"{vals[~finite, 0][0].item()}")
             bad = vals[~ok, 0].tolist()
             raise ValueError(f"{where}: sigma = {bad[0] if len(bad) == 1 else bad} is not one of "
                              f"the distilled levels {self.sigmas.tolist()}")
@@ -79,6 +143,8 @@ class LinearDenoiser(nn.Module):
                              f"{n} entries, got shape {tuple(x.shape)}")
         if x.dtype != self.W.dtype:
             raise TypeError(f"{where}: x has dtype {x.dtype} but the denoiser has {self.W.dtype}")
+        if not torch.isfinite(_plain(x)).all():
+            raise ValueError(f"{where}: x contains NaN or Inf values")
         x2 = x.reshape(x.shape[0], n)
         if not isinstance(sigma, torch.Tensor):
             j = self.index(sigma)
@@ -132,7 +198,13 @@ def linear_distill(
     if not sig or any(not (s > 0 and s < float("inf")) for s in sig):
         raise ValueError(f"{where}: sigmas must be a non-empty list of finite levels > 0, got "
                          f"{sig}")
+    # the levels are stored in X0's dtype: one that rounds to 0 or inf there is off the grid
+    levels = torch.tensor(sig, dtype=X0.dtype, device=X0.device)
+    if not bool((torch.isfinite(levels) & (levels > 0)).all()):
+        raise ValueError(f"{where}: sigmas must be finite and > 0 in X0's dtype {X0.dtype}, got "
+                         f"{sig}")
     batch_size = as_int(batch_size, "batch_size", where, 1)
+    check_generator(generator, where)
     N = X0.shape[0]
     n = X0[0].numel()
     M = as_int(n_samples, "n_samples", where, 1) if n_samples is not None else max(4 * (n + 1), N)
@@ -144,10 +216,11 @@ def linear_distill(
         eps = torch.randn((M, *X0.shape[1:]), generator=generator, dtype=X0.dtype,
                           device=X0.device)
         x = X0[idx] + s * eps
-        y = torch.cat([denoiser(x[i:i + batch_size], s) for i in range(0, M, batch_size)])
-        if y.shape != x.shape:
-            raise ValueError(f"{where}: denoiser returned shape {tuple(y.shape)} for input "
-                             f"{tuple(x.shape)}")
+        ys = []
+        for i in range(0, M, batch_size):
+            xi = x[i:i + batch_size]
+            ys.append(check_denoiser_output(denoiser(xi, s), xi, s, where))
+        y = torch.cat(ys)
         A = torch.cat([x.reshape(M, n).double(), torch.ones(M, 1, dtype=torch.float64,
                                                              device=X0.device)], 1)
         sol = torch.linalg.lstsq(A, y.reshape(M, n).double(),
@@ -156,5 +229,7 @@ def linear_distill(
         bs.append(sol[n])
     W = torch.stack(Ws).to(X0.dtype)
     b = torch.stack(bs).to(X0.dtype)
-    return LinearDenoiser(torch.tensor(sig, dtype=X0.dtype, device=X0.device), W, b,
-                          X0.shape[1:])
+    if not (torch.isfinite(W).all() and torch.isfinite(b).all()):
+        raise ValueError(f"{where}: the fitted W or b overflows X0's dtype {X0.dtype} (the "
+                         f"denoiser's outputs are too large)")
+    return LinearDenoiser(levels, W, b, X0.shape[1:])

@@ -8,15 +8,33 @@ a = b = 1/sqrt(2)) so that the combined input has the right noise variance.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .._args import check_denoiser_data
+from .._args import (as_int, check_denoiser_data, check_positive, check_range, is_one_value,
+                     real_tensor)
+from ..linear_distill import check_denoiser_output, check_generator
 from ..schedules import EDM
 
 __all__ = ["linearity_score", "edm_sigma_grid"]
+
+
+def _real(v, name: str, where: str) -> float:
+    """v as a float: a real number (numpy scalars too) or a 0-d real tensor or array."""
+    dt = str(getattr(v, "dtype", ""))
+    if not is_one_value(v):
+        shape = f" of shape {tuple(v.shape)}" if hasattr(v, "shape") else ""
+        raise TypeError(f"{where}: {name} must be a real number, got {type(v).__name__}{shape}")
+    if (isinstance(v, (bool, str, bytes)) or "complex" in dt or "bool" in dt
+            or not (isinstance(v, numbers.Real) or dt)):
+        raise TypeError(f"{where}: {name} must be a real number, got {v!r}")
+    try:
+        return float(v)
+    except OverflowError:  # an int beyond float's range
+        return math.inf if v > 0 else -math.inf
 
 
 def edm_sigma_grid(num: int = 10, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -24,11 +42,17 @@ def edm_sigma_grid(num: int = 10, sigma_min: float = 0.002, sigma_max: float = 8
     """EDM noise levels ``(smax^(1/rho) + i/(num-1) (smin^(1/rho) - smax^(1/rho)))^rho``,
     decreasing, float64, without the final 0 (:meth:`molrg_ext.schedules.EDM.sigma_steps`).
     ``num = 10`` gives the grid of seed 003 (80, 42.415, ..., 0.002)."""
-    if num < 2:
-        raise ValueError(f"edm_sigma_grid: num must be >= 2, got {num}")
-    if not (0 < sigma_min < sigma_max < math.inf) or rho <= 0:
-        raise ValueError("edm_sigma_grid: need 0 < sigma_min < sigma_max < inf and rho > 0")
-    return EDM(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).sigma_steps(int(num))[:-1]
+    where = "edm_sigma_grid"
+    # bounded so that a huge num is a clear error, not an OverflowError or a failed allocation
+    num = as_int(num, "num", where, 2, 2 ** 31)
+    smin, smax, rho = (_real(v, name, where) for v, name in
+                       ((sigma_min, "sigma_min"), (sigma_max, "sigma_max"), (rho, "rho")))
+    for v, name in ((smin, "sigma_min"), (smax, "sigma_max"), (rho, "rho")):
+        check_positive(torch.tensor(v, dtype=torch.float64), name, where)
+    if not smin < smax:
+        raise ValueError(f"{where}: sigma_max must be > sigma_min, got sigma_min = {smin} and "
+                         f"sigma_max = {smax}")
+    return EDM(sigma_min=smin, sigma_max=smax, rho=rho).sigma_steps(num)[:-1]
 
 
 @torch.no_grad()
@@ -58,9 +82,13 @@ def linearity_score(
     """
     where = "linearity_score"
     check_denoiser_data(denoiser, X0, where)
-    if n_pairs < 1:
-        raise ValueError(f"{where}: n_pairs must be >= 1, got {n_pairs}")
-    sig = edm_sigma_grid() if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)
+    n_pairs = as_int(n_pairs, "n_pairs", where, 1)
+    alpha, beta = _real(alpha, "alpha", where), _real(beta, "beta", where)
+    for v, name in ((alpha, "alpha"), (beta, "beta")):
+        check_range(torch.tensor(v, dtype=torch.float64), name, where, -math.inf, lo_open=True,
+                    what="finite")
+    check_generator(generator, where)
+    sig = edm_sigma_grid() if sigmas is None else real_tensor(sigmas, "sigmas", where, torch.float64)
     sig = sig.reshape(-1)
     if sig.numel() == 0 or not (torch.isfinite(sig).all() and (sig > 0).all()):
         raise ValueError(f"{where}: sigmas must be a non-empty list of finite levels > 0")
@@ -72,7 +100,8 @@ def linearity_score(
                           device=X0.device)
         x1 = X0[idx[0]] + s * eps[0]
         x2 = X0[idx[1]] + s * eps[1]
-        d = denoiser(torch.cat([x1, x2, alpha * x1 + beta * x2]), s)
+        x = torch.cat([x1, x2, alpha * x1 + beta * x2])
+        d = check_denoiser_output(denoiser(x, s), x, s, where)
         d1, d2, d12 = d[:n_pairs], d[n_pairs:2 * n_pairs], d[2 * n_pairs:]
         cos = F.cosine_similarity(d12.reshape(n_pairs, -1).double(),
                                   (alpha * d1 + beta * d2).reshape(n_pairs, -1).double(), dim=1)
