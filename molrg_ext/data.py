@@ -9,12 +9,17 @@ dtype.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from ._args import as_int, as_int_list, check_mixture_weights, dims_list
+from ._args import (as_int, as_int_list, check_mixture_weights, check_number_or_tensor, dims_list,
+                    real_tensor)
+
+_SIZE_END = 2**63  # tensor sizes are int64
+_SEED_END = 2**64  # torch.Generator.manual_seed takes seeds below 2^64
 
 __all__ = ["MoLRGData", "sample_molrg", "sample_from_bases"]
 
@@ -53,7 +58,15 @@ class MoLRGData:
 
     def counts(self) -> torch.Tensor:
         """``[P, K]`` number of samples of each component."""
-        return torch.nn.functional.one_hot(self.labels, self.K).sum(1)
+        lab = self.labels
+        if lab.dtype != torch.int64:
+            raise TypeError(f"MoLRGData.counts: labels must be int64, got {lab.dtype}")
+        if lab.numel():
+            lo, hi = (v.item() for v in torch.aminmax(lab))
+            if lo < 0 or hi >= self.K:
+                raise ValueError(f"MoLRGData.counts: labels must be in [0, K = {self.K}), got "
+                                 f"values in [{lo}, {hi}]")
+        return torch.nn.functional.one_hot(lab, self.K).sum(1)
 
     def sample(self, N: Optional[int] = None, counts: Optional[Sequence[int]] = None,
                seed: int = 1):
@@ -63,10 +76,17 @@ class MoLRGData:
                                  noise_std=self.noise_std, seed=seed, dtype=self.X.dtype)
 
 
+def _size(v, name: str, where: str) -> int:
+    v = as_int(v, name, where, 1)
+    if v >= _SIZE_END:
+        raise ValueError(f"{where}: {name} must be < 2**63 (a tensor size), got {v}")
+    return v
+
+
 def _parse_pi(pi, K: int, where: str) -> torch.Tensor:
     if pi is None:
         return torch.full((K,), 1.0 / K, dtype=torch.float64)
-    p = check_mixture_weights(torch.as_tensor(pi, dtype=torch.float64).flatten(), K, where)
+    p = check_mixture_weights(real_tensor(pi, "pi", where, torch.float64).flatten(), K, where)
     return p / p.sum()
 
 
@@ -76,16 +96,17 @@ def _draw_labels(P, N, counts, pi, g, where):
         counts = as_int_list(counts, "counts", where)
         if len(counts) != K:
             raise ValueError(f"{where}: counts must have K = {K} entries, got {len(counts)}")
-        if any(c < 0 for c in counts) or sum(counts) == 0:
-            raise ValueError(f"{where}: counts must be >= 0 with a positive total, got {counts}")
-        if N is not None and as_int(N, "N", where, 1) != sum(counts):
+        if any(c < 0 for c in counts) or not 0 < sum(counts) < _SIZE_END:
+            raise ValueError(f"{where}: counts must be >= 0 with a total in [1, 2**63), got "
+                             f"{counts}")
+        if N is not None and _size(N, "N", where) != sum(counts):
             raise ValueError(f"{where}: N = {N} but sum(counts) = {sum(counts)}")
         base = torch.repeat_interleave(torch.arange(K), torch.tensor(counts))
         perm = torch.argsort(torch.rand(P, base.numel(), generator=g, dtype=torch.float64), dim=1)
         return base[perm]
     if N is None:
         raise ValueError(f"{where}: give N or counts")
-    N = as_int(N, "N", where, 1)
+    N = _size(N, "N", where)
     return torch.multinomial(pi.expand(P, K), N, replacement=True, generator=g)
 
 
@@ -104,10 +125,24 @@ def _draw_samples(bases64, dims, labels, noise_std, g):
 
 
 def _check_noise(noise_std, where):
+    if isinstance(noise_std, torch.Tensor):
+        check_number_or_tensor(noise_std, "noise_std", where)  # refuses complex and bool
+        if noise_std.numel() != 1:
+            raise ValueError(f"{where}: noise_std must be one number, got a tensor of shape "
+                             f"{tuple(noise_std.shape)}")
+    elif isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real):
+        raise TypeError(f"{where}: noise_std must be a number, got {type(noise_std).__name__}")
     noise_std = float(noise_std)
     if not noise_std >= 0 or noise_std == float("inf"):
         raise ValueError(f"{where}: noise_std must be finite and >= 0, got {noise_std}")
     return noise_std
+
+
+def _check_seed(seed, where):
+    seed = as_int(seed, "seed", where, 0)
+    if seed >= _SEED_END:
+        raise ValueError(f"{where}: seed must be < 2**64 (torch.Generator's range), got {seed}")
+    return seed
 
 
 def sample_molrg(
@@ -139,18 +174,22 @@ def sample_molrg(
         K: number of components when ``dims`` is an int.
     """
     where = "sample_molrg"
-    n = as_int(n, "n", where, 1)
+    n = _size(n, "n", where)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{where}: dtype must be float32 or float64, got {dtype}")
-    instances = as_int(instances, "instances", where, 1)
-    K = None if K is None else as_int(K, "K", where, 1)
+    instances = _size(instances, "instances", where)
+    if basis not in ("orthogonal", "independent"):
+        raise ValueError(f"{where}: basis must be 'orthogonal' or 'independent', got {basis!r}")
+    K = None if K is None else _size(K, "K", where)
+    # each orthogonal component takes >= 1 of the n directions: refuse a larger K before dims
+    # builds its K-entry list
+    if basis == "orthogonal" and K is not None and K > n:
+        raise ValueError(f"{where}: orthogonal bases need K = {K} <= n = {n}")
     dims = dims_list(dims, K, where, hi=n)
     K = len(dims)
     pi_t = _parse_pi(pi, K, where)
     noise_std = _check_noise(noise_std, where)
-    seed = as_int(seed, "seed", where, 0)
-    if basis not in ("orthogonal", "independent"):
-        raise ValueError(f"{where}: basis must be 'orthogonal' or 'independent', got {basis!r}")
+    seed = _check_seed(seed, where)
     if basis == "orthogonal" and sum(dims) > n:
         raise ValueError(f"{where}: orthogonal bases need sum(dims) = {sum(dims)} <= n = {n}")
     g = torch.Generator().manual_seed(int(seed))
@@ -180,9 +219,15 @@ def sample_from_bases(bases: torch.Tensor, dims=None, N: Optional[int] = None,
     where = "sample_from_bases"
     if not isinstance(bases, torch.Tensor) or bases.dim() not in (3, 4):
         raise ValueError(f"{where}: bases must be a [P, K, n, dmax] or [K, n, dmax] tensor")
+    if not bases.is_floating_point():  # an integer, bool or complex basis is cast below
+        raise TypeError(f"{where}: bases must be a real floating tensor, got {bases.dtype}")
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{where}: dtype must be float32 or float64, got {dtype!r}")
     if bases.dim() == 3:
         bases = bases.unsqueeze(0)
     P, K, n, dmax = bases.shape
+    if n == 0:
+        raise ValueError(f"{where}: bases must have n >= 1 rows, got shape {tuple(bases.shape)}")
     if dims is None:
         dims = [dmax] * K
     dims = dims_list(dims, K, where, hi=dmax, hi_name="dmax")
@@ -190,7 +235,7 @@ def sample_from_bases(bases: torch.Tensor, dims=None, N: Optional[int] = None,
         raise ValueError(f"{where}: bases contain NaN or Inf")
     pi_t = _parse_pi(pi, K, where)
     noise_std = _check_noise(noise_std, where)
-    g = torch.Generator().manual_seed(as_int(seed, "seed", where, 0))
+    g = torch.Generator().manual_seed(_check_seed(seed, where))
     labels = _draw_labels(P, N, counts, pi_t, g, where)
     X = _draw_samples(bases.detach().cpu().to(torch.float64), dims, labels, noise_std, g)
     return X.to(dtype or bases.dtype), labels

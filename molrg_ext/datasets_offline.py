@@ -11,6 +11,15 @@ from ._args import as_int
 
 __all__ = ["digits_images", "camera_patches"]
 
+# The 2-D grey and H x W x 3 colour sample images that ship with scikit-image (logo is RGBA, fully
+# opaque). The other loaders of skimage.data return stacks, volumes, file names or need a download.
+CAMERA_IMAGES = (
+    "astronaut", "binary_blobs", "brick", "camera", "cat", "cell", "checkerboard", "chelsea",
+    "clock", "coffee", "coins", "colorwheel", "grass", "gravel", "horse", "hubble_deep_field",
+    "immunohistochemistry", "logo", "microaneurysms", "moon", "page", "retina", "rocket",
+    "shepp_logan_phantom", "text",
+)
+
 
 def digits_images() -> torch.Tensor:
     """scikit-learn's 1797 handwritten digits, ``[1797, 1, 8, 8]`` in [-1, 1]."""
@@ -22,16 +31,20 @@ def digits_images() -> torch.Tensor:
 
 def camera_patches(N: int, size: int = 8, seed: int = 0, image: str = "camera") -> torch.Tensor:
     """``N`` random ``size x size`` grey patches of a scikit-image sample image, ``[N, 1, size, size]``
-    in [-1, 1], drawn with a seeded generator."""
+    in [-1, 1], drawn with a seeded generator. ``image``: one of ``CAMERA_IMAGES``."""
     import skimage.data
     from skimage.color import rgb2gray
 
     where = "camera_patches"
     N, size = as_int(N, "N", where, 1), as_int(size, "size", where, 1)
     seed = as_int(seed, "seed", where, 0)
-    loader = getattr(skimage.data, image, None) if isinstance(image, str) else None
-    if not callable(loader) or image.startswith("_"):
-        raise ValueError(f"{where}: scikit-image has no sample image {image!r}")
+    if not isinstance(image, str):
+        raise TypeError(f"{where}: image must be a str, got {type(image).__name__}")
+    if image not in CAMERA_IMAGES:
+        raise ValueError(f"{where}: scikit-image has no sample image {image!r} of those this "
+                         f"takes (2-D grey or colour): image must be one of "
+                         f"{', '.join(CAMERA_IMAGES)}")
+    loader = getattr(skimage.data, image)
     # binary_blobs draws its image: seed it too, so that a seed gives the same patches
     img = loader(rng=seed) if image == "binary_blobs" else loader()
     img = np.asarray(img, dtype=np.float64)

@@ -15,12 +15,14 @@ Eq. (7) of the paper sums over the d non-zero eigenvalues only; we keep the full
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence, Union
 
 import torch
 from torch import nn
 
-from ._args import check_float_pair
+from ._args import as_int_list, check_float_pair, check_number_or_tensor, real_tensor
 
 __all__ = ["GaussianDenoiser"]
 
@@ -30,18 +32,29 @@ Number = Union[float, int, torch.Tensor]
 def _sigma_per_sample(sigma: Number, x: torch.Tensor, where: str) -> torch.Tensor:
     """sigma as a [B, 1] column (number, 0-d tensor or [B] tensor); finite and >= 0."""
     B = x.shape[0]
+    check_number_or_tensor(sigma, "sigma", where)  # a complex or bool sigma would be cast
     if isinstance(sigma, torch.Tensor):
         sig = sigma.to(dtype=x.dtype, device=x.device).reshape(-1)
         if sig.numel() not in (1, B):
             raise ValueError(f"{where}: sigma must be a number or have B = {B} entries, "
                              f"got shape {tuple(sigma.shape)}")
-    elif isinstance(sigma, (int, float)):
-        sig = torch.tensor([float(sigma)], dtype=x.dtype, device=x.device)
     else:
-        raise TypeError(f"{where}: sigma must be a number or a tensor, got {type(sigma).__name__}")
+        sig = torch.tensor([float(sigma)], dtype=x.dtype, device=x.device)
     if not (torch.isfinite(sig).all() and (sig >= 0).all()):
         raise ValueError(f"{where}: sigma must be finite and >= 0")
     return sig.reshape(-1, 1)
+
+
+def _one_number(v, name: str, where: str) -> float:
+    """v as a float: a real number (Python or numpy, not a bool) or a one-element real tensor."""
+    if isinstance(v, torch.Tensor):
+        check_number_or_tensor(v, name, where)  # refuses complex and bool tensors
+        if v.numel() != 1:
+            raise ValueError(f"{where}: {name} must be one number, got a tensor of shape "
+                             f"{tuple(v.shape)}")
+    elif isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a number, got {type(v).__name__}")
+    return float(v)
 
 
 class GaussianDenoiser(nn.Module):
@@ -64,6 +77,15 @@ class GaussianDenoiser(nn.Module):
                              f"{tuple(U.shape)} and {tuple(lam.shape)}")
         if not (torch.isfinite(lam).all() and (lam >= 0).all()):
             raise ValueError(f"{where}: lam must hold finite eigenvalues >= 0")
+        if not torch.isfinite(mu).all():
+            raise ValueError(f"{where}: mu contains NaN or Inf values")
+        if not torch.isfinite(U).all():
+            raise ValueError(f"{where}: U contains NaN or Inf values")
+        if sample_shape is not None:
+            sample_shape = as_int_list(sample_shape, "sample_shape", where, 1)
+            if math.prod(sample_shape) != n:
+                raise ValueError(f"{where}: sample_shape {tuple(sample_shape)} must hold n = {n} "
+                                 f"entries, it holds {math.prod(sample_shape)}")
         self.register_buffer("mu", mu.reshape(n).contiguous())
         self.register_buffer("U", U.contiguous())
         self.register_buffer("lam", lam.contiguous())
@@ -159,7 +181,8 @@ class GaussianDenoiser(nn.Module):
 
     def matrix(self, sigma: float):
         """``(W, b)`` with ``D_G(x; sigma) = W x + b`` (x flattened): W [n, n], b [n]."""
-        sig = _sigma_per_sample(float(sigma), self.mu[None], "GaussianDenoiser.matrix")
+        where = "GaussianDenoiser.matrix"
+        sig = _sigma_per_sample(_one_number(sigma, "sigma", where), self.mu[None], where)
         W = (self.U * self.shrinkage(sig)) @ self.U.T
         return W, self.mu - W @ self.mu
 
@@ -168,13 +191,26 @@ class GaussianDenoiser(nn.Module):
         ``[S, B, *shape]``, one slice per sigma in ``sigmas`` (sigma = 0 gives the sample)."""
         where = "GaussianDenoiser.trajectory"
         x2 = self._flat(x_T, where)
-        if not (isinstance(sigma_T, (int, float)) and sigma_T > 0 and sigma_T < float("inf")):
-            raise ValueError(f"{where}: sigma_T must be a finite number > 0, got {sigma_T!r}")
-        sig = torch.as_tensor(sigmas, dtype=x2.dtype, device=x2.device).reshape(-1)
-        if not (torch.isfinite(sig).all() and (sig >= 0).all()):
-            raise ValueError(f"{where}: sigmas must be finite and >= 0")
+        if isinstance(sigma_T, bool) or not isinstance(sigma_T, (int, float)):
+            raise TypeError(f"{where}: sigma_T must be a number, got {type(sigma_T).__name__}")
+        # The ratio below squares sigma_T and the sigmas in x's dtype: sigma_T^2 must be a normal
+        # number there (it underflowed to 0, giving NaN and Inf, or overflowed) and sigma^2 finite.
+        fi = torch.finfo(x2.dtype)
+        lo, hi = math.sqrt(fi.tiny), math.sqrt(fi.max)
+        if not lo <= sigma_T <= hi:
+            raise ValueError(f"{where}: sigma_T must be in [{lo:.4g}, {hi:.4g}] for {x2.dtype} "
+                             f"(its square is used), got {sigma_T!r}")
+        sig = real_tensor(sigmas, "sigmas", where, x2.dtype, x2.device).reshape(-1)
+        if not ((sig >= 0) & (sig <= hi)).all():  # NaN fails both
+            raise ValueError(f"{where}: sigmas must be in [0, {hi:.4g}] for {x2.dtype} (their "
+                             f"squares are used)")
+        sigma_T = float(sigma_T)  # an int's square could be too large for torch to take
         z = (x2 - self.mu) @ self.U  # [B, n]
         ratio = torch.sqrt((self.lam + sig[:, None] ** 2) / (self.lam + sigma_T**2))  # [S, n]
+        if not torch.isfinite(ratio).all():  # sigma / sigma_T beyond sqrt of the largest number
+            raise ValueError(f"{where}: sigmas up to {sig.max().item():.4g} are too large for "
+                             f"sigma_T = {sigma_T:.4g}: the trajectory's scale overflows "
+                             f"{x2.dtype}")
         out = self.mu + (z[None] * ratio[:, None, :]) @ self.U.T
         return out.reshape(sig.numel(), *x_T.shape)
 

@@ -21,14 +21,15 @@ re-exported here so that ``molrg_ext.hidden_gaussian`` is the one entry point fo
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Union
 
 import torch
 from torch import nn
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import check_float_pair
-from .gaussian_denoiser import GaussianDenoiser
+from ._args import as_int, check_float_pair, check_number_or_tensor
+from .gaussian_denoiser import GaussianDenoiser, _one_number
 from .linear_distill import LinearDenoiser, linear_distill
 from .metrics.linearity import linearity_score
 
@@ -86,6 +87,7 @@ torch.library.register_autograd(
 # ------------------------------------------------------------------------------------ public API
 def _per_query(v: Number, name: str, like: torch.Tensor, B: int) -> torch.Tensor:
     where = "optimal_denoiser"
+    check_number_or_tensor(v, name, where)  # a bool, or a complex tensor (cast below), is refused
     if isinstance(v, torch.Tensor):
         if v.device != like.device:
             raise ValueError(f"{where}: {name} is on {v.device} but x_t is on {like.device}")
@@ -106,13 +108,22 @@ def _per_query(v: Number, name: str, like: torch.Tensor, B: int) -> torch.Tensor
         if not torch.compiler.is_compiling() and B > 0:
             if not bool((torch.isfinite(v) & (v > 0)).all()):
                 raise ValueError(f"{where}: {name} must be finite and > 0")
-    elif isinstance(v, (int, float)):
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"{where}: {name} must be finite and > 0, got {v}")
-        v = torch.full((B,), float(v), dtype=like.dtype, device=like.device)
     else:
-        raise TypeError(f"{where}: {name} must be a number or a tensor, got {type(v).__name__}")
+        if not (v > 0 and (isinstance(v, int) or math.isfinite(v))):  # an int may not fit a float
+            raise ValueError(f"{where}: {name} must be finite and > 0, got {v}")
+        top = torch.finfo(like.dtype).max
+        if v > top:  # torch.full would fail with an unnamed overflow error
+            raise ValueError(f"{where}: {name} must be <= {top:g} (the largest {like.dtype} value, "
+                             f"x_t's dtype), got {reprlib.repr(v)}")
+        v = torch.full((B,), float(v), dtype=like.dtype, device=like.device)
     return v.contiguous()
+
+
+def _check_block(block, where: str) -> int:
+    block = as_int(block, "block", where, 1)
+    if block >= 2**63:
+        raise ValueError(f"{where}: block must be < 2**63 (the op takes an int64), got {block}")
+    return block
 
 
 def optimal_denoiser(
@@ -152,8 +163,7 @@ def optimal_denoiser(
         raise ValueError(f"{where}: x_t is an empty batch (B = 0)")
     if X_train.requires_grad:
         raise ValueError(f"{where}: gradients w.r.t. X_train are not supported; detach it")
-    if not isinstance(block, int) or block < 1:
-        raise ValueError(f"{where}: block must be a positive int, got {block!r}")
+    block = _check_block(block, where)
     B = x_t.shape[0]
     s_t = _per_query(s, "s", x_t, B)
     g_t = s_t * _per_query(sigma, "sigma", x_t, B)
@@ -171,11 +181,19 @@ class OptimalDenoiser(nn.Module):
 
     def __init__(self, X_train: torch.Tensor, s: float = 1.0, block: int = _DEFAULT_BLOCK):
         super().__init__()
+        where = "OptimalDenoiser"
         if not isinstance(X_train, torch.Tensor) or X_train.dim() < 2 or X_train.shape[0] == 0:
-            raise ValueError("OptimalDenoiser: X_train must be a non-empty [N, *shape] tensor")
+            raise ValueError(f"{where}: X_train must be a non-empty [N, *shape] tensor")
+        if X_train.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{where}: X_train must be float32 or float64, got {X_train.dtype}")
+        if not torch.isfinite(X_train).all():
+            raise ValueError(f"{where}: X_train contains NaN or Inf values")
+        s = _one_number(s, "s", where)
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"{where}: s must be finite and > 0, got {s}")
+        self.block = _check_block(block, where)
         self.register_buffer("X_train", X_train.detach().contiguous())
-        self.s = float(s)
-        self.block = int(block)
+        self.s = s
 
     def forward(self, x: torch.Tensor, sigma: Number) -> torch.Tensor:
         return optimal_denoiser(x, self.X_train, sigma, self.s, block=self.block)
