@@ -18,7 +18,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import check_number_or_tensor, check_positive, prepare_dae_args, restore
+from ._args import as_int, check_number_or_tensor, check_positive, prepare_dae_args, restore
+from .linear_distill import check_denoiser_output
 
 __all__ = [
     "dae_jacobian_spectrum",
@@ -223,12 +224,31 @@ def _check_common(denoiser, x_t, method: str, where: str):
         raise ValueError(f"{where}: method must be one of {METHODS}, got {method!r}")
 
 
-def _flat_fn(denoiser, event_shape):
+def _check_k(k, n: int, where: str) -> int:
+    k = as_int(k, "k", where, 1)
+    if k > n:
+        raise ValueError(f"{where}: k must be an int in [1, n = {n}], got {k}")
+    return k
+
+
+def _flat_fn(denoiser, event_shape, where: str):
+    """The denoiser on flat [M, n] inputs. Its output is checked here as far as that needs no
+    values (this runs under torch.func transforms); check_denoiser_output checks the plain output
+    (the values) afterwards."""
     n = math.prod(event_shape)
 
     def f(xf: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
         M = xf.shape[0]
-        y = denoiser(xf.reshape(M, *event_shape), sig)
+        x = xf.reshape(M, *event_shape)
+        y = denoiser(x, sig)
+        what = f"{where}: the denoiser's output"
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"{what} must be a tensor, got {type(y).__name__}")
+        if y.shape != x.shape:
+            raise ValueError(f"{what} must have the input's shape {tuple(x.shape)}, got "
+                             f"{tuple(y.shape)}")
+        if not y.is_floating_point():
+            raise TypeError(f"{what} must be real floating point, got dtype {y.dtype}")
         return y.reshape(M, n)
 
     return f
@@ -250,11 +270,14 @@ def _analytic(denoiser, x_t, sigma, vectors: bool, where: str) -> JacobianSpectr
     return JacobianSpectrum(out, None, out.new_zeros(out.shape[:-1]))
 
 
-def _jacrev(f, xf, sig, vectors: bool, chunk_size) -> JacobianSpectrum:
+def _jacrev(f, xf, sig, vectors: bool, chunk_size, check) -> JacobianSpectrum:
     def single(xb, sb):
-        return f(xb.unsqueeze(0), sb.unsqueeze(0)).squeeze(0)
+        y = f(xb.unsqueeze(0), sb.unsqueeze(0)).squeeze(0)
+        return y, y  # the output itself as aux, to check its values (check(y, x))
 
-    J = torch.func.vmap(torch.func.jacrev(single), chunk_size=chunk_size)(xf, sig)  # [B, n, n]
+    jac = torch.func.jacrev(single, has_aux=True)
+    J, Y = torch.func.vmap(jac, chunk_size=chunk_size)(xf, sig)  # [B, n, n], [B, n]
+    check(Y, xf)
     J = J.detach()
     if vectors:
         _, S, Vh = torch.linalg.svd(J)
@@ -268,10 +291,11 @@ def _orth(A: torch.Tensor) -> torch.Tensor:
 
 
 def _lanczos(f, xf, sig, k: int, iters: int, oversample: int, probes: int,
-             generator) -> JacobianSpectrum:
+             generator, check) -> JacobianSpectrum:
     """Randomized block subspace iteration on J^T J (Halko, Martinsson, Tropp 2011, alg. 4.4)
     with batched JVPs / VJPs; every sample of the batch is handled at once by stacking the block
-    columns along the batch axis (the denoiser must treat samples independently)."""
+    columns along the batch axis (the denoiser must treat samples independently). The output of
+    the first JVP goes through check(y, x)."""
     B, n = xf.shape
     l = min(n, k + oversample)
 
@@ -284,10 +308,15 @@ def _lanczos(f, xf, sig, k: int, iters: int, oversample: int, probes: int,
     def rep(m):
         return xf.repeat(m, 1), sig.repeat(m)
 
+    unchecked = [True]
+
     def jv(V):
         m = V.shape[-1]
         X, S = rep(m)
-        _, t = torch.func.jvp(lambda z: f(z, S), (X,), (stack(V),))
+        y, t = torch.func.jvp(lambda z: f(z, S), (X,), (stack(V),))
+        if unchecked:
+            check(y, X)
+            unchecked.clear()
         return unstack(t.detach(), m)
 
     vjp_cache = {}
@@ -347,8 +376,10 @@ def jacobian_spectrum(
     _check_common(denoiser, x_t, method, where)
     event_shape = tuple(x_t.shape[1:])
     n = math.prod(event_shape)
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n):
-        raise ValueError(f"{where}: k must be an int in [1, n = {n}], got {k!r}")
+    if k is not None:
+        k = _check_k(k, n, where)
+    if chunk_size is not None:
+        chunk_size = as_int(chunk_size, "chunk_size", where, 1)
     for name, v in (("iters", iters), ("oversample", oversample), ("probes", probes)):
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"{where}: {name} must be an int >= 0, got {v!r}")
@@ -365,13 +396,17 @@ def jacobian_spectrum(
             )
         B = x_t.shape[0]
         sig = _sigma_per_sample(sigma, x_t, B, where)
-        f = _flat_fn(denoiser, event_shape)
+        f = _flat_fn(denoiser, event_shape, where)
         xf = x_t.detach().reshape(B, n)
+
+        def check(y, x):
+            check_denoiser_output(y, x, sigma, where)
+
         if method == "jacrev":
-            out = _jacrev(f, xf, sig, vectors, chunk_size)
+            out = _jacrev(f, xf, sig, vectors, chunk_size, check)
         else:
             kk = min(n, 32) if k is None else k
-            out = _lanczos(f, xf, sig, kk, iters, oversample, probes, generator)
+            out = _lanczos(f, xf, sig, kk, iters, oversample, probes, generator, check)
         if out.vectors is not None:
             out = out._replace(vectors=out.vectors.reshape(*out.vectors.shape[:-1], *event_shape))
     if k is not None and k < out.svals.shape[-1]:
@@ -397,12 +432,15 @@ def jacobian_rank(
 
     With ``method="lanczos"`` the top-k spectrum and the estimated tail energy give the rank;
     k starts at ``k`` (default min(n, 16)) and doubles until the threshold is reached within the
-    computed values (or k = n). Other keywords go to :func:`jacobian_spectrum`.
+    computed values (or k = n); the exact methods ignore ``k`` (it is checked all the same).
+    Other keywords go to :func:`jacobian_spectrum`.
     """
     if not isinstance(eta, (int, float)) or not 0.0 < float(eta) < 1.0:
         raise ValueError(f"jacobian_rank: eta must be a number in (0, 1), got {eta!r}")
     _check_common(denoiser, x_t, method, "jacobian_rank")
     n = math.prod(x_t.shape[1:])
+    if k is not None:
+        k = _check_k(k, n, "jacobian_rank")
     m = method
     if m == "auto":
         m = "analytic" if _is_subspace_dae(denoiser) else ("jacrev" if n <= 1024 else "lanczos")
@@ -424,5 +462,8 @@ def jacobian_directions(
     """Top-``k`` right singular vectors of the denoiser's Jacobian at each sample (the editing
     directions of Section 4.2): [B, k, *event_shape] unit vectors, in descending singular-value
     order (the sign of each vector is arbitrary)."""
+    if k is None:  # jacobian_spectrum would return all n directions
+        raise TypeError("jacobian_directions: k must be an int (the number of directions), "
+                        "got None")
     sp = jacobian_spectrum(denoiser, x_t, sigma, method, k, vectors=True, **kwargs)
     return sp.vectors

@@ -17,8 +17,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ._args import as_int
-from .schedules import EDM
+from ._args import as_int, real_tensor
+from .schedules import _MAX_LEVELS, EDM
 
 __all__ = ["Trajectory", "default_sigma_steps", "heun_sample", "ddim_sample"]
 
@@ -42,9 +42,18 @@ def default_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max
 def _edm_grid(num_steps, where: str, sigma_min: float = 0.002, sigma_max: float = 80.0,
               rho: float = 7.0, dtype=torch.float64) -> torch.Tensor:
     """default_sigma_steps with num_steps checked once, in the name of the caller ``where``."""
-    num_steps = as_int(num_steps, "num_steps", where, 2)
+    num_steps = as_int(num_steps, "num_steps", where, 2, _MAX_LEVELS)
     grid = EDM(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).sigma_steps(num_steps, dtype=dtype)
     return grid[:-1]  # without the final 0, which the samplers append
+
+
+def _levels(v, name: str, where: str, like: torch.Tensor) -> torch.Tensor:
+    """sigmas or scales as a tensor of like's dtype and device; bools and complex numbers are
+    refused (a cast would give a grid of ones or drop the imaginary part)."""
+    if isinstance(v, bool) or (isinstance(v, (list, tuple))
+                               and any(isinstance(e, bool) for e in v)):
+        raise TypeError(f"{where}: {name} must hold real numbers, got {v!r}")
+    return real_tensor(v, name, where, like.dtype, like.device)
 
 
 def _prepare(noise, sigmas, num_steps, where):
@@ -54,9 +63,11 @@ def _prepare(noise, sigmas, num_steps, where):
         raise ValueError(f"{where}: noise must be a non-empty batch [B, ...], got {tuple(noise.shape)}")
     if not torch.isfinite(noise).all():
         raise ValueError(f"{where}: noise contains NaN or Inf")
+    # checked also when sigmas is given (and num_steps unused), so that a bad value is not ignored
+    num_steps = as_int(num_steps, "num_steps", where, 2, _MAX_LEVELS)
     if sigmas is None:
         sigmas = _edm_grid(num_steps, where)
-    sigmas = torch.as_tensor(sigmas, dtype=noise.dtype, device=noise.device)
+    sigmas = _levels(sigmas, "sigmas", where, noise)
     if sigmas.dim() > 1:
         raise ValueError(f"{where}: sigmas must be 1-D, got shape {tuple(sigmas.shape)}")
     sigmas = sigmas.reshape(-1)
@@ -69,12 +80,17 @@ def _prepare(noise, sigmas, num_steps, where):
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def _call(denoiser, x, sigma):
+def _call(denoiser, x, sigma, where):
     out = denoiser(x, sigma.expand(x.shape[0]))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{where}: the denoiser's output must be a tensor, got "
+                        f"{type(out).__name__}")
     if out.shape != x.shape:
-        raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        raise ValueError(f"{where}: denoiser returned shape {tuple(out.shape)} for input "
+                         f"{tuple(x.shape)}")
     if out.dtype != x.dtype:
-        raise TypeError(f"denoiser returned dtype {out.dtype} for input of dtype {x.dtype}")
+        raise TypeError(f"{where}: denoiser returned dtype {out.dtype} for input of dtype "
+                        f"{x.dtype}")
     return out
 
 
@@ -91,7 +107,8 @@ def heun_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.
                 num_steps: int = 18, return_trajectory: bool = False, progress: bool = False):
     """EDM Heun sampler. ``denoiser(x, sigma[B]) -> x0_hat``; ``noise`` standard normal [B, ...];
     ``sigmas`` decreasing levels > 0, optionally ending in 0 (default
-    ``default_sigma_steps(num_steps)``). Returns the samples,
+    ``default_sigma_steps(num_steps)``; ``num_steps`` is checked even when ``sigmas`` is given,
+    though then unused). Returns the samples,
     or a :class:`Trajectory` when ``return_trajectory``."""
     t = _prepare(noise, sigmas, num_steps, "heun_sample")
     _warn_if_training(denoiser, "heun_sample")
@@ -102,12 +119,12 @@ def heun_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="heun", leave=False)
     for i in steps:
-        d0 = _call(denoiser, x, t[i])
+        d0 = _call(denoiser, x, t[i], "heun_sample")
         dens.append(d0)
         slope = (x - d0) / t[i]
         x_next = x + (t[i + 1] - t[i]) * slope
         if t[i + 1] > 0:
-            d1 = _call(denoiser, x_next, t[i + 1])
+            d1 = _call(denoiser, x_next, t[i + 1], "heun_sample")
             slope2 = (x_next - d1) / t[i + 1]
             x_next = x + (t[i + 1] - t[i]) * 0.5 * (slope + slope2)
         x = x_next
@@ -129,7 +146,7 @@ def ddim_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.
     if scales is None:
         s = torch.ones_like(t)
     else:
-        s = torch.as_tensor(scales, dtype=noise.dtype, device=noise.device).reshape(-1)
+        s = _levels(scales, "scales", "ddim_sample", noise).reshape(-1)
         if s.numel() != t.numel() - 1 or not torch.isfinite(s).all() or not (s > 0).all():
             raise ValueError(f"ddim_sample: scales must be {t.numel() - 1} finite values > 0")
         s = torch.cat([s, s.new_ones(1)])  # the clean sample has scale 1
@@ -141,7 +158,7 @@ def ddim_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.
         steps = tqdm(steps, desc="ddim", leave=False)
     for i in steps:
         z = x / s[i]
-        d0 = _call(denoiser, z, t[i])
+        d0 = _call(denoiser, z, t[i], "ddim_sample")
         dens.append(d0)
         x = s[i + 1] * (d0 + (t[i + 1] / t[i]) * (z - d0))
         xs.append(x)
