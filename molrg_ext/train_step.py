@@ -7,13 +7,15 @@ Philox4x32-10 generator keyed by ``(seed, step)``, so no ``[P, M, n]`` noise ten
 """
 from __future__ import annotations
 
+import math
+import reprlib
 import weakref
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import as_int, check_float_pair, dims_list, parse_dims, parse_mode
+from ._args import as_int, check_float_pair, dims_list, parse_dims, parse_mode, real_tensor
 from .posterior import posterior_mean_coefficients
 
 __all__ = ["Levels", "make_levels", "train_step", "philox_draws"]
@@ -41,7 +43,18 @@ class Levels(NamedTuple):
             raise ValueError("Levels: s, gamma, lam, c and phi must have the same length L >= 1, "
                              f"got {[tuple(v.shape) for v in fields.values()]}")
         t = torch.stack([self.s, self.gamma, self.lam, self.c, self.phi], dim=1)
-        return t.to(dtype=dtype or t.dtype, device=device).contiguous()
+        t = t.to(dtype=dtype or t.dtype, device=device).contiguous()
+        # x_t = s x_0 + gamma eps needs s, gamma > 0 (the op checks finiteness and lam >= 0);
+        # checked after the cast, which can round them to 0 or inf. One reduction, and
+        # train_step caches the table, so a training loop pays it once.
+        sg = t[:, :2]
+        if not torch.compiler.is_compiling():
+            ok = (sg > 0) & (sg < math.inf)
+            if not bool(ok.all()):
+                lvl, j = (~ok).nonzero()[0].tolist()
+                raise ValueError(f"Levels: {('s', 'gamma')[j]} must be finite and > 0 (in "
+                                 f"{t.dtype}), got {sg[lvl, j].item()} at level {lvl}")
+        return t
 
     @property
     def L(self) -> int:
@@ -107,15 +120,16 @@ def make_levels(schedule, L: int = 64, dims: Optional[Sequence[int]] = None,
         raise ValueError("make_levels: schedule weight(t) must be >= 0")
     # with dims or pi, posterior_mean_coefficients also validates them (ints >= 1; weights
     # finite, >= 0, not all zero); the bias is kept only where it differs between components
+    if pi is not None:
+        pi = real_tensor(pi, "pi", "make_levels", torch.float64)
     if dims is not None:  # one int stands for every component (K from pi when given)
-        K_pi = None if pi is None else torch.as_tensor(pi, dtype=torch.float64).numel()
-        dims = dims_list(dims, K_pi, "make_levels")
+        dims = dims_list(dims, None if pi is None else pi.numel(), "make_levels")
     c, phi, bias = posterior_mean_coefficients(s, gamma, dims, pi)
     heterogeneous = False
     if dims is not None and len(set(dims)) > 1:
         heterogeneous = True
     if pi is not None:
-        p = torch.as_tensor(pi, dtype=torch.float64).reshape(-1)
+        p = pi.reshape(-1)
         if not torch.allclose(p, p[0].expand_as(p)):
             heterogeneous = True
     if not heterogeneous:
@@ -197,10 +211,17 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
             )
         bias = levels.bias.to(dtype=X.dtype, device=X.device).contiguous()
     if lr is not None:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not torch.isfinite(
-            torch.tensor(float(lr))
-        ):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise TypeError(f"train_step: lr must be a number, got {lr!r}")
+        try:
+            lr_f = float(lr)
+        except OverflowError:  # an int beyond float64
+            lr_f = None
+        if lr_f is not None and not math.isfinite(lr_f):
             raise ValueError(f"train_step: lr must be a finite number, got {lr!r}")
+        if lr_f is None or abs(lr_f) > torch.finfo(X.dtype).max:  # the update is in X's dtype
+            raise ValueError(f"train_step: lr = {reprlib.repr(lr)} overflows X's dtype {X.dtype} "
+                             f"(largest finite value {torch.finfo(X.dtype).max:g})")
         if U.requires_grad:
             raise ValueError("train_step: lr updates U in place, so U must not require grad")
     Uc = U4.contiguous()

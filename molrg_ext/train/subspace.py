@@ -13,11 +13,12 @@ the constraint set ``U_k^T U_k = I`` of problems (12) and (18); ``None`` leaves 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .._args import as_int, dims_list, parse_dims, parse_mode
+from .._args import as_int, dims_list, number_or_tensor, parse_dims, parse_mode
 from ..modules import random_orthonormal
 from ..ops import hard_assign, subspace_dae
 from ..posterior import posterior_mean_coefficients
@@ -31,11 +32,43 @@ def _mask(dims, dmax, dtype, device=None):
             < torch.tensor(dims, device=device)[:, None]).to(dtype)  # [K, dmax]
 
 
+def _bases(U, name: str, where: str, dims, dtypes) -> list[int]:
+    """dims as K ints in [1, min(dmax, n)], after checking that U is a [..., K, n, dmax] tensor of
+    one of ``dtypes``."""
+    if not isinstance(U, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(U).__name__}")
+    if U.dtype not in dtypes:
+        raise TypeError(f"{where}: {name} must be {' or '.join(str(d) for d in dtypes)}, got "
+                        f"{U.dtype}")
+    if U.dim() < 3:
+        raise ValueError(f"{where}: {name} must be [..., K, n, dmax], got shape {tuple(U.shape)}")
+    K, n, dmax = U.shape[-3:]
+    return parse_dims(dims, K, dmax, n, where)
+
+
+def _number(v, name: str, where: str, tensor: bool = False) -> float:
+    """v, a Python number (or, with ``tensor``, a one-element real tensor; not a bool), as a
+    finite float >= 0."""
+    if isinstance(v, bool) or (not tensor and not isinstance(v, (int, float))):
+        raise TypeError(f"{where}: {name} must be a number, got {v!r}")
+    t = number_or_tensor(v, name, where)  # also a ValueError for an int beyond float64
+    if t.numel() != 1:
+        raise ValueError(f"{where}: {name} must be one number, got shape {tuple(t.shape)}")
+    f = float(t)
+    if not (f >= 0 and math.isfinite(f)):
+        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {v!r}")
+    return f
+
+
 @torch.no_grad()
 def retract(U: torch.Tensor, dims, method: Optional[str] = "qr") -> torch.Tensor:
     """Orthonormalise the first ``dims[k]`` columns of each ``U[..., k, :, :]`` (padded columns
     set to 0). ``"qr"``: Q of QR with a positive diagonal of R; ``"polar"``: the nearest
-    orthonormal matrix ``A B^T`` from the SVD ``U_k = A S B^T``; ``None``: U unchanged."""
+    orthonormal matrix ``A B^T`` from the SVD ``U_k = A S B^T``; ``None``: U unchanged.
+    U is float32 or float64 [..., K, n, dmax]; dims K ints in [1, min(dmax, n)]."""
+    if method not in ("qr", "polar", None):
+        raise ValueError(f"retract: method must be 'qr', 'polar' or None, got {method!r}")
+    dims = _bases(U, "U", "retract", dims, (torch.float32, torch.float64))
     if method is None:
         return U
     out = torch.zeros_like(U)
@@ -45,20 +78,30 @@ def retract(U: torch.Tensor, dims, method: Optional[str] = "qr") -> torch.Tensor
             q, r = torch.linalg.qr(Uk)
             sgn = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
             q = q * torch.where(sgn == 0, torch.ones_like(sgn), sgn).unsqueeze(-2)
-        elif method == "polar":
+        else:
             a, _, bh = torch.linalg.svd(Uk, full_matrices=False)
             q = a @ bh
-        else:
-            raise ValueError(f"retract: method must be 'qr', 'polar' or None, got {method!r}")
         out[..., k, :, :d] = q
     return out
 
 
 def paper_init(U_true: torch.Tensor, dims, scale: float = 0.2,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Eq. (48): ``U*_k + scale * Delta`` with i.i.d. standard Gaussian ``Delta``, then QR."""
+    """Eq. (48): ``U*_k + scale * Delta`` with i.i.d. standard Gaussian ``Delta``, then QR.
+    U_true is a finite real floating [..., K, n, dmax] tensor (computed in float64, returned in
+    its dtype); dims K ints in [1, min(dmax, n)]; scale a finite number >= 0."""
+    where = "paper_init"
+    # any real floating dtype: the perturbation and QR run in float64
+    dims = _bases(U_true, "U_true", where, dims,
+                  (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    scale = _number(scale, "scale", where, tensor=True)
+    U0 = U_true.detach().cpu().to(torch.float64)
+    if not torch.isfinite(U0).all():
+        raise ValueError(f"{where}: U_true contains NaN or Inf")
     delta = torch.randn(U_true.shape, generator=generator, dtype=torch.float64)
-    U0 = U_true.detach().cpu().to(torch.float64) + scale * delta
+    U0 = U0 + scale * delta
+    if not torch.isfinite(U0).all():
+        raise ValueError(f"{where}: scale = {scale:g} overflows float64 in U_true + scale * Delta")
     U0 = U0 * _mask(dims, U_true.shape[-1], torch.float64)[:, None, :]
     return retract(U0, dims, "qr").to(U_true.dtype)
 
@@ -113,20 +156,25 @@ class SubspaceTrainer:
             raise ValueError(f"{where}: init must be 'paper' or 'random', got {init!r}")
         if engine not in ("autograd", "fused"):
             raise ValueError(f"{where}: engine must be 'autograd' or 'fused', got {engine!r}")
-        for name, v in (("lr", lr), ("init_scale", init_scale)):
-            if not (isinstance(v, (int, float)) and v >= 0 and v != float("inf")):
-                raise ValueError(f"{where}: {name} must be a finite number >= 0, got {v!r}")
-        for name, v in (("batch", batch), ("steps", steps), ("check_every", check_every),
-                        ("levels", levels)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{where}: {name} must be a positive int, got {v!r}")
-        if tol is not None and not tol >= 0:
-            raise ValueError(f"{where}: tol must be >= 0 or None, got {tol!r}")
-        self.K, self.mode, self.optimizer, self.lr = K, mode, optimizer, float(lr)
+        lr, init_scale = _number(lr, "lr", where), _number(init_scale, "init_scale", where)
+        # the bounds of the fused op (train_step: 32-bit batch, level and step counters, seed
+        # < 2**63); torch.Generator.manual_seed takes seeds < 2**64
+        fused = engine == "fused"
+        batch, levels = (as_int(v, name, where, 1, 2**32) for v, name in
+                         ((batch, "batch"), (levels, "levels")))
+        steps = as_int(steps, "steps", where, 1, 2**32 if fused else None)
+        check_every = as_int(check_every, "check_every", where, 1)
+        if tol is not None:
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+                raise TypeError(f"{where}: tol must be a number or None, got {tol!r}")
+            tol = float(number_or_tensor(tol, "tol", where))
+            if not tol >= 0:  # inf is allowed: stop at the first check
+                raise ValueError(f"{where}: tol must be >= 0 or None, got {tol!r}")
+        self.K, self.mode, self.optimizer, self.lr = K, mode, optimizer, lr
         self.schedule = get_schedule(schedule)
         self.batch, self.steps, self.retraction, self.init = batch, steps, retraction, init
-        seed = as_int(seed, "seed", where, 0)
-        self.init_scale, self.seed, self.engine, self.tol = float(init_scale), seed, engine, tol
+        seed = as_int(seed, "seed", where, 0, 2**63 if fused else 2**64)
+        self.init_scale, self.seed, self.engine, self.tol = init_scale, seed, engine, tol
         self.check_every, self.levels, self.progress = check_every, levels, progress
 
     # ------------------------------------------------------------------------------ helpers
@@ -201,6 +249,10 @@ class SubspaceTrainer:
         X, U_true = self._validate(X, U_true)
         X = X.detach().contiguous()
         P, N, n = X.shape
+        # the optimizer converts lr to X's dtype (SGD's update raised a bare RuntimeError)
+        if self.lr > torch.finfo(X.dtype).max:
+            raise ValueError(f"SubspaceTrainer.fit: lr must be finite in X's dtype {X.dtype} "
+                             f"(<= {torch.finfo(X.dtype).max:g}), got {self.lr:g}")
         g = torch.Generator().manual_seed(self.seed)
         U = torch.nn.Parameter(self._init_U(P, n, X.dtype, U_true, g))
         opt = (torch.optim.SGD([U], lr=self.lr) if self.optimizer == "sgd"
