@@ -16,6 +16,7 @@ and the resumed run reproduces the uninterrupted loss curve.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import warnings
@@ -40,6 +41,50 @@ def _finite(v, name: str, where: str, positive: bool = False) -> float:
     return f
 
 
+def _path(p, name: str, where: str) -> str:
+    """p (a str or os.PathLike) as a str, after a ValueError if it names something other than a
+    regular file (a directory, a device, ...): such a path is never read, moved or written over."""
+    s = os.fspath(p) if isinstance(p, (str, os.PathLike)) else None
+    if not isinstance(s, str):
+        raise TypeError(f"{where}: {name} must be a str or os.PathLike path, got {type(p).__name__}")
+    if not s:
+        raise ValueError(f"{where}: {name} must be a non-empty path")
+    if os.path.exists(s) and not os.path.isfile(s):
+        what = "a directory" if os.path.isdir(s) else "not a regular file"
+        raise ValueError(f"{where}: {name} must be a checkpoint file or a path that does not exist "
+                         f"yet, got {s!r}, which is {what}")
+    return s
+
+
+def _read(path: str) -> io.BytesIO:
+    """The file's bytes, for torch.load. An OSError here is the file system's (permission denied,
+    an I/O error): the file may be fine. torch.load reading the file itself raises OSError (EINVAL)
+    for most truncated checkpoints too, so only its errors on these bytes mean a bad file."""
+    with open(path, "rb") as f:
+        return io.BytesIO(f.read())
+
+
+_STATE_KEYS = ("model", "ema", "optimizer", "generator", "step", "history")
+
+
+def _check_state(state, name: str, where: str) -> None:
+    """A ValueError naming ``name`` unless state has the layout state_dict() writes (checked
+    before anything is loaded, so a wrong file leaves the trainer as it was)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: {name} is not a NetworkTrainer checkpoint (a dict), got "
+                         f"{type(state).__name__}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{where}: {name} is not a NetworkTrainer checkpoint: missing {missing}")
+    hist = state["history"]
+    if (isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0
+            or not isinstance(state["generator"], torch.Tensor)
+            or not isinstance(hist, dict) or not all(isinstance(hist.get(k), list)
+                                                     for k in ("loss", "grad_norm", "kimg"))):
+        raise ValueError(f"{where}: {name} is not a NetworkTrainer checkpoint: step, generator or "
+                         f"history has the wrong type")
+
+
 class NetworkTrainer:
     """Adam + EMA trainer with EDM noise sampling and resumable checkpoints.
 
@@ -58,9 +103,11 @@ class NetworkTrainer:
         grad_clip: clip the total gradient norm to this finite value > 0 (None: no clipping; the
             norm is recorded either way).
         seed: seeds the trainer's own generator (batches, noise levels, noise).
-        checkpoint: file path; if it exists the trainer resumes from it, ``save()`` writes it.
-            A file torch cannot read is moved to ``checkpoint + ".corrupt"`` with a warning,
-            and training starts from step 0.
+        checkpoint: file path (str or os.PathLike); if it exists the trainer resumes from it,
+            ``save()`` writes it. A regular file torch cannot unpickle is moved to
+            ``checkpoint + ".corrupt"`` with a warning, and training starts from step 0; a file
+            torch reads that is not a trainer checkpoint, or a path that is a directory (or
+            anything else but a regular file), is a ValueError and is left alone.
         post_step: optional callable run on the model after each optimiser step (e.g.
             ``SubspaceDAE.orthonormalize_``).
     """
@@ -80,7 +127,16 @@ class NetworkTrainer:
             raise ValueError(f"{where}: data must be a non-empty batch [N, ...], got {tuple(data.shape)}")
         if not torch.isfinite(data).all():
             raise ValueError(f"{where}: data contains NaN or Inf")
-        batch_size = as_int(batch_size, "batch_size", where, 1)
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        if params and data.dtype not in {p.dtype for p in params}:
+            raise TypeError(f"{where}: data has dtype {data.dtype} but model's parameters have "
+                            f"dtype {params[0].dtype}")
+        if params and data.device not in {p.device for p in params}:
+            raise ValueError(f"{where}: data is on {data.device} but model's parameters are on "
+                             f"{params[0].device}")
+        # with replacement, so batch_size may exceed N; the bound keeps a batch's element count
+        # within int64
+        batch_size = as_int(batch_size, "batch_size", where, 1, 2**63 // max(1, data[0].numel()))
         lr = _finite(lr, "lr", where, positive=True)
         if not 0 <= _finite(ema_decay, "ema_decay", where) < 1:
             raise ValueError(f"{where}: ema_decay must be in [0, 1), got {ema_decay}")
@@ -102,7 +158,7 @@ class NetworkTrainer:
         if grad_clip is not None:
             # <= 0 would zero (0) or reverse (< 0) every step inside clip_grad_norm_
             grad_clip = _finite(grad_clip, "grad_clip", where, positive=True)
-        seed = as_int(seed, "seed", where)
+        seed = as_int(seed, "seed", where, -2**63, 2**64)  # what Generator.manual_seed takes
         if post_step is not None and not callable(post_step):
             raise TypeError(f"{where}: post_step must be callable or None")
         self.model, self.data = model, data
@@ -120,16 +176,21 @@ class NetworkTrainer:
         self.generator = torch.Generator(device=data.device).manual_seed(int(seed))
         self.step = 0
         self.history: dict[str, list[float]] = {"loss": [], "grad_norm": [], "kimg": []}
+        path = None if checkpoint is None else _path(checkpoint, "checkpoint", where)
         self.checkpoint = checkpoint
-        if checkpoint is not None and os.path.exists(checkpoint):
+        if path is not None and os.path.exists(path):
+            raw = _read(path)
             try:
-                state = torch.load(checkpoint, map_location=self.data.device, weights_only=False)
+                state = torch.load(raw, map_location=self.data.device, weights_only=False)
             except Exception as e:  # not a readable checkpoint (this class saves atomically)
-                os.replace(checkpoint, checkpoint + ".corrupt")
-                warnings.warn(f"NetworkTrainer: {checkpoint} could not be read ({e}); moved to "
-                              f"{checkpoint}.corrupt, training from step 0", RuntimeWarning,
+                os.replace(path, path + ".corrupt")
+                warnings.warn(f"NetworkTrainer: {path} could not be read ({e}); moved to "
+                              f"{path}.corrupt, training from step 0", RuntimeWarning,
                               stacklevel=2)
             else:
+                # readable but not a checkpoint: likely another file given by mistake, so it
+                # stays where it is (as with a checkpoint of another batch_size)
+                _check_state(state, f"checkpoint {path!r}", where)
                 self.load_state_dict(state)
 
     @property
@@ -138,6 +199,7 @@ class NetworkTrainer:
         return self.step * self.batch_size / 1000.0
 
     def sample_sigma(self, B: int) -> torch.Tensor:
+        B = as_int(B, "B", "NetworkTrainer.sample_sigma", 0, 2**63)
         g, dt, dev = self.generator, self.data.dtype, self.data.device
         if isinstance(self.noise, str):
             return (torch.randn(B, generator=g, dtype=dt, device=dev) * self.P_std + self.P_mean).exp()
@@ -221,6 +283,7 @@ class NetworkTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        _check_state(state, "state", "NetworkTrainer.load_state_dict")
         if state.get("batch_size", self.batch_size) != self.batch_size:
             raise ValueError(f"NetworkTrainer: checkpoint used batch_size {state['batch_size']}, "
                              f"this trainer {self.batch_size}")
@@ -233,14 +296,31 @@ class NetworkTrainer:
 
     def save(self, path: Optional[str] = None) -> str:
         """Write the checkpoint atomically (temp file + rename) to ``path`` or ``self.checkpoint``."""
-        path = path or self.checkpoint
+        where, name = "NetworkTrainer.save", "path"
+        if path is None or path == "":
+            name, path = "checkpoint", self.checkpoint
         if path is None:
             raise ValueError("NetworkTrainer.save: no checkpoint path given")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        p = _path(path, name, where)
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+        tmp = f"{p}.tmp"
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, p)
+        except BaseException:
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+            raise
         return path
 
     def load(self, path: str) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.data.device, weights_only=False))
+        """Load the checkpoint file ``path`` (str or os.PathLike) written by ``save()``."""
+        where = "NetworkTrainer.load"
+        p = _path(path, "path", where)
+        raw = _read(p)
+        try:
+            state = torch.load(raw, map_location=self.data.device, weights_only=False)
+        except Exception as e:
+            raise ValueError(f"{where}: path {p!r} could not be read as a checkpoint ({e})") from e
+        _check_state(state, f"path {p!r}", where)
+        self.load_state_dict(state)
