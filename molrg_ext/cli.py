@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("molrg_ext.experiments.bench", "benchmark the fused ops against PyTorch peers"),
 }
 
+# the bounds of the option types in experiments/_common.py, which refuse larger values
+_BOUNDS = ("Integer sizes and counts are at most 2**31 - 1, seeds in [0, 2**32 - 1], --threads "
+           "at most 4096; --out must not exist as a file (for bench: as a folder).")
+
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """Options show their default in --help, except defaults of None or False (no value)."""
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"molrg {name}", description=COMMANDS[name][1],
-                                  formatter_class=_DefaultsHelp)
+                                  formatter_class=_DefaultsHelp, epilog=_BOUNDS)
     module.add_arguments(sub)
     for action in sub._actions:  # options without a help text still show their default
         if (not action.help and action.option_strings and action.default is not None

@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 __all__ = ["write_json", "read_json", "seed_everything", "check_settings", "int_at_least",
-           "finite_float"]
+           "finite_float", "int_list", "out_dir", "out_file", "seed_int", "threads_int",
+           "width_int", "INDEX_MAX", "FLOAT32_MAX"]
+
+# upper bounds of the option types: far above any experiment, below what overflows
+INDEX_MAX = 2**31 - 1  # sizes and counts (tensor dimensions; the ops index with int32)
+WIDTH_MAX = 2**20  # network widths: a layer holds width**2 weights, which must not overflow
+THREADS_MAX = 4096
+SEED_MAX = 2**32 - 1  # numpy's seed range; keeps derived seeds (seed * 1_000_003 + ...) in int64
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the networks and trainers compute in float32
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -90,8 +98,8 @@ def check_settings(out: str, where: str, settings: dict, fresh: bool = False,
     write_json(path, new)
 
 
-def int_at_least(lo: int):
-    """argparse type: an int >= lo (the error names the option, exit status 2)."""
+def int_at_least(lo: int, hi: int = INDEX_MAX):
+    """argparse type: an int in [lo, hi] (the error names the option, exit status 2)."""
     def parse(s: str) -> int:
         try:
             v = int(s)
@@ -99,22 +107,85 @@ def int_at_least(lo: int):
             raise argparse.ArgumentTypeError(f"must be an int >= {lo}, got {s!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be an int >= {lo}, got {v}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"must be an int in [{lo}, {hi}], got {v}")
         return v
-    parse.__name__ = f"int >= {lo}"
+    parse.__name__ = f"int in [{lo}, {hi}]"
     return parse
 
 
-def finite_float(lo: float = -math.inf, lo_open: bool = False):
-    """argparse type: a finite float >= lo (> lo when lo_open)."""
+seed_int = int_at_least(0, SEED_MAX)
+threads_int = int_at_least(1, THREADS_MAX)
+width_int = int_at_least(1, WIDTH_MAX)
+
+
+def finite_float(lo: float = -math.inf, lo_open: bool = False, hi: float = math.inf):
+    """argparse type: a finite float >= lo (> lo when lo_open) and <= hi."""
     what = "a finite number" + ("" if lo == -math.inf else f" {'>' if lo_open else '>='} {lo:g}")
+    what += "" if hi == math.inf else f"{' and' if lo > -math.inf else ''} <= {hi:g}"
 
     def parse(s: str) -> float:
         try:
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}") from None
-        if not math.isfinite(v) or v < lo or (lo_open and v == lo):
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
             raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
         return v
     parse.__name__ = what
     return parse
+
+
+def int_list(lo: int = 1, hi: int = INDEX_MAX):
+    """argparse type: a non-empty comma list of ints in [lo, hi] ("8,32,128"; empty items
+    between commas are skipped, but a list with no int at all is an error)."""
+    one = int_at_least(lo, hi)
+
+    def parse(s: str) -> list:
+        items = [v for v in s.split(",") if v.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"must be a comma list of ints >= {lo}, got {s!r}")
+        return [one(v) for v in items]
+    parse.__name__ = "comma list of ints"
+    return parse
+
+
+def _not_a_folder(path: str):
+    """The first of ``path`` and the folders above it that exists but is not a folder (a file,
+    or a link to nothing), or None."""
+    p = os.path.abspath(path)
+    while not os.path.lexists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+    return None if os.path.isdir(p) else p
+
+
+def out_dir(convert=str):
+    """argparse type of an --out folder (made by the command): refused when it or a folder above
+    it exists as something else, instead of a traceback from makedirs once the run starts.
+    ``convert``: what the command takes (str or pathlib.Path)."""
+    def parse(s: str):
+        if not s:
+            raise argparse.ArgumentTypeError("must be a folder path, got ''")
+        bad = _not_a_folder(s)
+        if bad is not None:
+            raise argparse.ArgumentTypeError(f"must be a folder, but {bad} exists and is not one, "
+                                             f"got {s!r}")
+        return convert(s)
+    parse.__name__ = "folder"
+    return parse
+
+
+def out_file(s: str) -> str:
+    """argparse type of an --out file path: not an existing folder, and every folder above it that
+    exists a folder. "" is kept (the caller's "write no file")."""
+    if s:
+        bad = _not_a_folder(os.path.dirname(os.path.abspath(s)))
+        if os.path.isdir(s):
+            raise argparse.ArgumentTypeError(f"must be a file path, but {s!r} is a folder")
+        if bad is not None:
+            raise argparse.ArgumentTypeError(f"must be a file path, but {bad} exists and is not a "
+                                             f"folder, got {s!r}")
+    return s

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ._common import finite_float, int_at_least
+from ._common import FLOAT32_MAX, finite_float, int_at_least, out_dir, seed_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+    p.add_argument("--out", type=out_dir(Path), default=Path("runs/demo"),
                    help="folder for demo.json and demo.png")
     p.add_argument("--K", type=int_at_least(1), default=2, help="number of subspaces")
     p.add_argument("--n", type=int_at_least(1), default=48, help="ambient dimension")
@@ -30,10 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", choices=("paper", "random"), default="paper",
                    help="initial bases: eq. (48) near the truth, or random orthonormal")
     p.add_argument("--steps", type=int_at_least(1), default=300, help="SGD steps (Algorithm 1)")
-    p.add_argument("--lr", type=finite_float(0.0), default=0.5, help="SGD learning rate")
+    p.add_argument("--lr", type=finite_float(0.0, hi=FLOAT32_MAX), default=0.5,
+                   help="SGD learning rate (finite in float32)")
     p.add_argument("--batch", type=int_at_least(1), default=128,
                    help="samples per step and instance")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the data and the training")
 
 
 def run(args) -> int:
@@ -41,6 +42,8 @@ def run(args) -> int:
     from ..metrics import recovery_success, subspace_distance
     from ..train import SubspaceTrainer
 
+    if args.K > args.n:  # K d <= n, which sample_molrg checks; here before [d] * K is built
+        raise ValueError(f"demo: --K must be <= --n = {args.n} (K d <= n), got {args.K}")
     torch.set_num_threads(1)  # small problems: threads only add overhead
     args.out.mkdir(parents=True, exist_ok=True)
     data = sample_molrg(args.n, [args.d] * args.K, counts=[args.Nk] * args.K,

@@ -25,7 +25,8 @@ from ..jacobian import jacobian_spectrum
 from ..models import make_unet_denoiser
 from ..sampling import default_sigma_steps, heun_sample
 from ..train.network import NetworkTrainer
-from ._common import check_settings, finite_float, int_at_least, seed_everything, write_json
+from ._common import (FLOAT32_MAX, check_settings, finite_float, int_at_least, out_dir,
+                      seed_everything, seed_int, width_int, write_json)
 
 PRESETS = {
     "quick": dict(steps=800, batch=64, lr=1e-3, channels=16, sigma=1.0, images=2),
@@ -35,12 +36,12 @@ PRESETS = {
 
 def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--out", default="results/edit")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=out_dir(), default="results/edit")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--steps", type=int_at_least(1), help="training steps of the U-Net")
-    p.add_argument("--channels", type=int_at_least(1), help="U-Net base channels")
-    p.add_argument("--sigma", type=finite_float(0.002, lo_open=True),
-                   help="noise level of the edit (x_t), > 0.002")
+    p.add_argument("--channels", type=width_int, help="U-Net base channels (at most 2**20)")
+    p.add_argument("--sigma", type=finite_float(0.002, lo_open=True, hi=FLOAT32_MAX),
+                   help="noise level of the edit (x_t), > 0.002 and finite in float32")
     p.add_argument("--images", type=int_at_least(1), help="number of images to edit")
     p.add_argument("--directions", type=int_at_least(1), nargs="+", default=[1, 2, 3],
                    help="which singular vectors (1-based, at most 64) to move along")

@@ -29,7 +29,8 @@ from ..metrics.generation import gl_score
 from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..sampling import heun_sample
 from ..train.network import NetworkTrainer
-from ._common import finite_float, int_at_least, read_json, seed_everything, write_json
+from ._common import (INDEX_MAX, finite_float, int_at_least, out_dir, read_json, seed_everything,
+                      seed_int, threads_int, width_int, write_json)
 
 PRESETS = {
     "quick": dict(dims=[3, 4, 5, 6], ratios=[2, 10, 40], steps=300, batch=64, lr=1e-3, gen=300,
@@ -44,19 +45,20 @@ PRESETS = {
 
 def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--out", default="results/gl_score")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=out_dir(), default="results/gl_score")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dims", type=int_at_least(1), nargs="+", help="d_k values (paper: 3 4 5 6)")
     p.add_argument("--ratios", type=finite_float(0.0, lo_open=True), nargs="+",
-                   help="N_k / d_k values")
+                   help="N_k / d_k values (N_k = ratio d_k at most 2**31 - 1)")
     p.add_argument("--steps", type=int_at_least(1), help="training steps per cell")
     p.add_argument("--gen", type=int_at_least(2), help="generated (and reference) samples per cell")
     p.add_argument("--model", choices=["unet", "mlp"], help="network (default: the preset's)")
     p.add_argument("--precond", choices=["edm", "x0"], help="EDMDenoiser preconditioning")
     p.add_argument("--weighting", choices=["edm", "none"], help="loss weight lambda(sigma)")
-    p.add_argument("--channels", type=int_at_least(1), help="U-Net base channels / MLP width / 4")
-    p.add_argument("--threads", type=int_at_least(1), default=1,
-                   help="torch intra-op threads (small nets: 1)")
+    p.add_argument("--channels", type=width_int,
+                   help="U-Net base channels / MLP width / 4 (at most 2**20)")
+    p.add_argument("--threads", type=threads_int, default=1,
+                   help="torch intra-op threads, at most 4096 (small nets: 1)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -130,6 +132,9 @@ def run(args) -> int:
         raise ValueError("gl-score: --dims must be in [1, 24] (K = 2, n = 48)")
     if not all(0 < r < float("inf") for r in cfg["ratios"]) or cfg["gen"] < 2 or cfg["steps"] < 1:
         raise ValueError("gl-score: --ratios must be finite and > 0, --gen >= 2, --steps >= 1")
+    if max(cfg["ratios"]) * max(cfg["dims"]) > INDEX_MAX:  # N_k, a count of samples
+        raise ValueError(f"gl-score: --ratios times --dims (N_k) must be <= {INDEX_MAX}, got "
+                         f"{max(cfg['ratios']):g} * {max(cfg['dims'])}")
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)

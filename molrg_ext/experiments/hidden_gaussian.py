@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ._common import int_at_least, read_json, write_json
+from ._common import (int_at_least, int_list, out_dir, read_json, seed_int, threads_int, width_int,
+                      write_json)
 
 PRESETS = {
     "quick": dict(sizes=[16, 128, 1024], steps=2000, hidden=128, batch=128, n_eval=200,
@@ -230,27 +231,27 @@ def plot(results: list[dict], path: str) -> None:
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--out", default="results/hidden_gaussian", help="output folder")
+    p.add_argument("--out", type=out_dir(), default="results/hidden_gaussian", help="output folder")
     p.add_argument("--datasets", default="molrg,digits", help="comma list: molrg, digits")
-    p.add_argument("--sizes", default=None, help="comma list of training-set sizes N")
+    p.add_argument("--sizes", type=int_list(1), default=None,
+                   help="comma list of training-set sizes N")
     p.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per network")
-    p.add_argument("--hidden", type=int_at_least(1), default=None, help="MLP width")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=width_int, default=None, help="MLP width (at most 2**20)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--molrg-n", type=int_at_least(1), default=16)
     p.add_argument("--molrg-K", type=int_at_least(1), default=2)
     p.add_argument("--molrg-d", type=int_at_least(1), default=3)
     p.add_argument("--digits-d", type=int_at_least(1), default=6)
-    p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=threads_int, default=1,
+                   help="torch CPU threads (at most 4096)")
 
 
 def _ints(text: str, name: str) -> list[int]:
+    """``--sizes`` given as text by a caller's own Namespace (the CLI parses it with int_list)."""
     try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise ValueError(f"hidden-gaussian: {name} must be a comma list of ints") from e
-    if not vals or any(v < 1 for v in vals):
-        raise ValueError(f"hidden-gaussian: {name} must hold positive ints")
-    return vals
+        return int_list(1)(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"hidden-gaussian: {name} {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -258,8 +259,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     pre = dict(PRESETS[args.preset])
-    if args.sizes:
-        pre["sizes"] = _ints(args.sizes, "--sizes")
+    if args.sizes is not None:  # "" is an error, not the preset's sizes
+        pre["sizes"] = _ints(args.sizes, "--sizes") if isinstance(args.sizes, str) else args.sizes
     if args.steps is not None:
         pre["steps"] = args.steps
     if args.hidden is not None:

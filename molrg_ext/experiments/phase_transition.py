@@ -43,21 +43,24 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from ._common import finite_float, int_at_least, write_json
+from ._common import (INDEX_MAX, finite_float, int_at_least, out_dir, seed_int, threads_int,
+                      write_json)
 
 METHODS = ("svd", "kss", "ensc", "sgd-hard", "sgd-soft")
 N_AMBIENT = 48
+GRID_MAX = 10_000  # values of one grid axis (the paper's have 15)
 
 
-def parse_range(text: str) -> list:
+def parse_range(text: str, hi: int = INDEX_MAX) -> list:
     """``"2:8"`` -> [2..8]; ``"2:8:2"`` -> [2, 4, 6, 8]; ``"5,3"`` -> [3, 5]; ``"4"`` -> [4]
-    (sorted, without repeats)."""
+    (sorted, without repeats); values in [1, hi], at most GRID_MAX of them."""
     try:
         if ":" in text:
             parts = [int(p) for p in text.split(":")]
@@ -66,13 +69,20 @@ def parse_range(text: str) -> list:
             step = parts[2] if len(parts) == 3 else 1
             if step < 1:
                 raise ValueError
+            if (parts[1] - parts[0]) // step >= GRID_MAX:  # counted before the list is built
+                raise argparse.ArgumentTypeError(f"range {text!r} has more than {GRID_MAX} "
+                                                 "values")
             vals = list(range(parts[0], parts[1] + 1, step))
         else:
             vals = [int(p) for p in text.split(",")]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"bad range {text!r}: use A:B, A:B:STEP or A,B,C") from e
+    if len(vals) > GRID_MAX:
+        raise argparse.ArgumentTypeError(f"range {text!r} has more than {GRID_MAX} values")
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"range {text!r} must hold positive ints")
+    if max(vals) > hi:
+        raise argparse.ArgumentTypeError(f"range {text!r} must hold ints <= {hi}")
     return sorted(set(vals))
 
 
@@ -238,7 +248,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--K", type=int, choices=(1, 2, 3), default=1)
     p.add_argument("--method", choices=METHODS, default=None,
                    help="default: svd for K = 1, kss otherwise")
-    p.add_argument("--d", type=parse_range, default=parse_range("2:8"), help="e.g. 2:8")
+    p.add_argument("--d", type=functools.partial(parse_range, hi=N_AMBIENT),
+                   default=parse_range("2:8"), help=f"e.g. 2:8 (at most n = {N_AMBIENT})")
     p.add_argument("--N", type=parse_range, default=parse_range("2:15"), help="N_k, e.g. 2:15")
     p.add_argument("--instances", type=int_at_least(1), default=20)
     p.add_argument("--preset", choices=("quick", "paper"), default="quick")
@@ -246,13 +257,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="std of the isotropic noise e")
     p.add_argument("--init", choices=("paper", "random"), default=None,
                    help="SGD initialisation (default: random for K = 1, paper (48) for K >= 2)")
-    p.add_argument("--out", type=Path, default=Path("runs/phase_transition"))
+    p.add_argument("--out", type=out_dir(Path), default=Path("runs/phase_transition"))
     p.add_argument("--total", action="store_true",
                    help="x axis is the total N = K N_k (the grid --N still gives N_k)")
     p.add_argument("--all", action="store_true", help="all panels of Fig. 4 (a-d) and Fig. 8")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int_at_least(1), default=1,
-                   help="torch intra-op threads (1 is fastest for these small problems)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--threads", type=threads_int, default=1,
+                   help="torch intra-op threads, at most 4096 (1 is fastest for these small "
+                   "problems)")
 
 
 def run(args) -> int:

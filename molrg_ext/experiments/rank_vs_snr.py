@@ -42,7 +42,8 @@ from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..modules import SubspaceDAE
 from ..sampling import default_sigma_steps, heun_sample
 from ..train.network import NetworkTrainer
-from ._common import check_settings, int_at_least, read_json, seed_everything, write_json
+from ._common import (check_settings, int_at_least, out_dir, read_json, seed_everything, seed_int,
+                      threads_int, width_int, write_json)
 
 PRESETS = {
     # checkpoints: training steps at which the network is evaluated
@@ -60,20 +61,21 @@ PRESETS = {
 
 def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--out", default="results/rank_vs_snr")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=out_dir(), default="results/rank_vs_snr")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--checkpoints", type=int_at_least(1), nargs="+",
                    help="training steps to evaluate at")
     p.add_argument("--noises", type=int_at_least(1),
                    help="initial noises per trajectory set (paper: 15)")
     p.add_argument("--real-steps", type=int_at_least(0),
                    help="training steps of the real-data networks (0: skip)")
-    p.add_argument("--channels", type=int_at_least(1), help="U-Net base channels / MLP width / 4")
+    p.add_argument("--channels", type=width_int,
+                   help="U-Net base channels / MLP width / 4 (at most 2**20)")
     p.add_argument("--model", choices=["unet", "mlp"], help="network (default: the preset's)")
     p.add_argument("--precond", choices=["edm", "x0"], help="EDMDenoiser preconditioning")
     p.add_argument("--weighting", choices=["edm", "none"], help="loss weight lambda(sigma)")
-    p.add_argument("--threads", type=int_at_least(1), default=1,
-                   help="torch intra-op threads (small nets: 1)")
+    p.add_argument("--threads", type=threads_int, default=1,
+                   help="torch intra-op threads, at most 4096 (small nets: 1)")
     p.add_argument("--fresh", action="store_true",
                    help="delete --out's earlier results and checkpoints first")
     p.add_argument("--no-progress", action="store_true")
