@@ -24,13 +24,15 @@ of the denoiser can be taken with ``jacrev`` / ``jvp``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._args import check_positive, number_or_tensor
+from ._args import (_check_tensor, as_int, as_int_list, check_number_or_tensor, check_positive,
+                    number_or_tensor, real_tensor)
 
 __all__ = [
     "EDMDenoiser",
@@ -42,9 +44,40 @@ __all__ = [
 ]
 
 
+# Depth and block counts: far beyond any trainable net here (3 to 8 layers), and a typo such as
+# 2**40 would otherwise spend hours building the module list instead of failing.
+_MAX_LAYERS = 2**16
+# Widths, channel counts, the resolution: below 2**31 (the int32 range; one such layer already
+# needs gigabytes), so that an overflowing size is a named error, not torch's TypeError.
+_MAX_WIDTH = 2**31
+
+
+def _dropout(p, where: str) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{where}: dropout must be a number, got {p!r}")
+    if not 0.0 <= p < 1.0:  # NaN fails too
+        raise ValueError(f"{where}: dropout must be in [0, 1), got {p}")
+    return float(p)
+
+
+def _image_shape(shape, where: str) -> tuple:
+    """(C, H, W) as three positive ints (a string, floats or another length are errors)."""
+    out = as_int_list(shape, "image_shape", where, 1)
+    if len(out) != 3:
+        raise ValueError(f"{where}: image_shape must be (C, H, W), 3 ints, got {out}")
+    return tuple(out)
+
+
 def sigma_vector(sigma, batch: int, like: torch.Tensor, where: str = "denoiser") -> torch.Tensor:
     """Noise level(s) as a ``[batch]`` tensor of ``like``'s dtype/device; must be finite and > 0."""
-    s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    _check_tensor(like, "like", where)
+    if not torch.compiler.is_compiling():  # batch may be a symbolic size there
+        batch = as_int(batch, "batch", where, 0)
+    if isinstance(sigma, (int, float, torch.Tensor)):  # kept apart: real_tensor breaks compile
+        check_number_or_tensor(sigma, "sigma", where)  # bools, complex or bool tensors
+        s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    else:  # sequences and arrays
+        s = real_tensor(sigma, "sigma", where, like.dtype, like.device)
     if s.dim() > 1 or (s.dim() == 1 and s.numel() not in (1, batch)):
         raise ValueError(f"{where}: sigma must be a scalar or have shape [{batch}], got {tuple(s.shape)}")
     # values are checked eagerly; inside torch.func transforms (vmap/jacrev) they cannot be read
@@ -110,23 +143,33 @@ class UNet(nn.Module):
         channel_mult: channel multiplier per resolution level (each level after the first halves
             the resolution with average pooling).
         num_blocks: residual blocks per level (the decoder uses one more, as in DDPM++).
-        emb_dim: noise-embedding width (default 4 * model_channels).
-        dropout: dropout inside the residual blocks.
+        emb_dim: noise-embedding width >= 1 (None: 4 * model_channels).
+        dropout: dropout inside the residual blocks, in [0, 1).
     """
 
     def __init__(self, channels: int, resolution: int, model_channels: int = 32,
                  channel_mult: Sequence[int] = (1, 2), num_blocks: int = 1,
                  emb_dim: Optional[int] = None, dropout: float = 0.0):
         super().__init__()
-        channel_mult = list(channel_mult)
-        if channels < 1 or resolution < 1 or model_channels < 1 or num_blocks < 1:
-            raise ValueError("UNet: channels, resolution, model_channels, num_blocks must be >= 1")
-        if not channel_mult or min(channel_mult) < 1:
+        where = "UNet"
+        channels = as_int(channels, "channels", where, 1, _MAX_WIDTH)
+        resolution = as_int(resolution, "resolution", where, 1, _MAX_WIDTH)
+        model_channels = as_int(model_channels, "model_channels", where, 1, _MAX_WIDTH)
+        num_blocks = as_int(num_blocks, "num_blocks", where, 1, _MAX_LAYERS)
+        channel_mult = as_int_list(channel_mult, "channel_mult", where, 1)
+        if not channel_mult:
             raise ValueError(f"UNet: channel_mult must be positive ints, got {channel_mult}")
+        if model_channels * max(channel_mult) >= _MAX_WIDTH:
+            raise ValueError(f"{where}: model_channels * max(channel_mult) must be < 2**31, got "
+                             f"{model_channels} * {max(channel_mult)}")
+        if emb_dim is not None:
+            emb_dim = as_int(emb_dim, "emb_dim", where, 1, _MAX_WIDTH)
+        dropout = _dropout(dropout, where)
         if resolution % (2 ** (len(channel_mult) - 1)):
             raise ValueError(f"UNet: resolution {resolution} is not divisible by "
                              f"2^{len(channel_mult) - 1} (len(channel_mult) = {len(channel_mult)})")
         self.channels, self.resolution = channels, resolution
+        self.pool_factor = 2 ** (len(channel_mult) - 1)  # input sides must be divisible by it
         emb_dim = emb_dim or 4 * model_channels
         self.embed = PositionalEmbedding(model_channels if model_channels % 2 == 0 else model_channels + 1)
         self.emb_mlp = nn.Sequential(nn.Linear(self.embed.dim, emb_dim), nn.SiLU(),
@@ -183,13 +226,18 @@ class UNet(nn.Module):
 
 
 class MLPNet(nn.Module):
-    """MLP ``forward(x [B, n], c_noise [B]) -> [B, n]``: the noise embedding is concatenated to
-    the input and added (projected) to every hidden layer."""
+    """MLP ``forward(x [B, n], c_noise [B]) -> [B, n]``: the noise embedding (``emb_dim`` wide,
+    even) is projected and added to every one of the ``depth`` hidden layers (width ``hidden``)."""
 
     def __init__(self, n: int, hidden: int = 256, depth: int = 3, emb_dim: int = 64):
         super().__init__()
-        if n < 1 or hidden < 1 or depth < 1:
-            raise ValueError("MLPNet: n, hidden and depth must be >= 1")
+        where = "MLPNet"
+        n = as_int(n, "n", where, 1, _MAX_WIDTH)
+        hidden = as_int(hidden, "hidden", where, 1, _MAX_WIDTH)
+        depth = as_int(depth, "depth", where, 1, _MAX_LAYERS)
+        emb_dim = as_int(emb_dim, "emb_dim", where, 2, _MAX_WIDTH)
+        if emb_dim % 2:  # cosine and sine halves
+            raise ValueError(f"{where}: emb_dim must be even, got {emb_dim}")
         self.n = n
         self.embed = PositionalEmbedding(emb_dim)
         self.inp = nn.Linear(n, hidden)
@@ -213,8 +261,9 @@ class EDMDenoiser(nn.Module):
     Args:
         net: raw network taking ``(x_in, c_noise)``; image-shaped input when ``image_shape`` is set.
         sigma_data: data standard deviation used by the preconditioning (per coordinate).
-        image_shape: ``(C, H, W)``: flat ``[B, n]`` inputs (n = C H W) are reshaped for ``net``
-            and the output is flattened back. Image-shaped inputs pass through unchanged.
+        image_shape: ``(C, H, W)``, three ints >= 1: flat ``[B, n]`` inputs (n = C H W) are
+            reshaped for ``net`` and the output is flattened back. Image-shaped inputs pass
+            through unchanged. Without it a :class:`UNet` takes ``[B, C, H, W]`` images only.
         precond: ``"edm"`` (Karras et al., Table 1) or ``"x0"`` (``c_skip = 0``, ``c_out = sd``:
             direct x0 prediction; see the module docstring).
     """
@@ -224,14 +273,19 @@ class EDMDenoiser(nn.Module):
     def __init__(self, net: nn.Module, sigma_data: float = 0.5,
                  image_shape: Optional[Sequence[int]] = None, precond: str = "edm"):
         super().__init__()
-        if not (isinstance(sigma_data, (int, float)) and math.isfinite(sigma_data) and sigma_data > 0):
+        if not callable(net):
+            raise TypeError(f"EDMDenoiser: net must be callable as net(x_in, c_noise), got "
+                            f"{type(net).__name__}")
+        if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)):
+            raise TypeError(f"EDMDenoiser: sigma_data must be a number, got {sigma_data!r}")
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
             raise ValueError(f"EDMDenoiser: sigma_data must be a finite number > 0, got {sigma_data!r}")
         if precond not in self.PRECONDS:
             raise ValueError(f"EDMDenoiser: precond must be one of {self.PRECONDS}, got {precond!r}")
         self.net = net
         self.precond = precond
         self.sigma_data = float(sigma_data)
-        self.image_shape = tuple(int(v) for v in image_shape) if image_shape is not None else None
+        self.image_shape = None if image_shape is None else _image_shape(image_shape, "EDMDenoiser")
         self.n = math.prod(self.image_shape) if self.image_shape else getattr(net, "n", None)
 
     @staticmethod
@@ -267,6 +321,14 @@ class EDMDenoiser(nn.Module):
             raise TypeError("EDMDenoiser: x must be a floating-point tensor")
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"EDMDenoiser: x must be a non-empty batch [B, ...], got {tuple(x.shape)}")
+        p = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None
+        if p is not None and not torch.is_autocast_enabled(x.device.type):
+            if x.dtype != p.dtype:
+                raise TypeError(f"EDMDenoiser: x has dtype {x.dtype} but the net's parameters "
+                                f"have {p.dtype}; convert x or the model (.to(dtype))")
+            if x.device != p.device:
+                raise ValueError(f"EDMDenoiser: x is on {x.device} but the net's parameters are "
+                                 f"on {p.device}")
         B = x.shape[0]
         flat_in = self.image_shape is not None and x.dim() == 2
         if flat_in:
@@ -280,6 +342,12 @@ class EDMDenoiser(nn.Module):
                                  f"[B, {self.n}] or [B, {', '.join(map(str, self.image_shape))}]")
             if self.image_shape is None and self.n is not None and (x.dim() != 2 or x.shape[1] != self.n):
                 raise ValueError(f"EDMDenoiser: x must have shape [B, {self.n}], got {tuple(x.shape)}")
+            if self.image_shape is None and isinstance(self.net, UNet):
+                C, f = self.net.channels, self.net.pool_factor
+                if x.dim() != 4 or x.shape[1] != C or x.shape[2] % f or x.shape[3] % f:
+                    raise ValueError(f"EDMDenoiser: x must be images [B, {C}, H, W] with H and W "
+                                     f"divisible by {f} for its UNet (give image_shape to pass "
+                                     f"flat [B, n] x), got shape {tuple(x.shape)}")
             xi = x
         s = sigma_vector(sigma, B, x, "EDMDenoiser")
         c_skip, c_out, c_in, c_noise = self._preconditioning(s)
@@ -294,7 +362,7 @@ def make_unet_denoiser(image_shape: Sequence[int], model_channels: int = 32,
                        sigma_data: float = 0.5, dropout: float = 0.0,
                        precond: str = "edm") -> EDMDenoiser:
     """EDM-wrapped :class:`UNet` for images ``(C, H, W)`` (flat inputs are reshaped)."""
-    C, H, W = (int(v) for v in image_shape)
+    C, H, W = _image_shape(image_shape, "make_unet_denoiser")
     if H != W:
         raise ValueError(f"make_unet_denoiser: images must be square, got {H} x {W}")
     net = UNet(C, H, model_channels, channel_mult, num_blocks, dropout=dropout)

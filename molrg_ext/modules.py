@@ -1,14 +1,17 @@
 """``SubspaceDAE``: the paper's low-rank denoiser (eqs. (9), (11), (16)) as an ``nn.Module``."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ._args import as_int, check_mixture_weights, dims_list, is_one_value, parse_dims, parse_mode
+from ._args import (INDEX_MAX, as_int, check_mixture_weights, dims_list, is_one_value,
+                    parse_dims, parse_mode, real_tensor)
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients
+from .schedules import SCHEDULES, get_schedule
 
 __all__ = ["SubspaceDAE", "random_orthonormal"]
 
@@ -21,10 +24,43 @@ def random_orthonormal(n: int, d: int, *batch: int, generator=None, dtype=torch.
     if d > n:
         raise ValueError(f"{where}: d = {d} orthonormal columns need d <= n = {n}")
     batch = tuple(as_int(b, f"batch[{i}]", where, 0) for i, b in enumerate(batch))
+    numel = math.prod(batch) * n * d
+    if numel >= 2**63:  # torch's sizes are int64; randn would fail with an unnamed overflow
+        raise ValueError(f"{where}: the result [*batch, n, d] = {[*batch, n, d]} would hold "
+                         f"{numel} elements, more than a tensor can (2**63 - 1)")
     g = torch.randn(*batch, n, d, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     return q.to(dtype=dtype, device=device).contiguous()
+
+
+def _index(v, name: str, where: str) -> int:
+    """A size the ops index with int32: an int in [1, 2**31 - 1]."""
+    i = as_int(v, name, where, 1)
+    if i > INDEX_MAX:
+        raise ValueError(f"{where}: {name} must be <= 2**31 - 1 (the ops' int32 range), got {i}")
+    return i
+
+
+def _schedule(schedule, where: str):
+    """None, a schedule object (with callable s and sigma) or the name of one."""
+    if schedule is None:
+        return None
+    if isinstance(schedule, str):
+        if schedule.lower() not in SCHEDULES:
+            raise ValueError(f"{where}: schedule must be a schedule object or one of "
+                             f"{sorted(SCHEDULES)}, got {schedule!r}")
+        return get_schedule(schedule)
+    if not (callable(getattr(schedule, "s", None)) and callable(getattr(schedule, "sigma", None))):
+        raise TypeError(f"{where}: schedule must have methods s(t) and sigma(t) (see "
+                        f"molrg_ext.schedules) or be a name in {sorted(SCHEDULES)}, got "
+                        f"{type(schedule).__name__}")
+    return schedule
+
+
+def _readable(v: torch.Tensor) -> bool:
+    """Whether v's values can be read (not while torch.compile traces or inside torch.func)."""
+    return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(v))
 
 
 class SubspaceDAE(nn.Module):
@@ -41,9 +77,12 @@ class SubspaceDAE(nn.Module):
         pi: mixture weights (default uniform); they enter the logit bias.
         instances: when given, train that many independent problem instances: ``U`` is
             ``[P, K, n, dmax]`` and inputs are ``[P, B, n]``.
-        U: initial bases ``[K, n, dmax]`` (or ``[P, K, n, dmax]``); default random orthonormal.
-        schedule: an object with ``s(t)`` and ``sigma(t)`` (see :mod:`molrg_ext.schedules`) used
+        U: initial bases ``[K, n, dmax]`` (or ``[P, K, n, dmax]``), a finite floating-point
+            tensor; default random orthonormal.
+        schedule: an object with ``s(t)`` and ``sigma(t)`` (see :mod:`molrg_ext.schedules`), or
+            the name of one (``"vp"``, ``"ve"``, ``"edm"``, with its default parameters), used
             when ``forward`` is called with ``t=``.
+        dtype: ``torch.float32`` or ``torch.float64`` (the ops' dtypes).
     """
 
     def __init__(
@@ -63,6 +102,8 @@ class SubspaceDAE(nn.Module):
     ):
         super().__init__()
         where = "SubspaceDAE"
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{where}: dtype must be torch.float32 or torch.float64, got {dtype!r}")
         if K is not None:
             K = as_int(K, "K", where, 1)
         if K is None and is_one_value(dims):
@@ -70,47 +111,150 @@ class SubspaceDAE(nn.Module):
             raise ValueError("SubspaceDAE: K is required when dims is an int")
         dims = dims_list(dims, K, where)
         K = len(dims)
-        self.n, self.K, self.dmax = as_int(n, "n", where, 1), K, max(dims) if dims else 0
+        self.n, self.K, self.dmax = _index(n, "n", where), K, max(dims) if dims else 0
         self.dims = parse_dims(dims, K, self.dmax, self.n, "SubspaceDAE")
         parse_mode(mode, "SubspaceDAE")
         self.mode = mode
+        if instances is not None:
+            instances = _index(instances, "instances", where)
         self.instances = instances
-        self.schedule = schedule
+        self.schedule = _schedule(schedule, where)
         if pi is not None:
-            pi_t = check_mixture_weights(torch.as_tensor(pi, dtype=torch.float64), K, where)
+            pi_t = check_mixture_weights(real_tensor(pi, "pi", where, torch.float64), K, where)
             self.register_buffer("pi", (pi_t / pi_t.sum()).to(dtype))
         else:
             self.pi = None
-        batch = () if instances is None else (as_int(instances, "instances", where, 1),)
+        batch = () if instances is None else (instances,)
         shape = (*batch, K, self.n, self.dmax)
         if U is None:
             U = random_orthonormal(self.n, self.dmax, *batch, K, generator=generator, dtype=dtype,
                                    device=device)
-        elif tuple(U.shape) != shape:
-            raise ValueError(f"SubspaceDAE: U must have shape {shape}, got {tuple(U.shape)}")
+        else:
+            if not isinstance(U, torch.Tensor):
+                raise TypeError(f"{where}: U must be a torch.Tensor, got {type(U).__name__}")
+            if not U.is_floating_point():  # a cast would drop an imaginary part or make 0/1 bases
+                raise TypeError(f"{where}: U must be a floating-point tensor, got dtype {U.dtype}")
+            if tuple(U.shape) != shape:
+                raise ValueError(f"SubspaceDAE: U must have shape {shape}, got {tuple(U.shape)}")
+            if not bool(torch.isfinite(U).all()):
+                raise ValueError(f"{where}: U contains NaN or Inf values")
         self.U = nn.Parameter(U.detach().to(dtype=dtype, device=device).clone())
 
     def coefficients(self, sigma, s=1.0):
-        """(c, phi, bias) at noise level ``sigma`` (x_t = s x_0 + s sigma eps)."""
+        """(c, phi, bias) at noise level ``sigma`` (x_t = s x_0 + s sigma eps); ``sigma`` and ``s``
+        finite and > 0 (numbers, sequences or tensors that broadcast together)."""
+        where = "SubspaceDAE.coefficients"
+        return self._coefficients(self._level(sigma, "sigma", where), self._level(s, "s", where),
+                                  where)
+
+    def _level(self, v, name: str, where: str):
+        """A noise level or scale as a tensor of U's dtype and device; a Python number stays one
+        (checked here, without a device sync)."""
+        if isinstance(v, bool):
+            raise TypeError(f"{where}: {name} must be a number or a tensor, got bool")
+        if isinstance(v, (int, float)):
+            if not 0 < v < math.inf:  # NaN fails too
+                raise ValueError(f"{where}: {name} must be finite and > 0, got {v}")
+            big = torch.finfo(self.U.dtype).max
+            if v > big:
+                raise ValueError(f"{where}: {name} must be <= {big:g} (the module's dtype is "
+                                 f"{self.U.dtype}), got {v}")
+            return v
+        return real_tensor(v, name, where, self.U.dtype, self.U.device)
+
+    def _coefficients(self, sigma, s, where: str, t=None):
+        """posterior_mean_coefficients(s, s sigma) with errors that name sigma and s (or t, where
+        the schedule gave them at t) and the function called, not s and gamma."""
+        shapes = [tuple(v.shape) for v in (sigma, s) if isinstance(v, torch.Tensor)]
+        try:
+            torch.broadcast_shapes(*shapes)
+        except RuntimeError:
+            raise ValueError(f"{where}: sigma and s must broadcast together, got shapes "
+                             f"{shapes[0]} and {shapes[1]}") from None
         sigma = torch.as_tensor(sigma, dtype=self.U.dtype, device=self.U.device)
         s = torch.as_tensor(s, dtype=self.U.dtype, device=self.U.device)
-        return posterior_mean_coefficients(s, s * sigma, self.dims, self.pi)
+        gamma = s * sigma
+        # one reduction for all three (NaN fails every comparison)
+        if _readable(gamma) and not bool(((sigma > 0) & (s > 0) & (gamma < math.inf)).all()):
+            self._bad_level(sigma, s, where, t)
+        c, phi, bias = posterior_mean_coefficients(s, gamma, self.dims, self.pi)
+        if _readable(phi):
+            ok = torch.isfinite(c) & torch.isfinite(phi)
+            if not bool(ok.all()):
+                self._bad_level(sigma, s, where, t, ok)
+        return c, phi, bias
+
+    def _bad_level(self, sigma, s, where: str, t, ok=None):
+        """Raise the ValueError for the first sample where sigma, s or s sigma, or (given ok, where
+        the coefficients are finite) c and phi are out of range."""
+        shape = torch.broadcast_shapes(sigma.shape, s.shape, () if t is None else t.shape)
+        sig, sc = torch.broadcast_to(sigma, shape).flatten(), torch.broadcast_to(s, shape).flatten()
+        levels = ok is None  # the levels themselves, not the coefficients
+        if levels:
+            ok = (sig > 0) & (sc > 0) & (sig * sc < math.inf)
+        i = int((~ok.flatten()).nonzero()[0, 0])
+        at = f"sigma = {sig[i].item():g}, s = {sc[i].item():g}"
+        if t is not None:
+            at = f"t = {torch.broadcast_to(t, shape).flatten()[i].item():g} (the schedule's {at})"
+        dt = self.U.dtype
+        if levels:
+            if t is not None:
+                raise ValueError(f"{where}: t must give a finite noise level sigma(t) > 0 and "
+                                 f"scale s(t) > 0 from the schedule, got {at}")
+            if not (0 < sig[i] < math.inf):
+                raise ValueError(f"{where}: sigma must be finite and > 0 (in {dt}), got "
+                                 f"{sig[i].item()}")
+            if not (0 < sc[i] < math.inf):
+                raise ValueError(f"{where}: s must be finite and > 0 (in {dt}), got {sc[i].item()}")
+            raise ValueError(f"{where}: s * sigma must be <= {torch.finfo(dt).max:g} (in {dt}), "
+                             f"got {at}")
+        # phi = 1 / (2 s^2 sigma^2 (1 + sigma^2)) (and c = 1 / (s (1 + sigma^2)), which overflows
+        # only where phi does) beyond the dtype: not representable, so no other way to compute it
+        what = "t" if t is not None else "sigma" if sc[i] == 1 else "s * sigma"
+        raise ValueError(f"{where}: {what} is too small for {dt}: at {at}, phi = 1 / (2 s^2 "
+                         f"sigma^2 (1 + sigma^2)) overflows; s * sigma must be >= about "
+                         f"{math.sqrt(0.5 / torch.finfo(dt).max):.3g}")
 
     def forward(self, x_t: torch.Tensor, sigma=None, *, t=None, s=None, assign=None):
         """Denoise ``x_t`` at noise level ``sigma`` (scalar or per sample), or at time ``t`` of
-        ``self.schedule``. ``s`` is the signal scale (1 for VE/EDM)."""
+        ``self.schedule``. ``s`` is the signal scale (1 for VE/EDM). sigma and s (or the
+        schedule's sigma(t), s(t)) must be finite and > 0."""
+        where = "SubspaceDAE.forward"
         if t is not None:
             if sigma is not None or s is not None:
                 raise ValueError("SubspaceDAE: pass either sigma (and s) or t, not both: t sets "
                                  "both from the schedule")
             if self.schedule is None:
                 raise ValueError("SubspaceDAE: forward(t=...) needs a schedule")
-            t = torch.as_tensor(t, dtype=self.U.dtype, device=self.U.device)
+            if isinstance(t, bool):
+                raise TypeError(f"{where}: t must be a number or a tensor, got bool")
+            t = real_tensor(t, "t", where, self.U.dtype, self.U.device)
+            self._check_levels_shape(x_t, t, "t", where)
             s, sigma = self.schedule.s(t), self.schedule.sigma(t)
-        if sigma is None:
-            raise ValueError("SubspaceDAE: pass sigma or t")
-        c, phi, bias = self.coefficients(sigma, 1.0 if s is None else s)
+        else:
+            if sigma is None:
+                raise ValueError("SubspaceDAE: pass sigma or t")
+            sigma = self._level(sigma, "sigma", where)
+            s = self._level(1.0 if s is None else s, "s", where)
+            self._check_levels_shape(x_t, sigma, "sigma", where)
+            self._check_levels_shape(x_t, s, "s", where)
+        c, phi, bias = self._coefficients(sigma, s, where, t)
         return subspace_dae(x_t, self.U, c, phi, bias, self.dims, self.mode, assign)
+
+    @staticmethod
+    def _check_levels_shape(x_t, v, name: str, where: str):
+        """v must be one value or broadcast to x_t's per-sample shape ([B] or [P, B])."""
+        if not (isinstance(v, torch.Tensor) and isinstance(x_t, torch.Tensor)
+                and x_t.dim() in (2, 3)):
+            return  # a number, or a bad x_t that subspace_dae names
+        per = tuple(x_t.shape[:-1])
+        try:
+            ok = torch.broadcast_shapes(tuple(v.shape), per) == per
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}: {name} must be one value or broadcast to x_t's per-sample "
+                             f"shape {list(per)}, got shape {tuple(v.shape)}")
 
     def assign(self, x0: torch.Tensor) -> torch.Tensor:
         """Hard assignment ``argmax_k ||U_k^T x0||`` (eq. (17))."""
