@@ -68,7 +68,12 @@ def retract(U: torch.Tensor, dims, method: Optional[str] = "qr") -> torch.Tensor
     U is float32 or float64 [..., K, n, dmax]; dims K ints in [1, min(dmax, n)]."""
     if method not in ("qr", "polar", None):
         raise ValueError(f"retract: method must be 'qr', 'polar' or None, got {method!r}")
-    dims = _bases(U, "U", "retract", dims, (torch.float32, torch.float64))
+    return _retract(U, _bases(U, "U", "retract", dims, (torch.float32, torch.float64)), method)
+
+
+def _retract(U: torch.Tensor, dims: list[int], method: Optional[str]) -> torch.Tensor:
+    """retract without its checks, for the trainer's steps (U and dims checked by fit; the checks
+    were 5 us of a 78 us retraction at (8, 2, 48, 6))."""
     if method is None:
         return U
     out = torch.zeros_like(U)
@@ -291,7 +296,7 @@ class SubspaceTrainer:
                 gnorms.append(U.grad.flatten(1).norm(dim=1))
                 opt.step()
                 if self.retraction is not None:
-                    U.copy_(retract(U, self.dims, self.retraction))
+                    U.copy_(_retract(U, self.dims, self.retraction))
                 if not torch.isfinite(U).all():
                     raise FloatingPointError(
                         f"SubspaceTrainer: U became non-finite at step {step} (lr = {self.lr} "
