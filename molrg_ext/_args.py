@@ -232,6 +232,33 @@ def check_denoiser_data(denoiser, X0, where: str) -> None:
         raise ValueError(f"{where}: X0 must be floating point and finite")
 
 
+def check_denoiser_output(y, x: torch.Tensor, sigma, where: str,
+                          values: bool = True) -> torch.Tensor:
+    """y = denoiser(x, sigma), after an error unless it is a finite real floating tensor of x's
+    shape and device (a wrong one would otherwise be fitted or scored silently). values=False
+    skips the finiteness scan, for use under torch.func transforms (jacobian), where the values
+    cannot be read and are checked on the plain output afterwards."""
+    what = f"{where}: the denoiser's output"
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(y).__name__}")
+    if y.shape != x.shape:
+        raise ValueError(f"{what} must have the input's shape {tuple(x.shape)}, got "
+                         f"{tuple(y.shape)}")
+    if not y.is_floating_point():
+        raise TypeError(f"{what} must be real floating point, got dtype {y.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"{what} is on {y.device} but its input is on {x.device}")
+    if values and not torch.isfinite(y).all():
+        raise ValueError(f"{what} contains NaN or Inf values (sigma = {sigma})")
+    return y
+
+
+def check_generator(generator, where: str) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{where}: generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+
+
 def _as_float(v, like: torch.Tensor, name: str, where: str) -> torch.Tensor:
     """Python numbers (not bools) become tensors of x's dtype/device; tensors must already
     match."""

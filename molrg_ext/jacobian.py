@@ -18,8 +18,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import as_int, check_number_or_tensor, check_positive, prepare_dae_args, restore
-from .linear_distill import check_denoiser_output
+from ._args import (as_int, check_denoiser_output, check_number_or_tensor, check_positive,
+                    prepare_dae_args, restore)
 
 __all__ = [
     "dae_jacobian_spectrum",
@@ -240,15 +240,7 @@ def _flat_fn(denoiser, event_shape, where: str):
     def f(xf: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
         M = xf.shape[0]
         x = xf.reshape(M, *event_shape)
-        y = denoiser(x, sig)
-        what = f"{where}: the denoiser's output"
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"{what} must be a tensor, got {type(y).__name__}")
-        if y.shape != x.shape:
-            raise ValueError(f"{what} must have the input's shape {tuple(x.shape)}, got "
-                             f"{tuple(y.shape)}")
-        if not y.is_floating_point():
-            raise TypeError(f"{what} must be real floating point, got dtype {y.dtype}")
+        y = check_denoiser_output(denoiser(x, sig), x, sig, where, values=False)
         return y.reshape(M, n)
 
     return f

@@ -12,33 +12,10 @@ import torch
 from torch import nn
 
 from ._args import (_check_tensor, as_int, as_int_list, check_denoiser_data,
-                    check_number_or_tensor, check_positive)
+                    check_denoiser_output, check_generator, check_number_or_tensor,
+                    check_positive)
 
 __all__ = ["linear_distill", "LinearDenoiser"]
-
-
-def check_denoiser_output(y, x: torch.Tensor, sigma: float, where: str) -> torch.Tensor:
-    """y = denoiser(x, sigma), after an error unless it is a finite real floating tensor of x's
-    shape and device (a wrong one would otherwise be fitted or scored silently)."""
-    what = f"{where}: the denoiser's output"
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{what} must be a tensor, got {type(y).__name__}")
-    if y.shape != x.shape:
-        raise ValueError(f"{what} must have the input's shape {tuple(x.shape)}, got "
-                         f"{tuple(y.shape)}")
-    if not y.is_floating_point():
-        raise TypeError(f"{what} must be real floating point, got dtype {y.dtype}")
-    if y.device != x.device:
-        raise ValueError(f"{what} is on {y.device} but its input is on {x.device}")
-    if not torch.isfinite(y).all():
-        raise ValueError(f"{what} contains NaN or Inf values (sigma = {sigma})")
-    return y
-
-
-def check_generator(generator, where: str) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{where}: generator must be a torch.Generator or None, got "
-                        f"{type(generator).__name__}")
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._args import (as_int, check_denoiser_data, check_positive, check_range, is_one_value,
-                     real_tensor)
-from ..linear_distill import check_denoiser_output, check_generator
+from .._args import (as_int, check_denoiser_data, check_denoiser_output, check_generator,
+                     check_positive, check_range, is_one_value, real_tensor)
 from ..schedules import EDM
 
 __all__ = ["linearity_score", "edm_sigma_grid"]
