@@ -87,7 +87,10 @@ def linearity_score(
         check_range(torch.tensor(v, dtype=torch.float64), name, where, -math.inf, lo_open=True,
                     what="finite")
     check_generator(generator, where)
-    sig = edm_sigma_grid() if sigmas is None else real_tensor(sigmas, "sigmas", where, torch.float64)
+    if sigmas is None:
+        sig = edm_sigma_grid()
+    else:
+        sig = real_tensor(sigmas, "sigmas", where, torch.float64)
     sig = sig.reshape(-1)
     if sig.numel() == 0 or not (torch.isfinite(sig).all() and (sig > 0).all()):
         raise ValueError(f"{where}: sigmas must be a non-empty list of finite levels > 0")
