@@ -89,16 +89,16 @@ def _validate_X(X, K: int, dims, where: str, name: str = "dims"):
 
 
 def _check_seed(seed, where: str, sklearn: bool = False):
-    """seed as numpy's default_rng takes it: None, a Generator or RandomState, an int >= 0 or a
-    list of them. sklearn=True: as SpectralClustering's random_state also takes it (None, a
-    RandomState or an int in [0, 2**32))."""
+    """seed as numpy's default_rng takes it: None, a Generator, BitGenerator or SeedSequence, a
+    RandomState, an int >= 0 or a list of them. sklearn=True: as SpectralClustering's
+    random_state also takes it (None, a RandomState or an int in [0, 2**32))."""
     if seed is None or isinstance(seed, np.random.RandomState):
         return seed
-    if isinstance(seed, np.random.Generator):
+    if isinstance(seed, (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)):
         if not sklearn:
             return seed
         raise TypeError(f"{where}: seed must be None, an int or a numpy RandomState for spectral "
-                        "clustering (sklearn takes no Generator), got a Generator")
+                        f"clustering (sklearn takes no {type(seed).__name__}), got one")
     if isinstance(seed, (list, tuple)) and not sklearn:
         return as_int_list(seed, "seed", where, 0)
     return as_int(seed, "seed", where, 0, 2 ** 32 if sklearn else None)

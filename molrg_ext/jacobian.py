@@ -372,9 +372,8 @@ def jacobian_spectrum(
         k = _check_k(k, n, where)
     if chunk_size is not None:
         chunk_size = as_int(chunk_size, "chunk_size", where, 1)
-    for name, v in (("iters", iters), ("oversample", oversample), ("probes", probes)):
-        if not isinstance(v, int) or v < 0:
-            raise ValueError(f"{where}: {name} must be an int >= 0, got {v!r}")
+    iters, oversample, probes = (as_int(v, name, where, 0) for name, v in
+                                 (("iters", iters), ("oversample", oversample), ("probes", probes)))
     if method == "auto":
         method = "analytic" if _is_subspace_dae(denoiser) else ("jacrev" if n <= 1024 else "lanczos")
     if method == "analytic":

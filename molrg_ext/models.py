@@ -316,19 +316,25 @@ class EDMDenoiser(nn.Module):
             return torch.full_like(sigma, 1.0 / self.sigma_data ** 2)
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
+    def _name_mismatch(self, x: torch.Tensor) -> None:
+        """After the net failed: the error naming x when its dtype or device is not the net's
+        parameters' (checked only then, so nets that cast their input keep working and valid
+        calls pay nothing)."""
+        p = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None
+        if p is None or torch.is_autocast_enabled(x.device.type):
+            return
+        if x.dtype != p.dtype:
+            raise TypeError(f"EDMDenoiser: x has dtype {x.dtype} but the net's parameters "
+                            f"have {p.dtype}; convert x or the model (.to(dtype))")
+        if x.device != p.device:
+            raise ValueError(f"EDMDenoiser: x is on {x.device} but the net's parameters are "
+                             f"on {p.device}")
+
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError("EDMDenoiser: x must be a floating-point tensor")
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"EDMDenoiser: x must be a non-empty batch [B, ...], got {tuple(x.shape)}")
-        p = next(self.net.parameters(), None) if isinstance(self.net, nn.Module) else None
-        if p is not None and not torch.is_autocast_enabled(x.device.type):
-            if x.dtype != p.dtype:
-                raise TypeError(f"EDMDenoiser: x has dtype {x.dtype} but the net's parameters "
-                                f"have {p.dtype}; convert x or the model (.to(dtype))")
-            if x.device != p.device:
-                raise ValueError(f"EDMDenoiser: x is on {x.device} but the net's parameters are "
-                                 f"on {p.device}")
         B = x.shape[0]
         flat_in = self.image_shape is not None and x.dim() == 2
         if flat_in:
@@ -352,7 +358,11 @@ class EDMDenoiser(nn.Module):
         s = sigma_vector(sigma, B, x, "EDMDenoiser")
         c_skip, c_out, c_in, c_noise = self._preconditioning(s)
         view = (B,) + (1,) * (xi.dim() - 1)
-        f = self.net(xi * c_in.reshape(view), c_noise)
+        try:
+            f = self.net(xi * c_in.reshape(view), c_noise)
+        except RuntimeError:
+            self._name_mismatch(x)  # torch's own error names no argument
+            raise
         out = c_skip.reshape(view) * xi + c_out.reshape(view) * f
         return out.reshape(B, -1) if flat_in else out
 

@@ -63,10 +63,11 @@ def _prepare(noise, sigmas, num_steps, where):
         raise ValueError(f"{where}: noise must be a non-empty batch [B, ...], got {tuple(noise.shape)}")
     if not torch.isfinite(noise).all():
         raise ValueError(f"{where}: noise contains NaN or Inf")
-    # checked also when sigmas is given (and num_steps unused), so that a bad value is not ignored
-    num_steps = as_int(num_steps, "num_steps", where, 2, _MAX_LEVELS)
     if sigmas is None:
         sigmas = _edm_grid(num_steps, where)
+    elif num_steps is not None:
+        # unused with sigmas, but not ignored when it is not an int (None is fine: not given)
+        as_int(num_steps, "num_steps", where, 1, _MAX_LEVELS)
     sigmas = _levels(sigmas, "sigmas", where, noise)
     if sigmas.dim() > 1:
         raise ValueError(f"{where}: sigmas must be 1-D, got shape {tuple(sigmas.shape)}")

@@ -104,8 +104,16 @@ def test_clustering_accuracy_types(labels, pred, err, msg):
 def test_recovery_success_checks_arguments():
     d = torch.tensor([0.1, 0.9], dtype=torch.float64)
     assert recovery_success(d, 2 ** 70).tolist() == [True, True]  # was OverflowError
-    with pytest.raises(ValueError, match="recovery_success: threshold must be finite and > 0, got nan"):
+    with pytest.raises(ValueError, match=r"recovery_success: threshold must be >= 0 \(not NaN\), "
+                                         "got nan"):
         recovery_success(d, float("nan"))  # was all False
+    with pytest.raises(ValueError, match="recovery_success: threshold must be >= 0"):
+        recovery_success(d, -0.5)
+    # 0 (exact recovery) and inf (always) stay valid, as they were before the checks
+    assert recovery_success(torch.tensor([0.0, 0.1]), 0).tolist() == [True, False]
+    assert recovery_success(d, float("inf")).tolist() == [True, True]
+    assert recovery_success(d, torch.tensor([0.0, 1.0], dtype=torch.float64)).tolist() == [False,
+                                                                                       True]
     with pytest.raises(ValueError,
                        match=r"threshold of shape \(3,\) does not broadcast to dist's shape \(2,\)"):
         recovery_success(d, torch.tensor([0.5, 0.5, 0.5]))
@@ -211,6 +219,12 @@ def test_valid_seeds_still_accepted():
         a = KSubspaces(2, 2, n_init=2, seed=seed).fit(X)
         b = KSubspaces(2, 2, n_init=2, seed=np.random.default_rng(seed)).fit(X)
         assert torch.equal(a.bases_, b.bases_)
+    # SeedSequence and BitGenerator, which numpy's default_rng takes, as before the checks
+    a = KSubspaces(2, 2, n_init=2, seed=7).fit(X)
+    for seed in (np.random.SeedSequence(7), np.random.PCG64(7)):
+        assert torch.equal(KSubspaces(2, 2, n_init=2, seed=seed).fit(X).bases_, a.bases_)
+    with pytest.raises(TypeError, match="sklearn takes no SeedSequence"):
+        KSubspaces(2, 2, init="spectral", seed=np.random.SeedSequence(7)).fit(X)
     with pytest.raises(TypeError, match="KSubspaces: seed must be an int, got True"):
         KSubspaces(2, 2, seed=True).fit(X)
 

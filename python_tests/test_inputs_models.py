@@ -144,6 +144,22 @@ def test_edm_denoiser_x_must_match_the_net():
     torch.testing.assert_close(den(torch.ones(2, 4), [0.5, 0.5]), den(torch.ones(2, 4), 0.5))
 
 
+def test_edm_denoiser_takes_x_a_net_casts_itself():
+    """The dtype check runs only after the net fails: a net that casts its input to its own
+    dtype still gets float64 x (it did before the checks)."""
+    class Casting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x, c_noise):
+            return self.lin(x.float()).to(x.dtype)
+
+    den = EDMDenoiser(Casting())
+    out = den(torch.randn(3, 4, dtype=F64), 0.5)
+    assert out.dtype == F64 and out.shape == (3, 4)
+
+
 def test_edm_denoiser_over_unet_without_image_shape():
     den = EDMDenoiser(UNet(1, 4, 4))
     for x in (torch.randn(2, 16), torch.randn(2, 3, 4, 4), torch.randn(2, 1, 5, 5)):

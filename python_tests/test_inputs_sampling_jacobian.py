@@ -37,13 +37,17 @@ def test_sampler_checks_num_steps_even_with_sigmas(sampler):
     z, name = _x(), sampler.__name__
     for bad, err, match in (("abc", TypeError, "num_steps must be an int, got 'abc'"),
                             (math.nan, TypeError, "num_steps must be an int, got nan"),
-                            (-1, ValueError, r"num_steps must be in \[2, 4294967296\), got -1"),
-                            (1, ValueError, r"num_steps must be in \[2, 4294967296\), got 1")):
+                            (-1, ValueError, r"num_steps must be in \[1, 4294967296\), got -1")):
         with pytest.raises(err, match=f"^{name}: {match}"):
             sampler(_half, z, [10.0, 1.0], num_steps=bad)
-    # the grid is still given by sigmas alone
-    torch.testing.assert_close(sampler(_half, z, [10.0, 1.0], num_steps=7),
-                               sampler(_half, z, [10.0, 1.0]), rtol=0, atol=0)
+    # the grid is still given by sigmas alone; num_steps None or 1 (unused) stay valid with it
+    ref = sampler(_half, z, [10.0, 1.0])
+    for ok in (7, None, 1):
+        torch.testing.assert_close(sampler(_half, z, [10.0, 1.0], num_steps=ok), ref, rtol=0,
+                                   atol=0)
+    with pytest.raises(ValueError, match=f"^{name}: num_steps must be in \\[2, 4294967296\\), "
+                                         "got 1"):
+        sampler(_half, z, num_steps=1)  # the default grid needs two levels
 
 
 @pytest.mark.parametrize("where", ["heun_sample", "ddim_sample", "default_sigma_steps"])
@@ -152,3 +156,19 @@ def test_optimal_denoiser_names_a_level_beyond_the_dtype_range():
     torch.testing.assert_close(y, X.double().mean(0).expand(3, 4))
     y32 = optimal_denoiser(x, X, 3e38)
     torch.testing.assert_close(y32, X.mean(0).expand(3, 4))
+
+
+def test_jacobian_iteration_counts_are_ints():
+    """iters, oversample and probes go through as_int: True was taken as 1, 2.5 was a ValueError
+    and numpy ints were refused."""
+    x = _x()
+    for name in ("iters", "oversample", "probes"):
+        with pytest.raises(TypeError, match=f"^jacobian_spectrum: {name} must be an int, got True"):
+            M.jacobian_spectrum(_half, x, 1.0, "lanczos", k=2, **{name: True})
+        with pytest.raises(TypeError, match=f"^jacobian_spectrum: {name} must be an int, got 2.5"):
+            M.jacobian_spectrum(_half, x, 1.0, "lanczos", k=2, **{name: 2.5})
+        with pytest.raises(ValueError, match=f"^jacobian_spectrum: {name} must be >= 0, got -1"):
+            M.jacobian_spectrum(_half, x, 1.0, "lanczos", k=2, **{name: -1})
+    a = M.jacobian_spectrum(_half, x, 1.0, "lanczos", k=2, iters=np.int64(3), probes=np.int64(4))
+    b = M.jacobian_spectrum(_half, x, 1.0, "lanczos", k=2, iters=3, probes=4)
+    torch.testing.assert_close(a.svals, b.svals)  # (lanczos: equal up to summation order)

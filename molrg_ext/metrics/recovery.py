@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._args import _check_tensor, check_positive, dims_list, number_or_tensor
+from .._args import _check_tensor, dims_list, number_or_tensor
 
 __all__ = ["subspace_distance", "recovery_success", "clustering_accuracy", "projectors"]
 
@@ -130,17 +130,17 @@ def subspace_distance(U_est: torch.Tensor, U_true: torch.Tensor, dims=None,
 
 def recovery_success(dist: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Boolean success ``dist <= threshold`` (the paper uses 0.5). ``dist``: real distances (no
-    NaN); ``threshold``: a finite number > 0, or a tensor of them that broadcasts to ``dist``."""
+    NaN); ``threshold``: a number >= 0 (0: exact recovery; inf: always), or a tensor of them
+    that broadcasts to ``dist``."""
     where = "recovery_success"
     d = _number_tensor(dist, "dist", where, integer=False)
     if torch.isnan(d).any():
         raise ValueError(f"{where}: dist contains NaN")
     if isinstance(threshold, np.generic):
         threshold = threshold.item()
-    if isinstance(threshold, torch.Tensor) and (threshold.is_complex()
-                                                or threshold.dtype == torch.bool):
-        raise TypeError(f"{where}: threshold must be real, got dtype {threshold.dtype}")
-    thr = check_positive(number_or_tensor(threshold, "threshold", where), "threshold", where)
+    thr = number_or_tensor(threshold, "threshold", where)  # complex and bool refused there
+    if bool((torch.isnan(thr) | (thr < 0)).any()):
+        raise ValueError(f"{where}: threshold must be >= 0 (not NaN), got {threshold}")
     try:
         shape = torch.broadcast_shapes(d.shape, thr.shape)
     except RuntimeError:
