@@ -8,6 +8,7 @@ The fused op wrappers and the pure-PyTorch reference both use it, so they accept
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import reprlib
 from typing import NamedTuple, Optional, Sequence, Union
@@ -135,13 +136,57 @@ def _float(v, name: str, where: str) -> float:
                          f"{reprlib.repr(v)}") from None
 
 
+def real_number(v, name: str, where: str, lo: Optional[float] = None,
+                hi: Optional[float] = None, lo_open: bool = False, hi_open: bool = False) -> float:
+    """v as a Python float: a real number (Python or numpy, not a bool) or a one-element real
+    tensor or array (not bool or complex). NaN is refused, and so is inf unless the range allows
+    it (hi = inf or lo = -inf, closed); lo/hi bound it ((lo, hi) with lo_open/hi_open). Errors
+    name ``name``: TypeError for a wrong type, ValueError for a wrong value (an int beyond
+    float64 too)."""
+    dt = getattr(v, "dtype", None)
+    if isinstance(v, bool) or (dt is not None and (str(dt) in ("bool", "torch.bool")
+                                                   or "complex" in str(dt))):
+        got = type(v).__name__ if isinstance(v, bool) else f"dtype {dt}"
+        raise TypeError(f"{where}: {name} must be a real number, got {got}")
+    if isinstance(v, torch.Tensor) or (dt is not None and not isinstance(v, numbers.Real)):
+        if getattr(dt, "kind", "f") not in "iuf" or not hasattr(v, "item"):  # strings, objects
+            raise TypeError(f"{where}: {name} must be a real number, got an array of dtype {dt}")
+        if (v.numel() if isinstance(v, torch.Tensor) else v.size) != 1:
+            raise ValueError(f"{where}: {name} must be one number, got a tensor of shape "
+                             f"{tuple(v.shape)}")
+        v = v.item()
+    elif not isinstance(v, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a real number, got {type(v).__name__}")
+    f = _float(v, name, where)
+    lo_ok = lo is None or (f > lo if lo_open else f >= lo)
+    hi_ok = hi is None or (f < hi if hi_open else f <= hi)
+    if not (lo_ok and hi_ok and (math.isfinite(f) or f in (lo, hi))):
+        if lo is None and hi is None:
+            what = "finite"
+        elif hi is None:
+            what = f"finite and {'>' if lo_open else '>='} {lo:g}"
+        elif lo is None:
+            what = f"finite and {'<' if hi_open else '<='} {hi:g}"
+        else:
+            what = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{where}: {name} must be {what}, got {f}")
+    return f
+
+
+def check_seed(seed, name: str, where: str, lo: int = 0, hi: int = 2**64) -> int:
+    """A seed as an int in [lo, hi) (torch.Generator.manual_seed takes [-2**63, 2**64))."""
+    return as_int(seed, name, where, lo, hi)
+
+
 def real_tensor(v, name: str, where: str, dtype: Optional[torch.dtype] = None,
                 device=None) -> torch.Tensor:
     """torch.as_tensor(v, dtype, device) for real numbers, sequences of them, arrays and tensors;
-    strings, complex or bool arrays and anything torch cannot convert are errors naming ``name``
-    (TypeError, ValueError for a ragged or out-of-range sequence)."""
+    strings, complex or bool numbers, arrays and sequence elements, and anything torch cannot
+    convert are errors naming ``name`` (TypeError, ValueError for a ragged or out-of-range
+    sequence)."""
     kind = str(getattr(v, "dtype", ""))
-    if isinstance(v, (str, bytes)) or "complex" in kind or "bool" in kind:
+    if (isinstance(v, (str, bytes, bool, complex)) or "complex" in kind or "bool" in kind
+            or (isinstance(v, (list, tuple)) and _has_bool_or_complex(v))):
         raise TypeError(f"{where}: {name} must hold real numbers, got {reprlib.repr(v)}")
     try:
         return torch.as_tensor(v, dtype=dtype, device=device)
@@ -150,6 +195,23 @@ def real_tensor(v, name: str, where: str, dtype: Optional[torch.dtype] = None,
     except (ValueError, RuntimeError, OverflowError) as e:
         raise ValueError(f"{where}: {name} must be a rectangular sequence of real numbers within "
                          f"range, got {reprlib.repr(v)} ({e})") from None
+
+
+def _has_bool_or_complex(seq) -> bool:
+    """Whether a (nested) list or tuple holds a bool or complex element (a number, array or
+    tensor): torch.as_tensor with a real dtype would cast it silently (True to 1, 1j to 0)."""
+    stack = list(seq)
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, (bool, complex)):
+            return True
+        else:
+            kind = str(getattr(x, "dtype", ""))
+            if "bool" in kind or "complex" in kind:
+                return True
+    return False
 
 
 def check_range(v: torch.Tensor, name: str, where: str, lo: float, hi: float = math.inf,

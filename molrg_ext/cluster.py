@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._args import as_int, as_int_list, dims_list
+from ._args import as_int, as_int_list, dims_list, real_number
 
 __all__ = ["PCASubspace", "KSubspaces", "EnSC", "top_subspace", "match_dims"]
 
@@ -370,23 +370,8 @@ class EnSC(_Base):
 
     def _enet_params(self, where: str) -> tuple:
         """(alpha, l1_ratio) as floats: alpha finite and > 0, l1_ratio in [0, 1]."""
-        out = []
-        for name, v in (("alpha", self.alpha), ("l1_ratio", self.l1_ratio)):
-            f = None
-            if not isinstance(v, (bool, np.bool_)):
-                try:
-                    f = float(v)
-                except (TypeError, ValueError, RuntimeError):
-                    pass
-            if f is None:
-                raise TypeError(f"{where}: {name} must be a number, got {v!r}")
-            out.append(f)
-        alpha, l1_ratio = out
-        if not 0 < alpha < np.inf:
-            raise ValueError(f"{where}: alpha must be finite and > 0, got {alpha}")
-        if not 0 <= l1_ratio <= 1:
-            raise ValueError(f"{where}: l1_ratio must be in [0, 1], got {l1_ratio}")
-        return alpha, l1_ratio
+        return (real_number(self.alpha, "alpha", where, 0.0, lo_open=True),
+                real_number(self.l1_ratio, "l1_ratio", where, 0.0, 1.0))
 
     def coefficients(self, Xn) -> np.ndarray:
         """``[N, N]`` self-expressive coefficients of the rows of ``Xn`` ``[N, n]`` (zero

@@ -9,17 +9,15 @@ dtype.
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from ._args import (as_int, as_int_list, check_mixture_weights, check_number_or_tensor, dims_list,
-                    real_tensor)
+from ._args import (as_int, as_int_list, check_mixture_weights, check_seed, dims_list,
+                    real_number, real_tensor)
 
 _SIZE_END = 2**63  # tensor sizes are int64
-_SEED_END = 2**64  # torch.Generator.manual_seed takes seeds below 2^64
 
 __all__ = ["MoLRGData", "sample_molrg", "sample_from_bases"]
 
@@ -76,13 +74,6 @@ class MoLRGData:
                                  noise_std=self.noise_std, seed=seed, dtype=self.X.dtype)
 
 
-def _size(v, name: str, where: str) -> int:
-    v = as_int(v, name, where, 1)
-    if v >= _SIZE_END:
-        raise ValueError(f"{where}: {name} must be < 2**63 (a tensor size), got {v}")
-    return v
-
-
 def _parse_pi(pi, K: int, where: str) -> torch.Tensor:
     if pi is None:
         return torch.full((K,), 1.0 / K, dtype=torch.float64)
@@ -99,14 +90,14 @@ def _draw_labels(P, N, counts, pi, g, where):
         if any(c < 0 for c in counts) or not 0 < sum(counts) < _SIZE_END:
             raise ValueError(f"{where}: counts must be >= 0 with a total in [1, 2**63), got "
                              f"{counts}")
-        if N is not None and _size(N, "N", where) != sum(counts):
+        if N is not None and as_int(N, "N", where, 1, _SIZE_END) != sum(counts):
             raise ValueError(f"{where}: N = {N} but sum(counts) = {sum(counts)}")
         base = torch.repeat_interleave(torch.arange(K), torch.tensor(counts))
         perm = torch.argsort(torch.rand(P, base.numel(), generator=g, dtype=torch.float64), dim=1)
         return base[perm]
     if N is None:
         raise ValueError(f"{where}: give N or counts")
-    N = _size(N, "N", where)
+    N = as_int(N, "N", where, 1, _SIZE_END)
     return torch.multinomial(pi.expand(P, K), N, replacement=True, generator=g)
 
 
@@ -122,27 +113,6 @@ def _draw_samples(bases64, dims, labels, noise_std, g):
     if noise_std > 0:
         X = X + noise_std * torch.randn(P, N, n, generator=g, dtype=torch.float64)
     return X
-
-
-def _check_noise(noise_std, where):
-    if isinstance(noise_std, torch.Tensor):
-        check_number_or_tensor(noise_std, "noise_std", where)  # refuses complex and bool
-        if noise_std.numel() != 1:
-            raise ValueError(f"{where}: noise_std must be one number, got a tensor of shape "
-                             f"{tuple(noise_std.shape)}")
-    elif isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real):
-        raise TypeError(f"{where}: noise_std must be a number, got {type(noise_std).__name__}")
-    noise_std = float(noise_std)
-    if not noise_std >= 0 or noise_std == float("inf"):
-        raise ValueError(f"{where}: noise_std must be finite and >= 0, got {noise_std}")
-    return noise_std
-
-
-def _check_seed(seed, where):
-    seed = as_int(seed, "seed", where, 0)
-    if seed >= _SEED_END:
-        raise ValueError(f"{where}: seed must be < 2**64 (torch.Generator's range), got {seed}")
-    return seed
 
 
 def sample_molrg(
@@ -174,13 +144,13 @@ def sample_molrg(
         K: number of components when ``dims`` is an int.
     """
     where = "sample_molrg"
-    n = _size(n, "n", where)
+    n = as_int(n, "n", where, 1, _SIZE_END)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{where}: dtype must be float32 or float64, got {dtype}")
-    instances = _size(instances, "instances", where)
+    instances = as_int(instances, "instances", where, 1, _SIZE_END)
     if basis not in ("orthogonal", "independent"):
         raise ValueError(f"{where}: basis must be 'orthogonal' or 'independent', got {basis!r}")
-    K = None if K is None else _size(K, "K", where)
+    K = None if K is None else as_int(K, "K", where, 1, _SIZE_END)
     # each orthogonal component takes >= 1 of the n directions: refuse a larger K before dims
     # builds its K-entry list
     if basis == "orthogonal" and K is not None and K > n:
@@ -188,8 +158,8 @@ def sample_molrg(
     dims = dims_list(dims, K, where, hi=n)
     K = len(dims)
     pi_t = _parse_pi(pi, K, where)
-    noise_std = _check_noise(noise_std, where)
-    seed = _check_seed(seed, where)
+    noise_std = real_number(noise_std, "noise_std", where, 0.0)
+    seed = check_seed(seed, "seed", where)
     if basis == "orthogonal" and sum(dims) > n:
         raise ValueError(f"{where}: orthogonal bases need sum(dims) = {sum(dims)} <= n = {n}")
     g = torch.Generator().manual_seed(int(seed))
@@ -234,8 +204,8 @@ def sample_from_bases(bases: torch.Tensor, dims=None, N: Optional[int] = None,
     if not torch.isfinite(bases).all():
         raise ValueError(f"{where}: bases contain NaN or Inf")
     pi_t = _parse_pi(pi, K, where)
-    noise_std = _check_noise(noise_std, where)
-    g = torch.Generator().manual_seed(_check_seed(seed, where))
+    noise_std = real_number(noise_std, "noise_std", where, 0.0)
+    g = torch.Generator().manual_seed(check_seed(seed, "seed", where))
     labels = _draw_labels(P, N, counts, pi_t, g, where)
     X = _draw_samples(bases.detach().cpu().to(torch.float64), dims, labels, noise_std, g)
     return X.to(dtype or bases.dtype), labels

@@ -16,13 +16,13 @@ Eq. (7) of the paper sums over the d non-zero eigenvalues only; we keep the full
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Sequence, Union
 
 import torch
 from torch import nn
 
-from ._args import as_int_list, check_float_pair, check_number_or_tensor, real_tensor
+from ._args import (as_int_list, check_float_pair, check_number_or_tensor, real_number,
+                    real_tensor)
 
 __all__ = ["GaussianDenoiser"]
 
@@ -43,18 +43,6 @@ def _sigma_per_sample(sigma: Number, x: torch.Tensor, where: str) -> torch.Tenso
     if not (torch.isfinite(sig).all() and (sig >= 0).all()):
         raise ValueError(f"{where}: sigma must be finite and >= 0")
     return sig.reshape(-1, 1)
-
-
-def _one_number(v, name: str, where: str) -> float:
-    """v as a float: a real number (Python or numpy, not a bool) or a one-element real tensor."""
-    if isinstance(v, torch.Tensor):
-        check_number_or_tensor(v, name, where)  # refuses complex and bool tensors
-        if v.numel() != 1:
-            raise ValueError(f"{where}: {name} must be one number, got a tensor of shape "
-                             f"{tuple(v.shape)}")
-    elif isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{where}: {name} must be a number, got {type(v).__name__}")
-    return float(v)
 
 
 class GaussianDenoiser(nn.Module):
@@ -182,7 +170,7 @@ class GaussianDenoiser(nn.Module):
     def matrix(self, sigma: float):
         """``(W, b)`` with ``D_G(x; sigma) = W x + b`` (x flattened): W [n, n], b [n]."""
         where = "GaussianDenoiser.matrix"
-        sig = _sigma_per_sample(_one_number(sigma, "sigma", where), self.mu[None], where)
+        sig = _sigma_per_sample(real_number(sigma, "sigma", where, 0.0), self.mu[None], where)
         W = (self.U * self.shrinkage(sig)) @ self.U.T
         return W, self.mu - W @ self.mu
 

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import as_int, check_float_pair, check_number_or_tensor
-from .gaussian_denoiser import GaussianDenoiser, _one_number
+from ._args import as_int, check_float_pair, check_number_or_tensor, real_number
+from .gaussian_denoiser import GaussianDenoiser
 from .linear_distill import LinearDenoiser, linear_distill
 from .metrics.linearity import linearity_score
 
@@ -119,13 +119,6 @@ def _per_query(v: Number, name: str, like: torch.Tensor, B: int) -> torch.Tensor
     return v.contiguous()
 
 
-def _check_block(block, where: str) -> int:
-    block = as_int(block, "block", where, 1)
-    if block >= 2**63:
-        raise ValueError(f"{where}: block must be < 2**63 (the op takes an int64), got {block}")
-    return block
-
-
 def optimal_denoiser(
     x_t: torch.Tensor,
     X_train: torch.Tensor,
@@ -163,7 +156,7 @@ def optimal_denoiser(
         raise ValueError(f"{where}: x_t is an empty batch (B = 0)")
     if X_train.requires_grad:
         raise ValueError(f"{where}: gradients w.r.t. X_train are not supported; detach it")
-    block = _check_block(block, where)
+    block = as_int(block, "block", where, 1, 2**63)
     B = x_t.shape[0]
     s_t = _per_query(s, "s", x_t, B)
     g_t = s_t * _per_query(sigma, "sigma", x_t, B)
@@ -188,10 +181,8 @@ class OptimalDenoiser(nn.Module):
             raise TypeError(f"{where}: X_train must be float32 or float64, got {X_train.dtype}")
         if not torch.isfinite(X_train).all():
             raise ValueError(f"{where}: X_train contains NaN or Inf values")
-        s = _one_number(s, "s", where)
-        if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"{where}: s must be finite and > 0, got {s}")
-        self.block = _check_block(block, where)
+        s = real_number(s, "s", where, 0.0, lo_open=True)
+        self.block = as_int(block, "block", where, 1, 2**63)
         self.register_buffer("X_train", X_train.detach().contiguous())
         self.s = s
 

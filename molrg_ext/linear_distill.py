@@ -13,7 +13,7 @@ from torch import nn
 
 from ._args import (_check_tensor, as_int, as_int_list, check_denoiser_data,
                     check_denoiser_output, check_generator, check_number_or_tensor,
-                    check_positive)
+                    check_positive, real_number)
 
 __all__ = ["linear_distill", "LinearDenoiser"]
 
@@ -166,15 +166,9 @@ def linear_distill(
     if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__iter__"):
         raise TypeError(f"{where}: sigmas must be a number or a sequence of numbers, got "
                         f"{type(sigmas).__name__}")
-    sig = []
-    for k, s in enumerate(sigmas):
-        if isinstance(s, bool) or not (isinstance(s, (int, float)) or (
-                isinstance(s, torch.Tensor) and s.numel() == 1 and not s.is_complex())):
-            raise TypeError(f"{where}: sigmas[{k}] must be a number, got {s!r}")
-        sig.append(float(s))
-    if not sig or any(not (s > 0 and s < float("inf")) for s in sig):
-        raise ValueError(f"{where}: sigmas must be a non-empty list of finite levels > 0, got "
-                         f"{sig}")
+    sig = [real_number(s, f"sigmas[{k}]", where, 0.0, lo_open=True) for k, s in enumerate(sigmas)]
+    if not sig:
+        raise ValueError(f"{where}: sigmas must be a non-empty list of finite levels > 0, got []")
     # the levels are stored in X0's dtype: one that rounds to 0 or inf there is off the grid
     levels = torch.tensor(sig, dtype=X0.dtype, device=X0.device)
     if not bool((torch.isfinite(levels) & (levels > 0)).all()):

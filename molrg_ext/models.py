@@ -24,7 +24,6 @@ of the denoiser can be taken with ``jacrev`` / ``jvp``.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -32,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._args import (_check_tensor, as_int, as_int_list, check_number_or_tensor, check_positive,
-                    number_or_tensor, real_tensor)
+                    number_or_tensor, real_number, real_tensor)
 
 __all__ = [
     "EDMDenoiser",
@@ -53,11 +52,7 @@ _MAX_WIDTH = 2**31
 
 
 def _dropout(p, where: str) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"{where}: dropout must be a number, got {p!r}")
-    if not 0.0 <= p < 1.0:  # NaN fails too
-        raise ValueError(f"{where}: dropout must be in [0, 1), got {p}")
-    return float(p)
+    return real_number(p, "dropout", where, 0.0, 1.0, hi_open=True)
 
 
 def _image_shape(shape, where: str) -> tuple:
@@ -276,10 +271,7 @@ class EDMDenoiser(nn.Module):
         if not callable(net):
             raise TypeError(f"EDMDenoiser: net must be callable as net(x_in, c_noise), got "
                             f"{type(net).__name__}")
-        if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)):
-            raise TypeError(f"EDMDenoiser: sigma_data must be a number, got {sigma_data!r}")
-        if not (math.isfinite(sigma_data) and sigma_data > 0):
-            raise ValueError(f"EDMDenoiser: sigma_data must be a finite number > 0, got {sigma_data!r}")
+        sigma_data = real_number(sigma_data, "sigma_data", "EDMDenoiser", 0.0, lo_open=True)
         if precond not in self.PRECONDS:
             raise ValueError(f"EDMDenoiser: precond must be one of {self.PRECONDS}, got {precond!r}")
         self.net = net

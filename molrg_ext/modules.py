@@ -34,14 +34,6 @@ def random_orthonormal(n: int, d: int, *batch: int, generator=None, dtype=torch.
     return q.to(dtype=dtype, device=device).contiguous()
 
 
-def _index(v, name: str, where: str) -> int:
-    """A size the ops index with int32: an int in [1, 2**31 - 1]."""
-    i = as_int(v, name, where, 1)
-    if i > INDEX_MAX:
-        raise ValueError(f"{where}: {name} must be <= 2**31 - 1 (the ops' int32 range), got {i}")
-    return i
-
-
 def _schedule(schedule, where: str):
     """None, a schedule object (with callable s and sigma) or the name of one."""
     if schedule is None:
@@ -111,12 +103,13 @@ class SubspaceDAE(nn.Module):
             raise ValueError("SubspaceDAE: K is required when dims is an int")
         dims = dims_list(dims, K, where)
         K = len(dims)
-        self.n, self.K, self.dmax = _index(n, "n", where), K, max(dims) if dims else 0
+        self.n = as_int(n, "n", where, 1, INDEX_MAX + 1)  # the ops index with int32
+        self.K, self.dmax = K, max(dims) if dims else 0
         self.dims = parse_dims(dims, K, self.dmax, self.n, "SubspaceDAE")
         parse_mode(mode, "SubspaceDAE")
         self.mode = mode
         if instances is not None:
-            instances = _index(instances, "instances", where)
+            instances = as_int(instances, "instances", where, 1, INDEX_MAX + 1)
         self.instances = instances
         self.schedule = _schedule(schedule, where)
         if pi is not None:
@@ -243,8 +236,6 @@ class SubspaceDAE(nn.Module):
                                  "both from the schedule")
             if self.schedule is None:
                 raise ValueError("SubspaceDAE: forward(t=...) needs a schedule")
-            if isinstance(t, bool):
-                raise TypeError(f"{where}: t must be a number or a tensor, got bool")
             t = real_tensor(t, "t", where, self.U.dtype, self.U.device)
             self._check_levels_shape(x_t, t, "t", where)
             s, sigma = self.schedule.s(t), self.schedule.sigma(t)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._args import (check_mixture_weights, check_number_or_tensor, check_positive, dims_list,
-                    real_tensor)
+                    number_or_tensor, real_tensor)
 
 __all__ = ["posterior_mean_coefficients"]
 
@@ -22,11 +22,12 @@ WHERE = "posterior_mean_coefficients"
 
 
 def _as_tensor(v: Number, name: str, dtype=None, device=None) -> torch.Tensor:
-    if isinstance(check_number_or_tensor(v, name, WHERE), torch.Tensor):
-        if not v.is_floating_point():
-            v = v.to(dtype or torch.get_default_dtype())
-        return v
-    return torch.tensor(float(v), dtype=dtype or torch.float64, device=device)
+    if isinstance(v, torch.Tensor):
+        # used as it is, or an integer tensor in the other argument's float dtype
+        # (number_or_tensor would round it to the default dtype first)
+        check_number_or_tensor(v, name, WHERE)
+        return v if v.is_floating_point() else v.to(dtype or torch.get_default_dtype())
+    return number_or_tensor(v, name, WHERE).to(device=device, dtype=dtype or torch.float64)
 
 
 def posterior_mean_coefficients(

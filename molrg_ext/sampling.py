@@ -48,11 +48,8 @@ def _edm_grid(num_steps, where: str, sigma_min: float = 0.002, sigma_max: float 
 
 
 def _levels(v, name: str, where: str, like: torch.Tensor) -> torch.Tensor:
-    """sigmas or scales as a tensor of like's dtype and device; bools and complex numbers are
-    refused (a cast would give a grid of ones or drop the imaginary part)."""
-    if isinstance(v, bool) or (isinstance(v, (list, tuple))
-                               and any(isinstance(e, bool) for e in v)):
-        raise TypeError(f"{where}: {name} must hold real numbers, got {v!r}")
+    """sigmas or scales as a tensor of like's dtype and device (real_tensor refuses bools and
+    complex numbers: a cast would give a grid of ones or drop the imaginary part)."""
     return real_tensor(v, name, where, like.dtype, like.device)
 
 

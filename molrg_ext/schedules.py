@@ -23,12 +23,11 @@ undefined, is left out).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Union
 
 import torch
 
-from ._args import as_int, check_range, number_or_tensor
+from ._args import as_int, check_range, number_or_tensor, real_number
 
 __all__ = ["Schedule", "VP", "VE", "EDM", "get_schedule", "SCHEDULES"]
 
@@ -37,26 +36,6 @@ TensorLike = Union[float, int, torch.Tensor]
 
 _SLACK = 1e-5  # relative round-off slack on the sigma range of sigma_to_t
 _MAX_LEVELS = 2**32  # grid sizes: the training step's level index is 32-bit (make_levels)
-
-
-def _check_positive(where: str, name: str, v) -> float:
-    """v as a finite Python float > 0: a real number (numpy scalars included, bools not) or a
-    one-element real tensor."""
-    if isinstance(v, torch.Tensor):
-        if v.is_complex() or v.dtype == torch.bool:
-            raise TypeError(f"{where}: {name} must be a real number, got dtype {v.dtype}")
-        if v.numel() != 1:
-            raise ValueError(f"{where}: {name} must be one number, got shape {tuple(v.shape)}")
-    elif isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{where}: {name} must be a real number, got {v!r}")
-    try:
-        f = float(v)
-    except OverflowError:
-        raise ValueError(f"{where}: {name} must be finite and > 0, got an int beyond float64's "
-                         f"range") from None
-    if not math.isfinite(f) or f <= 0:
-        raise ValueError(f"{where}: {name} must be finite and > 0, got {v}")
-    return f
 
 
 def _check_grid_dtype(dtype, where: str):
@@ -149,8 +128,8 @@ class VP(Schedule):
     name = "vp"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
-        self.beta_min = _check_positive("VP", "beta_min", beta_min)
-        self.beta_max = _check_positive("VP", "beta_max", beta_max)
+        self.beta_min = real_number(beta_min, "beta_min", "VP", 0.0, lo_open=True)
+        self.beta_max = real_number(beta_max, "beta_max", "VP", 0.0, lo_open=True)
         if self.beta_max < self.beta_min:
             raise ValueError("VP: beta_max must be >= beta_min")
 
@@ -165,11 +144,15 @@ class VP(Schedule):
         return x1 > math.log(torch.finfo(dtype).max) - 2
 
     def s(self, t):
-        t = self._time(t, "s")
+        return self._s(self._time(t, "s"))
+
+    def _s(self, t):  # s(t) of a checked t
         return torch.exp(0.5 * self._log_alpha_bar(t))
 
     def sigma(self, t):
-        t = self._time(t, "sigma")
+        return self._sigma(self._time(t, "sigma"))
+
+    def _sigma(self, t):  # sigma(t) of a checked t
         # sqrt(1 - a) / sqrt(a) = sqrt(1/a - 1) = sqrt(expm1(-log a))
         x = -self._log_alpha_bar(t)
         sig = torch.sqrt(torch.expm1(x))
@@ -184,8 +167,8 @@ class VP(Schedule):
     def gamma(self, t):
         """``gamma_t = s_t sigma_t = sqrt(1 - alpha_bar_t)``."""
         t = self._time(t, "gamma")
-        s = self.s(t)
-        g = s * self.sigma(t)
+        s = self._s(t)
+        g = s * self._sigma(t)
         if not self._huge(t.dtype):
             return g
         # where alpha_bar underflows, s (subnormal or 0) times sigma (huge or inf) loses
@@ -226,8 +209,8 @@ class VE(Schedule):
     name = "ve"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        self.sigma_min = _check_positive("VE", "sigma_min", sigma_min)
-        self.sigma_max = _check_positive("VE", "sigma_max", sigma_max)
+        self.sigma_min = real_number(sigma_min, "sigma_min", "VE", 0.0, lo_open=True)
+        self.sigma_max = real_number(sigma_max, "sigma_max", "VE", 0.0, lo_open=True)
         if self.sigma_max <= self.sigma_min:
             raise ValueError("VE: sigma_max must be > sigma_min")
 
@@ -260,12 +243,12 @@ class EDM(Schedule):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  sigma_data: float = 0.5, weighting: str = "uniform"):
-        self.sigma_min = _check_positive("EDM", "sigma_min", sigma_min)
-        self.sigma_max = _check_positive("EDM", "sigma_max", sigma_max)
+        self.sigma_min = real_number(sigma_min, "sigma_min", "EDM", 0.0, lo_open=True)
+        self.sigma_max = real_number(sigma_max, "sigma_max", "EDM", 0.0, lo_open=True)
         if self.sigma_max <= self.sigma_min:
             raise ValueError("EDM: sigma_max must be > sigma_min")
-        self.rho = _check_positive("EDM", "rho", rho)
-        self.sigma_data = _check_positive("EDM", "sigma_data", sigma_data)
+        self.rho = real_number(rho, "rho", "EDM", 0.0, lo_open=True)
+        self.sigma_data = real_number(sigma_data, "sigma_data", "EDM", 0.0, lo_open=True)
         if weighting not in ("uniform", "edm"):
             raise ValueError(f"EDM: weighting must be 'uniform' or 'edm', got {weighting!r}")
         self.weighting = weighting

@@ -8,14 +8,14 @@ Philox4x32-10 generator keyed by ``(seed, step)``, so no ``[P, M, n]`` noise ten
 from __future__ import annotations
 
 import math
-import reprlib
 import weakref
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import as_int, check_float_pair, dims_list, parse_dims, parse_mode, real_tensor
+from ._args import (INDEX_MAX, as_int, check_float_pair, check_seed, dims_list, parse_dims,
+                    parse_mode, real_number, real_tensor)
 from .posterior import posterior_mean_coefficients
 
 __all__ = ["Levels", "make_levels", "train_step", "philox_draws"]
@@ -144,9 +144,10 @@ def philox_draws(seed: int, step: int, P: int, batch: int, N: int, L: int, n: in
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"philox_draws: dtype must be float32 or float64, got {dtype}")
     w, u32 = "philox_draws", 2**32
-    args = (as_int(seed, "seed", w, 0, 2**63), as_int(step, "step", w, 0, u32),
+    args = (check_seed(seed, "seed", w, hi=2**63), as_int(step, "step", w, 0, u32),
             as_int(P, "P", w, 0, u32), as_int(batch, "batch", w, 1, u32),
-            as_int(N, "N", w, 1, u32), as_int(L, "L", w, 1, u32), as_int(n, "n", w, 0, 2**31))
+            as_int(N, "N", w, 1, u32), as_int(L, "L", w, 1, u32),
+            as_int(n, "n", w, 0, INDEX_MAX + 1))
     return torch.ops.molrg.philox_draws(*args, dtype == torch.float64)
 
 
@@ -199,7 +200,7 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
     dims_l = parse_dims(dims, K, dmax, X3.shape[2], "train_step")
     mode_i = parse_mode(mode, "train_step")
     batch = as_int(batch, "batch", "train_step", 1, 2**32)
-    seed = as_int(seed, "seed", "train_step", 0, 2**63)
+    seed = check_seed(seed, "seed", "train_step", hi=2**63)
     step = as_int(step, "step", "train_step", 0, 2**32)
     table = _cached_table(levels, X.dtype, X.device)
     bias = None
@@ -211,16 +212,9 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
             )
         bias = levels.bias.to(dtype=X.dtype, device=X.device).contiguous()
     if lr is not None:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-            raise TypeError(f"train_step: lr must be a number, got {lr!r}")
-        try:
-            lr_f = float(lr)
-        except OverflowError:  # an int beyond float64
-            lr_f = None
-        if lr_f is not None and not math.isfinite(lr_f):
-            raise ValueError(f"train_step: lr must be a finite number, got {lr!r}")
-        if lr_f is None or abs(lr_f) > torch.finfo(X.dtype).max:  # the update is in X's dtype
-            raise ValueError(f"train_step: lr = {reprlib.repr(lr)} overflows X's dtype {X.dtype} "
+        lr = real_number(lr, "lr", "train_step")
+        if abs(lr) > torch.finfo(X.dtype).max:  # the update is in X's dtype
+            raise ValueError(f"train_step: lr = {lr:g} overflows X's dtype {X.dtype} "
                              f"(largest finite value {torch.finfo(X.dtype).max:g})")
         if U.requires_grad:
             raise ValueError("train_step: lr updates U in place, so U must not require grad")

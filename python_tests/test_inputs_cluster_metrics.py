@@ -202,8 +202,8 @@ def test_huge_K_checked_against_N_before_dims(make, K):
     (lambda: EnSC(2, 2, seed=-1), ValueError, r"EnSC: seed must be in \[0, 4294967296\), got -1"),
     (lambda: EnSC(2, 2, seed=2 ** 64), ValueError, r"EnSC: seed must be in \[0, 4294967296\)"),
     (lambda: EnSC(2, 2, alpha=float("inf")), ValueError, "EnSC: alpha must be finite and > 0, got inf"),
-    (lambda: EnSC(2, 2, alpha=True), TypeError, "EnSC: alpha must be a number, got True"),
-    (lambda: EnSC(2, 2, l1_ratio="x"), TypeError, "EnSC: l1_ratio must be a number, got 'x'"),
+    (lambda: EnSC(2, 2, alpha=True), TypeError, "EnSC: alpha must be a real number, got bool"),
+    (lambda: EnSC(2, 2, l1_ratio="x"), TypeError, "EnSC: l1_ratio must be a real number, got str"),
     (lambda: EnSC(2, 2, l1_ratio=2), ValueError, r"EnSC: l1_ratio must be in \[0, 1\], got 2.0"),
     (lambda: PCASubspace(12), ValueError, "PCASubspace: d = 12 must be < n = 12"),
 ])

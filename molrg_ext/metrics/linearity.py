@@ -7,33 +7,16 @@ a = b = 1/sqrt(2)) so that the combined input has the right noise variance.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .._args import (as_int, check_denoiser_data, check_denoiser_output, check_generator,
-                     check_positive, check_range, is_one_value, real_tensor)
+from .._args import (INDEX_MAX, as_int, check_denoiser_data, check_denoiser_output,
+                     check_generator, real_number, real_tensor)
 from ..schedules import EDM
 
 __all__ = ["linearity_score", "edm_sigma_grid"]
-
-
-def _real(v, name: str, where: str) -> float:
-    """v as a float: a real number (numpy scalars too) or a 0-d real tensor or array."""
-    dt = str(getattr(v, "dtype", ""))
-    if not is_one_value(v):
-        shape = f" of shape {tuple(v.shape)}" if hasattr(v, "shape") else ""
-        raise TypeError(f"{where}: {name} must be a real number, got {type(v).__name__}{shape}")
-    if (isinstance(v, (bool, str, bytes)) or "complex" in dt or "bool" in dt
-            or not (isinstance(v, numbers.Real) or dt)):
-        raise TypeError(f"{where}: {name} must be a real number, got {v!r}")
-    try:
-        return float(v)
-    except OverflowError:  # an int beyond float's range
-        return math.inf if v > 0 else -math.inf
 
 
 def edm_sigma_grid(num: int = 10, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -43,11 +26,9 @@ def edm_sigma_grid(num: int = 10, sigma_min: float = 0.002, sigma_max: float = 8
     ``num = 10`` gives the grid of seed 003 (80, 42.415, ..., 0.002)."""
     where = "edm_sigma_grid"
     # bounded so that a huge num is a clear error, not an OverflowError or a failed allocation
-    num = as_int(num, "num", where, 2, 2 ** 31)
-    smin, smax, rho = (_real(v, name, where) for v, name in
+    num = as_int(num, "num", where, 2, INDEX_MAX + 1)
+    smin, smax, rho = (real_number(v, name, where, 0.0, lo_open=True) for v, name in
                        ((sigma_min, "sigma_min"), (sigma_max, "sigma_max"), (rho, "rho")))
-    for v, name in ((smin, "sigma_min"), (smax, "sigma_max"), (rho, "rho")):
-        check_positive(torch.tensor(v, dtype=torch.float64), name, where)
     if not smin < smax:
         raise ValueError(f"{where}: sigma_max must be > sigma_min, got sigma_min = {smin} and "
                          f"sigma_max = {smax}")
@@ -82,10 +63,7 @@ def linearity_score(
     where = "linearity_score"
     check_denoiser_data(denoiser, X0, where)
     n_pairs = as_int(n_pairs, "n_pairs", where, 1)
-    alpha, beta = _real(alpha, "alpha", where), _real(beta, "beta", where)
-    for v, name in ((alpha, "alpha"), (beta, "beta")):
-        check_range(torch.tensor(v, dtype=torch.float64), name, where, -math.inf, lo_open=True,
-                    what="finite")
+    alpha, beta = real_number(alpha, "alpha", where), real_number(beta, "beta", where)
     check_generator(generator, where)
     if sigmas is None:
         sig = edm_sigma_grid()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import os
 import warnings
 from typing import Optional
@@ -25,20 +24,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._args import as_int
+from .._args import as_int, check_seed, real_number
 
 __all__ = ["NetworkTrainer"]
-
-
-def _finite(v, name: str, where: str, positive: bool = False) -> float:
-    """v as a finite Python float (bools, strings and tensors of several values refused)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)) or (
-            isinstance(v, torch.Tensor) and v.numel() != 1):
-        raise TypeError(f"{where}: {name} must be a number, got {v!r}")
-    f = float(v)
-    if not math.isfinite(f) or (positive and f <= 0):
-        raise ValueError(f"{where}: {name} must be finite{' and > 0' if positive else ''}, got {f}")
-    return f
 
 
 def _path(p, name: str, where: str) -> str:
@@ -137,11 +125,11 @@ class NetworkTrainer:
         # with replacement, so batch_size may exceed N; the bound keeps a batch's element count
         # within int64
         batch_size = as_int(batch_size, "batch_size", where, 1, 2**63 // max(1, data[0].numel()))
-        lr = _finite(lr, "lr", where, positive=True)
-        if not 0 <= _finite(ema_decay, "ema_decay", where) < 1:
+        lr = real_number(lr, "lr", where, 0.0, lo_open=True)
+        if not 0 <= real_number(ema_decay, "ema_decay", where) < 1:
             raise ValueError(f"{where}: ema_decay must be in [0, 1), got {ema_decay}")
-        P_mean = _finite(P_mean, "P_mean", where)
-        if _finite(P_std, "P_std", where) < 0:
+        P_mean = real_number(P_mean, "P_mean", where)
+        if real_number(P_std, "P_std", where) < 0:
             raise ValueError(f"{where}: P_std must be >= 0, got {P_std}")
         if weighting not in ("edm", "none"):
             raise ValueError(f"{where}: weighting must be 'edm' or 'none', got {weighting!r}")
@@ -150,21 +138,22 @@ class NetworkTrainer:
                 raise ValueError(f"{where}: noise must be 'lognormal' or a schedule, got {noise!r}")
         elif not hasattr(noise, "sigma"):
             raise TypeError(f"{where}: a noise schedule must provide sigma(t)")
-        if not 0 < _finite(t_min, "t_min", where) < 1:
+        if not 0 < real_number(t_min, "t_min", where) < 1:
             raise ValueError(f"{where}: t_min must be in (0, 1), got {t_min}")
         if sigma_data is None:
             sigma_data = getattr(model, "sigma_data", 0.5)
-        sigma_data = _finite(sigma_data, "sigma_data", where, positive=True)
+        sigma_data = real_number(sigma_data, "sigma_data", where, 0.0, lo_open=True)
         if grad_clip is not None:
             # <= 0 would zero (0) or reverse (< 0) every step inside clip_grad_norm_
-            grad_clip = _finite(grad_clip, "grad_clip", where, positive=True)
-        seed = as_int(seed, "seed", where, -2**63, 2**64)  # what Generator.manual_seed takes
+            grad_clip = real_number(grad_clip, "grad_clip", where, 0.0, lo_open=True)
+        seed = check_seed(seed, "seed", where, lo=-2**63)  # what Generator.manual_seed takes
         if post_step is not None and not callable(post_step):
             raise TypeError(f"{where}: post_step must be callable or None")
         self.model, self.data = model, data
         self.batch_size, self.lr = int(batch_size), float(lr)
         if ema_halflife_kimg is not None:
-            ema_halflife_kimg = _finite(ema_halflife_kimg, "ema_halflife_kimg", where, positive=True)
+            ema_halflife_kimg = real_number(ema_halflife_kimg, "ema_halflife_kimg", where, 0.0,
+                                            lo_open=True)
             ema_decay = 0.5 ** (self.batch_size / (ema_halflife_kimg * 1000.0))
         self.ema_decay = float(ema_decay)
         self.noise, self.P_mean, self.P_std, self.t_min = noise, float(P_mean), float(P_std), float(t_min)
@@ -191,7 +180,7 @@ class NetworkTrainer:
                 # readable but not a checkpoint: likely another file given by mistake, so it
                 # stays where it is (as with a checkpoint of another batch_size)
                 _check_state(state, f"checkpoint {path!r}", where)
-                self.load_state_dict(state)
+                self._load_state(state)
 
     @property
     def kimg(self) -> float:
@@ -284,6 +273,10 @@ class NetworkTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         _check_state(state, "state", "NetworkTrainer.load_state_dict")
+        self._load_state(state)
+
+    def _load_state(self, state: dict) -> None:
+        """load_state_dict of a state _check_state has accepted."""
         if state.get("batch_size", self.batch_size) != self.batch_size:
             raise ValueError(f"NetworkTrainer: checkpoint used batch_size {state['batch_size']}, "
                              f"this trainer {self.batch_size}")
@@ -323,4 +316,4 @@ class NetworkTrainer:
         except Exception as e:
             raise ValueError(f"{where}: path {p!r} could not be read as a checkpoint ({e})") from e
         _check_state(state, f"path {p!r}", where)
-        self.load_state_dict(state)
+        self._load_state(state)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .._args import as_int, dims_list, number_or_tensor, parse_dims, parse_mode
+from .._args import as_int, check_seed, dims_list, parse_dims, parse_mode, real_number
 from ..modules import random_orthonormal
 from ..ops import hard_assign, subspace_dae
 from ..posterior import posterior_mean_coefficients
@@ -44,20 +44,6 @@ def _bases(U, name: str, where: str, dims, dtypes) -> list[int]:
         raise ValueError(f"{where}: {name} must be [..., K, n, dmax], got shape {tuple(U.shape)}")
     K, n, dmax = U.shape[-3:]
     return parse_dims(dims, K, dmax, n, where)
-
-
-def _number(v, name: str, where: str, tensor: bool = False) -> float:
-    """v, a Python number (or, with ``tensor``, a one-element real tensor; not a bool), as a
-    finite float >= 0."""
-    if isinstance(v, bool) or (not tensor and not isinstance(v, (int, float))):
-        raise TypeError(f"{where}: {name} must be a number, got {v!r}")
-    t = number_or_tensor(v, name, where)  # also a ValueError for an int beyond float64
-    if t.numel() != 1:
-        raise ValueError(f"{where}: {name} must be one number, got shape {tuple(t.shape)}")
-    f = float(t)
-    if not (f >= 0 and math.isfinite(f)):
-        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {v!r}")
-    return f
 
 
 @torch.no_grad()
@@ -99,16 +85,23 @@ def paper_init(U_true: torch.Tensor, dims, scale: float = 0.2,
     # any real floating dtype: the perturbation and QR run in float64
     dims = _bases(U_true, "U_true", where, dims,
                   (torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    scale = _number(scale, "scale", where, tensor=True)
-    U0 = U_true.detach().cpu().to(torch.float64)
-    if not torch.isfinite(U0).all():
+    scale = real_number(scale, "scale", where, 0.0)
+    if not torch.isfinite(U_true).all():
         raise ValueError(f"{where}: U_true contains NaN or Inf")
+    return _paper_init(U_true, dims, scale, generator)
+
+
+def _paper_init(U_true: torch.Tensor, dims: list[int], scale: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """paper_init without its argument checks (SubspaceTrainer.fit has made them)."""
+    U0 = U_true.detach().cpu().to(torch.float64)
     delta = torch.randn(U_true.shape, generator=generator, dtype=torch.float64)
     U0 = U0 + scale * delta
     if not torch.isfinite(U0).all():
-        raise ValueError(f"{where}: scale = {scale:g} overflows float64 in U_true + scale * Delta")
+        raise ValueError(f"paper_init: scale = {scale:g} overflows float64 in U_true + scale * "
+                         f"Delta")
     U0 = U0 * _mask(dims, U_true.shape[-1], torch.float64)[:, None, :]
-    return retract(U0, dims, "qr").to(U_true.dtype)
+    return _retract(U0, dims, "qr").to(U_true.dtype)
 
 
 class SubspaceTrainer:
@@ -161,7 +154,8 @@ class SubspaceTrainer:
             raise ValueError(f"{where}: init must be 'paper' or 'random', got {init!r}")
         if engine not in ("autograd", "fused"):
             raise ValueError(f"{where}: engine must be 'autograd' or 'fused', got {engine!r}")
-        lr, init_scale = _number(lr, "lr", where), _number(init_scale, "init_scale", where)
+        lr, init_scale = (real_number(v, name, where, 0.0) for v, name in
+                          ((lr, "lr"), (init_scale, "init_scale")))
         # the bounds of the fused op (train_step: 32-bit batch, level and step counters, seed
         # < 2**63); torch.Generator.manual_seed takes seeds < 2**64
         fused = engine == "fused"
@@ -169,16 +163,12 @@ class SubspaceTrainer:
                          ((batch, "batch"), (levels, "levels")))
         steps = as_int(steps, "steps", where, 1, 2**32 if fused else None)
         check_every = as_int(check_every, "check_every", where, 1)
-        if tol is not None:
-            if isinstance(tol, bool) or not isinstance(tol, (int, float)):
-                raise TypeError(f"{where}: tol must be a number or None, got {tol!r}")
-            tol = float(number_or_tensor(tol, "tol", where))
-            if not tol >= 0:  # inf is allowed: stop at the first check
-                raise ValueError(f"{where}: tol must be >= 0 or None, got {tol!r}")
+        if tol is not None:  # inf is allowed: stop at the first check
+            tol = real_number(tol, "tol", where, 0.0, math.inf)
         self.K, self.mode, self.optimizer, self.lr = K, mode, optimizer, lr
         self.schedule = get_schedule(schedule)
         self.batch, self.steps, self.retraction, self.init = batch, steps, retraction, init
-        seed = as_int(seed, "seed", where, 0, 2**63 if fused else 2**64)
+        seed = check_seed(seed, "seed", where, hi=2**63 if fused else 2**64)
         self.init_scale, self.seed, self.engine, self.tol = init_scale, seed, engine, tol
         self.check_every, self.levels, self.progress = check_every, levels, progress
 
@@ -217,9 +207,9 @@ class SubspaceTrainer:
     def _init_U(self, P, n, dtype, U_true, g):
         dmax = max(self.dims)
         if self.init == "paper":
-            return paper_init(U_true, self.dims, self.init_scale, g).to(dtype)
+            return _paper_init(U_true, self.dims, self.init_scale, g).to(dtype)
         U0 = random_orthonormal(n, dmax, P, self.K, generator=g, dtype=torch.float64)
-        return retract(U0 * _mask(self.dims, dmax, torch.float64)[:, None, :], self.dims,
+        return _retract(U0 * _mask(self.dims, dmax, torch.float64)[:, None, :], self.dims,
                        "qr").to(dtype)
 
     def _coeff_table(self, dtype):
