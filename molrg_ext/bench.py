@@ -37,7 +37,8 @@ from .jacobian import dae_jacobian_spectrum
 from .ops import subspace_dae
 from .posterior import posterior_mean_coefficients
 from .reference import masked_bases
-from .experiments._common import int_at_least
+from ._args import MODES
+from .experiments._common import INDEX_MAX, int_at_least, out_file, threads_int
 from .train_step import Levels, train_step
 
 __all__ = [
@@ -473,7 +474,8 @@ def main(argv=None):
 
 
 def _shapes(text: str) -> list:
-    """argparse type of --shapes: "n,K,d,B;n,K,d,B" with positive ints (K d <= n is the ops')."""
+    """argparse type of --shapes: "n,K,d,B;n,K,d,B" with ints in [1, 2**31 - 1] (the ops index
+    with int32; K d <= n is the ops' check)."""
     import argparse
     out = []
     for sh in text.split(";"):
@@ -483,17 +485,32 @@ def _shapes(text: str) -> list:
             vals = ()
         if len(vals) != 4 or min(vals) < 1:
             raise argparse.ArgumentTypeError(f"shape {sh!r} is not n,K,d,B with positive ints")
+        if max(vals) > INDEX_MAX:
+            raise argparse.ArgumentTypeError(f"shape {sh!r} has a size above {INDEX_MAX}")
         out.append(vals)
     return out
+
+
+def _modes(text: str) -> str:
+    """argparse type of --modes: a comma list of denoiser modes, checked before anything is timed
+    (kept as the text run_args splits)."""
+    import argparse
+    bad = [m for m in text.split(",") if m not in MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"must be a comma list of {' / '.join(sorted(MODES))}, "
+                                         f"got {text!r}")
+    return text
 
 
 def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="small shapes only")
     p.add_argument("--repeats", type=int_at_least(1), default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    p.add_argument("--modes", default="soft", help="denoiser modes, comma separated")
-    p.add_argument("--out", default="results/bench.json", help="JSON output path")
-    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch.set_num_threads")
+    p.add_argument("--modes", type=_modes, default="soft", help="denoiser modes, comma separated")
+    p.add_argument("--out", type=out_file, default="results/bench.json",
+                   help="JSON output path ('' writes none)")
+    p.add_argument("--threads", type=threads_int, default=None,
+                   help="torch.set_num_threads (at most 4096)")
     p.add_argument("--shapes", type=_shapes, default=None,
                    help="denoiser shapes as n,K,d,B;n,K,d,B (default: the built-in list)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step rows")

@@ -9,7 +9,7 @@ from molrg_ext import cli
 from molrg_ext.experiments import hidden_gaussian as hg
 from molrg_ext.experiments._common import (FLOAT32_MAX, INDEX_MAX, finite_float, int_at_least,
                                            int_list, out_dir, out_file, seed_int, threads_int)
-from molrg_ext.experiments.bench import _modes
+from molrg_ext.bench import _modes
 from molrg_ext.experiments.phase_transition import parse_range
 
 BIG = "99999999999999999999999"
@@ -116,3 +116,22 @@ def test_hidden_gaussian_sizes_text_from_a_namespace():
                                          ">= 1, got ''"):
         hg._ints("", "--sizes")
     assert hg._ints("8, 16", "--sizes") == [8, 16]
+
+
+@pytest.mark.parametrize("argv, option, msg", [
+    (["--modes", "bogus"], "--modes", "must be a comma list of hard / soft"),
+    (["--threads", "99999999999999999999999"], "--threads", ""),
+    (["--shapes", "8,2,2,2147483648"], "--shapes", "has a size above 2147483647"),
+    (["--out", "{dir}"], "--out", ""),
+])
+def test_python_m_benchmarks_checks_its_options_as_molrg_bench(argv, option, msg, tmp_path,
+                                                               capsys):
+    """The runner's own parser (python -m benchmarks) carries the checks; they had been patched
+    onto molrg bench's copy only."""
+    from molrg_ext.bench import main as bench_main
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        bench_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err and msg in err and "Traceback" not in err
