@@ -56,8 +56,9 @@ def posterior_mean_coefficients(
     check_positive(s_t, "s", WHERE)
     check_positive(g_t, "gamma", WHERE)
     s2, g2 = s_t * s_t, g_t * g_t
-    den = 2.0 * g2 * (s2 + g2)
-    c = s_t / (s2 + g2)
+    sg2 = s2 + g2
+    den = 2.0 * g2 * sg2
+    c = s_t / sg2
     phi = s2 / den
     log_ratio = torch.log1p(s2 / g2)  # log((s^2 + gamma^2) / gamma^2)
     # Where a square or phi's denominator over- or underflows (s = 1e200, gamma = 1e-200 gave
@@ -66,8 +67,10 @@ def posterior_mean_coefficients(
     # c = 1 / (s (1 + r^2)), phi = 1 / (2 gamma^2 (1 + r^2)), log ratio = 2 log(s / gamma) +
     # log1p(r^2); s < gamma: c = (r / gamma) / (1 + r^2), phi = (r / gamma)^2 / (2 (1 + r^2)),
     # log ratio = log1p(r^2).
-    tiny = torch.finfo(s2.dtype).tiny
-    extreme = ~((s2 >= tiny) & (g2 >= tiny) & (den >= tiny) & torch.isfinite(den))
+    # (s and gamma are finite and > 0 here, so nothing is NaN: den beyond the largest float is
+    # its overflow to inf)
+    fi = torch.finfo(s2.dtype)
+    extreme = (torch.minimum(s2, g2) < fi.tiny) | (den < fi.tiny) | (den > fi.max)
     if bool(extreme.any()):
         big = s_t >= g_t
         r = torch.minimum(s_t, g_t) / torch.maximum(s_t, g_t)
