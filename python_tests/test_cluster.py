@@ -33,9 +33,11 @@ def test_pca_matches_numpy_svd_subspace():
     assert np.allclose(U.numpy() @ U.numpy().T, u @ u.T, atol=1e-10)
 
 
-@pytest.mark.parametrize("est", [KSubspaces(2, 4, n_init=10, seed=0),
+@pytest.mark.parametrize("est", [KSubspaces(2, 4, n_init=10, init="random", seed=0),
+                                 KSubspaces(2, 4, n_init=1, seed=0),
                                  KSubspaces(2, 4, n_init=1, init="spectral", seed=0),
-                                 EnSC(2, 4, seed=0)], ids=["kss-random", "kss-spectral", "ensc"])
+                                 EnSC(2, 4, seed=0)],
+                         ids=["kss-random", "kss-neighbors", "kss-spectral", "ensc"])
 def test_subspace_clustering_succeeds_at_2d_fails_at_half_d(est):
     good = sample_molrg(48, [4, 4], counts=[8, 8], instances=6, seed=1, dtype=torch.float64)
     bad = sample_molrg(48, [4, 4], counts=[2, 2], instances=6, seed=2, dtype=torch.float64)
@@ -122,8 +124,8 @@ def test_estimator_option_errors():
 
 @pytest.mark.parametrize("make", [lambda K, dims: EnSC(K, dims, seed=0),
                                   lambda K, dims: KSubspaces(K, dims, n_init=1, init="spectral"),
-                                  lambda K, dims: KSubspaces(K, dims, n_init=10, init="points")],
-                         ids=["ensc", "kss-spectral", "kss-points"])
+                                  lambda K, dims: KSubspaces(K, dims, n_init=1)],
+                         ids=["ensc", "kss-spectral", "kss-neighbors"])
 @pytest.mark.parametrize("dims", [[2, 3], [3, 2], [3, 1, 2]])
 def test_heterogeneous_dims_go_to_the_matching_clusters(make, dims):
     """Spectral clustering numbers its clusters arbitrarily; dims[k] must still go to the
@@ -296,30 +298,52 @@ def test_integer_like_K_and_dims_accepted():
     assert EnSC(2, (np.int64(1), 2)).fit(X).bases_.shape == (2, 8, 2)
 
 
-def test_kss_points_init_beats_random_bases_with_unequal_dims():
-    """Random orthonormal starts settle in wrong local optima with dims [3, 1, 2] (objective
-    95-98.6% of the energy); starts spanned by data points recover every seed."""
-    dims = [3, 1, 2]
-    fails = {"random": 0, "points": 0}
-    for seed in range(5):
-        data = sample_molrg(16, dims, counts=[20] * 3, seed=seed, dtype=torch.float64)
+@pytest.mark.parametrize("dims,n,count", [([3, 1, 2], 16, 20), ([8, 2, 5], 30, 30),
+                                          ([1, 1, 1, 5], 20, 20), ([6, 6, 6], 48, 12)])
+def test_kss_neighbors_init_recovers_with_one_restart(dims, n, count):
+    """init='neighbors' (k-means++-like seeds, bases from each seed's nearest rows by angle)
+    recovers noiseless unions of subspaces from a single restart, with unequal dims and with
+    only 2 d_k points per subspace ([6, 6, 6], 12 each). Points-spanned and random starts end in
+    wrong local optima in most single restarts here (15%, 4.5%, 12% and 0.5% recovered for
+    'points' over 200 restarts; 0-2.5% for 'random')."""
+    K = len(dims)
+    fails = {"neighbors": 0, "points": 0, "random": 0}
+    for seed in range(3):
+        data = sample_molrg(n, dims, counts=[count] * K, seed=seed, dtype=torch.float64)
         for init in fails:
-            est = KSubspaces(3, dims, n_init=10, init=init, seed=seed).fit(data.X[0])
-            fails[init] += subspace_distance(est.bases_, data.bases[0], dims=dims).item() > 1e-6
-    assert fails["points"] == 0 and fails["random"] >= 3
-    with pytest.raises(ValueError, match="init must be 'auto', 'random', 'points' or 'spectral'"):
+            for restart in range(8):
+                est = KSubspaces(K, dims, n_init=1, init=init, seed=restart).fit(data.X[0])
+                dist = subspace_distance(est.bases_, data.bases[0], dims=dims).item()
+                fails[init] += dist > 1e-6
+    assert fails["neighbors"] == 0, fails
+    assert fails["points"] >= 12 and fails["random"] >= 12, fails  # of 24: the contrast is real
+
+
+def test_kss_init_option_names_the_choices():
+    with pytest.raises(ValueError, match="init must be 'auto', 'neighbors', 'random', 'points' "
+                                         "or 'spectral'"):
         KSubspaces(2, 2, init="kmeans++").fit(torch.randn(10, 4))
 
 
-def test_kss_default_init_takes_points_for_unequal_dims_only():
-    """init='auto' (the default) is 'points' when the dims differ, so the default recovers the
-    [3, 1, 2] problems above, and 'random' when they are equal (earlier results unchanged)."""
-    data = sample_molrg(16, [3, 1, 2], counts=[20] * 3, seed=1, dtype=torch.float64)
-    X = data.X[0]
-    auto = KSubspaces(3, [3, 1, 2], n_init=10, seed=1).fit(X)
-    assert torch.equal(auto.bases_, KSubspaces(3, [3, 1, 2], n_init=10, init="points",
-                                               seed=1).fit(X).bases_)
-    assert subspace_distance(auto.bases_, data.bases[0], dims=[3, 1, 2]).item() < 1e-6
-    eq = sample_molrg(16, [2, 2], counts=[20] * 2, seed=0, dtype=torch.float64).X[0]
-    assert torch.equal(KSubspaces(2, 2, n_init=3, seed=0).fit(eq).bases_,
-                       KSubspaces(2, 2, n_init=3, init="random", seed=0).fit(eq).bases_)
+def test_kss_default_init_is_neighbors():
+    """init='auto' (the default) is 'neighbors' for equal and unequal dims; the earlier defaults
+    ('points' for unequal, 'random' for equal dims) stay available by name."""
+    for dims in ([3, 1, 2], [2, 2]):
+        X = sample_molrg(16, dims, counts=[20] * len(dims), seed=1, dtype=torch.float64).X[0]
+        auto = KSubspaces(len(dims), dims, n_init=3, seed=1).fit(X)
+        named = KSubspaces(len(dims), dims, n_init=3, init="neighbors", seed=1).fit(X)
+        assert torch.equal(auto.bases_, named.bases_) and torch.equal(auto.labels_, named.labels_)
+
+
+def test_kss_neighbors_init_with_zero_rows_and_noise():
+    """Zero rows (no direction) and noisy rows still give K finite orthonormal bases, and on
+    mildly noisy data the clusters are recovered."""
+    data = sample_molrg(24, [3, 2], counts=[30, 30], noise_std=0.02, seed=4, dtype=torch.float64)
+    X = torch.cat([data.X[0], torch.zeros(3, 24, dtype=torch.float64)])
+    est = KSubspaces(2, [3, 2], n_init=2, seed=0).fit(X)
+    assert torch.isfinite(est.bases_).all()
+    for k, d in enumerate([3, 2]):
+        B = est.bases_[k, :, :d]
+        assert torch.allclose(B.T @ B, torch.eye(d, dtype=torch.float64), atol=1e-10)
+    assert clustering_accuracy(data.labels[0], est.labels_[:60]).item() == 1.0
+    assert subspace_distance(est.bases_, data.bases[0], dims=[3, 2]).item() < 0.1
