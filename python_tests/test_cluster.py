@@ -33,7 +33,10 @@ def test_pca_matches_numpy_svd_subspace():
     assert np.allclose(U.numpy() @ U.numpy().T, u @ u.T, atol=1e-10)
 
 
-@pytest.mark.parametrize("est", [KSubspaces(2, 4, n_init=10, init="random", seed=0),
+# random starts recover one of these instances in about 1 restart of 6: with n_init = 10 the rate
+# was >= 0.8 for only 25 of 30 seeds (a host's rounding could pick a bad one); 40 restarts make
+# a miss about 1e-3 per instance
+@pytest.mark.parametrize("est", [KSubspaces(2, 4, n_init=40, init="random", seed=0),
                                  KSubspaces(2, 4, n_init=1, seed=0),
                                  KSubspaces(2, 4, n_init=1, init="spectral", seed=0),
                                  EnSC(2, 4, seed=0)],
