@@ -79,33 +79,43 @@ def test_gl_score_cli(tmp_path):
 
 
 def test_edit_cli(tmp_path):
-    """Section 4.2 at a tiny size (100 training steps of a width-8 U-Net, one image, sigma = 1):
+    """Section 4.2 at a tiny size (100 training steps of a width-8 U-Net, four images, sigma = 1):
     moving x_t by alpha along the Jacobian's right singular vector v_i changes the denoiser output
     by ~|alpha| sigma_i (first order), more than the same step along a random unit direction.
-    Measured (seed 0): sv = [0.4696, 0.4414]; change along v1 0.4679 / 0.4686 at alpha = -1 / 1
-    (0.4459 / 0.4362 along v2), 2.646 / 2.610 at alpha = -6 / 6 (0.94 / 0.93 of 6 sv1; 0.92-0.97
-    over seeds 1, 2); random 0.311 / 0.306 and 1.949 / 1.876 (v1 / random 1.37-1.53)."""
+    The first-order and |alpha| = 6 checks are on the first image (they held on 60 seeds; their
+    worst over four images did not). The v1-vs-random check is on the mean over the four images:
+    with one image and one random direction the ratio came within 0.02 of the 1.2 limit on 5 of
+    20 seeds and under it on 1 of 60; the mean over four images stayed >= 1.257 on 20 seeds.
+    Measured (seed 0; the first image's numbers are those of a one-image run): sv = [0.4696,
+    0.4414]; change along v1 0.4679 / 0.4686 at alpha = -1 / 1 (0.4459 / 0.4362 along v2), 2.646 /
+    2.610 at alpha = -6 / 6 (0.94 / 0.93 of 6 sv1); random 0.311 / 0.306 and 1.949 / 1.876;
+    v1 / random over the four images 1.32-1.53, their mean 1.34-1.48 by alpha."""
     out = str(tmp_path / "edit")
     alphas = [-6.0, -1.0, 0.0, 1.0, 6.0]
-    assert cli.main(["edit", "--out", out, "--steps", "100", "--channels", "8", "--images", "1",
+    assert cli.main(["edit", "--out", out, "--steps", "100", "--channels", "8", "--images", "4",
                      "--directions", "1", "2", "--alphas", *map(str, alphas),
                      "--no-progress"]) == 0
     res = json.load(open(os.path.join(out, "edit.json")))
-    sv = res["top_singular_values"][0]
-    assert len(sv) == 2 and sv[0] >= sv[1] > 0
+    images, svs = res["images"], res["top_singular_values"]
+    assert len(images) == len(svs) == 4
+    assert all(len(sv) == 2 and sv[0] >= sv[1] > 0 for sv in svs)
     rows = res["rows"]
-    assert len(rows) == 3 * 5  # (2 singular directions + random) x 5 alphas
-    change = {(r["direction"], r["alpha"]): r["denoiser_change"] for r in rows}
-    assert all(change[(d, 0.0)] == pytest.approx(0, abs=1e-5) for d in ("v1", "v2", "random"))
+    assert len(rows) == 4 * 3 * 5  # images x (2 singular directions + random) x 5 alphas
+    change = {(r["image"], r["direction"], r["alpha"]): r["denoiser_change"] for r in rows}
+    assert all(change[(im, d, 0.0)] == pytest.approx(0, abs=1e-5)
+               for im in images for d in ("v1", "v2", "random"))
+    im0, sv = images[0], svs[0]
     for i, name in enumerate(("v1", "v2")):
         for a in (-1.0, 1.0):  # first order: ||J v_i|| = sigma_i (within 3%; measured <= 1.2%)
-            assert change[(name, a)] == pytest.approx(sv[i], rel=0.03), (name, a, change, sv)
+            assert change[(im0, name, a)] == pytest.approx(sv[i], rel=0.03), (name, a, change, sv)
     for a in (-6.0, 6.0):  # |alpha| = 6: still ~|alpha| sigma_1 (within 15%; measured 6-7%)
-        assert change[("v1", a)] == pytest.approx(6 * sv[0], rel=0.15), (a, change, sv)
+        assert change[(im0, "v1", a)] == pytest.approx(6 * sv[0], rel=0.15), (a, change, sv)
     for a in (-6.0, -1.0, 1.0, 6.0):  # the top singular direction beats a random one
-        assert change[("v1", a)] > 1.2 * change[("random", a)], (a, change)
+        ratio = np.mean([change[(im, "v1", a)] / change[(im, "random", a)] for im in images])
+        assert ratio > 1.2, (a, ratio, change)
     summary = res["mean_denoiser_change_at_max_alpha"]
-    assert summary["v1"] == pytest.approx((change[("v1", -6.0)] + change[("v1", 6.0)]) / 2)
+    assert summary["v1"] == pytest.approx(np.mean([change[(im, "v1", a)] for im in images
+                                                   for a in (-6.0, 6.0)]))
     assert summary["v1"] > 1.2 * summary["random"]
     assert os.path.exists(os.path.join(out, "edit.png"))
 
@@ -131,7 +141,11 @@ def test_x0_mlp_memorises_few_samples_and_generalises_with_many():
 def test_x0_mlp_rank_follows_subspace_dae():
     """Fig. 3(b) at a tiny size: the x0-predicting MLP's Jacobian rank ratio along the Heun
     trajectory is low (d / n = 0.125 for the subspace DAE) at high SNR and close to the subspace
-    DAE's curve overall."""
+    DAE's curve overall. 16 trajectories and bounds from 50 data/training seeds: with 4
+    trajectories and limits net_high < 0.17, drop > 0.05 it failed on 5 of 20 seeds (net_high up
+    to 0.214); with 16 the 50 seeds gave net_high 0.134-0.184 (still far under D / n = 0.25),
+    mid 0.025-0.056, all 0.021-0.039 and drop 0.047-0.098 (means 0.152, 0.037, 0.030, 0.073);
+    each bound sits 3.3 or more standard deviations past its mean."""
     from molrg_ext.data import sample_molrg
     from molrg_ext.experiments.rank_vs_snr import dae_gap, rank_curve
     from molrg_ext.models import make_mlp_denoiser
@@ -141,7 +155,7 @@ def test_x0_mlp_rank_follows_subspace_dae():
     torch.set_num_threads(1)
     molrg = sample_molrg(48, [6, 6], N=1000, seed=0)
     X = molrg.X[0]
-    noise = torch.randn(4, 48, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(16, 48, generator=torch.Generator().manual_seed(1))
     dae = rank_curve(SubspaceDAE(48, molrg.dims, U=molrg.bases[0].double(), dtype=torch.float64),
                      noise.double(), "analytic")
     torch.manual_seed(0)
@@ -152,9 +166,9 @@ def test_x0_mlp_rank_follows_subspace_dae():
     gap = dae_gap(net, dae)
     assert gap["dae_high_snr"] == pytest.approx(6 / 48)
     # (a width-128 MLP still has rank/n = 0.25 at every level after 1000 steps: too little)
-    assert gap["net_high_snr"] < 0.17 and gap["mid"] < 0.06 and gap["all"] < 0.06
+    assert gap["net_high_snr"] < 0.2 and gap["mid"] < 0.07 and gap["all"] < 0.06, gap
     # the DAE rank drops from D = 12 to d = 6 as the SNR grows; the network's does too
-    assert np.mean(net["ratio_mean"][:5]) > np.mean(net["ratio_mean"][-5:]) + 0.05
+    assert np.mean(net["ratio_mean"][:5]) > np.mean(net["ratio_mean"][-5:]) + 0.035, net
 
 
 def _curve_fields(v):
