@@ -92,12 +92,27 @@ def _call(denoiser, x, sigma, where):
     return out
 
 
+def _mode_dependent(m: torch.nn.Module) -> bool:
+    """Whether m, in training mode, computes something else than in eval mode: dropout with
+    p > 0 (attention's dropout included) or a normalisation by batch statistics."""
+    nn = torch.nn
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    if isinstance(m, nn.MultiheadAttention):
+        return m.dropout > 0
+    return isinstance(m, nn.modules.batchnorm._NormBase)
+
+
 def _warn_if_training(denoiser, where):
-    """A module in training mode (dropout, batch norm) makes the sample a random function of the
-    noise: the samplers are meant to be deterministic given it."""
-    if isinstance(denoiser, torch.nn.Module) and denoiser.training:
-        warnings.warn(f"{where}: the denoiser is in training mode (call .eval() first): dropout "
-                      "or batch statistics make the samples non-deterministic", stacklevel=3)
+    """Dropout or batch statistics in training mode make the sample a random function of the
+    noise: the samplers are meant to be deterministic given it. Warns when such a submodule is in
+    training mode (not for modules whose output does not depend on the mode, as SubspaceDAE or a
+    plain MLP: that warning had fired for the package's own rank-vs-snr experiment). A custom
+    module that branches on self.training by itself is not seen."""
+    if isinstance(denoiser, torch.nn.Module) and any(
+            m.training and _mode_dependent(m) for m in denoiser.modules()):
+        warnings.warn(f"{where}: the denoiser has dropout or batch normalisation in training mode "
+                      "(call .eval() first): the samples are not deterministic", stacklevel=3)
 
 
 @torch.no_grad()

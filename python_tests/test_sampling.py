@@ -151,10 +151,46 @@ def test_sampler_warns_for_a_module_in_training_mode():
 
     net = make_unet_denoiser((2, 8, 8), model_channels=8, dropout=0.1)
     z = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match="training mode"):
+    with pytest.warns(UserWarning, match="dropout or batch normalisation in training mode"):
         heun_sample(net, z, num_steps=3)
     net.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         a, b = heun_sample(net, z, num_steps=3), heun_sample(net, z, num_steps=3)
     assert torch.equal(a, b)
+
+
+def test_sampler_warns_only_where_the_mode_changes_the_output():
+    """SubspaceDAE, a plain Linear stack and dropout with p = 0 compute the same in both modes:
+    no warning (it had fired for every SubspaceDAE, the rank-vs-snr experiment's
+    included). Batch norm in training mode, a dropout submodule left in training mode inside an
+    eval() parent, and attention dropout warn; both samplers check."""
+    import warnings
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, *layers):
+            super().__init__()
+            self.body = torch.nn.Sequential(*layers)
+
+        def forward(self, x, sigma):
+            return self.body(x)
+
+    z = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))
+    dae = SubspaceDAE(12, [3, 2])
+    quiet = [dae, Wrap(torch.nn.Linear(12, 12)),
+             Wrap(torch.nn.Dropout(0.0), torch.nn.Linear(12, 12))]
+    assert all(m.training for m in quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for m in quiet:
+            heun_sample(m, z, num_steps=3)
+            ddim_sample(m, z, num_steps=3)
+    inner = torch.nn.Dropout(0.2)
+    parent = Wrap(torch.nn.Linear(12, 12), inner).eval()
+    inner.train()  # one submodule left in training mode
+    with_attn = Wrap(torch.nn.Linear(12, 12))
+    with_attn.attn = torch.nn.MultiheadAttention(12, 2, dropout=0.1)  # seen, though unused here
+    for m in (Wrap(torch.nn.BatchNorm1d(12)), parent, with_attn):
+        for sampler in (heun_sample, ddim_sample):
+            with pytest.warns(UserWarning, match="in training mode"):
+                sampler(m, z, num_steps=3)
