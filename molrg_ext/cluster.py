@@ -247,27 +247,33 @@ def _fit_clusters(Xn: np.ndarray, labels: np.ndarray, dims: list, rng) -> tuple:
 def _neighborhood_bases(Xn: np.ndarray, K: int, d: int, rng: np.random.Generator) -> list:
     """K initial d-dimensional bases, seeded like k-means++: each seed row is drawn with
     probability proportional to the squared residual of its unit vector against the bases so
-    far (uniformly for the first, or when every row is explained), and its basis is the top-d
-    principal directions of the seed and its d nearest rows by |cosine|. For a union of
-    subspaces the nearest rows by angle mostly lie in the seed's own subspace, and the residual
-    draw keeps later seeds off the subspaces already found. Bases are d = max(dims) wide, so a
-    seed in a larger subspace is not cut down to a smaller d_k: the first alternation fits each
-    cluster with its own d_k after match_dims has paired clusters and dims."""
+    far (uniformly for the first, or when every row is explained; never a zero row), and its
+    basis is the top-d principal directions of the seed and its d nearest rows by |cosine|. For
+    a union of subspaces the nearest rows by angle mostly lie in the seed's own subspace, and
+    the residual draw keeps later seeds off the subspaces already found. Bases are d =
+    max(dims) wide, so a seed in a larger subspace is not cut down to a smaller d_k: the first
+    alternation fits each cluster with its own d_k after match_dims has paired clusters and
+    dims."""
     N = Xn.shape[0]
-    Y = Xn / np.maximum(np.linalg.norm(Xn, axis=1, keepdims=True), 1e-300)
-    res = np.ones(N)
+    norms = np.linalg.norm(Xn, axis=1, keepdims=True)
+    Y = Xn / np.maximum(norms, 1e-300)
+    # a zero row has no direction: it is never a seed (all-zero data: every row may be)
+    has_dir = norms[:, 0] > 0
+    res = has_dir.astype(float) if has_dir.any() else np.ones(N)
+    first = res.copy()
     bases = []
     for _ in range(K):
         total = res.sum()
         # every row explained to rounding (total ~ 0, e.g. K above the number of subspaces):
-        # a uniform draw, as for the first seed (and no overflow in res / total)
-        i = rng.choice(N, p=res / total) if bases and total > 1e-12 else int(rng.integers(N))
+        # a uniform draw over the rows with a direction, as for the first seed
+        p = res / total if bases and total > 1e-12 else first / first.sum()
+        i = rng.choice(N, p=p)
         sim = np.abs(Y @ Y[i])
-        sim[i] = np.inf  # the seed itself first (a zero row has no direction to go by)
+        sim[i] = np.inf  # the seed itself first
         near = np.argsort(-sim, kind="stable")[: min(N, d + 1)]
         B = _top_subspace(Xn[near], d, rng)
         bases.append(B)
-        res = np.minimum(res, np.clip(1.0 - ((Y @ B) ** 2).sum(axis=1), 0.0, 1.0))
+        res = np.minimum(res, np.clip(1.0 - ((Y @ B) ** 2).sum(axis=1), 0.0, 1.0) * first)
     return bases
 
 

@@ -338,15 +338,24 @@ def test_kss_default_init_is_neighbors():
         assert torch.equal(auto.bases_, named.bases_) and torch.equal(auto.labels_, named.labels_)
 
 
-def test_kss_neighbors_init_with_zero_rows_and_noise():
-    """Zero rows (no direction) and noisy rows still give K finite orthonormal bases, and on
-    mildly noisy data the clusters are recovered."""
-    data = sample_molrg(24, [3, 2], counts=[30, 30], noise_std=0.02, seed=4, dtype=torch.float64)
+@pytest.mark.parametrize("data_seed", [2, 4, 9])
+def test_kss_neighbors_init_with_zero_rows_and_noise(data_seed):
+    """Zero rows (no direction: never a seed) and noisy rows still give K finite orthonormal
+    bases, and on mildly noisy data the labels are as good as the true subspaces' own assignment
+    (which misplaces a point near the other subspace on data seed 2). Before zero rows were kept
+    from being seeds (their residual is always 1, so they were drawn often), 2 of 100 (data seed,
+    restart seed) pairs fell short of it: (4, 4) and (9, 3); after, none."""
+    data = sample_molrg(24, [3, 2], counts=[30, 30], noise_std=0.02, seed=data_seed,
+                        dtype=torch.float64)
     X = torch.cat([data.X[0], torch.zeros(3, 24, dtype=torch.float64)])
-    est = KSubspaces(2, [3, 2], n_init=2, seed=0).fit(X)
-    assert torch.isfinite(est.bases_).all()
-    for k, d in enumerate([3, 2]):
-        B = est.bases_[k, :, :d]
-        assert torch.allclose(B.T @ B, torch.eye(d, dtype=torch.float64), atol=1e-10)
-    assert clustering_accuracy(data.labels[0], est.labels_[:60]).item() == 1.0
-    assert subspace_distance(est.bases_, data.bases[0], dims=[3, 2]).item() < 0.1
+    energy = torch.stack([(data.X[0] @ data.bases[0][k, :, :d]).pow(2).sum(1)
+                          for k, d in enumerate([3, 2])], 1)
+    best = clustering_accuracy(data.labels[0], energy.argmax(1)).item()
+    for seed in range(5):
+        est = KSubspaces(2, [3, 2], n_init=2, seed=seed).fit(X)
+        assert torch.isfinite(est.bases_).all()
+        for k, d in enumerate([3, 2]):
+            B = est.bases_[k, :, :d]
+            assert torch.allclose(B.T @ B, torch.eye(d, dtype=torch.float64), atol=1e-10)
+        assert clustering_accuracy(data.labels[0], est.labels_[:60]).item() == best
+        assert subspace_distance(est.bases_, data.bases[0], dims=[3, 2]).item() < 0.1
