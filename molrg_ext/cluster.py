@@ -244,23 +244,28 @@ def _fit_clusters(Xn: np.ndarray, labels: np.ndarray, dims: list, rng) -> tuple:
     return labels, [_top_subspace(Xn[labels == k], d, rng) for k, d in enumerate(dims)]
 
 
-def _neighborhood_bases(Xn: np.ndarray, K: int, d: int, rng: np.random.Generator) -> list:
-    """K initial d-dimensional bases, seeded like k-means++: each seed row is drawn with
-    probability proportional to the squared residual of its unit vector against the bases so
-    far (uniformly for the first, or when every row is explained; never a zero row), and its
-    basis is the top-d principal directions of the seed and its d nearest rows by |cosine|. For
-    a union of subspaces the nearest rows by angle mostly lie in the seed's own subspace, and
-    the residual draw keeps later seeds off the subspaces already found. Bases are d =
-    max(dims) wide, so a seed in a larger subspace is not cut down to a smaller d_k: the first
-    alternation fits each cluster with its own d_k after match_dims has paired clusters and
-    dims."""
-    N = Xn.shape[0]
+def _unit_rows(Xn: np.ndarray) -> tuple:
+    """(rows of Xn scaled to unit norm, which rows have a direction): zero rows stay zero."""
     norms = np.linalg.norm(Xn, axis=1, keepdims=True)
-    Y = Xn / np.maximum(norms, 1e-300)
-    # a zero row has no direction: it is never a seed (all-zero data: every row may be)
-    has_dir = norms[:, 0] > 0
-    res = has_dir.astype(float) if has_dir.any() else np.ones(N)
-    first = res.copy()
+    return Xn / np.maximum(norms, 1e-300), norms[:, 0] > 0
+
+
+def _neighborhood_bases(Xn: np.ndarray, Y: np.ndarray, has_dir: np.ndarray, K: int, d: int,
+                        rng: np.random.Generator) -> list:
+    """K initial d-dimensional bases, seeded like k-means++ (Y, has_dir: ``_unit_rows(Xn)``):
+    each seed row is drawn with probability proportional to the squared residual of its unit
+    vector against the bases so far (uniformly for the first, or when every row is explained;
+    never a zero row), and its basis is the top-d principal directions of the seed and its d
+    nearest rows by |cosine|. For a union of subspaces the nearest rows by angle mostly lie in
+    the seed's own subspace, and the residual draw keeps later seeds off the subspaces already
+    found. Bases are d = max(dims) wide, so a seed in a larger subspace is not cut down to a
+    smaller d_k: the first alternation fits each cluster with its own d_k after match_dims has
+    paired clusters and dims."""
+    N = Xn.shape[0]
+    # a zero row has no direction: its residual stays 0, so it is never a seed (all-zero data:
+    # every row may be)
+    first = has_dir.astype(float) if has_dir.any() else np.ones(N)
+    res = first
     bases = []
     for _ in range(K):
         total = res.sum()
@@ -273,7 +278,7 @@ def _neighborhood_bases(Xn: np.ndarray, K: int, d: int, rng: np.random.Generator
         near = np.argsort(-sim, kind="stable")[: min(N, d + 1)]
         B = _top_subspace(Xn[near], d, rng)
         bases.append(B)
-        res = np.minimum(res, np.clip(1.0 - ((Y @ B) ** 2).sum(axis=1), 0.0, 1.0) * first)
+        res = np.minimum(res, np.clip(1.0 - ((Y @ B) ** 2).sum(axis=1), 0.0, 1.0))
     return bases
 
 
@@ -344,16 +349,16 @@ class KSubspaces(_Base):
         Xn, dtype, dims = _validate_X(X, K, self.dims, where)
         init = "neighbors" if self.init == "auto" else self.init
         N, n = Xn.shape
+        if init in ("spectral", "neighbors"):
+            Y, has_dir = _unit_rows(Xn)  # once for all restarts
         rng = np.random.default_rng(seed)
         best = None
         for r in range(n_init):
             if init == "spectral" and r == 0:
-                norms = np.linalg.norm(Xn, axis=1, keepdims=True)
-                Y = Xn / np.maximum(norms, 1e-300)
                 lab = _spectral_labels(np.abs(Y @ Y.T), K, seed)
                 _, bases = _fit_clusters(Xn, lab, dims, rng)
             elif init == "neighbors":
-                bases = _neighborhood_bases(Xn, K, max(dims), rng)
+                bases = _neighborhood_bases(Xn, Y, has_dir, K, max(dims), rng)
             elif init == "points":  # the span of d_k distinct random data points
                 bases = [_top_subspace(Xn[rng.choice(N, size=min(d, N), replace=False)], d, rng)
                          for d in dims]
