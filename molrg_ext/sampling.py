@@ -47,12 +47,6 @@ def _edm_grid(num_steps, where: str, sigma_min: float = 0.002, sigma_max: float 
     return grid[:-1]  # without the final 0, which the samplers append
 
 
-def _levels(v, name: str, where: str, like: torch.Tensor) -> torch.Tensor:
-    """sigmas or scales as a tensor of like's dtype and device (real_tensor refuses bools and
-    complex numbers: a cast would give a grid of ones or drop the imaginary part)."""
-    return real_tensor(v, name, where, like.dtype, like.device)
-
-
 def _prepare(noise, sigmas, num_steps, where):
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError(f"{where}: noise must be a floating-point tensor")
@@ -65,7 +59,9 @@ def _prepare(noise, sigmas, num_steps, where):
     elif num_steps is not None:
         # unused with sigmas, but not ignored when it is not an int (None is fine: not given)
         as_int(num_steps, "num_steps", where, 1, _MAX_LEVELS)
-    sigmas = _levels(sigmas, "sigmas", where, noise)
+    # real_tensor refuses bools and complex numbers: a cast would give a grid of ones or drop
+    # the imaginary part
+    sigmas = real_tensor(sigmas, "sigmas", where, noise.dtype, noise.device)
     if sigmas.dim() > 1:
         raise ValueError(f"{where}: sigmas must be 1-D, got shape {tuple(sigmas.shape)}")
     sigmas = sigmas.reshape(-1)
@@ -159,7 +155,7 @@ def ddim_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.
     if scales is None:
         s = torch.ones_like(t)
     else:
-        s = _levels(scales, "scales", "ddim_sample", noise).reshape(-1)
+        s = real_tensor(scales, "scales", "ddim_sample", noise.dtype, noise.device).reshape(-1)
         if s.numel() != t.numel() - 1 or not torch.isfinite(s).all() or not (s > 0).all():
             raise ValueError(f"ddim_sample: scales must be {t.numel() - 1} finite values > 0")
         s = torch.cat([s, s.new_ones(1)])  # the clean sample has scale 1
