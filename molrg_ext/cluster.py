@@ -402,7 +402,9 @@ class EnSC(_Base):
     Each ``x_i`` is regressed on the other samples with ``ElasticNet(alpha, l1_ratio,
     fit_intercept=False)``; the affinity ``|C| + |C|^T`` goes to spectral clustering; the
     clusters are matched to ``dims`` (:func:`match_dims`) and cluster k gets its top-``dims[k]``
-    PCA basis.
+    PCA basis. ``fit`` warns when some samples get no edge in the affinity (an ``alpha`` too
+    large for the data zeroes their coefficients, as it does those of zero samples): spectral
+    clustering labels them arbitrarily.
     """
 
     def __init__(self, K: int, dims: Union[int, Sequence[int]], alpha: float = 1e-3,
@@ -450,6 +452,15 @@ class EnSC(_Base):
             raise ValueError(f"{where}: needs at least 2 samples")
         C = self.coefficients(Xn)
         W = np.abs(C) + np.abs(C).T
+        isolated = int(np.count_nonzero(~(W > 0).any(axis=1)))
+        if isolated and K > 1:
+            # ElasticNet gives a sample no coefficient when alpha outweighs every correlation
+            # (or the sample is zero): it has no edge in the affinity, and spectral clustering
+            # labels it arbitrarily.
+            warnings.warn(f"{where}: {isolated} of {Xn.shape[0]} samples have no nonzero "
+                          f"self-expressive coefficient (alpha = {self.alpha} too large for this "
+                          "data, or zero samples), so their labels carry no information",
+                          UserWarning, stacklevel=2)
         self.affinity_ = W
         labels = _spectral_labels(W, K, seed)
         labels, bases = _fit_clusters(Xn, labels, dims, np.random.default_rng(seed))

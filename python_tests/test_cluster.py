@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -45,7 +47,11 @@ def test_subspace_clustering_succeeds_at_2d_fails_at_half_d(est):
     good = sample_molrg(48, [4, 4], counts=[8, 8], instances=6, seed=1, dtype=torch.float64)
     bad = sample_molrg(48, [4, 4], counts=[2, 2], instances=6, seed=2, dtype=torch.float64)
     assert rate(est, good, [4, 4]) >= 0.8
-    assert rate(est, bad, [4, 4]) == 0.0
+    with warnings.catch_warnings():
+        # EnSC: 4 samples in 48 dimensions are nearly orthogonal, and alpha = 1e-3 leaves some of
+        # them without a coefficient (it says so; test_ensc_warns_when_samples_get_no_coefficient)
+        warnings.filterwarnings("ignore", "EnSC: .* no nonzero self-expressive", UserWarning)
+        assert rate(est, bad, [4, 4]) == 0.0
     acc = clustering_accuracy(good.labels[0], est.fit(good.X[0]).labels_)
     assert acc.item() == 1.0
 
@@ -121,6 +127,28 @@ def test_estimator_option_errors():
     with pytest.raises(ValueError, match="alpha"):
         EnSC(2, 3, alpha=-1).fit(X)
     assert KSubspaces(2, 3).fit(X).bases_.dtype == torch.float32
+
+
+def test_ensc_warns_when_samples_get_no_coefficient():
+    """An alpha above every |<x_i, x_j>| / N zeroes all ElasticNet coefficients: the affinity has
+    no edge, and the labels of spectral clustering carry no information. Zero samples get no
+    coefficient at any alpha."""
+    data = sample_molrg(10, [2, 2], N=30, seed=0, dtype=torch.float64)
+    X = data.X[0]
+    with pytest.warns(UserWarning, match=r"EnSC: 30 of 30 samples have no nonzero "
+                                          r"self-expressive coefficient \(alpha = 1000000.0"):
+        est = EnSC(2, 2, alpha=1e6).fit(X)
+    assert not est.affinity_.any()
+    Xz = X.clone()
+    Xz[[4, 17]] = 0
+    with pytest.warns(UserWarning, match="EnSC: 2 of 30 samples have no nonzero"):
+        est = EnSC(2, 2).fit(Xz)
+    assert sorted(np.flatnonzero(~est.affinity_.any(1)).tolist()) == [4, 17]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = EnSC(2, 2).fit(X)  # the default alpha: every sample has edges, no warning
+        assert est.affinity_.any(1).all()
+        EnSC(1, 2).fit(Xz)  # one cluster: the labels are all 0 whatever the affinity
 
 
 # --- heterogeneous dimensions: each cluster gets the d_k it fits ------------------------------

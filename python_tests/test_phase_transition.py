@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -56,6 +57,21 @@ def test_kss_cell_k2():
     torch.set_num_threads(1)
     assert run_cell(2, "kss", 3, 8, 5, 0.0, "quick", None, 0)["success_rate"] >= 0.8
     assert run_cell(2, "kss", 4, 2, 5, 0.0, "quick", None, 0)["success_rate"] == 0.0
+
+
+def test_ensc_cells_record_isolated_samples_without_warning():
+    """At N_k = 2, d = 3 the 4 samples in n = 48 are nearly orthogonal, and in 3 of these 20
+    instances EnSC leaves 2 of them without a coefficient; at N_k = 8 every sample has edges and
+    the cell succeeds."""
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        low = run_cell(2, "ensc", 3, 2, 20, 0.0, "quick", None, 0)
+        high = run_cell(2, "ensc", 3, 8, 4, 0.0, "quick", None, 0)
+    assert len(low["isolated_samples"]) == 20 and sum(low["isolated_samples"]) > 0
+    assert low["success_rate"] == 0.0
+    assert high["isolated_samples"] == [0, 0, 0, 0] and high["success_rate"] >= 0.75
+    assert "isolated_samples" not in run_cell(2, "kss", 3, 8, 2, 0.0, "quick", None, 0)
 
 
 def test_bad_arguments():
