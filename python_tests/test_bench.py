@@ -333,3 +333,21 @@ def test_unavailable_peer_stays_none_on_cuda():
     f = lambda: 3  # noqa: E731
     assert _synced_on_cuda(f, "cpu") is f
     assert _synced_on_cuda(f, "cuda") is not f  # wrapped: synchronises before returning
+
+
+def test_readme_benchmark_command_collects_every_suite():
+    """`pytest benchmarks --benchmark-only` (README) collects the bench_*.py suites: with
+    pytest's default file pattern (test_*.py) it collected nothing and exited with status 5."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q",
+                          "-p", "no:cacheprovider"], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    collected = {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
+    suites = {f"benchmarks/{p.name}" for p in (root / "benchmarks").glob("bench_*.py")}
+    cuda_only = {"benchmarks/bench_cuda.py", "benchmarks/bench_optimal_denoiser_cuda.py"}
+    assert suites - cuda_only <= collected, sorted(suites - cuda_only - collected)
