@@ -362,7 +362,10 @@ def jacobian_spectrum(
     or [B]. ``method``: ``"analytic"`` (SubspaceDAE only, closed form), ``"jacrev"`` (full
     Jacobian by ``vmap(jacrev)``, then SVD; ``chunk_size`` bounds memory), ``"lanczos"``
     (matrix-free top-``k``, default k = min(n, 32)), ``"auto"``: analytic for a SubspaceDAE,
-    else jacrev when n <= 1024, else lanczos. ``k`` truncates the exact methods too.
+    else jacrev when n <= 1024, else lanczos. ``k`` truncates the exact methods too. The
+    analytic spectrum has min(n, sum d_k) entries (the Jacobian's rank is at most sum d_k); a
+    larger ``k`` appends zero singular values and, with ``vectors``, an orthonormal basis of the
+    null space, so that k always gives k entries.
     """
     where = "jacobian_spectrum"
     _check_common(denoiser, x_t, method, where)
@@ -406,7 +409,23 @@ def jacobian_spectrum(
         if vecs is not None:
             vecs = vecs.narrow(out.svals.dim() - 1, 0, k)
         out = JacobianSpectrum(out.svals[..., :k], vecs, out.tail + extra)
+    elif k is not None and k > out.svals.shape[-1]:
+        out = _pad_null_space(out, k)
     return out
+
+
+def _pad_null_space(out: JacobianSpectrum, k: int) -> JacobianSpectrum:
+    """The analytic spectrum of rank r = min(n, sum d_k) completed to k > r entries: zero
+    singular values, and as their right singular vectors an orthonormal basis of the complement
+    of the r vectors (the Jacobian's null space; any basis of it is one), so that ``k`` always
+    gives k entries as the other methods do."""
+    r = out.svals.shape[-1]
+    svals = torch.cat([out.svals, out.svals.new_zeros(*out.svals.shape[:-1], k - r)], -1)
+    vecs = out.vectors
+    if vecs is not None:  # [..., r, n]: the full QR of their columns spans the complement
+        Q = torch.linalg.qr(vecs.transpose(-1, -2), mode="complete").Q
+        vecs = torch.cat([vecs, Q[..., r:k].transpose(-1, -2)], -2)
+    return JacobianSpectrum(svals, vecs, out.tail)
 
 
 def jacobian_rank(

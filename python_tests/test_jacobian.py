@@ -548,3 +548,34 @@ def test_compile_fullgraph_round_trip():
     comp = torch.compile(f, fullgraph=True, backend="aot_eager")(x, U, c, phi)
     torch.testing.assert_close(comp[1], eager[1])
     torch.testing.assert_close(comp[0], eager[0])
+
+
+@pytest.mark.parametrize("k", [5, 6])
+def test_analytic_k_above_the_rank_pads_with_the_null_space(k):
+    """The analytic spectrum has sum d_k = 4 entries; k = 5, 6 (<= n = 6) asked for directions
+    past the rank, and got 4 of them (shape [3, 4, 6], where jacrev gives [3, k, 6]). Now: zero
+    singular values and an orthonormal completion, which the Jacobian maps to zero."""
+    g = _gen(5)
+    n, dims = 6, [2, 2]
+    U = torch.randn(2, n, 2, generator=g, dtype=F64) / math.sqrt(n) * 2
+    dae = M.SubspaceDAE(n, dims, U=U, dtype=F64)
+    x = torch.randn(3, n, generator=g, dtype=F64)
+    sp = M.jacobian_spectrum(dae, x, 0.5, k=k, vectors=True)
+    assert sp.svals.shape == (3, k) and sp.vectors.shape == (3, k, n)
+    full = M.jacobian_spectrum(dae, x, 0.5, vectors=True)
+    assert full.svals.shape == (3, 4)  # without k: the rank's worth, as documented
+    torch.testing.assert_close(sp.svals[:, :4], full.svals, rtol=0, atol=0)
+    assert (sp.svals[:, 4:] == 0).all() and (sp.tail == 0).all()
+    V = sp.vectors
+    torch.testing.assert_close(V @ V.transpose(-1, -2), torch.eye(k, dtype=F64).expand(3, k, k),
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(V[:, :4], full.vectors, rtol=0, atol=0)
+    s2 = torch.tensor(0.25, dtype=F64)
+    c, phi = 1.0 / (1.0 + s2), 1.0 / (2.0 * s2 * (1.0 + s2))
+    bias = math.log(0.5) - 0.5 * torch.tensor(dims, dtype=F64) * torch.log1p(1.0 / s2)
+    for b in range(3):
+        J = torch.func.jacrev(lambda z: ref.subspace_dae(z[None], U, c[None], phi[None],
+                                                         bias[None], dims, "soft")[0])(x[b])
+        torch.testing.assert_close(J @ V[b, 4:].T, torch.zeros(n, k - 4, dtype=F64),
+                                   rtol=0, atol=1e-12)
+    assert M.jacobian_directions(dae, x, 0.5, k).shape == (3, k, n)
