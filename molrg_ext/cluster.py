@@ -340,7 +340,8 @@ class KSubspaces(_Base):
     clusters (when the d_k differ) so that the dimensions go to the clusters they fit best (see
     :func:`match_dims`; this never lowers the objective), then reassigns every point to the basis
     with the largest projection energy. ``labels_`` is that assignment for the final ``bases_``,
-    so ``fit_predict(X)`` equals ``fit(X).predict(X)``.
+    so ``fit_predict(X)`` equals ``fit(X).predict(X)``. ``fit`` warns when a cluster ends with no
+    sample: its basis was fitted to nothing and is random.
     """
 
     def __init__(self, K: int, dims: Union[int, Sequence[int]], n_init: int = 10,
@@ -395,6 +396,13 @@ class KSubspaces(_Base):
         self.bases_ = _pack(bases, n, dtype)
         # labels_ = the projection assignment for the stored bases_ (what predict computes)
         labels, obj = _assign(Xn, self.bases_.to(torch.float64).numpy())
+        empty = np.flatnonzero(np.bincount(labels, minlength=K) == 0)
+        if empty.size:
+            # its basis was fitted to no point: random orthonormal columns (_top_subspace)
+            warnings.warn(f"{where}: {empty.size} of K = {K} clusters hold no sample (clusters "
+                          f"{empty.tolist()}; more clusters than the data has subspaces or "
+                          "distinct points?), so their bases_ are arbitrary directions",
+                          UserWarning, stacklevel=2)
         self.objective_ = obj
         self.n_iter_ = iters
         self.labels_ = torch.from_numpy(labels.astype(np.int64))

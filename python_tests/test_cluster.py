@@ -51,6 +51,8 @@ def test_subspace_clustering_succeeds_at_2d_fails_at_half_d(est):
         # EnSC: 4 samples in 48 dimensions are nearly orthogonal, and alpha = 1e-3 leaves some of
         # them without a coefficient (it says so; test_ensc_warns_when_samples_get_no_coefficient)
         warnings.filterwarnings("ignore", "EnSC: .* no nonzero self-expressive", UserWarning)
+        # KSubspaces may end with an empty cluster there (it says so)
+        warnings.filterwarnings("ignore", "KSubspaces: .* hold no sample", UserWarning)
         assert rate(est, bad, [4, 4]) == 0.0
     acc = clustering_accuracy(good.labels[0], est.fit(good.X[0]).labels_)
     assert acc.item() == 1.0
@@ -329,6 +331,8 @@ def test_integer_like_K_and_dims_accepted():
     assert EnSC(2, (np.int64(1), 2)).fit(X).bases_.shape == (2, 8, 2)
 
 
+# the points and random starts end with an empty cluster in some restarts (and say so)
+@pytest.mark.filterwarnings("ignore:KSubspaces. .* hold no sample:UserWarning")
 @pytest.mark.parametrize("dims,n,count", [([3, 1, 2], 16, 20), ([8, 2, 5], 30, 30),
                                           ([1, 1, 1, 5], 20, 20), ([6, 6, 6], 48, 12)])
 def test_kss_neighbors_init_recovers_with_one_restart(dims, n, count):
@@ -402,3 +406,20 @@ def test_kss_neighbors_init_with_repeated_rows():
             est = KSubspaces(3, 3, n_init=1, seed=restart).fit(X)
             assert subspace_distance(est.bases_, data.bases[0]).item() < 1e-8, (seed, restart)
             assert clustering_accuracy(data.labels[0].repeat_interleave(5), est.labels_) == 1.0
+
+
+def test_kss_warns_about_empty_clusters():
+    """A cluster that ends with no sample has a basis fitted to nothing (random orthonormal
+    columns): three clusters on two planes from random starts, four on three distinct points."""
+    data = sample_molrg(10, [2, 2], N=60, seed=1, dtype=torch.float64)
+    X = data.X[0]
+    with pytest.warns(UserWarning, match=r"KSubspaces: 1 of K = 3 clusters hold no sample "
+                                         r"\(clusters \[2\];"):
+        est = KSubspaces(3, 2, init="random").fit(X)
+    assert torch.bincount(est.labels_, minlength=3).tolist()[2] == 0
+    with pytest.warns(UserWarning, match="KSubspaces: 1 of K = 4 clusters hold no sample"):
+        KSubspaces(4, 1).fit(torch.cat([X[:3]] * 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = KSubspaces(2, 2).fit(X)  # the right K: both clusters hold their plane
+        assert clustering_accuracy(data.labels[0], est.labels_) == 1.0
