@@ -342,6 +342,25 @@ def test_gaussian_fit_moments():
     torch.testing.assert_close(G(x, 1e6), G.mu.expand(4, 5), rtol=0, atol=1e-8)
 
 
+def test_gaussian_fit_rank_deficient_data_is_the_projector_at_zero_noise():
+    """Rank-3 data in R^8: eigh gave round-off eigenvalues 5e-16 and 5e-17 beside three exact
+    zeros, and they counted as support, so at sigma = 0 the map had rank 5 (||W - P|| = 1.41)
+    instead of being the projector onto the data's span."""
+    g = gen(0)
+    B = torch.linalg.qr(torch.randn(8, 3, dtype=torch.float64, generator=g)).Q
+    X = torch.randn(500, 3, dtype=torch.float64, generator=g) @ B.T + 2.0
+    G = GaussianDenoiser.fit(X)
+    assert (G.lam[3:] == 0).all() and (G.lam[:3] > 0.5).all()
+    W, b = G.matrix(0.0)
+    P = B @ B.T
+    torch.testing.assert_close(W, P, rtol=0, atol=1e-12)
+    x = torch.randn(4, 8, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(G(x, 0.0), G.mu + (x - G.mu) @ P, rtol=0, atol=1e-12)
+    # a small but real variance (1e-10 of the largest, far above round-off) stays support
+    X2 = X + 1e-5 * torch.randn(500, 1, dtype=torch.float64, generator=g) * G.U[:, 4]
+    assert int((GaussianDenoiser.fit(X2).lam > 0).sum()) == 4
+
+
 @pytest.mark.parametrize("sigma", [0.01, 0.5, 2.0, 40.0])
 def test_gaussian_equals_subspace_dae_k1(sigma):
     """N(0, U U^T) is the MoLRG with K = 1: D_G must equal subspace_dae with c = 1/(1+sigma^2)."""
