@@ -448,6 +448,33 @@ def test_linearity_score_is_one_for_linear_denoisers():
                                torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+def test_linearity_score_does_not_depend_on_the_output_scale():
+    """F.cosine_similarity clamps the norms at 1e-8: a linear map with outputs of norm ~1e-10
+    scored 0.002 (read: far from linear). Scaled outputs now score as the unscaled ones; a zero
+    map is exactly linear (1), and a pair with one zero output counts 0."""
+    g = gen(17)
+    n = 8
+    X = torch.randn(50, n, generator=g, dtype=torch.float64)
+    W = torch.randn(n, n, generator=g, dtype=torch.float64)
+    lin = linearity_score(lambda x, s: x @ W.T, X, [0.5, 2.0], n_pairs=20, generator=gen(0))
+    tiny = linearity_score(lambda x, s: 1e-12 * (x @ W.T), X, [0.5, 2.0], n_pairs=20,
+                           generator=gen(0))
+    torch.testing.assert_close(tiny, lin, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lin, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
+    relu = lambda x, s: torch.relu(x - 0.5)  # noqa: E731  (nonlinear, zero on many pairs)
+    big = linearity_score(relu, X, [1.0], n_pairs=40, generator=gen(1))
+    small = linearity_score(lambda x, s: 1e-30 * relu(x, s), X, [1.0], n_pairs=40,
+                            generator=gen(1))
+    torch.testing.assert_close(small, big, rtol=0, atol=1e-12)
+    assert 0.3 < big.item() < 0.99
+    zero = linearity_score(lambda x, s: torch.zeros_like(x), X, [1.0], n_pairs=10)
+    assert zero.tolist() == [1.0]
+    from molrg_ext.metrics.linearity import _cosines
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [3e-200, 4e-200]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0], [6e-300, 8e-300]], dtype=torch.float64)
+    assert _cosines(a, b).tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
 def test_linearity_score_detects_memorisation():
     """The multi-delta denoiser of a small training set is far from linear at intermediate noise
     (it snaps to training points) and nearly linear at very large noise (it returns the mean)."""

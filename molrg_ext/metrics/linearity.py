@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .._args import (INDEX_MAX, as_int, check_denoiser_data, check_denoiser_output,
                      check_generator, real_number, real_tensor)
@@ -47,7 +46,8 @@ def linearity_score(
 ) -> torch.Tensor:
     """Mean absolute cosine similarity between ``D(alpha x1 + beta x2)`` and ``alpha D(x1) +
     beta D(x2)`` (the absolute value as in eq. (11); it matters only where some cosines are
-    negative, i.e. for strongly nonlinear denoisers).
+    negative, i.e. for strongly nonlinear denoisers). The cosine does not depend on the outputs'
+    scale; a pair where both are exactly zero counts 1 (exactly linear), one zero 0.
 
     Args:
         denoiser: callable ``denoiser(x, sigma)`` on ``[B, *shape]`` batches.
@@ -83,7 +83,22 @@ def linearity_score(
         x = torch.cat([x1, x2, alpha * x1 + beta * x2])
         d = check_denoiser_output(denoiser(x, s), x, s, where)
         d1, d2, d12 = d[:n_pairs], d[n_pairs:2 * n_pairs], d[2 * n_pairs:]
-        cos = F.cosine_similarity(d12.reshape(n_pairs, -1).double(),
-                                  (alpha * d1 + beta * d2).reshape(n_pairs, -1).double(), dim=1)
+        cos = _cosines(d12.reshape(n_pairs, -1).double(),
+                       (alpha * d1 + beta * d2).reshape(n_pairs, -1).double())
         out[j] = cos.abs().mean()
     return out
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine of a and b [M, n] whatever their scale: each row is divided by its largest
+    |entry| first (F.cosine_similarity clamps the norms at 1e-8, which took the score of a linear
+    map with outputs of norm 1e-10 to 0.002). Two zero rows: 1 (the combination is exactly
+    linear); one zero row: 0."""
+    def unit_scale(v):
+        m = v.abs().amax(1, keepdim=True)
+        return torch.where(m > 0, v / torch.where(m > 0, m, 1.0), 0.0), m[:, 0] > 0
+
+    (ua, nza), (ub, nzb) = unit_scale(a), unit_scale(b)
+    den = ua.norm(dim=1) * ub.norm(dim=1)
+    cos = (ua * ub).sum(1) / torch.where(den > 0, den, 1.0)
+    return torch.where(nza & nzb, cos, (~nza & ~nzb).to(cos.dtype))
