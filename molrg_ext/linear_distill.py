@@ -6,6 +6,7 @@ we solve it in closed form with ``torch.linalg.lstsq`` (float64), which is its e
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -148,7 +149,9 @@ def linear_distill(
         sigmas: noise levels > 0: a sequence (or 1-D tensor) of numbers; a single number (or a 0-d
             tensor) is taken as a one-level grid ``[sigma]``.
         n_samples: input/output pairs per level (default ``max(4 (n + 1), N)``); must exceed n so
-            that the affine least-squares problem has a unique solution.
+            that the affine least-squares problem has a unique solution. A level whose noisy
+            inputs still span fewer than n + 1 dimensions (a sigma below X0's resolution) gives a
+            warning: its fit is the minimum-norm one.
         generator: torch.Generator for reproducibility.
         batch_size: denoiser calls are chunked to this many samples (an int >= 1).
 
@@ -194,8 +197,17 @@ def linear_distill(
         y = torch.cat(ys)
         A = torch.cat([x.reshape(M, n).double(), torch.ones(M, 1, dtype=torch.float64,
                                                              device=X0.device)], 1)
-        sol = torch.linalg.lstsq(A, y.reshape(M, n).double(),
-                                 driver="gelsd" if A.device.type == "cpu" else None).solution
+        fit = torch.linalg.lstsq(A, y.reshape(M, n).double(),
+                                 driver="gelsd" if A.device.type == "cpu" else None)
+        sol = fit.solution
+        rank = int(fit.rank) if fit.rank.numel() else int(torch.linalg.matrix_rank(A))
+        if rank < n + 1:
+            # e.g. sigma below X0's resolution: x = x_0 + sigma eps rounds back to the N points
+            warnings.warn(f"{where}: at sigma = {s:g} the {M} noisy inputs span only {rank} of "
+                          f"the n + 1 = {n + 1} dimensions of the affine fit, so W and b are the "
+                          "minimum-norm one of many fits (sigma below X0's resolution in "
+                          f"{X0.dtype}? use float64 or a larger sigma)", UserWarning,
+                          stacklevel=2)
         Ws.append(sol[:n].T)
         bs.append(sol[n])
     W = torch.stack(Ws).to(X0.dtype)

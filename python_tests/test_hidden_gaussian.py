@@ -1,6 +1,7 @@
 """Tests of the seed-003 tools: optimal (multi-delta) denoiser op, Gaussian denoiser and its
 closed-form trajectory, linearity score, linear distillation."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -578,6 +579,20 @@ def test_linear_distill_recovers_affine_denoiser_exactly():
         torch.testing.assert_close(L.b[j], b, rtol=1e-8, atol=1e-8)
         x = torch.randn(3, n, generator=g, dtype=torch.float64)
         torch.testing.assert_close(L(x, s), G(x, s), rtol=1e-8, atol=1e-8)
+
+
+def test_linear_distill_warns_when_the_noise_is_below_the_resolution():
+    """float32, sigma = 1e-9: x_0 + sigma eps rounds back to the 5 training points, so the
+    design spans 6-7 of the 17 dimensions, and the minimum-norm fit of the identity denoiser was a
+    rank-6 map (||W - I|| = 3.19) with no word. At sigma = 1e-3 the fit is I, without a warning."""
+    X0 = torch.randn(5, 16, generator=gen(3))
+    with pytest.warns(UserWarning, match=r"linear_distill: at sigma = 1e-09 the 68 noisy inputs "
+                                         r"span only [0-9] of the n \+ 1 = 17 dimensions"):
+        linear_distill(lambda x, s: x.clone(), X0, [1e-9], generator=gen(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ld = linear_distill(lambda x, s: x.clone(), X0, [1e-3], generator=gen(1))
+    torch.testing.assert_close(ld.W[0], torch.eye(16), rtol=0, atol=1e-4)
 
 
 def test_linear_distill_of_mean_denoiser_and_bad_inputs():
