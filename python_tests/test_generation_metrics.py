@@ -22,6 +22,24 @@ def test_nearest_neighbours_match_scipy_in_small_chunks():
     assert nn_distance_sum(x, chunk=3) == pytest.approx(Dx.min(1).sum(), rel=1e-9)
 
 
+def test_distances_and_gl_score_do_not_depend_on_a_common_offset():
+    """|x|^2 + |y|^2 - 2 x.y in float64 lost every digit at an offset of 1e8: all distances 0 and
+    a GL score of 0.0 (or 0.5, or "all reference samples coincide"), where the true one is 0.99."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 16, dtype=torch.float64, generator=g)
+    y = torch.randn(200, 16, dtype=torch.float64, generator=g)
+    Dx = cdist(x.numpy(), x.numpy())
+    np.fill_diagonal(Dx, np.inf)
+    for offset in (1e4, 1e8, 1e12):
+        np.testing.assert_allclose(nearest_neighbor_distances(x + offset, chunk=64).numpy(),
+                                   Dx.min(1), rtol=1e-3 if offset > 1e10 else 1e-6)
+        np.testing.assert_allclose(nearest_neighbor_distances(x + offset, y + offset).numpy(),
+                                   cdist(x.numpy(), y.numpy()).min(1),
+                                   rtol=1e-3 if offset > 1e10 else 1e-6)
+        assert gl_score(x + offset, y + offset) == pytest.approx(gl_score(x, y), rel=1e-3)
+    assert gl_score(x, y) == pytest.approx(0.9906, abs=1e-4)
+
+
 def test_duplicates_have_zero_self_distance():
     x = torch.randn(10, 4, dtype=torch.float64)
     xx = torch.cat([x, x])

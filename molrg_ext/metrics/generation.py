@@ -54,7 +54,8 @@ def nearest_neighbor_distances(x: torch.Tensor, y: Optional[torch.Tensor] = None
                                chunk: int = 1024) -> torch.Tensor:
     """For each row of ``x`` the Euclidean distance to its nearest row of ``y``; with ``y=None``
     the nearest *other* row of ``x`` (the row itself excluded by index, so duplicates give ~0).
-    Computed in float64, ``chunk x chunk`` blocks at a time."""
+    Computed in float64 on rows centred on the mean of ``y`` (so a common offset costs no
+    accuracy), ``chunk x chunk`` blocks at a time."""
     return _nn_distances(x, y, chunk, "nearest_neighbor_distances")
 
 
@@ -74,6 +75,10 @@ def _nn_distances(x, y, chunk, where: str, x_name: str = "x", y_name: str = "y")
         if y.shape[1] != x.shape[1]:
             raise ValueError(f"{where}: {x_name} has {x.shape[1]} features but {y_name} has "
                              f"{y.shape[1]}")
+    # |x|^2 + |y|^2 - 2 x.y cancels to round-off when the norms dwarf the distances (a common
+    # offset of 1e8 gave every distance 0): centred on the reference rows' mean, it does not
+    centre = y.mean(0)
+    x, y = x - centre, (x - centre if self_mode else y - centre)
     out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     y_sq = (y * y).sum(1)
     _check_norms(y_sq, y_name, where)
