@@ -1,4 +1,6 @@
 """EDM Heun and DDIM samplers, driven by exact posterior-mean denoisers."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -194,3 +196,36 @@ def test_sampler_warns_only_where_the_mode_changes_the_output():
         for sampler in (heun_sample, ddim_sample):
             with pytest.warns(UserWarning, match="in training mode"):
                 sampler(m, z, num_steps=3)
+
+
+def test_heun_takes_the_euler_step_where_the_correction_would_amplify_rounding():
+    """float32, sigmas [80, 1, 1e-10]: Heun's correction at the last step divided the
+    denoiser's rounding error by 1e-10, and the samples ended 62 away from the training points
+    they belong to (float64: 3e-8). That step now takes the Euler step, with a warning; grids with
+    moderate ratios run exactly as before, without one."""
+    from molrg_ext.hidden_gaussian import OptimalDenoiser
+
+    g = torch.Generator().manual_seed(0)
+    Xt = torch.randn(50, 8, dtype=torch.float64, generator=g)
+    noise = torch.randn(4, 8, dtype=torch.float64, generator=g)
+    den = OptimalDenoiser(Xt.float())
+    with pytest.warns(UserWarning, match=r"heun_sample: 1 step\(s\) shrink sigma by too large a "
+                                         r"factor for torch.float32 \(first: 1 -> 1e-10\)"):
+        x = heun_sample(den, noise.float(), sigmas=[80.0, 1.0, 1e-10])
+    assert torch.cdist(x.double(), Xt).min(1).values.max().item() < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x64 = heun_sample(OptimalDenoiser(Xt), noise, sigmas=[80.0, 1.0, 1e-10])  # ratio ok
+        assert torch.cdist(x64, Xt).min(1).values.max().item() < 1e-6
+        t = torch.tensor([80.0, 10.0, 1.0, 0.1])
+        a = heun_sample(den, noise.float(), sigmas=t)
+    # the same moderate grid by hand: every step with Heun's correction, then Euler to 0
+    x = noise.float() * t[0]
+    for i in range(3):
+        d0 = den(x, t[i].expand(4))
+        s0 = (x - d0) / t[i]
+        xe = x + (t[i + 1] - t[i]) * s0
+        s1 = (xe - den(xe, t[i + 1].expand(4))) / t[i + 1]
+        x = x + (t[i + 1] - t[i]) * 0.5 * (s0 + s1)
+    x = x + (0 - t[3]) * ((x - den(x, t[3].expand(4))) / t[3])
+    assert torch.equal(a, x)
