@@ -133,8 +133,13 @@ class GaussianDenoiser(nn.Module):
         mu = X2.mean(0)
         Xc = X2 - mu
         cov = Xc.T @ Xc / X2.shape[0]
-        out = cls.from_moments(mu, cov, X.shape[1:])
-        return out.to(X.dtype)
+        out = cls.from_moments(mu, cov, X.shape[1:]).to(X.dtype)
+        if not (torch.isfinite(out.lam).all() and torch.isfinite(out.mu).all()):
+            # the moments are taken in float64; in X's dtype the largest may not fit
+            raise ValueError(f"{where}: X's mean or variances (largest eigenvalue "
+                             f"{float(cov.diagonal().sum()):.3g} at most) overflow {X.dtype}; "
+                             "rescale X or pass it as float64")
+        return out
 
     # ---------------------------------------------------------------------------------- maps
     @property
@@ -162,7 +167,10 @@ class GaussianDenoiser(nn.Module):
         den = self.lam + s2
         # sigma = 0 with lambda = 0: the limit of the shrinkage is 0 for sigma -> 0+ off the
         # support; use 1 on the support and 0 off it.
-        return torch.where(den > 0, self.lam / den.clamp_min(torch.finfo(den.dtype).tiny),
+        # (the division's denominator is 1 where den = 0, not den clamped at the smallest normal
+        # number: that inflated subnormal ones, float32 data of scale 1e-20 shrank by 0.012
+        # where it should by 0.85)
+        return torch.where(den > 0, self.lam / torch.where(den > 0, den, torch.ones_like(den)),
                            torch.zeros_like(den))
 
     def forward(self, x: torch.Tensor, sigma: Number) -> torch.Tensor:

@@ -362,6 +362,25 @@ def test_gaussian_fit_rank_deficient_data_is_the_projector_at_zero_noise():
     assert int((GaussianDenoiser.fit(X2).lam > 0).sum()) == 4
 
 
+def test_gaussian_float32_at_extreme_scales():
+    """Scale 1e-20: the eigenvalues are subnormal floats, and dividing by lam + sigma^2 clamped
+    at the smallest normal number shrank by 0.012 instead of 0.85 (output 99% off). Scale 1e20:
+    the variances overflow float32, and fit stored inf eigenvalues (NaN outputs); it now says
+    so."""
+    g = gen(1)
+    X = torch.randn(100, 8, dtype=torch.float64, generator=g)
+    x = torch.randn(3, 8, dtype=torch.float64, generator=g)
+    for sc in (1e-20, 1.0):
+        G64, G32 = GaussianDenoiser.fit(X * sc), GaussianDenoiser.fit((X * sc).float())
+        y64 = G64(x * sc, 0.5 * sc)
+        err = (G32((x * sc).float(), 0.5 * sc).double() - y64).norm() / y64.norm()
+        assert err.item() < (1e-4 if sc < 1 else 1e-6), (sc, err)
+    with pytest.raises(ValueError, match="GaussianDenoiser.fit: X's mean or variances .* "
+                                         "overflow torch.float32; rescale X or pass it as float64"):
+        GaussianDenoiser.fit((X * 1e20).float())
+    assert torch.isfinite(GaussianDenoiser.fit(X * 1e20).lam).all()  # float64 holds them
+
+
 @pytest.mark.parametrize("sigma", [0.01, 0.5, 2.0, 40.0])
 def test_gaussian_equals_subspace_dae_k1(sigma):
     """N(0, U U^T) is the MoLRG with K = 1: D_G must equal subspace_dae with c = 1/(1+sigma^2)."""
