@@ -29,8 +29,10 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; exit 1; fi; \
 	exit $$rc
 
+# the entry point, not `python -m benchmarks`: from the repository root that would import the
+# source tree's molrg_ext (no built extension there) instead of the installed one
 bench: install
-	$(BIN)/python -m benchmarks
+	$(BIN)/molrg bench
 
 check-cuda:
 	bash scripts/check_cuda.sh

@@ -5,7 +5,19 @@ with it) together with their autograd and fake kernels.
 """
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
-from . import _C
+try:
+    from . import _C
+except ImportError as _err:  # a source checkout without the built extension, e.g. the repo root
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    raise ImportError(
+        f"molrg_ext was imported from {_here}, which holds no built extension (_C): a source "
+        "tree on sys.path (Python puts the current directory first for 'python -m' and "
+        "'python -c') hides an installed molrg_ext. Build it in place "
+        "(scripts/build_inplace.sh), or use the installed entry points ('molrg bench', "
+        "'pytest'), or run from another directory."
+    ) from _err
 from . import reference
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients

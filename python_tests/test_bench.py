@@ -343,11 +343,30 @@ def test_readme_benchmark_command_collects_every_suite():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q",
-                          "-p", "no:cacheprovider"], cwd=root, capture_output=True, text=True,
-                         timeout=300)
+    # pytest's entry script, as a user runs it: `python -m pytest` from the repository root would
+    # import the source tree's molrg_ext, which has no built extension in a clean clone (CI)
+    script = Path(sys.executable).with_name("pytest")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "pytest"]
+    out = subprocess.run(cmd + ["benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     collected = {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
     suites = {f"benchmarks/{p.name}" for p in (root / "benchmarks").glob("bench_*.py")}
     cuda_only = {"benchmarks/bench_cuda.py", "benchmarks/bench_optimal_denoiser_cuda.py"}
     assert suites - cuda_only <= collected, sorted(suites - cuda_only - collected)
+
+
+def test_source_tree_without_extension_says_why_it_cannot_import(tmp_path):
+    """`python -m benchmarks` from a clean clone's root (the package installed into the venv)
+    imported the source tree's molrg_ext, which has no _C there, and failed with "cannot import
+    name '_C' from partially initialized module". The error now says what happened and what to
+    run instead (`make bench` runs the `molrg bench` entry point)."""
+    src = Path(__file__).resolve().parents[1] / "molrg_ext"
+    shutil.copytree(src, tmp_path / "molrg_ext",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", "import molrg_ext"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "holds no built extension (_C)" in out.stderr and "molrg bench" in out.stderr, \
+        out.stderr[-2000:]
