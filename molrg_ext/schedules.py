@@ -103,13 +103,20 @@ class Schedule:
         t = self._time(t, "weight")
         return torch.ones_like(t)
 
+    def train_time(self, u: torch.Tensor) -> torch.Tensor:
+        """The training time at ``u`` in [0, 1]: ``t = u`` for the schedules whose times are
+        [0, 1] (an :class:`EDM` maps u to its own sigma range). :meth:`time_grid` takes u = i / L,
+        ``NetworkTrainer`` draws u ~ U[t_min, 1]."""
+        return u
+
     def time_grid(self, L: int = 64, dtype=torch.float64, device=None) -> torch.Tensor:
-        """The L training levels ``t_i = i / L``, ``i = 1..L`` (t = 0 excluded); ``1 <= L < 2^32``,
-        ``dtype`` float32 or float64 (None: torch's default)."""
+        """The L training levels ``t_i = train_time(i / L)``, ``i = 1..L`` (``t_i = i / L``, t = 0
+        excluded, except for :class:`EDM`); ``1 <= L < 2^32``, ``dtype`` float32 or float64
+        (None: torch's default)."""
         where = f"{type(self).__name__}.time_grid"
         L = as_int(L, "L", where, 1, _MAX_LEVELS)
         _check_grid_dtype(dtype, where)
-        return torch.arange(1, L + 1, dtype=dtype, device=device) / L
+        return self.train_time(torch.arange(1, L + 1, dtype=dtype, device=device) / L)
 
     def levels(self, L: int = 64, dtype=torch.float64, device=None):
         """``(t, s, sigma, weight)`` on :meth:`time_grid`, each of shape ``[L]``."""
@@ -232,7 +239,9 @@ class VE(Schedule):
 
 class EDM(Schedule):
     """Karras et al. (EDM): ``s_t = 1``, ``sigma(t) = t`` for ``t in [0, inf)``; sampling grid
-    :meth:`sigma_steps` and preconditioning :meth:`precond` for network denoisers.
+    :meth:`sigma_steps` and preconditioning :meth:`precond` for network denoisers. Training
+    levels (:meth:`time_grid`, and the draws of ``NetworkTrainer(noise=EDM(...))``) are
+    log-uniform over [sigma_min, sigma_max] (:meth:`train_time`).
 
     ``weighting``: ``"uniform"`` (default, ``lambda = 1``) or ``"edm"``
     (``lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``).
@@ -258,6 +267,13 @@ class EDM(Schedule):
 
     def sigma(self, t):
         return self._time(t, "sigma").clone()
+
+    def train_time(self, u: torch.Tensor) -> torch.Tensor:
+        """``sigma_min (sigma_max / sigma_min)^u``: training levels and draws log-uniform over
+        [sigma_min, sigma_max]. (The identity map of the other schedules put every EDM training
+        level in (0, 1], whatever sigma_min and sigma_max said.)"""
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return torch.exp(lo + (hi - lo) * u)
 
     def sigma_to_t(self, sigma):
         where = "EDM.sigma_to_t"

@@ -9,7 +9,8 @@ from molrg_ext.schedules import EDM, VE, VP, Schedule, get_schedule
 @pytest.mark.parametrize("sched", [VP(), VE(), EDM(), VP(0.5, 5.0), VE(0.01, 10.0)])
 def test_gamma_is_s_sigma_and_sigma_to_t_inverts(sched):
     t = sched.time_grid(64)
-    assert t.shape == (64,) and t[0] > 0 and t[-1] == 1.0
+    top = sched.sigma_max if isinstance(sched, EDM) else 1.0  # EDM: t is sigma
+    assert t.shape == (64,) and t[0] > 0 and math.isclose(t[-1].item(), top, rel_tol=1e-12)
     assert torch.allclose(sched.gamma(t), sched.s(t) * sched.sigma(t))
     assert torch.allclose(sched.sigma_to_t(sched.sigma(t)), t, rtol=1e-9, atol=1e-12)
     assert (torch.diff(sched.sigma(t)) > 0).all()  # noise grows with t
@@ -46,6 +47,35 @@ def test_edm_sigma_steps_match_karras_formula():
     assert math.isclose(st[i].item(), expect, rel_tol=1e-12)
     assert (torch.diff(st) < 0).all()
     assert torch.equal(sched.sigma(torch.tensor(0.3)), torch.tensor(0.3))
+
+
+def test_edm_training_levels_cover_its_sigma_range():
+    """EDM's time is sigma, and the levels t = i / L of the other schedules put every EDM
+    training level in (0, 1] whatever sigma_min and sigma_max said (make_levels, SubspaceTrainer
+    with schedule='edm', NetworkTrainer(noise=EDM())). They are now log-uniform over the range."""
+    from molrg_ext import make_levels
+    from molrg_ext.models import make_mlp_denoiser
+    from molrg_ext.train import NetworkTrainer
+
+    for smin, smax in ((0.002, 80.0), (0.5, 2.0)):
+        sched = EDM(smin, smax)
+        t = sched.time_grid(8)
+        expect = smin * (smax / smin) ** (torch.arange(1, 9, dtype=torch.float64) / 8)
+        torch.testing.assert_close(t, expect, rtol=1e-12, atol=0)
+        torch.testing.assert_close(make_levels(sched, 8).gamma, expect, rtol=1e-12, atol=0)
+    tr = NetworkTrainer(make_mlp_denoiser(4, 8, 1), torch.randn(16, 4), noise=EDM(),
+                        weighting="none", seed=0)
+    sig = tr.sample_sigma(20000).double()
+    assert sig.min() >= 0.002 and sig.max() <= 80.0 and sig.max() > 60.0
+    u = (sig.log() - math.log(0.002)) / (math.log(80.0) - math.log(0.002))
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs((u < 0.25).double().mean().item() - 0.25) < 0.01
+    # a schedule object with sigma(t) only still draws t ~ U[t_min, 1]
+    class Lin:
+        def sigma(self, t):
+            return 2.0 * t
+    sig = NetworkTrainer(make_mlp_denoiser(4, 8, 1), torch.randn(16, 4), noise=Lin(),
+                         weighting="none", seed=0).sample_sigma(1000)
+    assert sig.min() >= 2e-3 and sig.max() <= 2.0
 
 
 def test_edm_precond_closed_forms():

@@ -5,7 +5,8 @@ Each step draws a mini-batch of training samples and one noise level per sample,
 (loss (6) in the VE parameterisation; a VP-type schedule is the same problem on ``x_t / s_t``).
 
 Noise levels: ``noise="lognormal"`` is EDM's ``ln sigma ~ N(P_mean, P_std^2)``; or pass a schedule
-object (``sigma(t)``; e.g. from :mod:`molrg_ext.schedules`) to draw ``t ~ U[t_min, 1]``.
+object (``sigma(t)``; e.g. from :mod:`molrg_ext.schedules`) to draw ``u ~ U[t_min, 1]`` and take
+``t = schedule.train_time(u)`` (``t = u``; an ``EDM`` draws sigma log-uniform over its range).
 Weighting: ``"edm"`` uses ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2`` (EDM), ``"none"`` uses 1.
 
 The trainer keeps an EMA copy of the model, the loss and gradient-norm history, and the kimg
@@ -192,7 +193,11 @@ class NetworkTrainer:
         g, dt, dev = self.generator, self.data.dtype, self.data.device
         if isinstance(self.noise, str):
             return (torch.randn(B, generator=g, dtype=dt, device=dev) * self.P_std + self.P_mean).exp()
-        t = self.t_min + (1 - self.t_min) * torch.rand(B, generator=g, dtype=dt, device=dev)
+        u = self.t_min + (1 - self.t_min) * torch.rand(B, generator=g, dtype=dt, device=dev)
+        # a schedule's training time at u (molrg_ext.schedules: u itself, or EDM's log-uniform
+        # sigma); a plain object with sigma(t) only: t = u
+        train_time = getattr(self.noise, "train_time", None)
+        t = train_time(u) if callable(train_time) else u
         return torch.as_tensor(self.noise.sigma(t), dtype=dt, device=dev)
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
