@@ -1,6 +1,7 @@
 """Network denoisers (EDM preconditioning, U-Net, MLP) and the network trainer."""
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -132,6 +133,54 @@ def _toy_data(N=64, n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(n, 3, generator=g))[0]
     return (torch.randn(N, 3, generator=g) @ U.T).contiguous(), U
+
+
+def test_trainer_resume_with_dropout_reproduces_loss_curve(tmp_path):
+    """Dropout draws from torch's global generator, which checkpoints did not save: the resumed
+    curve left the uninterrupted one at the first resumed step. It is saved and restored now
+    (the resuming process's own global state does not matter)."""
+    X = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def make(ckpt=None):
+        torch.manual_seed(0)
+        net = make_unet_denoiser((1, 4, 4), model_channels=4, channel_mult=(1,), dropout=0.3)
+        return NetworkTrainer(net, X, batch_size=8, seed=1, checkpoint=ckpt)
+
+    full = make().train(6)["loss"]
+    ckpt = str(tmp_path / "c.pt")
+    make(ckpt).train(3)
+    resumed = make(ckpt)
+    torch.manual_seed(123)  # another process would start from another global state...
+    resumed = make(ckpt)    # ...which the checkpoint's replaces
+    assert resumed.train(3)["loss"] == full
+
+
+def test_trainer_resume_checks_settings_and_takes_the_new_lr(tmp_path):
+    """Resuming with a new lr kept the checkpoint's (Adam's state brought it back) while
+    trainer.lr reported the new one; other data, weighting or noise resumed silently."""
+    data, _ = _toy_data()
+    ckpt = str(tmp_path / "c.pt")
+
+    def make(**kw):
+        torch.manual_seed(0)
+        args = dict(batch_size=16, lr=1e-3, seed=3, checkpoint=ckpt) | kw
+        return NetworkTrainer(make_mlp_denoiser(12, hidden=16, depth=1), args.pop("data", data),
+                              **args)
+
+    make().train(3)
+    with pytest.warns(UserWarning, match=r"resuming at step 3 with lr 0.05; the checkpoint was "
+                                         r"trained with lr 0.001"):
+        t = make(lr=5e-2)
+    assert t.step == 3 and t.lr == 0.05
+    assert all(g["lr"] == 0.05 for g in t.optimizer.param_groups)
+    for kw, name in ((dict(weighting="none"), "weighting"), (dict(data=data * 2), "data"),
+                     (dict(noise=molrg_ext.schedules.VE()), "noise"),
+                     (dict(ema_decay=0.5), "ema_decay")):
+        with pytest.raises(ValueError, match=f"other settings \\({name} "):
+            make(**kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make().step == 3  # the same settings resume quietly
 
 
 def test_trainer_resume_reproduces_loss_curve(tmp_path):

@@ -11,13 +11,17 @@ Weighting: ``"edm"`` uses ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2`` (E
 
 The trainer keeps an EMA copy of the model, the loss and gradient-norm history, and the kimg
 counter of eq. (47) (``kimg = steps * batch / 1000``). ``save()`` writes model, EMA, optimiser,
-RNG state, step and history atomically; ``NetworkTrainer(..., checkpoint=path)`` resumes from it,
-and the resumed run reproduces the uninterrupted loss curve.
+RNG states (the trainer's generator and torch's global one, which dropout draws from), step,
+settings and history atomically; ``NetworkTrainer(..., checkpoint=path)`` resumes from it, and
+the resumed run reproduces the uninterrupted loss curve. A checkpoint trained with other settings
+(batch size, noise, weighting, sigma_data, EMA, gradient clipping, or other data) is refused; a
+new ``lr`` is used from the resumed step on, with a warning.
 """
 from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 import warnings
 from typing import Optional
@@ -54,6 +58,25 @@ def _read(path: str) -> io.BytesIO:
 
 
 _STATE_KEYS = ("model", "ema", "optimizer", "generator", "step", "history")
+
+
+def _noise_key(noise):
+    """A comparable description of a noise setting: the string, or the schedule's class and its
+    number, string and bool attributes."""
+    if isinstance(noise, str):
+        return noise
+    attrs = getattr(noise, "__dict__", {})
+    return (type(noise).__qualname__,
+            tuple(sorted((k, v) for k, v in attrs.items() if isinstance(v, (bool, int, float, str)))))
+
+
+def _same(a, b) -> bool:
+    """Equal settings, floats up to rounding (a sum over the data may move in the last bits)."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (a != a and b != b)
+    return a == b
 
 
 def _check_state(state, name: str, where: str) -> None:
@@ -265,16 +288,36 @@ class NetworkTrainer:
             self.save()
         return self.history
 
-    def state_dict(self) -> dict:
+    def _settings(self) -> dict:
+        """What a resumed run must share with the run that saved it (besides batch_size): the
+        noise draws, the loss, the EMA, and the training data (shape, dtype and two sums)."""
+        d = self.data.detach().double()
         return {
+            "noise": _noise_key(self.noise), "P_mean": self.P_mean, "P_std": self.P_std,
+            "t_min": self.t_min, "weighting": self.weighting, "sigma_data": self.sigma_data,
+            "ema_decay": self.ema_decay, "grad_clip": self.grad_clip,
+            "data": (tuple(self.data.shape), str(self.data.dtype), float(d.sum()),
+                     float(d.square().sum())),
+        }
+
+    def state_dict(self) -> dict:
+        """Model, EMA, optimiser, the trainer's generator and torch's global random state (which
+        dropout draws from), step, batch size, settings and history."""
+        state = {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
             "step": self.step,
             "batch_size": self.batch_size,
+            "lr": self.lr,
+            "settings": self._settings(),
             "history": copy.deepcopy(self.history),
         }
+        if self.data.is_cuda:
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.data.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         _check_state(state, "state", "NetworkTrainer.load_state_dict")
@@ -285,10 +328,31 @@ class NetworkTrainer:
         if state.get("batch_size", self.batch_size) != self.batch_size:
             raise ValueError(f"NetworkTrainer: checkpoint used batch_size {state['batch_size']}, "
                              f"this trainer {self.batch_size}")
+        saved = state.get("settings")  # checkpoints before these were recorded: not checked
+        if isinstance(saved, dict):
+            mine = self._settings()
+            diff = [f"{k} {saved[k]!r} -> {mine[k]!r}" for k in mine
+                    if k in saved and not _same(saved[k], mine[k])]
+            if diff:
+                raise ValueError("NetworkTrainer: the checkpoint was trained with other settings "
+                                 f"({'; '.join(diff)}); resume with the same ones, or start a "
+                                 "new checkpoint")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if isinstance(state.get("torch_rng"), torch.Tensor):
+            torch.set_rng_state(state["torch_rng"])
+        if self.data.is_cuda and isinstance(state.get("cuda_rng"), torch.Tensor):
+            torch.cuda.set_rng_state(state["cuda_rng"], self.data.device)
+        # the optimiser's state brings back the saved lr: the lr asked for here wins
+        old_lr = state.get("lr", self.optimizer.param_groups[0]["lr"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        if not _same(old_lr, self.lr):
+            warnings.warn(f"NetworkTrainer: resuming at step {int(state['step'])} with lr "
+                          f"{self.lr:g}; the checkpoint was trained with lr {old_lr:g}",
+                          UserWarning, stacklevel=3)
         self.step = int(state["step"])
         self.history = copy.deepcopy(state["history"])
 
