@@ -10,6 +10,8 @@
 * lr applies U -= lr * grad; bad inputs raise errors naming the argument; opcheck and
   torch.compile(fullgraph=True) accept the op.
 """
+import warnings
+
 import math
 
 import numpy as np
@@ -284,7 +286,7 @@ def test_results_do_not_depend_on_the_threads(mode, P, N, n, dims, batch):
     # 8, 8, 8, 8 and 1 blocks (chunk_blocks: under 64 blocks and a small accumulator, 4 chunks),
     # whose partial gradients are summed in chunk order.
     X, U = _problem(P, N, n, dims, torch.float32, seed=P)
-    levels = M.make_levels(TinySchedule(), L=9)
+    levels = M.make_levels(TinySchedule(), L=9, dims=dims)
     threads = torch.get_num_threads()
     try:
         out = []
@@ -541,3 +543,22 @@ def test_level_table_cache_never_goes_stale():
     d32 = M.train_step(X.float(), U.float(), dims, lv2, 8, 0, 0)  # another dtype
     assert d32[0].dtype == torch.float32
     torch.testing.assert_close(d32[0].double(), c[0], rtol=1e-5, atol=0)
+
+
+def test_soft_step_with_unequal_dims_warns_without_a_bias():
+    """make_levels(schedule) without dims has no logit bias; with unequal dims in soft mode the
+    step's denoiser is then not the posterior mean (dims [1, 6] at the true bases: loss 2.816
+    against 2.763 with the bias), and train_step said nothing. Equal dims, hard mode, or a table
+    with the bias stay quiet."""
+    dims = [1, 3]
+    X, U = _problem(2, 20, 8, dims, torch.float64, seed=1)
+    plain = M.make_levels(TinySchedule(), L=4)
+    with pytest.warns(UserWarning, match=r"train_step: soft mode with unequal dims \[1, 3\], but "
+                                         r"levels has no logit bias"):
+        M.train_step(X, U, dims, plain, 8, seed=0, step=0, mode="soft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M.train_step(X, U, dims, M.make_levels(TinySchedule(), L=4, dims=dims), 8, 0, 0, "soft")
+        M.train_step(X, U, dims, plain, 8, seed=0, step=0, mode="hard")
+        X2, U2 = _problem(2, 20, 8, [3, 3], torch.float64, seed=1)
+        M.train_step(X2, U2, [3, 3], plain, 8, seed=0, step=0, mode="soft")
