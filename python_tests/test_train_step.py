@@ -10,9 +10,8 @@
 * lr applies U -= lr * grad; bad inputs raise errors naming the argument; opcheck and
   torch.compile(fullgraph=True) accept the op.
 """
-import warnings
-
 import math
+import warnings
 
 import numpy as np
 import pytest
