@@ -9,6 +9,7 @@ dtype.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,8 +32,10 @@ class MoLRGData:
         labels: ``[P, N]`` int64 component of each sample.
         bases: ``[P, K, n, dmax]`` true bases, columns past ``dims[k]`` are zero.
         dims: the K subspace dimensions.
-        pi: ``[K]`` float64 mixture weights.
+        pi: ``[K]`` float64 mixture weights (with ``counts`` and no ``pi``: the counts'
+            proportions, so that :meth:`sample` draws from the training set's mixture).
         noise_std: std of the isotropic noise ``e``.
+        seed: the seed the data was drawn with (None when not known).
     """
 
     X: torch.Tensor
@@ -41,6 +44,7 @@ class MoLRGData:
     dims: list
     pi: torch.Tensor
     noise_std: float = 0.0
+    seed: Optional[int] = None
 
     @property
     def instances(self) -> int:
@@ -69,7 +73,12 @@ class MoLRGData:
     def sample(self, N: Optional[int] = None, counts: Optional[Sequence[int]] = None,
                seed: int = 1):
         """Fresh samples ``(X [P, N, n], labels [P, N])`` from the same bases (e.g. the reference
-        set of the GL score). Use a seed different from the training one."""
+        set of the GL score). Use a seed different from the training one: with the same seed the
+        draws repeat training samples (74 of 200 for data drawn with seed 1), and this warns."""
+        if self.seed is not None and not isinstance(seed, bool) and seed == self.seed:
+            warnings.warn(f"MoLRGData.sample: seed {seed} is the seed the training data was "
+                          "drawn with, so these samples repeat training samples; pass another "
+                          "seed", UserWarning, stacklevel=2)
         return sample_from_bases(self.bases, self.dims, N=N, counts=counts, pi=self.pi,
                                  noise_std=self.noise_std, seed=seed, dtype=self.X.dtype)
 
@@ -136,7 +145,7 @@ def sample_molrg(
         N: samples per instance, labels drawn i.i.d. from ``pi``; or
         counts: exact number of samples N_k of each component (shuffled order).
         instances: P.
-        pi: mixture weights (default uniform), normalised.
+        pi: mixture weights (default uniform; with ``counts``, their proportions), normalised.
         noise_std: std of the isotropic noise ``e``.
         basis: ``"orthogonal"`` or ``"independent"``.
         seed: seed of the ``torch.Generator``; same seed, same data.
@@ -177,8 +186,20 @@ def sample_molrg(
             q, r = torch.linalg.qr(torch.randn(P, n, d, generator=g, dtype=torch.float64))
             bases[:, k, :, :d] = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     labels = _draw_labels(P, N, counts, pi_t, g, where)
-    X = _draw_samples(bases, dims, labels, noise_std, g)
-    return MoLRGData(X.to(dtype), labels, bases.to(dtype), dims, pi_t, noise_std)
+    if counts is not None and pi is None:  # the training set's proportions (checked above)
+        c = torch.tensor(as_int_list(counts, "counts", where), dtype=torch.float64)
+        pi_t = c / c.sum()
+    X = _finite_cast(_draw_samples(bases, dims, labels, noise_std, g), dtype, where)
+    return MoLRGData(X, labels, bases.to(dtype), dims, pi_t, noise_std, int(seed))
+
+
+def _finite_cast(X: torch.Tensor, dtype, where: str) -> torch.Tensor:
+    """X (drawn in float64) in dtype, refused where that overflows (a huge noise_std)."""
+    out = X.to(dtype)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{where}: the samples overflow {dtype} (noise_std or the data scale "
+                         "is too large for it)")
+    return out
 
 
 def sample_from_bases(bases: torch.Tensor, dims=None, N: Optional[int] = None,
@@ -208,4 +229,4 @@ def sample_from_bases(bases: torch.Tensor, dims=None, N: Optional[int] = None,
     g = torch.Generator().manual_seed(check_seed(seed, "seed", where))
     labels = _draw_labels(P, N, counts, pi_t, g, where)
     X = _draw_samples(bases.detach().cpu().to(torch.float64), dims, labels, noise_std, g)
-    return X.to(dtype or bases.dtype), labels
+    return _finite_cast(X, dtype or bases.dtype, where), labels

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,39 @@ def test_bad_input():
     a = sample_molrg(10, [2, 1], N=np.int64(4), seed=torch.tensor(3))
     b = sample_molrg(10, [2, 1], N=4, seed=3)
     assert torch.equal(a.X, b.X)
+
+
+def test_counts_set_the_mixture_that_fresh_samples_follow():
+    """With counts and no pi, pi stayed uniform, and data.sample() drew a 50/50 reference set
+    for a 25/75 training set. Now pi is the counts' proportions; an explicit pi is kept."""
+    d = sample_molrg(8, [2, 2], counts=[10, 30], seed=0)
+    torch.testing.assert_close(d.pi, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    _, lab = d.sample(N=8000, seed=5)
+    assert abs((lab == 1).double().mean().item() - 0.75) < 0.02
+    e = sample_molrg(8, [2, 2], counts=[10, 30], pi=[0.5, 0.5], seed=0)
+    torch.testing.assert_close(e.pi, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert torch.equal(e.X, d.X)  # pi does not change the counted draws
+
+
+def test_fresh_samples_warn_on_the_training_seed():
+    """sample()'s default seed 1 on data drawn with seed 1 repeated training samples (74 of 200):
+    a reference set that is partly the training set. It warns now."""
+    d = sample_molrg(8, [2, 2], N=200, seed=1, dtype=torch.float64)
+    assert d.seed == 1
+    with pytest.warns(UserWarning, match="MoLRGData.sample: seed 1 is the seed the training data"):
+        R, _ = d.sample(N=200)
+    assert (torch.cdist(R[0], d.X[0]).min(1).values == 0).sum() > 0  # the repeats it warns of
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        R, _ = d.sample(N=200, seed=2)
+    assert (torch.cdist(R[0], d.X[0]).min(1).values == 0).sum() == 0
+
+
+def test_samples_that_overflow_the_dtype_are_refused():
+    """noise_std = 1e300 in float32 returned +-inf samples, found later as "non-finite data"."""
+    with pytest.raises(ValueError, match=r"sample_molrg: the samples overflow torch.float32 "
+                                         r"\(noise_std"):
+        sample_molrg(6, [6], N=5, noise_std=1e300)
+    assert torch.isfinite(sample_molrg(6, [6], N=5, noise_std=1e300, dtype=torch.float64).X).all()
+    with pytest.raises(ValueError, match="sample_from_bases: the samples overflow torch.float32"):
+        sample_from_bases(torch.eye(4)[None, :, :2], N=3, noise_std=1e300)
