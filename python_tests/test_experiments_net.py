@@ -1,5 +1,6 @@
 """The network experiments run end to end at tiny sizes, write their files and resume."""
 import contextlib
+import csv
 import json
 import os
 
@@ -203,6 +204,24 @@ def test_rank_vs_snr_rerun_settings_and_earlier_checkpoints(tmp_path, capsys):
     ra = json.load(open(os.path.join(a, "rank_vs_snr.json")))
     assert ra["config"]["seed"] == 1 and "unet_molrg@3" not in ra
     assert _curve_fields(ra["unet_molrg@6"]) != _curve_fields(rb["unet_molrg@6"])
+
+
+def test_gl_score_ratios_with_the_same_n_k_are_one_cell(tmp_path, capsys):
+    """--ratios 0.1 0.3 0.5 with d_k = 3: 0.1 and 0.3 both give N_k = 1 (the same cell, same GL)
+    and were plotted and printed as two ratios; 0.5 gives N_k = 2 (2/3, not 0.5). Now the cell
+    is computed once, and the CSV, crossing and printout use the realised N_k / d_k."""
+    out = str(tmp_path / "gl")
+    args = ["gl-score", "--out", out, "--dims", "3", "--ratios", "0.1", "0.3", "0.5", "--steps",
+            "5", "--gen", "8", "--channels", "4", "--model", "mlp", "--no-progress"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "N_k/d_k = 0.3 gives N_k = 1, as 0.1 does; computed once" in text
+    assert "d_k=3 N_k=2 N_k/d_k=0.6667 (asked 0.5)" in text
+    cells = json.load(open(os.path.join(out, "gl_score.json")))["cells"]
+    assert sorted(c["N_k"] for c in cells.values()) == [1, 2]
+    with open(os.path.join(out, "gl_score.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["N_k_over_d_k"]) for r in rows] == pytest.approx([1 / 3, 2 / 3])
 
 
 def test_gl_score_cells_are_keyed_by_seed(tmp_path):

@@ -1,7 +1,7 @@
 """``molrg gl-score``: Fig. 5(a), GL score (21) of a trained network denoiser against N_k / d_k.
 
-For each d_k and ratio N_k / d_k: draw a MoLRG training set (K = 2, n = 48, N_k = ratio * d_k
-samples per component), train a small U-Net (samples reshaped 3 x 4 x 4) or MLP, generate
+For each d_k and ratio N_k / d_k: draw a MoLRG training set (K = 2, n = 48, N_k = max(1,
+round(ratio d_k)) samples per component; the figure and the crossing use the realised N_k / d_k), train a small U-Net (samples reshaped 3 x 4 x 4) or MLP, generate
 ``gen`` samples with the 18-step Heun sampler and score them against as many fresh MoLRG samples.
 The paper sees GL ~ 1 from about N_k = 60 d_k (U-Net, lr 1e-3, batch 64, 1e4 steps).
 
@@ -49,7 +49,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--dims", type=int_at_least(1), nargs="+", help="d_k values (paper: 3 4 5 6)")
     p.add_argument("--ratios", type=finite_float(0.0, lo_open=True), nargs="+",
-                   help="N_k / d_k values (N_k = ratio d_k at most 2**31 - 1)")
+                   help="N_k / d_k values (N_k = max(1, round(ratio d_k)), at most 2**31 - 1; "
+                        "ratios giving the same N_k are computed once, and the figure's x axis "
+                        "is the realised N_k / d_k)")
     p.add_argument("--steps", type=int_at_least(1), help="training steps per cell")
     p.add_argument("--gen", type=int_at_least(2), help="generated (and reference) samples per cell")
     p.add_argument("--model", choices=["unet", "mlp"], help="network (default: the preset's)")
@@ -62,10 +64,15 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def n_per_component(ratio: float, d: int) -> int:
+    """N_k for a requested N_k / d_k: ``max(1, round(ratio d))``."""
+    return max(1, int(round(ratio * d)))
+
+
 def run_cell(d: int, ratio: float, cfg: dict, model_kind: str, seed: int, progress: bool = False) -> dict:
     """Train on 2 x N_k MoLRG samples (N_k = round(ratio d)) and return the GL score and losses.
     ``cfg`` holds steps, batch, lr, gen, channels and optionally precond / weighting."""
-    Nk = max(1, int(round(ratio * d)))
+    Nk = n_per_component(ratio, d)
     data = sample_molrg(48, [d, d], counts=[Nk, Nk], seed=seed)
     X = data.X[0]
     torch.manual_seed(seed)
@@ -149,7 +156,18 @@ def run(args) -> int:
                 f"_c{cfg['channels']}_g{cfg['gen']}_b{cfg['batch']}_lr{cfg['lr']:g}"
                 f"_seed{args.seed}")
 
-    todo = [(d, r) for d in cfg["dims"] for r in cfg["ratios"]]
+    # one cell per (d_k, N_k): ratios that round to the same N_k would train the same cell and
+    # be plotted apart; the x axis is the realised N_k / d_k
+    todo, seen = [], {}
+    for d in cfg["dims"]:
+        for r in cfg["ratios"]:
+            nk = n_per_component(r, d)
+            if (d, nk) in seen:
+                print(f"gl-score: d_k = {d}: N_k/d_k = {r:g} gives N_k = {nk}, as "
+                      f"{seen[(d, nk)]:g} does; computed once")
+                continue
+            seen[(d, nk)] = r
+            todo.append((d, r))
     t_start = time.time()
     for d, r in tqdm(todo, desc="gl-score", disable=args.no_progress):
         if key(d, r) in cells:
@@ -158,11 +176,11 @@ def run(args) -> int:
         cells[key(d, r)] = run_cell(d, r, cfg, model, args.seed + 1000 * d, progress=False)
         cells[key(d, r)]["seconds"] = time.time() - t0
         write_json(path, {"config": config, "cells": cells})
-    rows = [cells[key(d, r)] for d, r in todo]
+    rows = [dict(cells[key(d, r)], N_k_over_d_k=cells[key(d, r)]["N_k"] / d) for d, r in todo]
     summary = {}
     for d in cfg["dims"]:
-        rs = [row for row in rows if row["d"] == d]
-        summary[str(d)] = crossing([x["ratio"] for x in rs], [x["gl"] for x in rs])
+        rs = sorted((row for row in rows if row["d"] == d), key=lambda x: x["N_k"])
+        summary[str(d)] = crossing([x["N_k_over_d_k"] for x in rs], [x["gl"] for x in rs])
     write_json(path, {"config": config, "cells": cells, "crossing_0.5": summary,
                       "seconds_this_run": time.time() - t_start,
                       "seconds_all_cells": sum(row.get("seconds", 0.0) for row in rows)})
@@ -172,8 +190,9 @@ def run(args) -> int:
         w.writerows(rows)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for d in cfg["dims"]:
-        rs = sorted((row for row in rows if row["d"] == d), key=lambda x: x["ratio"])
-        ax.plot([x["ratio"] for x in rs], [x["gl"] for x in rs], marker="o", label=f"d_k = {d}")
+        rs = sorted((row for row in rows if row["d"] == d), key=lambda x: x["N_k"])
+        ax.plot([x["N_k_over_d_k"] for x in rs], [x["gl"] for x in rs], marker="o",
+                label=f"d_k = {d}")
     ax.axhline(0.5, color="grey", lw=0.5, ls="--")
     ax.axvline(60, color="grey", lw=0.5, ls=":", label="paper: GL ~ 1 at N_k = 60 d_k")
     ax.set_xscale("log")
@@ -186,6 +205,8 @@ def run(args) -> int:
     fig.savefig(os.path.join(args.out, "gl_score.png"), dpi=120)
     plt.close(fig)
     for row in rows:
-        print(f"d_k={row['d']} N_k/d_k={row['ratio']:g}: GL {row['gl']:.3f}")
+        asked = "" if row["N_k"] == row["ratio"] * row["d"] else f" (asked {row['ratio']:g})"
+        print(f"d_k={row['d']} N_k={row['N_k']} N_k/d_k={row['N_k_over_d_k']:.4g}{asked}: "
+              f"GL {row['gl']:.3f}")
     print("N_k/d_k where GL reaches 0.5:", summary)
     return 0
