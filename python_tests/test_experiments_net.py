@@ -234,6 +234,23 @@ def test_gl_score_cells_are_keyed_by_seed(tmp_path):
     assert len(cells) == 2 and len({c["gl"] for c in cells.values()}) == 2
 
 
+def test_edit_sample_change_is_from_the_unedited_sample(tmp_path):
+    """sample_change was ||sample(alpha) - sample(0)|| when --alphas held 0 and ||sample(alpha) -
+    x_0|| when it did not (1.8126 against 1.8335 for the same edit), under one column name. It is
+    now from the unedited sample either way."""
+    base = ["edit", "--steps", "5", "--channels", "4", "--images", "1", "--directions", "1",
+            "--no-progress"]
+    got = []
+    for name, alphas in (("with0", ["-3", "0", "3"]), ("without0", ["-3", "3"])):
+        out = str(tmp_path / name)
+        assert cli.main(base + ["--out", out, "--alphas", *alphas]) == 0
+        rows = json.load(open(os.path.join(out, "edit.json")))["rows"]
+        got.append({(r["direction"], r["alpha"]): r["sample_change"] for r in rows})
+    for key, v in got[1].items():
+        assert v == pytest.approx(got[0][key], rel=1e-4, abs=1e-6), key
+    assert all(got[0][(d, 0.0)] == 0 for d in ("v1", "random"))
+
+
 def test_edit_refuses_a_model_of_other_settings(tmp_path, capsys):
     out = str(tmp_path / "edit")
     args = ["edit", "--out", out, "--channels", "4", "--images", "1", "--directions", "1",

@@ -7,7 +7,9 @@ Jacobian of the denoiser at ``x_t`` (and along a random unit direction for compa
 the Heun sampler from there back to sigma = 0. ``alpha`` spans [-6, 6].
 
 Also records how much each edit changes the denoiser output relative to the random direction,
-i.e. ``||x_theta(x_t + alpha v) - x_theta(x_t)||`` (first order: ``|alpha| sigma_i``).
+i.e. ``||x_theta(x_t + alpha v) - x_theta(x_t)||`` (first order: ``|alpha| sigma_i``), and
+how much it changes the generated sample, ``||sample(alpha) - sample(0)||`` (the unedited
+sample, also when ``--alphas`` leaves 0 out).
 Writes ``edit.png`` (grid), ``edit.json`` and ``edit.csv`` to ``--out``; the trained model is
 checkpointed under ``--out/ckpt_edit`` and resumed or reused by a rerun with the same seed and
 training settings (other ones in the same ``--out`` are refused; ``--fresh`` starts over).
@@ -108,15 +110,18 @@ def run(args) -> int:
         base = den(xt, torch.full((xt.shape[0],), sigma))
         for b in range(xt.shape[0]):
             per_dir = []
+            # sample_change is measured from the unedited sample (alpha = 0; it had been measured
+            # from x_0 when --alphas left 0 out, under the same column name)
+            unedited = None if 0 in alphas else heun_sample(den, xt[b:b + 1] / sigma, grid)[0]
             for name, v in [(f"v{i}", sp.vectors[b, i - 1]) for i in args.directions] + [("random", rand[b])]:
                 x_edit = torch.stack([xt[b] + a * v for a in alphas])
                 out = heun_sample(den, x_edit / sigma, grid)
                 d_out = den(x_edit, torch.full((len(alphas),), sigma))
                 change = (d_out - base[b]).flatten(1).norm(dim=1)
+                ref = out[alphas.index(0)] if unedited is None else unedited
                 for a, c, o in zip(alphas, change.tolist(), out):
                     rows.append({"image": int(idx[b]), "direction": name, "alpha": a,
-                                 "denoiser_change": c,
-                                 "sample_change": float((o - out[alphas.index(0)] if 0 in alphas else o - x0[b]).norm())})
+                                 "denoiser_change": c, "sample_change": float((o - ref).norm())})
                 per_dir.append((name, out))
             panels.append(per_dir)
     svals = sp.svals.tolist()
