@@ -291,13 +291,15 @@ class NetworkTrainer:
     def _settings(self) -> dict:
         """What a resumed run must share with the run that saved it (besides batch_size): the
         noise draws, the loss, the EMA, and the training data (shape, dtype and two sums)."""
-        d = self.data.detach().double()
+        if getattr(self, "_data_key", None) is None:  # once: save() runs this every few steps
+            d = self.data.detach()
+            self._data_key = (tuple(d.shape), str(d.dtype), float(d.sum(dtype=torch.float64)),
+                              float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2))
         return {
             "noise": _noise_key(self.noise), "P_mean": self.P_mean, "P_std": self.P_std,
             "t_min": self.t_min, "weighting": self.weighting, "sigma_data": self.sigma_data,
             "ema_decay": self.ema_decay, "grad_clip": self.grad_clip,
-            "data": (tuple(self.data.shape), str(self.data.dtype), float(d.sum()),
-                     float(d.square().sum())),
+            "data": self._data_key,
         }
 
     def state_dict(self) -> dict:
