@@ -78,7 +78,8 @@ def _nn_distances(x, y, chunk, where: str, x_name: str = "x", y_name: str = "y")
     # |x|^2 + |y|^2 - 2 x.y cancels to round-off when the norms dwarf the distances (a common
     # offset of 1e8 gave every distance 0): centred on the reference rows' mean, it does not
     centre = y.mean(0)
-    x, y = x - centre, (x - centre if self_mode else y - centre)
+    x = x - centre
+    y = x if self_mode else y - centre
     out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     y_sq = (y * y).sum(1)
     _check_norms(y_sq, y_name, where)
