@@ -327,12 +327,11 @@ class KSubspaces(_Base):
             residual (as a unit vector) against the bases chosen so far, and the basis is the top
             ``max(dims)`` principal directions of the seed and its ``max(dims)`` nearest points by
             angle (repeated rows counted once); the first alternation then fits each cluster with
-            its own d_k. On noiseless
-            MoLRG data (eight settings from dims [3, 1, 2] to [4, 4, 4, 4] and [6, 6, 6] with 12
-            points each, five datasets each, 40 single restarts per dataset) every restart
-            recovered the clusters, where ``"points"`` recovered 0.5-71% and random bases 0-48%
-            of them; with noise (std 0.1 and 0.3) its mean clustering accuracy per restart was
-            the highest of the three in every setting. ``"auto"`` meant ``"points"`` (unequal
+            its own d_k. On noiseless MoLRG data (eight settings from dims [3, 1, 2] to
+            [4, 4, 4, 4] and [6, 6, 6] with 12 points each, five datasets each, 40 single
+            restarts per dataset) every restart recovered the clusters, where ``"points"``
+            recovered 0.5-71% and random bases 0-48% of them; with noise (std 0.1 and 0.3) its
+            mean clustering accuracy per restart was the highest of the three in every setting. ``"auto"`` meant ``"points"`` (unequal
             dims) or ``"random"`` (equal dims) before; pass those to reproduce earlier runs.
         seed: numpy seed.
 
