@@ -86,7 +86,7 @@ class GaussianDenoiser(nn.Module):
         """From a mean ``mu`` [n] and a symmetric PSD covariance ``cov`` [n, n] (same dtype and
         device). Negative eigenvalues below ``-tol * max |eigenvalue|`` (tol 1e-8 for float64,
         1e-5 for float32) are an error; smaller ones are round-off and clamped to 0, as are
-        positive ones within ``n * eps * max |eigenvalue|`` of 0 (the float64 eigensolver's
+        positive ones within ``10 n eps max |eigenvalue|`` of 0 (the float64 eigensolver's
         round-off), so that a rank-deficient covariance keeps its rank: at sigma = 0 the map is the
         projector onto the data's span, not that plus a few round-off directions."""
         where = "GaussianDenoiser.from_moments"
@@ -109,9 +109,9 @@ class GaussianDenoiser(nn.Module):
             raise ValueError(f"{where}: cov must be positive semi-definite, its smallest "
                              f"eigenvalue is {float(lam[0]):.6g} (largest |eigenvalue| "
                              f"{float(lam.abs().max()):.6g})")
-        # eigh's error is about n eps ||cov||: an eigenvalue that small is 0 up to round-off
-        # (rank-3 data in R^8 gave 5e-16 and 5e-17 beside 0, 0, 0)
-        noise = n * torch.finfo(torch.float64).eps * float(lam.abs().max())
+        # eigh's error is about n eps ||cov||: an eigenvalue within ten times that is 0 up to
+        # round-off (rank-3 data in R^8 gave 5e-16 and 5e-17 beside 0, 0, 0)
+        noise = 10 * n * torch.finfo(torch.float64).eps * float(lam.abs().max())
         lam = torch.where(lam.abs() <= noise, torch.zeros_like(lam), lam)
         lam, U = lam.flip(0).clamp_min(0.0), U.flip(1)
         return cls(mu.reshape(n), U.to(mu.dtype), lam.to(mu.dtype), sample_shape)
