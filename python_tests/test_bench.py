@@ -338,10 +338,6 @@ def test_unavailable_peer_stays_none_on_cuda():
 def test_readme_benchmark_command_collects_every_suite():
     """`pytest benchmarks --benchmark-only` (README) collects the bench_*.py suites: with
     pytest's default file pattern (test_*.py) it collected nothing and exited with status 5."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     # pytest's entry script, as a user runs it: `python -m pytest` from the repository root would
     # import the source tree's molrg_ext, which has no built extension in a clean clone (CI)
