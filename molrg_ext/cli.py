@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the commands that keep finished work (cells, runs, checkpoints) and reuse it on a rerun
+_RESUMABLE = ("phase-transition", "rank-vs-snr", "gl-score", "edit", "hidden-gaussian")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -72,6 +76,14 @@ def main(argv=None) -> int:
     args = sub.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        # finished work is on disk (written atomically); a rerun picks it up
+        if os.environ.get("MOLRG_TRACEBACK"):
+            raise
+        resume = ("; run the same command again to resume from the work already saved"
+                  if name in _RESUMABLE else "")
+        print(f"\nmolrg {name}: interrupted{resume}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError) as e:
         # settings the library refuses (e.g. --K 2 --d 30 with n = 48) are usage errors: one
         # line and exit status 2, as argparse reports its own; MOLRG_TRACEBACK=1 re-raises

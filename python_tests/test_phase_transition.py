@@ -74,6 +74,44 @@ def test_ensc_cells_record_isolated_samples_without_warning():
     assert "isolated_samples" not in run_cell(2, "kss", 3, 8, 2, 0.0, "quick", None, 0)
 
 
+def test_cell_files_that_are_not_cells_are_recomputed(tmp_path):
+    """A cell file that is valid JSON but not a cell record (written by hand: a list, or a dict
+    without the results) stopped the rerun with an AttributeError; it is recomputed now."""
+    args = ["phase-transition", "--K", "1", "--method", "svd", "--d", "2", "--N", "2:3",
+            "--instances", "2", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    good = json.loads((tmp_path / "cells" / "K1_svd_d2_N3.json").read_text())
+    (tmp_path / "cells" / "K1_svd_d2_N2.json").write_text("[1, 2]")
+    bad = dict(good)
+    del bad["success_rate"]
+    (tmp_path / "cells" / "K1_svd_d2_N3.json").write_text(json.dumps(bad))
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["K1_svd"]["computed_cells"] == 2 and summary["K1_svd"]["cells"] == 2
+    rec = json.loads((tmp_path / "cells" / "K1_svd_d2_N3.json").read_text())
+    assert rec["success_rate"] == good["success_rate"]
+    assert cli.main(args) == 0  # nothing left to compute
+    assert json.loads((tmp_path / "summary.json").read_text())["K1_svd"]["computed_cells"] == 0
+
+
+def test_interrupted_command_says_how_to_resume(monkeypatch, capsys):
+    """Ctrl-C printed a KeyboardInterrupt traceback; now one line and exit status 130, saying
+    whether a rerun resumes."""
+    from molrg_ext.experiments import demo, phase_transition
+
+    def stop(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phase_transition, "run", stop)
+    assert cli.main(["phase-transition", "--K", "1", "--d", "2", "--N", "2"]) == 130
+    assert "molrg phase-transition: interrupted; run the same command again to resume" in \
+        capsys.readouterr().err
+    monkeypatch.setattr(demo, "run", stop)
+    assert cli.main(["demo"]) == 130
+    err = capsys.readouterr().err
+    assert "molrg demo: interrupted" in err and "resume" not in err
+
+
 def test_bad_arguments():
     assert parse_range("2:8") == list(range(2, 9))
     assert parse_range("2:8:3") == [2, 5, 8] and parse_range("3,5") == [3, 5]

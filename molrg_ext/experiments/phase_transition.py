@@ -188,12 +188,15 @@ def run_grid(out: Path, K: int, method: str, ds: list, Ns: list, instances: int 
         if path.exists():
             try:
                 rec = json.loads(path.read_text())
+                if not isinstance(rec, dict):  # valid JSON, but not a cell (written by hand)
+                    raise ValueError("not a cell record")
                 same = (rec.get("instances"), rec.get("noise"), rec.get("preset"),
                         rec.get("seed")) == (instances, noise, preset, seed)
                 have = {k: v for k, v in rec.get("settings", {}).items() if k != "engine"}
                 same = same and have == expected_settings(method, preset, K, Nk, init)
+                same = same and all(k in rec for k in ("success_rate", "distances", "seconds"))
                 rec = rec if same else None
-            except (json.JSONDecodeError, OSError):
+            except (ValueError, OSError, AttributeError):  # JSONDecodeError is a ValueError
                 rec = None
         if rec is None:
             rec = run_cell(K, method, d, Nk, instances, noise, preset, init, seed)
@@ -297,11 +300,12 @@ def run(args) -> int:
         computed = res.pop("_computed")
         if args.total:
             _plot_total(args.out, K, method, args.d, args.N, res)
-        summary[f"K{K}_{method}"] = {"computed_cells": computed,
+        summary[f"K{K}_{method}"] = {"computed_cells": computed, "cells": len(res),
                                      "seconds": time.perf_counter() - t0}
         print(f"K={K} {method}: {computed} cells computed in {summary[f'K{K}_{method}']['seconds']:.1f}s")
         print(format_table(args.d, args.N, res))
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    # computed_cells and seconds are this invocation's (a resumed run computes only the rest)
+    write_json(str(args.out / "summary.json"), summary)
     return 0
 
 
