@@ -331,8 +331,9 @@ class KSubspaces(_Base):
             [4, 4, 4, 4] and [6, 6, 6] with 12 points each, five datasets each, 40 single
             restarts per dataset) every restart recovered the clusters, where ``"points"``
             recovered 0.5-71% and random bases 0-48% of them; with noise (std 0.1 and 0.3) its
-            mean clustering accuracy per restart was the highest of the three in every setting. ``"auto"`` meant ``"points"`` (unequal
-            dims) or ``"random"`` (equal dims) before; pass those to reproduce earlier runs.
+            mean clustering accuracy per restart was the highest of the three in every setting.
+            ``"auto"`` meant ``"points"`` (unequal dims) or ``"random"`` (equal dims) before;
+            pass those to reproduce earlier runs.
         seed: numpy seed.
 
     Each alternation fits cluster k with its top-``dims[k]`` PCA basis, after relabelling the
@@ -429,7 +430,7 @@ class EnSC(_Base):
     clusters are matched to ``dims`` (:func:`match_dims`) and cluster k gets its top-``dims[k]``
     PCA basis. ``fit`` warns when some samples get no edge in the affinity (an ``alpha`` too
     large for the data zeroes their coefficients, as it does those of zero samples): spectral
-    clustering labels them arbitrarily.
+    clustering labels them arbitrarily. ``n_isolated_`` counts them.
     """
 
     def __init__(self, K: int, dims: Union[int, Sequence[int]], alpha: float = 1e-3,
@@ -477,7 +478,7 @@ class EnSC(_Base):
             raise ValueError(f"{where}: needs at least 2 samples")
         C = self.coefficients(Xn)
         W = np.abs(C) + np.abs(C).T
-        isolated = int(np.count_nonzero(~(W > 0).any(axis=1)))
+        self.n_isolated_ = isolated = int(np.count_nonzero(~(W > 0).any(axis=1)))
         if isolated and K > 1:
             # ElasticNet gives a sample no coefficient when alpha outweighs every correlation
             # (or the sample is zero): it has no edge in the affinity, and spectral clustering

@@ -140,16 +140,17 @@ def test_ensc_warns_when_samples_get_no_coefficient():
     with pytest.warns(UserWarning, match=r"EnSC: 30 of 30 samples have no nonzero "
                                           r"self-expressive coefficient \(alpha = 1000000.0"):
         est = EnSC(2, 2, alpha=1e6).fit(X)
-    assert not est.affinity_.any()
+    assert not est.affinity_.any() and est.n_isolated_ == 30
     Xz = X.clone()
     Xz[[4, 17]] = 0
     with pytest.warns(UserWarning, match="EnSC: 2 of 30 samples have no nonzero"):
         est = EnSC(2, 2).fit(Xz)
     assert sorted(np.flatnonzero(~est.affinity_.any(1)).tolist()) == [4, 17]
+    assert est.n_isolated_ == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         est = EnSC(2, 2).fit(X)  # the default alpha: every sample has edges, no warning
-        assert est.affinity_.any(1).all()
+        assert est.affinity_.any(1).all() and est.n_isolated_ == 0
         EnSC(1, 2).fit(Xz)  # one cluster: the labels are all 0 whatever the affinity
 
 

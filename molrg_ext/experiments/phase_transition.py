@@ -157,8 +157,7 @@ def run_cell(K: int, method: str, d: int, Nk: int, instances: int, noise: float,
                 warnings.filterwarnings("ignore", "EnSC: .* no nonzero self-expressive")
                 bases.append(est.fit(data.X[p]).bases_)
             if method == "ensc":
-                isolated = int((~(est.affinity_ > 0).any(1)).sum())
-                extra.setdefault("isolated_samples", []).append(isolated)
+                extra.setdefault("isolated_samples", []).append(est.n_isolated_)
         U = torch.stack(bases)
     dist = subspace_distance(U, data.bases, [d] * K)
     ok = recovery_success(dist)
