@@ -206,7 +206,7 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
     seed = check_seed(seed, "seed", "train_step", hi=2**63)
     step = as_int(step, "step", "train_step", 0, 2**32)
     table = _cached_table(levels, X.dtype, X.device)
-    if mode_i == 0 and levels.bias is None and len(set(dims_l)) > 1:
+    if mode == "soft" and levels.bias is None and len(set(dims_l)) > 1:
         # a table of make_levels(schedule) without dims: every logit gets the same shift, which
         # is the posterior mean only for equal dims (dims [1, 6] at the true bases: loss 2.816
         # against 2.763 with the bias)

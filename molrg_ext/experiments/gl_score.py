@@ -1,7 +1,8 @@
 """``molrg gl-score``: Fig. 5(a), GL score (21) of a trained network denoiser against N_k / d_k.
 
 For each d_k and ratio N_k / d_k: draw a MoLRG training set (K = 2, n = 48, N_k = max(1,
-round(ratio d_k)) samples per component; the figure and the crossing use the realised N_k / d_k), train a small U-Net (samples reshaped 3 x 4 x 4) or MLP, generate
+round(ratio d_k)) samples per component; the figure and the crossing use the realised
+N_k / d_k), train a small U-Net (samples reshaped 3 x 4 x 4) or MLP, generate
 ``gen`` samples with the 18-step Heun sampler and score them against as many fresh MoLRG samples.
 The paper sees GL ~ 1 from about N_k = 60 d_k (U-Net, lr 1e-3, batch 64, 1e4 steps).
 

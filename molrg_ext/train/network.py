@@ -65,9 +65,9 @@ def _noise_key(noise):
     number, string and bool attributes."""
     if isinstance(noise, str):
         return noise
-    attrs = getattr(noise, "__dict__", {})
-    return (type(noise).__qualname__,
-            tuple(sorted((k, v) for k, v in attrs.items() if isinstance(v, (bool, int, float, str)))))
+    attrs = getattr(noise, "__dict__", {}).items()
+    plain = (bool, int, float, str)
+    return type(noise).__qualname__, tuple(sorted((k, v) for k, v in attrs if isinstance(v, plain)))
 
 
 def _same(a, b) -> bool:
