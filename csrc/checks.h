@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace molrg {
@@ -70,6 +71,74 @@ inline void check_finite(const at::Tensor& t, const char* op, const char* name) 
     ok = at::isfinite(t).all().item<bool>();
   }
   TORCH_CHECK(ok, op, ": ", name, " contains NaN or Inf values");
+}
+
+// max |p[k]| over p[0 .. count), and whether all are finite (the sum of v - v of all_finite in
+// the same vector loop).
+template <typename T>
+inline bool finite_absmax(const T* p, int64_t count, T& mx) {
+  T sum = 0, m = 0;
+#if defined(_OPENMP)
+#pragma omp simd reduction(+ : sum) reduction(max : m)
+#endif
+  for (int64_t k = 0; k < count; ++k) {
+    sum += p[k] - p[k];
+    const T a = p[k] < T(0) ? -p[k] : p[k];
+    m = a > m ? a : m;
+  }
+  mx = m;
+  return sum == T(0);
+}
+
+// check_finite that also returns max |t| (0 for an empty t), in the same single pass.
+inline double check_finite_absmax(const at::Tensor& t, const char* op, const char* name) {
+  if (t.numel() == 0) return 0.0;
+  bool ok = true;
+  double mx = 0.0;
+  if (t.is_cpu() && t.is_contiguous() &&
+      (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble)) {
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "check_finite_absmax", [&] {
+      const scalar_t* p = t.const_data_ptr<scalar_t>();
+      using Part = std::pair<bool, scalar_t>;
+      const Part r = at::parallel_reduce(
+          0, t.numel(), int64_t(1) << 16, Part{true, scalar_t(0)},
+          [&](int64_t b, int64_t e, Part acc) {
+            scalar_t m;
+            const bool fin = finite_absmax(p + b, e - b, m);
+            return Part{acc.first && fin, std::max(acc.second, m)};
+          },
+          [](Part a, Part b) { return Part{a.first && b.first, std::max(a.second, b.second)}; });
+      ok = r.first;
+      mx = double(r.second);
+    });
+  } else {
+    mx = t.abs().max().item<double>();  // NaN and Inf propagate through max
+    ok = std::isfinite(mx);
+  }
+  TORCH_CHECK(ok, op, ": ", name, " contains NaN or Inf values");
+  return mx;
+}
+
+// Exact power-of-two rescaling for ops whose math is scale-equivariant (hard_assign,
+// optimal_denoiser), so that float32 data far from unit scale neither overflows (squared norms
+// of values >= ~1e19 exceed float32's range) nor loses products to flushed subnormals (values
+// <= ~1e-19). range_shift(amax) is 0 when amax lies in [2^-16, 2^16] (or is 0): those inputs run
+// unchanged (products of two such values, and their squares, stay far inside float32's normal
+// range); otherwise the e with amax * 2^-e in [0.5, 1). Scaling by a power of two is exact, so
+// the shifted call computes the same numbers as an unshifted call on data at unit scale.
+inline int range_shift(double amax) {
+  if (!(amax > 0.0) || (amax >= std::ldexp(1.0, -16) && amax <= std::ldexp(1.0, 16))) return 0;
+  int e = 0;
+  std::frexp(amax, &e);
+  return e;
+}
+
+// t * 2^k, exactly (for values that stay normal); two half steps so that the factor itself is a
+// normal number of t's dtype (float32 goes down to 2^-126 only).
+inline at::Tensor times_pow2(const at::Tensor& t, int k) {
+  if (k == 0) return t;
+  const int h = k / 2;
+  return t.mul(std::ldexp(1.0, h)).mul_(std::ldexp(1.0, k - h));
 }
 
 // Sizes of a denoiser call; dims converted to int32 for the kernels.

@@ -70,6 +70,11 @@ def subspace_dae(
     soft-max weights fall there, and x86 cores are many times slower on them. Results differ from
     exact IEEE arithmetic by less than that per operation. The CUDA kernels keep subnormals (the
     build does not use -ftz), so CPU and GPU may differ by that much.
+
+    Range: the squared projections ``||U_k^T x||^2`` are formed in the input type, so float32
+    needs them inside its normal range (for orthonormal U, samples of norm about 1e-19 to 1e19).
+    Unlike :func:`hard_assign` this op does not rescale its input (that would cost a pass over
+    x in every call); use float64 for data beyond that range.
     """
     a = prepare_dae_args(x, U, c, phi, bias, dims, mode, assign)
     y, _, _ = torch.ops.molrg.subspace_dae(a.x, a.U, a.c, a.phi, a.bias, a.assign, a.dims, a.mode)
@@ -81,6 +86,11 @@ def hard_assign(x0: torch.Tensor, U: torch.Tensor, dims=None) -> torch.Tensor:
 
     ``x0`` is ``[B, n]`` or ``[P, B, n]``; ``U`` as in :func:`subspace_dae`. Returns int64 ``[B]``
     or ``[P, B]``.
+
+    When max |x0| or max |U| lies outside [2^-16, 2^16] the op scales that tensor by a power of
+    two first (exact; the argmax does not change), so float32 data at any finite scale gets the
+    labels of float64. A sample about 1e19 times smaller than the largest of its call still has
+    energies below float32's range, and its label is 0 in float32.
     """
     a = prepare_dae_args(x0, U, 0.0, 0.0, dims=dims, where="hard_assign", x_name="x0")
     out = torch.ops.molrg.hard_assign(a.x, a.U, a.dims)

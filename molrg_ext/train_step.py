@@ -177,6 +177,10 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
     block) or P < 2 x threads in both (instances split into chunks summed in chunk order). With
     batch > 256 a run on either side of that line sums an instance's blocks in another order, so
     ``grad_U`` can differ in the last bits between the two.
+
+    Range: as in :func:`molrg_ext.subspace_dae`, float32 needs the squared projections and the
+    weighted loss inside its normal range (training data of norm about 1e-19 to 1e19 at most,
+    less with large lambda); the op does not rescale X. Use float64 beyond that.
     """
     check_float_pair(X, U, "X", "U", "train_step")
     if not isinstance(levels, Levels):

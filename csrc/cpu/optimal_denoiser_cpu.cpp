@@ -12,6 +12,9 @@
 // so the memory beyond inputs and outputs is O(kQueryTile x block + B n): no B x N matrix.
 // The forward saves y and the per-query log-sum-exp lse = log sum_j exp(l_j) (the true logits,
 // ||x||^2 included); the backward recomputes the weights exp(l_j - lse) tile by tile the same way.
+// Training data with max |X| outside [2^-16, 2^16] is first scaled by a power of two (x, X and
+// gamma alike, exact; y is scaled back, lse and dx do not change): float32 cross terms and
+// squared norms then stay inside float32's range (range_shift, checks.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -50,12 +53,13 @@ constexpr int64_t kQueryTile = 128;  // queries per GEMM tile
 // Training points per tile in the backward (its schema has no block argument).
 constexpr int64_t kDefaultBackwardBlock = 512;
 
-// The shared checks (optimal_denoiser_checks.h), then the NaN/Inf scan of x and X.
+// The shared checks (optimal_denoiser_checks.h), then the NaN/Inf scan of x and X; the scan of X
+// also gives its range shift (range_shift, checks.h: 0 unless max |X| is outside [2^-32, 2^32]).
 OdSizes check_od(const at::Tensor& x, const at::Tensor& X, const at::Tensor& s,
-                 const at::Tensor& gamma, const char* op) {
+                 const at::Tensor& gamma, const char* op, int* shift) {
   OdSizes z = check_od_args(x, X, s, gamma, op);
   check_finite(x, op, "x_t");
-  check_finite(X, op, "X_train");
+  *shift = range_shift(check_finite_absmax(X, op, "X_train"));
   return z;
 }
 
@@ -241,7 +245,13 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cpu(const at::Tensor& x, con
                                                         const at::Tensor& gamma, int64_t block) {
   constexpr const char* op = "optimal_denoiser";
   TORCH_CHECK(block >= 1, op, ": block must be >= 1, got ", block);
-  OdSizes z = check_od(x, X, s, gamma, op);
+  int shift = 0;
+  OdSizes z = check_od(x, X, s, gamma, op, &shift);
+  if (shift != 0) {  // data far from unit scale: the same math on x, X, gamma scaled by 2^-shift
+    auto [ys, lse] = optimal_denoiser_cpu(times_pow2(x, -shift), times_pow2(X, -shift), s,
+                                          times_pow2(gamma, -shift), block);
+    return {times_pow2(ys, shift), lse};
+  }
   auto y = at::empty_like(x);
   auto lse = at::empty({z.B}, x.options().dtype(at::kDouble));  // double for every input type
   if (z.B == 0) return {y, lse};
@@ -336,9 +346,13 @@ at::Tensor optimal_denoiser_backward_cpu(const at::Tensor& grad_y, const at::Ten
                                          const at::Tensor& gamma, const at::Tensor& y,
                                          const at::Tensor& lse) {
   constexpr const char* op = "optimal_denoiser_backward";
-  OdSizes z = check_od(x, X, s, gamma, op);
+  int shift = 0;
+  OdSizes z = check_od(x, X, s, gamma, op, &shift);
   check_od_backward_args(grad_y, y, lse, x, z, op);
   check_finite(lse, op, "lse");
+  if (shift != 0)  // as the forward did; lse and dx do not change with the scale
+    return optimal_denoiser_backward_cpu(grad_y, times_pow2(x, -shift), times_pow2(X, -shift), s,
+                                         times_pow2(gamma, -shift), times_pow2(y, -shift), lse);
   auto dx = at::empty_like(x);
   if (z.B == 0) return dx;
   const OdPlan pl = plan_for(z, kDefaultBackwardBlock);

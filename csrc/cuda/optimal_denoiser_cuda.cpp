@@ -20,12 +20,12 @@ constexpr const char* kBwd = "optimal_denoiser_backward";
 
 // After check_x_cuda and the device guard.
 OdSizes check_od_cuda(const at::Tensor& x, const at::Tensor& X, const at::Tensor& s,
-                      const at::Tensor& gamma, const char* op) {
+                      const at::Tensor& gamma, const char* op, int* shift) {
   OdSizes z = check_od_args(x, X, s, gamma, op);
   TORCH_CHECK(z.B <= cuda::optimal_denoiser_max_batch(), op, ": B = ", z.B,
               " queries exceed the CUDA grid (at most ", cuda::optimal_denoiser_max_batch(), ")");
   check_finite(x, op, "x_t");
-  check_finite(X, op, "X_train");
+  *shift = range_shift(check_finite_absmax(X, op, "X_train"));  // as the CPU op
   return z;
 }
 
@@ -46,7 +46,13 @@ std::tuple<at::Tensor, at::Tensor> optimal_denoiser_cuda(const at::Tensor& x, co
   TORCH_CHECK(block >= 1, kFwd, ": block must be >= 1, got ", block);
   check_x_cuda(x, kFwd);
   const c10::cuda::CUDAGuard guard(x.device());
-  const OdSizes z = check_od_cuda(x, X, s, gamma, kFwd);
+  int shift = 0;
+  const OdSizes z = check_od_cuda(x, X, s, gamma, kFwd, &shift);
+  if (shift != 0) {  // data far from unit scale (see the CPU op)
+    auto [ys, lse] = optimal_denoiser_cuda(times_pow2(x, -shift), times_pow2(X, -shift), s,
+                                           times_pow2(gamma, -shift), block);
+    return {times_pow2(ys, shift), lse};
+  }
   auto y = at::empty_like(x);
   auto lse = at::empty({z.B}, x.options().dtype(at::kDouble));  // double for every input type
   if (z.B == 0) return {y, lse};
@@ -71,9 +77,13 @@ at::Tensor optimal_denoiser_backward_cuda(const at::Tensor& grad_y, const at::Te
                                           const at::Tensor& lse) {
   check_x_cuda(x, kBwd);
   const c10::cuda::CUDAGuard guard(x.device());
-  const OdSizes z = check_od_cuda(x, X, s, gamma, kBwd);
+  int shift = 0;
+  const OdSizes z = check_od_cuda(x, X, s, gamma, kBwd, &shift);
   check_od_backward_args(grad_y, y, lse, x, z, kBwd);
   check_finite(lse, kBwd, "lse");
+  if (shift != 0)  // as the forward did; lse and dx do not change with the scale
+    return optimal_denoiser_backward_cuda(grad_y, times_pow2(x, -shift), times_pow2(X, -shift), s,
+                                          times_pow2(gamma, -shift), times_pow2(y, -shift), lse);
   auto dx = at::empty_like(x);
   if (z.B == 0) return dx;
   const int64_t splits = cuda::optimal_denoiser_splits(z.B, z.N);
