@@ -142,7 +142,11 @@ def real_number(v, name: str, where: str, lo: Optional[float] = None,
     tensor or array (not bool or complex). NaN is refused, and so is inf unless the range allows
     it (hi = inf or lo = -inf, closed); lo/hi bound it ((lo, hi) with lo_open/hi_open). Errors
     name ``name``: TypeError for a wrong type, ValueError for a wrong value (an int beyond
-    float64 too)."""
+    float64 too). While torch.compile traces, a Python float passes unchecked: with
+    dynamic=True it may be symbolic (no value to compare, and torch.compile cannot trace the
+    type inspection below); the same call in eager mode checks it."""
+    if torch.compiler.is_compiling() and isinstance(v, float):
+        return v
     dt = getattr(v, "dtype", None)
     if isinstance(v, bool) or (dt is not None and (str(dt) in ("bool", "torch.bool")
                                                    or "complex" in str(dt))):
@@ -214,13 +218,43 @@ def _has_bool_or_complex(seq) -> bool:
     return False
 
 
+def values_readable(v) -> bool:
+    """Whether v's values can be read in Python (a device sync): not while torch.compile traces,
+    and not for a tensor wrapped by a torch.func transform (vmap, grad, jacrev, jvp), where
+    ``bool(t)`` fails with a data-dependent-control-flow error."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (isinstance(v, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(v))
+
+
+def needs_composite(*args) -> bool:
+    """Whether an op call must run its pure-PyTorch composition instead of the C++ kernels: a
+    tensor among ``args`` is wrapped by a torch.func transform (grad, jacrev, jacfwd, jvp, vmap,
+    hessian) or carries a forward-mode tangent (torch.autograd.forward_ad). The kernels have
+    reverse-mode autograd only and are not functorch-aware: jvp through them gave zero tangents
+    without an error, and grad / jacrev failed with a message about autograd.Function. False
+    while torch.compile traces (it handles the transforms it compiles itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    fw = torch.autograd.forward_ad._current_level >= 0  # inside a dual_level context
+    if not fw and torch._C._functorch.maybe_current_level() is None:  # no transform active
+        return False
+    for t in args:
+        if isinstance(t, torch.Tensor):
+            if torch._C._functorch.is_functorch_wrapped_tensor(t):
+                return True
+            if fw and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+                return True
+    return False
+
+
 def check_range(v: torch.Tensor, name: str, where: str, lo: float, hi: float = math.inf,
                 lo_open: bool = False, what: str = "") -> torch.Tensor:
     """v, after a ValueError naming ``name`` unless every entry is finite and in [lo, hi] ((lo, hi]
     when ``lo_open``); ``what`` replaces the interval in the message. One reduction (a device
     sync), skipped while torch.compile traces and inside torch.func transforms, where values
     cannot be read."""
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(v):
+    if not values_readable(v):
         return v
     ok = (v > lo) if lo_open else (v >= lo)
     ok = ok & ((v <= hi) if hi < math.inf else (v < math.inf))  # NaN fails both comparisons

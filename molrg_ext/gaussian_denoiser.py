@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._args import (as_int_list, check_float_pair, check_number_or_tensor, real_number,
-                    real_tensor)
+                    real_tensor, values_readable)
 
 __all__ = ["GaussianDenoiser"]
 
@@ -40,7 +40,7 @@ def _sigma_per_sample(sigma: Number, x: torch.Tensor, where: str) -> torch.Tenso
                              f"got shape {tuple(sigma.shape)}")
     else:
         sig = torch.tensor([float(sigma)], dtype=x.dtype, device=x.device)
-    if not (torch.isfinite(sig).all() and (sig >= 0).all()):
+    if values_readable(sig) and not (torch.isfinite(sig).all() and (sig >= 0).all()):
         raise ValueError(f"{where}: sigma must be finite and >= 0")
     return sig.reshape(-1, 1)
 
@@ -157,7 +157,7 @@ class GaussianDenoiser(nn.Module):
         if x[0].numel() != self.n:
             raise ValueError(f"{where}: x samples must have {self.n} entries, got shape "
                              f"{tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        if values_readable(x) and not torch.isfinite(x).all():
             raise ValueError(f"{where}: x contains NaN or Inf values")
         return x.reshape(x.shape[0], self.n)
 

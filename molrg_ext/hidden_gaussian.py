@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import as_int, check_float_pair, check_number_or_tensor, real_number
+from ._args import (as_int, check_float_pair, check_number_or_tensor, needs_composite,
+                    real_number, values_readable)
 from .gaussian_denoiser import GaussianDenoiser
 from .linear_distill import LinearDenoiser, linear_distill
 from .metrics.linearity import linearity_score
@@ -104,17 +105,20 @@ def _per_query(v: Number, name: str, like: torch.Tensor, B: int) -> torch.Tensor
             raise ValueError(
                 f"{where}: {name} of shape {tuple(v.shape)} does not broadcast to the batch ({B},)"
             ) from e
-        # Value check in eager mode only (data-dependent); the kernel checks again when compiled.
-        if not torch.compiler.is_compiling() and B > 0:
+        # Value check where values can be read (not while compiling, not inside torch.func
+        # transforms); the kernel checks gamma again.
+        if values_readable(v) and B > 0:
             if not bool((torch.isfinite(v) & (v > 0)).all()):
                 raise ValueError(f"{where}: {name} must be finite and > 0")
     else:
-        if not (v > 0 and (isinstance(v, int) or math.isfinite(v))):  # an int may not fit a float
-            raise ValueError(f"{where}: {name} must be finite and > 0, got {v}")
-        top = torch.finfo(like.dtype).max
-        if v > top:  # torch.full would fail with an unnamed overflow error
-            raise ValueError(f"{where}: {name} must be <= {top:g} (the largest {like.dtype} value, "
-                             f"x_t's dtype), got {reprlib.repr(v)}")
+        # (compiling with dynamic=True, v may be a symbolic number: the kernel checks gamma)
+        if not torch.compiler.is_compiling():
+            if not (v > 0 and (isinstance(v, int) or math.isfinite(v))):  # an int may not fit
+                raise ValueError(f"{where}: {name} must be finite and > 0, got {v}")
+            top = torch.finfo(like.dtype).max
+            if v > top:  # torch.full would fail with an unnamed overflow error
+                raise ValueError(f"{where}: {name} must be <= {top:g} (the largest {like.dtype} "
+                                 f"value, x_t's dtype), got {reprlib.repr(v)}")
         v = torch.full((B,), float(v), dtype=like.dtype, device=like.device)
     return v.contiguous()
 
@@ -143,6 +147,10 @@ def optimal_denoiser(
     x_t, X_train and s sigma scaled by a power of two (exact): float32 data at any finite scale
     is as accurate as at unit scale (without this, squared norms overflowed from about 1e19 and
     products were flushed to zero below about 1e-19).
+
+    Threads: with fewer queries than 128 per thread the CPU op also splits the training set
+    between threads and merges the partial soft-maxes, so the result can differ in its last bits
+    between thread counts (a few ulp).
     """
     where = "optimal_denoiser"
     check_float_pair(x_t, X_train, "x_t", "X_train", where)
@@ -157,18 +165,30 @@ def optimal_denoiser(
         )
     if X_train.shape[0] == 0:
         raise ValueError(f"{where}: X_train is empty (N = 0)")
-    if x_t.shape[0] == 0:
-        raise ValueError(f"{where}: x_t is an empty batch (B = 0)")
     if X_train.requires_grad:
         raise ValueError(f"{where}: gradients w.r.t. X_train are not supported; detach it")
     block = as_int(block, "block", where, 1, 2**63)
     B = x_t.shape[0]
     s_t = _per_query(s, "s", x_t, B)
     g_t = s_t * _per_query(sigma, "sigma", x_t, B)
-    x2 = x_t.reshape(B, -1).contiguous()
-    X2 = X_train.reshape(X_train.shape[0], -1).contiguous()
+    n = X_train[0].numel()
+    x2 = x_t.reshape(B, n).contiguous()
+    X2 = X_train.reshape(X_train.shape[0], n).contiguous()
+    if needs_composite(x_t, X_train, s_t, g_t):  # torch.func transforms, forward-mode AD
+        return _optimal_composite(x2, X2, s_t, g_t).reshape(x_t.shape)
     y, _ = torch.ops.molrg.optimal_denoiser(x2, X2, s_t, g_t, block)
     return y.reshape(x_t.shape)
+
+
+def _optimal_composite(x: torch.Tensor, X: torch.Tensor, s: torch.Tensor,
+                       gamma: torch.Tensor) -> torch.Tensor:
+    """The op's math as a pure-PyTorch composition, for torch.func transforms (grad, jacrev,
+    jacfwd, jvp, vmap) and forward-mode AD, which the kernels do not support. Logits in float64
+    as in the kernels (they cancel at small noise); -||x||^2 / (2 gamma^2) is dropped, being
+    constant over the training points. Memory O(B N), unlike the tiled kernels."""
+    xd, Xd, sd, gd = x.double(), X.double(), s.double()[:, None], gamma.double()[:, None]
+    logits = (2.0 * sd * (xd @ Xd.T) - sd.square() * Xd.square().sum(1)) / (2.0 * gd.square())
+    return torch.softmax(logits, dim=1).to(x.dtype) @ X
 
 
 class OptimalDenoiser(nn.Module):

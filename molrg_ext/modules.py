@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._args import (INDEX_MAX, as_int, check_mixture_weights, dims_list, is_one_value,
-                    parse_dims, parse_mode, real_tensor)
+                    parse_dims, parse_mode, real_tensor, values_readable)
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients
 from .schedules import SCHEDULES, get_schedule
@@ -50,9 +50,6 @@ def _schedule(schedule, where: str):
     return schedule
 
 
-def _readable(v: torch.Tensor) -> bool:
-    """Whether v's values can be read (not while torch.compile traces or inside torch.func)."""
-    return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(v))
 
 
 class SubspaceDAE(nn.Module):
@@ -177,7 +174,7 @@ class SubspaceDAE(nn.Module):
         try:
             c, phi, bias = posterior_mean_coefficients(s, s * sigma, self.dims, self.pi)
         except ValueError:
-            if _readable(sigma) and _readable(s):
+            if values_readable(sigma) and values_readable(s):
                 self._bad_level(sigma, s, where, t)
             raise
         if check_phi:
@@ -186,7 +183,7 @@ class SubspaceDAE(nn.Module):
 
     def _check_phi(self, sigma, s, c, phi, where: str, t):
         """The ValueError naming sigma (or t) where phi (and c) overflowed the dtype."""
-        if _readable(phi) and not bool(torch.isfinite(phi).all()):
+        if values_readable(phi) and not bool(torch.isfinite(phi).all()):
             self._bad_level(sigma, s, where, t, torch.isfinite(c) & torch.isfinite(phi))
 
     def _bad_level(self, sigma, s, where: str, t, ok=None):

@@ -2,7 +2,10 @@
 
 The fake (meta) kernels are registered here; the denoiser's autograd kernel is C++
 (``csrc/subspace_dae_autograd.cpp``). The ops work with ``torch.autograd``,
-``torch.compile(fullgraph=True)`` and ``torch.library.opcheck``.
+``torch.compile(fullgraph=True)`` and ``torch.library.opcheck``. Under torch.func transforms
+(grad, jacrev, jacfwd, jvp, vmap) and forward-mode AD, :func:`subspace_dae` runs the same math
+as a pure-PyTorch composition (``molrg_ext.reference``): the kernels have reverse-mode autograd
+only. Double backward (``create_graph=True`` through the backward) raises an error.
 """
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the shared library that registers torch.ops.molrg.*)
-from ._args import prepare_dae_args, restore
+from . import reference
+from ._args import needs_composite, prepare_dae_args, restore
 
 __all__ = ["subspace_dae", "hard_assign"]
 
@@ -71,11 +75,18 @@ def subspace_dae(
     exact IEEE arithmetic by less than that per operation. The CUDA kernels keep subnormals (the
     build does not use -ftz), so CPU and GPU may differ by that much.
 
+    Threads: y and the gradients w.r.t. x, c, phi and bias do not depend on the number of
+    threads. With P >= 2 instances the gradient w.r.t. U sums the per-thread partial sums in an
+    order that does, so two thread counts can differ in its last bits (about 1e-7 relative in
+    float32).
+
     Range: the squared projections ``||U_k^T x||^2`` are formed in the input type, so float32
     needs them inside its normal range (for orthonormal U, samples of norm about 1e-19 to 1e19).
     Unlike :func:`hard_assign` this op does not rescale its input (that would cost a pass over
     x in every call); use float64 for data beyond that range.
     """
+    if needs_composite(x, U, c, phi, bias):  # torch.func transforms, forward-mode AD
+        return reference.subspace_dae(x, U, c, phi, bias, dims, mode, assign, where="subspace_dae")
     a = prepare_dae_args(x, U, c, phi, bias, dims, mode, assign)
     y, _, _ = torch.ops.molrg.subspace_dae(a.x, a.U, a.c, a.phi, a.bias, a.assign, a.dims, a.mode)
     return restore(y, a)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._args import (check_mixture_weights, check_number_or_tensor, check_positive, dims_list,
-                    number_or_tensor, real_tensor)
+                    number_or_tensor, real_tensor, values_readable)
 
 __all__ = ["posterior_mean_coefficients"]
 
@@ -71,7 +71,8 @@ def posterior_mean_coefficients(
     # its overflow to inf)
     fi = torch.finfo(s2.dtype)
     extreme = (torch.minimum(s2, g2) < fi.tiny) | (den < fi.tiny) | (den > fi.max)
-    if bool(extreme.any()):
+    # (where the values cannot be read, compiling or inside torch.func, the branch-free form)
+    if not values_readable(extreme) or bool(extreme.any()):
         big = s_t >= g_t
         r = torch.minimum(s_t, g_t) / torch.maximum(s_t, g_t)
         r2 = r.square()

@@ -32,8 +32,10 @@ def subspace_dae(
     dims=None,
     mode: str = "soft",
     assign: Optional[torch.Tensor] = None,
+    *,
+    where: str = "reference.subspace_dae",
 ) -> torch.Tensor:
-    a = prepare_dae_args(x, U, c, phi, bias, dims, mode, assign, where="reference.subspace_dae")
+    a = prepare_dae_args(x, U, c, phi, bias, dims, mode, assign, where=where)
     Um = masked_bases(a.U, a.dims)
     proj = torch.einsum("pbn,pknd->pbkd", a.x, Um)
     sq = proj.square().sum(-1)

@@ -233,6 +233,10 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
                              f"(largest finite value {torch.finfo(X.dtype).max:g})")
         if U.requires_grad:
             raise ValueError("train_step: lr updates U in place, so U must not require grad")
+        if any(st == 0 and sz > 1 for st, sz in zip(U.stride(), U.shape)):
+            raise ValueError(f"train_step: lr updates U in place, but U is an expanded view "
+                             f"(strides {tuple(U.stride())}: several entries share memory); pass "
+                             f"U.clone()")
     Uc = U4.contiguous()
     loss, grad = torch.ops.molrg.train_step(X3.contiguous(), Uc, table, bias, dims_l, batch, seed,
                                             step, mode_i)
