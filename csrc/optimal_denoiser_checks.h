@@ -51,7 +51,7 @@ inline OdSizes check_od_args(const at::Tensor& x, const at::Tensor& X, const at:
     TORCH_CHECK((at::isfinite(s) & (s > 0)).all().item<bool>(), op,
                 ": s must be finite and > 0");
     TORCH_CHECK((at::isfinite(gamma) & (gamma > 0)).all().item<bool>(), op,
-                ": gamma must be finite and > 0");
+                ": gamma = s * sigma must be finite and > 0");
     const double gmin = gamma.min().item<double>();
     TORCH_CHECK(gmin >= od_min_gamma(), op, ": gamma = s * sigma must be >= ", od_min_gamma(),
                 " (1 / (2 gamma^2) overflows float64 below it), got ", gmin);

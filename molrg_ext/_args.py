@@ -220,11 +220,12 @@ def _has_bool_or_complex(seq) -> bool:
 
 def values_readable(v) -> bool:
     """Whether v's values can be read in Python (a device sync): not while torch.compile traces,
-    and not for a tensor wrapped by a torch.func transform (vmap, grad, jacrev, jvp), where
-    ``bool(t)`` fails with a data-dependent-control-flow error."""
+    not for a tensor wrapped by a torch.func transform (vmap, grad, jacrev, jvp), where
+    ``bool(t)`` fails with a data-dependent-control-flow error, and not on the meta device."""
     if torch.compiler.is_compiling():
         return False
-    return not (isinstance(v, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(v))
+    return not (isinstance(v, torch.Tensor) and (v.device.type == "meta" or
+                                                 torch._C._functorch.is_functorch_wrapped_tensor(v)))
 
 
 def needs_composite(*args) -> bool:

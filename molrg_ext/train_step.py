@@ -16,7 +16,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
 from ._args import (INDEX_MAX, as_int, check_float_pair, check_seed, dims_list, parse_dims,
-                    parse_mode, real_number, real_tensor)
+                    parse_mode, real_number, real_tensor, values_readable)
 from .posterior import posterior_mean_coefficients
 
 __all__ = ["Levels", "make_levels", "train_step", "philox_draws"]
@@ -49,7 +49,7 @@ class Levels(NamedTuple):
         # checked after the cast, which can round them to 0 or inf. One reduction, and
         # train_step caches the table, so a training loop pays it once.
         sg = t[:, :2]
-        if not torch.compiler.is_compiling():
+        if values_readable(sg):
             ok = (sg > 0) & (sg < math.inf)
             if not bool(ok.all()):
                 lvl, j = (~ok).nonzero()[0].tolist()

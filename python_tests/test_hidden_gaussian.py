@@ -310,7 +310,7 @@ def test_optimal_bad_inputs():
     with pytest.raises(RuntimeError, match="X_train contains NaN"):
         optimal_denoiser(x, Xbig, 1.0)
     one = torch.ones(3)
-    with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
+    with pytest.raises(RuntimeError, match=r"gamma = s \* sigma must be finite and > 0"):
         torch.ops.molrg.optimal_denoiser(x, X, one, torch.zeros(3), 4)
     with pytest.raises(RuntimeError, match=r"optimal_denoiser: x_t must be \[B, n\]"):
         torch.ops.molrg.optimal_denoiser(x[None], X, one, one, 4)

@@ -234,3 +234,14 @@ def test_optimal_denoiser_empty_batch():
     assert y.shape == (0, 2, 3)
     y.sum().backward()
     assert x.grad.shape == (0, 2, 3)
+
+
+def test_train_step_on_meta_tensors():
+    """Shapes only (the fake kernel): the level table's value check is skipped on meta, where
+    it failed with "Tensor.item() cannot be called on meta tensors"."""
+    lv = molrg_ext.make_levels(molrg_ext.schedules.get_schedule("edm"), 16)
+    X = torch.empty(2, 40, 8, device="meta")
+    U = torch.empty(2, 2, 8, 3, device="meta")
+    loss, grad_U = molrg_ext.train_step(X, U, [3, 2], lv, 16, 5, 3)
+    assert loss.shape == (2,) and loss.device.type == "meta"
+    assert grad_U.shape == U.shape and grad_U.device.type == "meta"
