@@ -51,11 +51,16 @@ def _as_array(X, where: str, name: str = "X", min_rows: int = 1):
         dtype = torch.float64
         if X is None:  # np.asarray makes it a 0-d NaN
             raise TypeError(f"{where}: {name} must be a numeric [N, n] array, got None")
+        if hasattr(X, "toarray") and hasattr(X, "nnz"):  # a scipy.sparse matrix or array
+            raise TypeError(f"{where}: {name} is a sparse matrix; sparse input is not supported, "
+                            f"pass {name}.toarray()")
         try:  # np.iscomplexobj raises too for a ragged list
             is_complex = np.iscomplexobj(X)
             if not is_complex:
                 Xn = np.asarray(X, dtype=np.float64)
         except (TypeError, ValueError) as e:
+            if "NAType" in str(e):  # a pandas nullable column holding pd.NA
+                raise ValueError(f"{where}: {name} contains missing values (pd.NA)") from e
             raise TypeError(f"{where}: {name} must be a numeric [N, n] array") from e
         if is_complex:
             raise TypeError(f"{where}: {name} must be real, got a complex array")
@@ -105,6 +110,15 @@ def _check_seed(seed, where: str, sklearn: bool = False):
     return as_int(seed, "seed", where, 0, 2 ** 32 if sklearn else None)
 
 
+def _rng(seed) -> np.random.Generator:
+    """np.random.default_rng(seed) for a seed _check_seed has passed. A RandomState is wrapped
+    by hand (a Generator on its bit generator, drawing from and advancing its state, as
+    default_rng does in numpy 2): numpy 1.x's default_rng refuses it."""
+    if isinstance(seed, np.random.RandomState):
+        return np.random.Generator(seed._bit_generator)
+    return np.random.default_rng(seed)
+
+
 def top_subspace(Xk, d: int, rng: np.random.Generator) -> np.ndarray:
     """n x d orthonormal basis (float64 numpy): top-d left singular vectors of ``Xk`` ([m, n]
     rows, m >= 0, numpy or torch), 1 <= d <= n. When the rows span fewer than d directions,
@@ -150,14 +164,50 @@ def _pack(bases: list, n: int, dtype) -> torch.Tensor:
     return torch.from_numpy(out).to(dtype)
 
 
+def _feature_names(X) -> Optional[np.ndarray]:
+    """X's column names when it is a DataFrame-like table whose names are all strings (the
+    names scikit-learn records), else None."""
+    cols = getattr(X, "columns", None)
+    if cols is None or isinstance(X, (np.ndarray, torch.Tensor)):
+        return None
+    names = np.asarray(list(cols), dtype=object)
+    if names.ndim != 1 or not all(isinstance(c, str) for c in names):
+        return None
+    return names
+
+
 class _Base(ClusterMixin, BaseEstimator):
     """scikit-learn plumbing: ``get_params``/``set_params`` (unknown names are a ValueError that
     names them), ``clone`` and ``repr`` come from ``BaseEstimator``, which reads the parameter
     names off ``__init__``; subclasses store their arguments there unchanged and validate them
-    in ``fit``."""
+    in ``fit``. ``fit`` records ``n_features_in_`` and, for a DataFrame with string column
+    names, ``feature_names_in_``; ``predict`` refuses a table whose names differ (a reordered
+    DataFrame silently gave other labels)."""
 
     def fit_predict(self, X, y=None) -> torch.Tensor:
         return self.fit(X).labels_
+
+    def _record_features(self, X, n: int) -> None:
+        self.n_features_in_ = n
+        names = _feature_names(X)
+        if names is not None:
+            self.feature_names_in_ = names
+        elif hasattr(self, "feature_names_in_"):  # a refit without names drops the old ones
+            del self.feature_names_in_
+
+    def _check_features(self, X, where: str) -> None:
+        names, fitted = _feature_names(X), getattr(self, "feature_names_in_", None)
+        if names is not None and fitted is not None:
+            if not np.array_equal(names, fitted):
+                raise ValueError(f"{where}: X's column names {list(names)} differ from those "
+                                 f"seen in fit {list(fitted)} (the same names in the same order "
+                                 "are needed)")
+        elif fitted is not None:
+            warnings.warn(f"{where}: X has no feature names, but the estimator was fitted with "
+                          "feature names", UserWarning, stacklevel=3)
+        elif names is not None:
+            warnings.warn(f"{where}: X has feature names, but the estimator was fitted without "
+                          "feature names", UserWarning, stacklevel=3)
 
 
 class PCASubspace(_Base):
@@ -168,6 +218,7 @@ class PCASubspace(_Base):
 
     def fit(self, X, y=None) -> "PCASubspace":
         Xn, dtype, dims = _validate_X(X, 1, self.d, "PCASubspace", name="d")
+        self._record_features(X, Xn.shape[1])
         B = _top_subspace(Xn, dims[0], np.random.default_rng(0))
         self.bases_ = _pack([B], Xn.shape[1], dtype)
         self.labels_ = torch.zeros(Xn.shape[0], dtype=torch.int64)
@@ -364,13 +415,14 @@ class KSubspaces(_Base):
                              f"'spectral', got {self.init!r}")
         seed = _check_seed(self.seed, where, sklearn=self.init == "spectral")
         Xn, dtype, dims = _validate_X(X, K, self.dims, where)
+        self._record_features(X, Xn.shape[1])
         init = "neighbors" if self.init == "auto" else self.init
         N, n = Xn.shape
         if init in ("spectral", "neighbors"):
             Y, has_dir = _unit_rows(Xn)  # once for all restarts
         if init == "neighbors":
             distinct = _distinct_rows(Xn)
-        rng = np.random.default_rng(seed)
+        rng = _rng(seed)
         best = None
         for r in range(n_init):
             if init == "spectral" and r == 0:
@@ -414,12 +466,16 @@ class KSubspaces(_Base):
         check_is_fitted(self, "bases_")
         where = f"{type(self).__name__}.predict"
         Xn, _ = _as_array(X, where)
+        self._check_features(X, where)
         n = self.bases_.shape[1]
         if Xn.shape[1] != n:
             raise ValueError(f"{where}: X has n = {Xn.shape[1]} columns but the estimator was "
                              f"fitted with n = {n}")
         labels, _ = _assign(Xn, self.bases_.to(torch.float64).numpy())
         return torch.from_numpy(labels.astype(np.int64))
+
+
+_ENET_MAX_ITER = 5000  # EnSC's ElasticNet coordinate-descent sweeps per sample
 
 
 class EnSC(_Base):
@@ -431,6 +487,12 @@ class EnSC(_Base):
     PCA basis. ``fit`` warns when some samples get no edge in the affinity (an ``alpha`` too
     large for the data zeroes their coefficients, as it does those of zero samples): spectral
     clustering labels them arbitrarily. ``n_isolated_`` counts them.
+
+    ``alpha`` is ElasticNet's absolute penalty, so it depends on the scale of ``X``: fitting
+    ``c X`` is fitting ``X`` with ``alpha / c^2``. The default 1e-3 suits rows of norm about 1
+    (MoLRG data); for other data rescale the rows or scale alpha with them. ``fit`` warns when
+    elastic-net fits stop unconverged (often a sign of a mis-scaled alpha) and
+    ``n_unconverged_`` counts them.
     """
 
     def __init__(self, K: int, dims: Union[int, Sequence[int]], alpha: float = 1e-3,
@@ -449,24 +511,30 @@ class EnSC(_Base):
     def coefficients(self, Xn) -> np.ndarray:
         """``[N, N]`` self-expressive coefficients of the rows of ``Xn`` ``[N, n]`` (zero
         diagonal)."""
+        return self._coefficients(Xn, "EnSC.coefficients")[0]
+
+    def _coefficients(self, Xn, where: str) -> tuple:
+        """(coefficients, the number of ElasticNet fits that stopped at max_iter unconverged)."""
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import ElasticNet
 
-        where = "EnSC.coefficients"
         alpha, l1_ratio = self._enet_params(where)
         Xn, _ = _as_array(Xn, where, "Xn")
         N = Xn.shape[0]
         if N < 2:
             raise ValueError(f"{where}: needs at least 2 samples")
         C = np.zeros((N, N))
-        model = ElasticNet(alpha=alpha, l1_ratio=l1_ratio, fit_intercept=False, max_iter=5000)
+        model = ElasticNet(alpha=alpha, l1_ratio=l1_ratio, fit_intercept=False,
+                           max_iter=_ENET_MAX_ITER)
+        unconverged = 0
         for i in range(N):
             others = np.delete(np.arange(N), i)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
                 model.fit(Xn[others].T, Xn[i])
+            unconverged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
             C[i, others] = model.coef_
-        return C
+        return C, unconverged
 
     def fit(self, X, y=None) -> "EnSC":
         where = "EnSC"
@@ -476,7 +544,14 @@ class EnSC(_Base):
         Xn, dtype, dims = _validate_X(X, K, self.dims, where)
         if Xn.shape[0] < 2:
             raise ValueError(f"{where}: needs at least 2 samples")
-        C = self.coefficients(Xn)
+        self._record_features(X, Xn.shape[1])
+        C, self.n_unconverged_ = self._coefficients(Xn, where)
+        if self.n_unconverged_:
+            warnings.warn(f"{where}: {self.n_unconverged_} of {Xn.shape[0]} elastic-net fits "
+                          f"stopped at max_iter = {_ENET_MAX_ITER} without converging, so their "
+                          "coefficients are approximate. A common cause is an alpha too small "
+                          "for X's scale: alpha is absolute (fitting c X is fitting X with "
+                          "alpha / c^2)", UserWarning, stacklevel=2)
         W = np.abs(C) + np.abs(C).T
         self.n_isolated_ = isolated = int(np.count_nonzero(~(W > 0).any(axis=1)))
         if isolated and K > 1:
@@ -489,7 +564,7 @@ class EnSC(_Base):
                           UserWarning, stacklevel=2)
         self.affinity_ = W
         labels = _spectral_labels(W, K, seed)
-        labels, bases = _fit_clusters(Xn, labels, dims, np.random.default_rng(seed))
+        labels, bases = _fit_clusters(Xn, labels, dims, _rng(seed))
         self.labels_ = torch.from_numpy(labels)
         self.bases_ = _pack(bases, Xn.shape[1], dtype)
         return self

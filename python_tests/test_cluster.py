@@ -325,6 +325,7 @@ def test_K_and_dims_validation(make, err, msg):
         make().fit(X)
 
 
+@pytest.mark.filterwarnings("ignore:EnSC. .* without converging:UserWarning")  # random X
 def test_integer_like_K_and_dims_accepted():
     X = torch.randn(10, 8, dtype=torch.float64)
     est = KSubspaces(np.int64(2), torch.tensor([2, 3]), n_init=np.int32(2)).fit(X)
@@ -425,3 +426,99 @@ def test_kss_warns_about_empty_clusters():
         warnings.simplefilter("error")
         est = KSubspaces(2, 2).fit(X)  # the right K: both clusters hold their plane
         assert clustering_accuracy(data.labels[0], est.labels_) == 1.0
+
+class _Table:
+    """A minimal DataFrame stand-in (pandas is not a dependency): named columns over an array."""
+
+    def __init__(self, values, columns):
+        self.values, self.columns = np.asarray(values), list(columns)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    def reorder(self, order):
+        return _Table(self.values[:, order], [self.columns[i] for i in order])
+
+
+def test_feature_names_recorded_and_checked_in_predict():
+    """A table with reordered columns was accepted by predict and gave other labels (45% agreed
+    with labels_ in the audit's DataFrame case); now the names seen in fit must match."""
+    data = sample_molrg(12, [2, 3], counts=[20, 20], noise_std=0.01, seed=0, dtype=torch.float64)
+    X = data.X[0].numpy()
+    table = _Table(X, [f"c{i}" for i in range(12)])
+    est = KSubspaces(2, [2, 3], n_init=2).fit(table)
+    assert est.n_features_in_ == 12
+    assert list(est.feature_names_in_) == table.columns
+    assert torch.equal(est.predict(table), est.labels_)
+    with pytest.raises(ValueError, match="KSubspaces.predict: X's column names .* differ from "
+                                         "those seen in fit"):
+        est.predict(table.reorder(list(range(11, -1, -1))))
+    with pytest.warns(UserWarning, match="X has no feature names, but the estimator was fitted "
+                                         "with feature names"):
+        assert torch.equal(est.predict(X), est.labels_)
+    est.fit(X)  # a refit on a plain array drops the names
+    assert not hasattr(est, "feature_names_in_") and est.n_features_in_ == 12
+    with pytest.warns(UserWarning, match="X has feature names, but the estimator was fitted "
+                                         "without"):
+        est.predict(table)
+    for other in (PCASubspace(2), EnSC(2, [2, 3])):
+        assert list(other.fit(table).feature_names_in_) == table.columns
+
+
+def test_random_state_seed_works_without_numpy_2():
+    """default_rng refuses a RandomState before numpy 2 (pyproject allows numpy >= 1.24): the
+    estimators wrap it themselves, drawing from (and advancing) the RandomState."""
+    data = sample_molrg(12, [2, 3], counts=[20, 20], noise_std=0.01, seed=1, dtype=torch.float64)
+    X = data.X[0].numpy()
+    from molrg_ext.cluster import _rng
+    rs = np.random.RandomState(5)
+    g = _rng(rs)
+    assert isinstance(g, np.random.Generator)
+    first = g.standard_normal(3)
+    assert not np.array_equal(first, _rng(np.random.RandomState(5)).standard_normal(4)[1:])
+    np.testing.assert_array_equal(first, _rng(np.random.RandomState(5)).standard_normal(3))
+    a = KSubspaces(2, [2, 3], n_init=2, seed=np.random.RandomState(3)).fit(X)
+    b = KSubspaces(2, [2, 3], n_init=2, seed=np.random.RandomState(3)).fit(X)
+    assert torch.equal(a.bases_, b.bases_)
+    e = EnSC(2, [2, 3], seed=np.random.RandomState(3)).fit(X)
+    assert e.labels_.shape == (40,)
+
+
+def test_sparse_and_missing_value_inputs_have_clear_errors():
+    import scipy.sparse
+
+    X = np.random.default_rng(0).standard_normal((10, 5))
+    with pytest.raises(TypeError, match="KSubspaces: X is a sparse matrix; sparse input is not "
+                                        r"supported, pass X.toarray\(\)"):
+        KSubspaces(2, 1).fit(scipy.sparse.csr_matrix(X))
+
+    class _NA:  # what pandas' pd.NA does inside float()
+        def __float__(self):
+            raise TypeError("float() argument must be a string or a real number, not 'NAType'")
+
+    rows = [[1.0, 2.0, 3.0], [4.0, _NA(), 6.0], [7.0, 8.0, 9.5]]
+    with pytest.raises(ValueError, match=r"EnSC: X contains missing values \(pd.NA\)"):
+        EnSC(2, 1).fit(np.array(rows, dtype=object))
+
+
+def test_ensc_counts_unconverged_fits_and_says_alpha_is_absolute():
+    """ElasticNet's ConvergenceWarnings were all swallowed; EnSC's alpha is absolute, so fitting
+    10 X is fitting X with alpha / 100, and here most fits then hit max_iter."""
+    data = sample_molrg(12, [2, 3], counts=[20, 20], noise_std=0.01, seed=0, dtype=torch.float64)
+    X = data.X[0].numpy()
+    est = EnSC(2, [2, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.fit(X)
+    assert est.n_unconverged_ == 0
+    with pytest.warns(UserWarning, match=r"EnSC: \d+ of 40 elastic-net fits stopped at max_iter "
+                                         r"= 5000 without converging.*alpha / c\^2"):
+        est.fit(10 * X)
+    assert 0 < est.n_unconverged_ <= 40
+    # the same coefficients as X with alpha / 100 (regressing c x_i on the c x_j)
+    small = EnSC(2, [2, 3], alpha=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        small.fit(X)
+    assert small.n_unconverged_ == est.n_unconverged_
+    np.testing.assert_allclose(est.affinity_, small.affinity_, rtol=1e-6, atol=1e-9)

@@ -40,6 +40,7 @@ skipped on a rerun), ``K{K}_{method}.csv`` and ``K{K}_{method}.png`` (heat map w
 N_k = d). An ``ensc`` cell also records ``isolated_samples``, per instance the samples that
 elastic net left without a coefficient (no edge in the affinity, an arbitrary label): below the
 threshold samples are nearly orthogonal, and EnSC's warning about them is not repeated there.
+``unconverged_fits`` likewise counts, per instance, the elastic-net fits that hit max_iter.
 """
 from __future__ import annotations
 
@@ -155,9 +156,11 @@ def run_cell(K: int, method: str, d: int, Nk: int, instances: int, noise: float,
                 # below the threshold EnSC leaves samples without an edge (its warning): the
                 # cell's success rate is what is measured, and the count is kept with it
                 warnings.filterwarnings("ignore", "EnSC: .* no nonzero self-expressive")
+                warnings.filterwarnings("ignore", "EnSC: .* without converging")
                 bases.append(est.fit(data.X[p]).bases_)
             if method == "ensc":
                 extra.setdefault("isolated_samples", []).append(est.n_isolated_)
+                extra.setdefault("unconverged_fits", []).append(est.n_unconverged_)
         U = torch.stack(bases)
     dist = subspace_distance(U, data.bases, [d] * K)
     ok = recovery_success(dist)
