@@ -108,7 +108,14 @@ def test_fwd_bwd_eager_reference(benchmark, size):
 @pytest.mark.benchmark(group="cuda-hard-assign")
 def test_hard_assign_ours_vs_reference(benchmark, size):
     x, U, _, _, dims = _problem(size)
-    torch.testing.assert_close(ops.hard_assign(x, U, dims=dims), ref.hard_assign(x, U, dims=dims))
+    got = ops.hard_assign(x, U, dims=dims)
+    # against float64 labels, except near ties (top two energies within 1e-5 relative), which
+    # float32 rounding may send either way
+    e = torch.einsum("pbn,pknd->pbkd", x.double(), ref.masked_bases(U.double(), dims))
+    top2 = e.square().sum(-1).topk(2, dim=-1).values
+    clear = top2[..., 0] - top2[..., 1] > 1e-5 * top2[..., 0]
+    want = ref.hard_assign(x.double(), U.double(), dims=dims)
+    assert torch.equal(got[clear], want[clear])
     benchmark(cuda_synced(lambda: ops.hard_assign(x, U, dims=dims)))
 
 

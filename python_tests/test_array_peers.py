@@ -84,6 +84,7 @@ def test_cupy_cases_are_none_without_cupy_and_a_gpu():
     assert bench.make_jacobian_case("cupy", 8, 2, 2, 5) is None
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_cupy_cases_agree_with_the_fused_ops(mode):
     from molrg_ext import bench

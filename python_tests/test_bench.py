@@ -43,8 +43,9 @@ def test_run_writes_rows_with_ratios_and_peak(tmp_path, one_thread):
 
 def _devices(op):
     reason = cuda_skip_reason(op)
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(reason is not None,
-                                                                 reason=reason or ""))]
+    return ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
+                                               pytest.mark.skipif(reason is not None,
+                                                                  reason=reason or "")])]
 
 
 @pytest.mark.parametrize("device", _devices("dae_jacobian_spectrum"))

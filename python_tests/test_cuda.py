@@ -578,15 +578,15 @@ def test_optimal_denoiser_cuda_errors_name_the_argument():
     _need_optimal_cuda()
     x, X, s, gamma, v = (t.cuda() for t in _od_problem(5, 40, 4, 0.7, torch.float64, seed=34))
     op, bw = torch.ops.molrg.optimal_denoiser, torch.ops.molrg.optimal_denoiser_backward
-    with pytest.raises(RuntimeError, match="X is on"):
+    with pytest.raises(RuntimeError, match="X_train is on cpu but x_t is on cuda"):
         op(x, X.cpu(), s, gamma, 8)
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+    with pytest.raises(RuntimeError, match="x_t must be a CUDA tensor"):
         op(x.cpu(), X, s, gamma, 8)
-    with pytest.raises(RuntimeError, match="X contains NaN"):
+    with pytest.raises(RuntimeError, match="X_train contains NaN"):
         op(x, X * math.nan, s, gamma, 8)
-    with pytest.raises(RuntimeError, match="gamma must be finite and > 0"):
+    with pytest.raises(RuntimeError, match=r"gamma = s \* sigma must be finite and > 0"):
         op(x, X, s, -gamma, 8)
-    with pytest.raises(RuntimeError, match="X has n = 5"):
+    with pytest.raises(RuntimeError, match="X_train has n = 5"):
         op(x, torch.randn(40, 5, dtype=x.dtype, device="cuda"), s, gamma, 8)
     y, lse = op(x, X, s, gamma, 8)
     with pytest.raises(RuntimeError, match="lse is inconsistent"):
