@@ -282,6 +282,9 @@ class DaeArgs(NamedTuple):
     dims: list[int]
     mode: int
     batched: bool  # x had a leading instance dimension
+    # (P, B) when a 3-D U is shared by the P instances of a 3-D x: the instances are folded into
+    # one batch of P B samples (x [1, P B, n]) instead of U copied P times; restore unfolds
+    fold: Optional[tuple] = None
 
 
 def parse_mode(mode: str, where: str = "subspace_dae") -> int:
@@ -420,8 +423,7 @@ def prepare_dae_args(
             raise ValueError(
                 f"{where}: U has {U4.shape[0]} instances but {x_name} has {x3.shape[0]}"
             )
-        if U4.shape[0] != x3.shape[0]:
-            U4 = U4.expand(x3.shape[0], *U4.shape[1:])
+    fold = (x3.shape[0], x3.shape[1]) if batched and U.dim() == 3 else None
     P, B, n = x3.shape
     K, n_u, dmax = U4.shape[1:]
     if n_u != n:
@@ -464,10 +466,19 @@ def prepare_dae_args(
                 f"{where}: assign is on {assign.device} but {x_name} is on {x.device}"
             )
         assign2 = per_sample(assign, "assign").contiguous()
+    x3 = x3.contiguous()
+    if fold is not None:  # one shared U: P B samples of one instance (U copied P times was
+        # saved for the backward, and the GEMM path copied it twice more: 2.8 x x's memory)
+        x3 = x3.reshape(1, P * B, n)
+        c2, phi2 = c2.reshape(1, P * B), phi2.reshape(1, P * B)
+        bias3 = None if bias3 is None else bias3.reshape(1, P * B, K)
+        assign2 = None if assign2 is None else assign2.reshape(1, P * B)
     return DaeArgs(
-        x3.contiguous(), U4.contiguous(), c2, phi2, bias3, assign2, dims_l, mode_i, batched
+        x3, U4.contiguous(), c2, phi2, bias3, assign2, dims_l, mode_i, batched, fold
     )
 
 
 def restore(y: torch.Tensor, a: DaeArgs) -> torch.Tensor:
+    if a.fold is not None:
+        return y.reshape(*a.fold, *y.shape[2:])
     return y if a.batched else y.squeeze(0)

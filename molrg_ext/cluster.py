@@ -353,7 +353,11 @@ def _spectral_labels(W: np.ndarray, K: int, seed) -> np.ndarray:
 
     if K == 1:
         return np.zeros(W.shape[0], dtype=np.int64)
-    W = W + 1e-12 * (1.0 - np.eye(W.shape[0]))  # keep the graph connected for the solver
+    # keep the graph connected for the solver: 1e-12 off the diagonal (one copy of W; the
+    # dense eye and its complement were three more N x N arrays)
+    diag = W.diagonal().copy()
+    W = W + 1e-12
+    np.fill_diagonal(W, diag)
     sc = SpectralClustering(n_clusters=K, affinity="precomputed", random_state=seed,
                             assign_labels="kmeans")
     with warnings.catch_warnings():
@@ -426,7 +430,8 @@ class KSubspaces(_Base):
         best = None
         for r in range(n_init):
             if init == "spectral" and r == 0:
-                lab = _spectral_labels(np.abs(Y @ Y.T), K, seed)
+                G = Y @ Y.T
+                lab = _spectral_labels(np.abs(G, out=G), K, seed)
                 _, bases = _fit_clusters(Xn, lab, dims, rng)
             elif init == "neighbors":
                 bases = _neighborhood_bases(Xn, Y, has_dir, distinct, K, max(dims), rng)
@@ -552,7 +557,8 @@ class EnSC(_Base):
                           "coefficients are approximate. A common cause is an alpha too small "
                           "for X's scale: alpha is absolute (fitting c X is fitting X with "
                           "alpha / c^2)", UserWarning, stacklevel=2)
-        W = np.abs(C) + np.abs(C).T
+        np.abs(C, out=C)  # (C is not needed after this: one N x N temporary fewer)
+        W = C + C.T
         self.n_isolated_ = isolated = int(np.count_nonzero(~(W > 0).any(axis=1)))
         if isolated and K > 1:
             # ElasticNet gives a sample no coefficient when alpha outweighs every correlation

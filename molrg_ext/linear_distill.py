@@ -14,7 +14,7 @@ from torch import nn
 
 from ._args import (_check_tensor, as_int, as_int_list, check_denoiser_data,
                     check_denoiser_output, check_generator, check_number_or_tensor,
-                    check_positive, real_number)
+                    check_positive, real_number, values_readable)
 
 __all__ = ["linear_distill", "LinearDenoiser"]
 
@@ -128,7 +128,19 @@ class LinearDenoiser(nn.Module):
             j = self.index(sigma)
             return (x2 @ self.W[j].T + self.b[j]).reshape(x.shape)
         j = self._indices(sigma, x.shape[0])
-        W, b = self.W[j], self.b[j]  # [B or 1, n, n], [B or 1, n]: each sample its own level
+        if values_readable(j):
+            # one GEMM per level present (the samplers pass a [B] sigma of one level); gathering
+            # W[j] made a [B, n, n] copy: 256 MB at B = 1024, n = 256
+            levels = j.unique().tolist()
+            if len(levels) == 1:
+                return (x2 @ self.W[levels[0]].T + self.b[levels[0]]).reshape(x.shape)
+            out = x2.new_empty(x2.shape)
+            for u in levels:
+                rows = j == u
+                out[rows] = x2[rows] @ self.W[u].T + self.b[u]
+            return out.reshape(x.shape)
+        # under torch.func transforms (levels not readable): each sample its own level by gather
+        W, b = self.W[j], self.b[j]  # [B or 1, n, n], [B or 1, n]
         return ((W @ x2.unsqueeze(-1)).squeeze(-1) + b).reshape(x.shape)
 
 

@@ -136,7 +136,7 @@ def heun_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.
                       "they take the Euler step, as Heun's correction would amplify the "
                       "denoiser's rounding error by half that factor", UserWarning, stacklevel=2)
     x = noise * t[0]
-    xs, dens = [x], []
+    xs, dens = _keep(return_trajectory, x)
     steps = range(t.numel() - 1)
     if progress:
         from tqdm.auto import tqdm
@@ -157,6 +157,19 @@ def heun_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.
     return x
 
 
+class _Discard(list):
+    """A list that keeps nothing: the samplers' trajectory lists when none is returned (every
+    state and denoiser output was kept, (2 steps + 1) x the batch)."""
+
+    def append(self, _item) -> None:
+        pass
+
+
+def _keep(trajectory: bool, x0: torch.Tensor) -> tuple:
+    """(states, denoiser outputs) lists: real ones holding x0 first, or discarding ones."""
+    return ([x0], []) if trajectory else (_Discard(), _Discard())
+
+
 @torch.no_grad()
 def ddim_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.Tensor] = None,
                 num_steps: int = 18, scales: Optional[torch.Tensor] = None,
@@ -174,7 +187,7 @@ def ddim_sample(denoiser: Callable, noise: torch.Tensor, sigmas: Optional[torch.
             raise ValueError(f"ddim_sample: scales must be {t.numel() - 1} finite values > 0")
         s = torch.cat([s, s.new_ones(1)])  # the clean sample has scale 1
     x = noise * t[0] * s[0]
-    xs, dens = [x], []
+    xs, dens = _keep(return_trajectory, x)
     steps = range(t.numel() - 1)
     if progress:
         from tqdm.auto import tqdm

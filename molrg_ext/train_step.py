@@ -160,6 +160,8 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
 
     Args:
         X: training sets ``[P, N, n]`` (or ``[N, n]`` for one instance), float32 or float64.
+            The kernel reads X contiguously: a non-contiguous X (a transposed view, or one set
+            expanded over P) is copied on every call, so make it contiguous once in a loop.
         U: bases ``[P, K, n, dmax]`` (or ``[K, n, dmax]``), same dtype and device as X.
         dims: the K subspace dimensions (None: all dmax).
         levels: a :class:`Levels` table from :func:`make_levels`.

@@ -838,3 +838,16 @@ def test_float32_backward_is_right_far_from_the_data():
         torch.ops.molrg.optimal_denoiser_backward(torch.ones_like(y), x.detach(), torch.zeros(1, 1),
                                                   torch.ones(1), torch.full((1,), 1.1e-3), y,
                                                   lse.float())
+
+
+def test_linear_denoiser_mixed_levels_make_no_per_sample_matrix(dispatched_ops):
+    """A [B] sigma gathered W[j] into a [B, n, n] copy (256 MB at B = 1024, n = 256, on every
+    sampler step); now one GEMM per level present."""
+    G, L, sig = _distilled_gaussian()
+    x = torch.randn(7, 5, generator=gen(26), dtype=torch.float64)  # B = 7, 6 levels in L
+    s = sig[torch.tensor([0, 3, 5, 3, 0, 5, 3])]
+    calls = dispatched_ops(lambda: L(x, s))
+    shapes = {tuple(a.shape) for _, args in calls for a in args if isinstance(a, torch.Tensor)}
+    assert L.W.shape == (6, 5, 5) and (7, 5, 5) not in shapes
+    per = torch.cat([L(x[i:i + 1], float(s[i])) for i in range(7)])
+    torch.testing.assert_close(L(x, s), per, rtol=1e-12, atol=1e-12)

@@ -487,3 +487,32 @@ def test_parallel_backward_matches_single_thread():
         torch.set_num_threads(old)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_shared_U_folds_instances_instead_of_copying_U(mode, dispatched_ops):
+    """A 3-D U shared by the P instances of a 3-D x was expanded and copied P times (saved for
+    the backward too: 2.8 x x's memory at n = 3072); the instances are now one batch of P B
+    samples, with the same y and the summed dU."""
+    g = torch.Generator().manual_seed(4)
+    P, B, n, dims = 3, 7, 10, [3, 2]
+    U = torch.linalg.qr(torch.randn(2, n, 3, generator=g, dtype=torch.float64))[0].contiguous()
+    x = torch.randn(P, B, n, generator=g, dtype=torch.float64)
+    c = torch.rand(P, B, generator=g, dtype=torch.float64) + 0.5
+    bias = torch.randn(P, B, 2, generator=g, dtype=torch.float64)
+    kw = dict(mode=mode, bias=bias if mode == "soft" else None)
+    Ur = U.clone().requires_grad_(True)
+    calls = dispatched_ops(lambda: molrg_ext.subspace_dae(x, Ur, c, 1.3, dims=dims, **kw))
+    fwd = [args for name, args in calls if name.startswith("molrg.subspace_dae")]
+    assert fwd and tuple(fwd[0][0].shape) == (1, P * B, n) and fwd[0][1].shape[0] == 1
+    y = molrg_ext.subspace_dae(x, Ur, c, 1.3, dims=dims, **kw)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (dU,) = torch.autograd.grad(y, Ur, gy)
+    Ue = U.expand(P, -1, -1, -1).clone().requires_grad_(True)
+    y_ref = reference.subspace_dae(x, Ue, c, 1.3, dims=dims, **kw)
+    (dU_ref,) = torch.autograd.grad(y_ref, Ue, gy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dU, dU_ref.sum(0), rtol=1e-10, atol=1e-12)
+    labels = molrg_ext.hard_assign(x, U, dims)
+    assert labels.shape == (P, B)
+    assert torch.equal(labels, reference.hard_assign(x, U, dims))

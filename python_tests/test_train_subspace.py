@@ -159,3 +159,38 @@ def test_bad_input():
     with pytest.raises(FloatingPointError, match="non-finite"):
         SubspaceTrainer(1, 2, init="random", retraction=None, lr=1e30, steps=5,
                         tol=None).fit(X * 1e10)
+
+
+def test_projector_change_without_projectors():
+    """The convergence check formed [P, K, n, n] projectors (360 MB at n = 3072, K = 10 for a
+    4.7 MB U), even with tol=None; now 2d x 2d Gram matrices. It agrees with the direct
+    Frobenius norm, also for a change of 1e-7 (no cancellation)."""
+    from molrg_ext.train.subspace import _projector_change
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(3, 2, 20, 4, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.float64)
+    mask[1, 3] = 0  # dims [4, 3]
+
+    def direct(A, B):
+        A, B = A * mask[:, None, :], B * mask[:, None, :]
+        return (A @ A.mT - B @ B.mT).flatten(1).norm(dim=1)
+
+    for scale in (1.0, 1e-7):
+        V = U + scale * torch.randn(U.shape, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(_projector_change(U, V, mask), direct(U, V), rtol=1e-9, atol=0)
+    assert torch.equal(_projector_change(U, U, mask), torch.zeros(3, dtype=torch.float64))
+
+
+def test_history_buffers_grow_past_their_first_block():
+    """The loss and gradient-norm history live in buffers of 1024 rows doubled when full (a
+    list of per-step tensors grew the process by ~5 KB a step); a run past the first block
+    keeps the rows of the shorter run."""
+    data = sample_molrg(12, [2, 2], N=40, instances=2, seed=0)
+    kw = dict(engine="fused", batch=16, tol=None, seed=3)
+    long = SubspaceTrainer(2, 2, steps=1100, **kw).fit(data.X, data.bases)
+    short = SubspaceTrainer(2, 2, steps=1000, **kw).fit(data.X, data.bases)
+    assert long.history_["loss"].shape == (1100, 2)
+    assert long.history_["grad_norm"].shape == (1100, 2)
+    assert torch.equal(long.history_["loss"][:1000], short.history_["loss"])
+    assert torch.isfinite(long.history_["loss"]).all()
