@@ -90,7 +90,8 @@ inline bool finite_absmax(const T* p, int64_t count, T& mx) {
   return sum == T(0);
 }
 
-// check_finite that also returns max |t| (0 for an empty t), in the same single pass.
+// check_finite that also returns max |t| (0 for an empty t), in the same single pass (CPU); other
+// tensors: aminmax, which propagates NaN and needs no temporary of t's size.
 inline double check_finite_absmax(const at::Tensor& t, const char* op, const char* name) {
   if (t.numel() == 0) return 0.0;
   bool ok = true;
@@ -112,31 +113,71 @@ inline double check_finite_absmax(const at::Tensor& t, const char* op, const cha
       mx = double(r.second);
     });
   } else {
-    mx = t.abs().max().item<double>();  // NaN and Inf propagate through max
-    ok = std::isfinite(mx);
+    auto [lo, hi] = at::aminmax(t);
+    const double a = lo.item<double>(), b = hi.item<double>();
+    ok = std::isfinite(a) && std::isfinite(b);
+    mx = std::max(-a, b);
   }
   TORCH_CHECK(ok, op, ": ", name, " contains NaN or Inf values");
   return mx;
 }
 
 // Exact power-of-two rescaling for ops whose math is scale-equivariant (hard_assign,
-// optimal_denoiser), so that float32 data far from unit scale neither overflows (squared norms
-// of values >= ~1e19 exceed float32's range) nor loses products to flushed subnormals (values
-// <= ~1e-19). range_shift(amax) is 0 when amax lies in [2^-16, 2^16] (or is 0): those inputs run
-// unchanged (products of two such values, and their squares, stay far inside float32's normal
-// range); otherwise the e with amax * 2^-e in [0.5, 1). Scaling by a power of two is exact, so
-// the shifted call computes the same numbers as an unshifted call on data at unit scale.
-inline int range_shift(double amax) {
-  if (!(amax > 0.0) || (amax >= std::ldexp(1.0, -16) && amax <= std::ldexp(1.0, 16))) return 0;
+// optimal_denoiser), so that data far from unit scale neither overflows (float32 squared norms
+// of values >= ~1e19) nor loses products to flushed subnormals (values <= ~1e-19). Scaling by a
+// power of two is exact, so a shifted call computes the numbers of an unshifted call on data at
+// the shifted scale. The bands depend on the dtype: emax = 128 (float32) or 1024 (float64).
+inline int dtype_emax(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? 1024 : 128; }
+
+// Binary exponent of v > 0 (v = f 2^e, f in [0.5, 1)); 0 for v = 0.
+inline int binary_exponent(double v) {
   int e = 0;
-  std::frexp(amax, &e);
+  if (v > 0.0) std::frexp(v, &e);
   return e;
 }
 
-// t * 2^k, exactly (for values that stay normal); two half steps so that the factor itself is a
-// normal number of t's dtype (float32 goes down to 2^-126 only).
+// 0 when amax (> 0) lies in [2^-lim, 2^lim] or is 0; otherwise the e with amax 2^-e in
+// [2^(target-1), 2^target).
+inline int range_shift(double amax, int lim, int target) {
+  const int e = binary_exponent(amax);
+  if (!(amax > 0.0) || (e > -lim && e <= lim)) return 0;
+  return e - target;
+}
+
+// hard_assign's shifts (of x0 and U): U to unit scale when it is far from it; then x0 so that the
+// largest |x| |U| sits near 2^(emax/2 - 16) when it lies outside 2^+-(emax/2 - 8). The energies
+// ||U_k^T x||^2 then stay below the dtype's largest value for n up to 2^15, and, with the
+// largest near the top of the band, a sample up to 2^(emax - 17) times smaller than the largest
+// still has normal energies (scaling into [0.5, 1) instead left 2^-63 of room).
+inline std::pair<int, int> assign_shifts(double xmax, double umax, int emax) {
+  const int us = range_shift(umax, emax / 4, 0);
+  if (!(xmax > 0.0) || !(umax > 0.0)) return {0, us};
+  const int p = binary_exponent(xmax) + binary_exponent(umax) - us;
+  const int band = emax / 2 - 8;
+  const int xs = (p > -band && p <= band) ? 0 : p - (emax / 2 - 16);
+  return {xs, us};
+}
+
+// optimal_denoiser's shift (of x_t, X_train and gamma together): X_train to unit scale when it
+// lies outside 2^+-(emax/4), unless that would move the largest |x_t| or the gamma range out of
+// 2^+-(emax - 30): queries at a scale far from the data's (x_t = X + 1e9 noise on X ~ 1e-30) ran
+// right unshifted (the cross terms go to double there) and would overflow shifted.
+inline int od_shift(double Xmax, double xmax, double gmin, double gmax, int emax) {
+  const int e = range_shift(Xmax, emax / 4, 0);
+  if (e == 0) return 0;
+  const auto stays = [&](double v) {
+    if (!(v > 0.0)) return true;
+    const int ev = binary_exponent(v) - e;
+    return ev > -(emax - 30) && ev < emax - 30;
+  };
+  return stays(xmax) && stays(gmin) && stays(gmax) ? e : 0;
+}
+
+// t * 2^k, exactly (for values that stay normal): one multiplication where 2^k is a normal number
+// of t's dtype, otherwise two half steps.
 inline at::Tensor times_pow2(const at::Tensor& t, int k) {
   if (k == 0) return t;
+  if (std::abs(k) < dtype_emax(t) - 2) return t.mul(std::ldexp(1.0, k));
   const int h = k / 2;
   return t.mul(std::ldexp(1.0, h)).mul_(std::ldexp(1.0, k - h));
 }

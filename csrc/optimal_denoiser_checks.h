@@ -29,7 +29,7 @@ inline OdSizes check_od_args(const at::Tensor& x, const at::Tensor& X, const at:
   const auto tangent = [](const at::Tensor& t) { return t._fw_grad(0).defined(); };
   TORCH_CHECK_NOT_IMPLEMENTED(
       !(tangent(x) || tangent(X) || tangent(s) || tangent(gamma)), op, ": forward-mode AD (torch.func.jvp, jacfwd, forward_ad "
-      "dual tensors) is not implemented by the kernel op; "
+      "dual tensors) is not implemented by the kernel op; outside torch.compile, "
       "molrg_ext.hidden_gaussian.optimal_denoiser runs a pure-PyTorch composition for it");
   check_like(X, x, op, "X_train", "x_t");
   check_like(s, x, op, "s", "x_t");
@@ -77,6 +77,18 @@ inline void check_od_backward_args(const at::Tensor& grad_y, const at::Tensor& y
               x.device());
   check_shape(lse, {z.B}, op, "lse");
   check_contig(lse, op, "lse");
+}
+
+// The NaN/Inf scans of x_t and X_train, and the power-of-two shift of x_t, X_train and gamma
+// (od_shift, checks.h; 0 for data near unit scale, with no pass beyond the scans).
+inline int od_range_shift(const at::Tensor& x, const at::Tensor& X, const at::Tensor& gamma,
+                          const char* op) {
+  const double xmax = check_finite_absmax(x, op, "x_t");
+  const double Xmax = check_finite_absmax(X, op, "X_train");
+  const int emax = dtype_emax(x);
+  if (range_shift(Xmax, emax / 4, 0) == 0 || gamma.numel() == 0) return 0;
+  auto [gmin, gmax] = at::aminmax(gamma);
+  return od_shift(Xmax, xmax, gmin.item<double>(), gmax.item<double>(), emax);
 }
 
 // The forward's error when a query's log-sum-exp is not finite although gamma is in range: the

@@ -102,8 +102,8 @@ std::tuple<Tensor, Tensor, Tensor> subspace_dae_autograd(const Tensor& x, const 
   TORCH_CHECK_NOT_IMPLEMENTED(
       !(tangent(x) || tangent(U) || tangent(c) || tangent(phi) || (bias && tangent(*bias))),
       "subspace_dae: forward-mode AD (torch.func.jvp, jacfwd, forward_ad dual tensors) is not "
-      "implemented by the kernel op; molrg_ext.subspace_dae runs the pure-PyTorch "
-      "reference (molrg_ext.reference.subspace_dae) for it");
+      "implemented by the kernel op; outside torch.compile, molrg_ext.subspace_dae runs the "
+      "pure-PyTorch reference (molrg_ext.reference.subspace_dae) for it");
   const bool any_grad = x.requires_grad() || U.requires_grad() || c.requires_grad() ||
                         phi.requires_grad() || (bias && bias->requires_grad());
   if (!any_grad || !at::GradMode::is_enabled()) {  // no graph to record: the kernel alone

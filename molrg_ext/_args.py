@@ -234,7 +234,8 @@ def needs_composite(*args) -> bool:
     hessian) or carries a forward-mode tangent (torch.autograd.forward_ad). The kernels have
     reverse-mode autograd only and are not functorch-aware: jvp through them gave zero tangents
     without an error, and grad / jacrev failed with a message about autograd.Function. False
-    while torch.compile traces (it handles the transforms it compiles itself)."""
+    while torch.compile traces (the wrapped tensors cannot be inspected there): a transform
+    compiled together with the op reaches the kernels, which refuse forward-mode tangents."""
     if torch.compiler.is_compiling():
         return False
     fw = torch.autograd.forward_ad._current_level >= 0  # inside a dual_level context
@@ -282,8 +283,9 @@ class DaeArgs(NamedTuple):
     dims: list[int]
     mode: int
     batched: bool  # x had a leading instance dimension
-    # (P, B) when a 3-D U is shared by the P instances of a 3-D x: the instances are folded into
-    # one batch of P B samples (x [1, P B, n]) instead of U copied P times; restore unfolds
+    # (P, B) when one U (3-D, or 4-D with one instance) is shared by the P instances of a 3-D x:
+    # the instances are folded into one batch of P B samples (x [1, P B, n]) instead of U
+    # copied P times; restore unfolds
     fold: Optional[tuple] = None
 
 
@@ -423,7 +425,7 @@ def prepare_dae_args(
             raise ValueError(
                 f"{where}: U has {U4.shape[0]} instances but {x_name} has {x3.shape[0]}"
             )
-    fold = (x3.shape[0], x3.shape[1]) if batched and U.dim() == 3 else None
+    fold = (x3.shape[0], x3.shape[1]) if batched and U4.shape[0] == 1 else None
     P, B, n = x3.shape
     K, n_u, dmax = U4.shape[1:]
     if n_u != n:

@@ -538,6 +538,9 @@ class EnSC(_Base):
                 warnings.simplefilter("always", ConvergenceWarning)
                 model.fit(Xn[others].T, Xn[i])
             unconverged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
+            for w in caught:  # other warnings pass through as they would have
+                if not issubclass(w.category, ConvergenceWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             C[i, others] = model.coef_
         return C, unconverged
 

@@ -143,10 +143,12 @@ def optimal_denoiser(
     Returns:
         ``[B, *shape]``; differentiable w.r.t. ``x_t``.
 
-    The op is scale-equivariant, and when max |X_train| lies outside [2^-16, 2^16] it runs on
-    x_t, X_train and s sigma scaled by a power of two (exact): float32 data at any finite scale
-    is as accurate as at unit scale (without this, squared norms overflowed from about 1e19 and
-    products were flushed to zero below about 1e-19).
+    The op is scale-equivariant, and when max |X_train| lies far from 1 (float32: outside
+    2^+-32; float64: 2^+-256) it runs on x_t, X_train and s sigma scaled by a power of two
+    (exact), so data, queries and noise at one common scale are as accurate at any scale as at
+    unit scale (without this, float32 squared norms overflowed from about 1e19 and products were
+    flushed to zero below about 1e-19). Queries or sigma at a scale very far from the data's
+    (where the shift would overflow them) run unshifted.
 
     Threads: with fewer queries than 128 per thread the CPU op also splits the training set
     between threads and merges the partial soft-maxes, so the result can differ in its last bits

@@ -98,10 +98,12 @@ def hard_assign(x0: torch.Tensor, U: torch.Tensor, dims=None) -> torch.Tensor:
     ``x0`` is ``[B, n]`` or ``[P, B, n]``; ``U`` as in :func:`subspace_dae`. Returns int64 ``[B]``
     or ``[P, B]``.
 
-    When max |x0| or max |U| lies outside [2^-16, 2^16] the op scales that tensor by a power of
-    two first (exact; the argmax does not change), so float32 data at any finite scale gets the
-    labels of float64. A sample about 1e19 times smaller than the largest of its call still has
-    energies below float32's range, and its label is 0 in float32.
+    Data far from unit scale is scaled by a power of two first (exact; the argmax does not
+    change): U to about 1 when max |U| is outside 2^+-32, then x0 so that max |x0| max |U| sits
+    near 2^48 when it is outside 2^+-56 (float32; float64: 2^+-256, 2^498, 2^+-504). So float32
+    labels equal float64's at any common scale, and a sample down to about 2^-110 times the
+    largest of its call keeps normal energies; one smaller still has energies below float32's
+    range, and its label is 0.
     """
     a = prepare_dae_args(x0, U, 0.0, 0.0, dims=dims, where="hard_assign", x_name="x0")
     out = torch.ops.molrg.hard_assign(a.x, a.U, a.dims)

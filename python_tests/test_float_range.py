@@ -3,9 +3,9 @@
 In float32, squared norms of values above ~1e19 overflow and products of values below ~1e-19 are
 flushed to zero (the CPU kernels run with FTZ/DAZ); before the rescaling hard_assign put every
 sample of data at 1e-20 in cluster 0 and optimal_denoiser's output at 1e19 was 86% off, both
-without an error. Both ops are scale-equivariant, so the kernels now see max |X| (max |x0| and
-max |U| for hard_assign) in [0.5, 1) whenever it lies outside [2^-16, 2^16], and the results
-are the same numbers as at unit scale.
+without an error. Both ops are scale-equivariant, so data far from unit scale is scaled by a
+power of two (csrc/checks.h: od_shift, assign_shifts) and the results are the numbers of a
+call at a safe scale. The shift never moves queries or small rows out of range.
 """
 from __future__ import annotations
 
@@ -135,3 +135,50 @@ def test_rescaled_paths_pass_opcheck():
     y, lse = op(xs.detach(), Xs, s, gamma, 512)
     torch.library.opcheck(torch.ops.molrg.optimal_denoiser_backward.default,
                           (torch.randn_like(y), xs.detach(), Xs, s, gamma, y, lse))
+
+
+@pytest.mark.parametrize("device", ASSIGN_DEVICES)
+def test_hard_assign_rows_far_below_the_largest(device):
+    """Rows of very different scale in one call (and instances of very different scale): the
+    shift puts the largest |x| |U| near the top of the safe band, not at 1, so a sample of 1e-16
+    beside one of 7e4 keeps its label (scaled into [0.5, 1) it got label 0)."""
+    U = torch.zeros(2, 4, 1, dtype=torch.float64)
+    U[0, 0, 0] = U[1, 1, 0] = 1.0
+    x = torch.tensor([[7e4, 0, 0, 0], [0, 1e-16, 0, 0], [0, 2e-16, 1e-17, 0]],
+                     dtype=torch.float64)
+    want = torch.tensor([0, 1, 1])
+    got = molrg_ext.hard_assign(x.float().to(device), U.float().to(device))
+    assert torch.equal(got.cpu(), want)
+    xs = torch.stack([x[[0, 0, 0]], x[[1, 2, 1]]])  # instance 1 far below instance 0
+    got = molrg_ext.hard_assign(xs.float().to(device), U.float().to(device))
+    assert torch.equal(got.cpu(), torch.tensor([[0, 0, 0], [1, 1, 1]]))
+    for scale in (1e25, 1e-25):  # the whole call far from unit scale
+        got = molrg_ext.hard_assign((x * scale).float().to(device), U.float().to(device))
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("device", OPTIMAL_DEVICES)
+@pytest.mark.parametrize("dtype, Xscale, noise, sigma", [
+    (torch.float32, 1e-30, 1e9, 1e9), (torch.float32, 1e-30, 1e9, 1e12),
+    (torch.float64, 1e-300, 1e9, 1e9), (torch.float32, 1e25, 1e-5, 3e24)])
+def test_optimal_denoiser_queries_far_from_the_data_scale(device, dtype, Xscale, noise, sigma):
+    """Queries or noise at a scale far from the training data's: shifting x_t and gamma by X's
+    scale would overflow them ("x_t contains NaN or Inf" on finite input); such calls run
+    unshifted, as before, or with a shift that keeps them in range."""
+    g = gen(7)
+    X = torch.randn(50, 8, generator=g, dtype=torch.float64) * Xscale
+    x = X[:4] + noise * torch.randn(4, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    y64, g64 = od_value_and_grad(x, X, sigma, v)
+    y, gr = od_value_and_grad(x.to(dtype).to(device), X.to(dtype).to(device), sigma,
+                              v.to(dtype).to(device))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+
+    def rel(a, b):  # max-abs form: a norm of values ~1e-301 underflows
+        return ((a.cpu().double() - b).abs().max() / b.abs().max()).item()
+
+    assert rel(y, y64) < tol
+    if g64.abs().max() > torch.finfo(dtype).tiny * 1e6:  # else its true value underflows dtype
+        assert rel(gr, g64) < tol
+    else:
+        assert gr.abs().max() <= torch.finfo(dtype).tiny * 1e6

@@ -489,14 +489,17 @@ def test_parallel_backward_matches_single_thread():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("one_instance_4d", [False, True])
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_shared_U_folds_instances_instead_of_copying_U(mode, dispatched_ops):
+def test_shared_U_folds_instances_instead_of_copying_U(mode, one_instance_4d, dispatched_ops):
     """A 3-D U shared by the P instances of a 3-D x was expanded and copied P times (saved for
     the backward too: 2.8 x x's memory at n = 3072); the instances are now one batch of P B
     samples, with the same y and the summed dU."""
     g = torch.Generator().manual_seed(4)
     P, B, n, dims = 3, 7, 10, [3, 2]
     U = torch.linalg.qr(torch.randn(2, n, 3, generator=g, dtype=torch.float64))[0].contiguous()
+    if one_instance_4d:  # [1, K, n, dmax] broadcasts over the P instances too
+        U = U[None]
     x = torch.randn(P, B, n, generator=g, dtype=torch.float64)
     c = torch.rand(P, B, generator=g, dtype=torch.float64) + 0.5
     bias = torch.randn(P, B, 2, generator=g, dtype=torch.float64)
@@ -508,11 +511,14 @@ def test_shared_U_folds_instances_instead_of_copying_U(mode, dispatched_ops):
     y = molrg_ext.subspace_dae(x, Ur, c, 1.3, dims=dims, **kw)
     gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
     (dU,) = torch.autograd.grad(y, Ur, gy)
-    Ue = U.expand(P, -1, -1, -1).clone().requires_grad_(True)
+    Ue = U.expand(P, 2, n, 3).clone().requires_grad_(True)
     y_ref = reference.subspace_dae(x, Ue, c, 1.3, dims=dims, **kw)
     (dU_ref,) = torch.autograd.grad(y_ref, Ue, gy)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dU, dU_ref.sum(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dU, dU_ref.sum(0).reshape(U.shape), rtol=1e-10, atol=1e-12)
+    sv = molrg_ext.dae_jacobian_spectrum(x, U, c, 1.3, dims=dims, mode=mode)
+    sv_ref = molrg_ext.dae_jacobian_spectrum(x, Ue.detach(), c, 1.3, dims=dims, mode=mode)
+    torch.testing.assert_close(sv, sv_ref, rtol=1e-10, atol=1e-12)
     labels = molrg_ext.hard_assign(x, U, dims)
     assert labels.shape == (P, B)
     assert torch.equal(labels, reference.hard_assign(x, U, dims))

@@ -12,9 +12,9 @@
 // so the memory beyond inputs and outputs is O(kQueryTile x block + B n): no B x N matrix.
 // The forward saves y and the per-query log-sum-exp lse = log sum_j exp(l_j) (the true logits,
 // ||x||^2 included); the backward recomputes the weights exp(l_j - lse) tile by tile the same way.
-// Training data with max |X| outside [2^-16, 2^16] is first scaled by a power of two (x, X and
-// gamma alike, exact; y is scaled back, lse and dx do not change): float32 cross terms and
-// squared norms then stay inside float32's range (range_shift, checks.h).
+// Training data far from unit scale (float32: max |X| outside 2^+-32) is first scaled by a power
+// of two (x, X and gamma alike, exact; y is scaled back, lse and dx do not change): float32
+// cross terms and squared norms then stay inside float32's range (od_shift, checks.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -53,13 +53,12 @@ constexpr int64_t kQueryTile = 128;  // queries per GEMM tile
 // Training points per tile in the backward (its schema has no block argument).
 constexpr int64_t kDefaultBackwardBlock = 512;
 
-// The shared checks (optimal_denoiser_checks.h), then the NaN/Inf scan of x and X; the scan of X
-// also gives its range shift (range_shift, checks.h: 0 unless max |X| is outside [2^-32, 2^32]).
+// The shared checks (optimal_denoiser_checks.h), then the NaN/Inf scan of x and X, which also
+// gives the range shift (od_range_shift).
 OdSizes check_od(const at::Tensor& x, const at::Tensor& X, const at::Tensor& s,
                  const at::Tensor& gamma, const char* op, int* shift) {
   OdSizes z = check_od_args(x, X, s, gamma, op);
-  check_finite(x, op, "x_t");
-  *shift = range_shift(check_finite_absmax(X, op, "X_train"));
+  *shift = od_range_shift(x, X, gamma, op);
   return z;
 }
 

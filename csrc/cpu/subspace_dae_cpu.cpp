@@ -347,8 +347,8 @@ at::Tensor hard_assign_cpu(const at::Tensor& x, const at::Tensor& U, at::IntArra
   DaeSizes s = check_dae_xU(x, U, dims, "hard_assign", "x0");
   // An argmax of NaN energies would be a silent label; the scans also give the range shifts
   // (checks.h): far from unit scale, float32 energies overflow or flush to zero and tie at k = 0.
-  const int xs = range_shift(check_finite_absmax(x, "hard_assign", "x0"));
-  const int us = range_shift(check_finite_absmax(U, "hard_assign", "U"));
+  const auto [xs, us] = assign_shifts(check_finite_absmax(x, "hard_assign", "x0"),
+                                       check_finite_absmax(U, "hard_assign", "U"), dtype_emax(x));
   if (xs != 0 || us != 0)  // argmax_k ||U_k^T x|| does not change with either scale
     return hard_assign_cpu(times_pow2(x, -xs), times_pow2(U, -us), dims);
   auto out = at::empty({s.P, s.B}, x.options().dtype(at::kLong));

@@ -24,8 +24,7 @@ OdSizes check_od_cuda(const at::Tensor& x, const at::Tensor& X, const at::Tensor
   OdSizes z = check_od_args(x, X, s, gamma, op);
   TORCH_CHECK(z.B <= cuda::optimal_denoiser_max_batch(), op, ": B = ", z.B,
               " queries exceed the CUDA grid (at most ", cuda::optimal_denoiser_max_batch(), ")");
-  check_finite(x, op, "x_t");
-  *shift = range_shift(check_finite_absmax(X, op, "X_train"));  // as the CPU op
+  *shift = od_range_shift(x, X, gamma, op);  // as the CPU op
   return z;
 }
 

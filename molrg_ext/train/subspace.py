@@ -315,10 +315,15 @@ class SubspaceTrainer:
 def _projector_change(U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per instance ``sqrt(sum_k ||A_k A_k^T - B_k B_k^T||_F^2)`` (A, B: U, V with the columns
     past d_k masked) without forming the n x n projectors ([P, K, n, n]: 360 MB at n = 3072,
-    K = 10, where U is 4.7 MB). With D = A - B, ``A A^T - B B^T = G H^T`` for G = [D, B] and
-    H = [A, D], so the squared norm is ``tr((G^T G)(H^T H))`` from 2d x 2d Gram matrices; every
-    term carries a factor of D, so a small change does not cancel against ||A^T A||^2."""
+    K = 10, where U is 4.7 MB). B is first rotated onto A (B Q with Q the polar factor of
+    B^T A, which leaves B B^T unchanged), so D = A - B is as small as the subspaces allow (a
+    rotation within the subspace is no change). With that D, ``A A^T - B B^T = G H^T`` for
+    G = [D, B] and H = [A, D], so the squared norm is ``tr((G^T G)(H^T H))`` from 2d x 2d Gram
+    matrices; every term carries a factor of D, so a small change does not cancel against
+    ||A^T A||^2."""
     A, B = U * mask[:, None, :], V * mask[:, None, :]
+    W, _, Zh = torch.linalg.svd(B.mT @ A)
+    B = B @ (W @ Zh)
     D = A - B
     G, H = torch.cat([D, B], dim=-1), torch.cat([A, D], dim=-1)
     sq = ((G.mT @ G) * (H.mT @ H)).sum(dim=(-1, -2))  # tr(X Y) for symmetric X, Y
