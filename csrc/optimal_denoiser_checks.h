@@ -28,8 +28,8 @@ inline OdSizes check_od_args(const at::Tensor& x, const at::Tensor& X, const at:
   // skipped when nothing requires grad, so a forward-mode tangent would be dropped.
   const auto tangent = [](const at::Tensor& t) { return t._fw_grad(0).defined(); };
   TORCH_CHECK_NOT_IMPLEMENTED(
-      !(tangent(x) || tangent(X) || tangent(s) || tangent(gamma)), op, ": forward-mode AD (torch.func.jvp, jacfwd, forward_ad "
-      "dual tensors) is not implemented by the kernel op; outside torch.compile, "
+      !(tangent(x) || tangent(X) || tangent(s) || tangent(gamma)), op,
+      ": forward-mode AD (torch.func.jvp, jacfwd, forward_ad dual tensors) is not implemented by the kernel op; outside torch.compile, "
       "molrg_ext.hidden_gaussian.optimal_denoiser runs a pure-PyTorch composition for it");
   check_like(X, x, op, "X_train", "x_t");
   check_like(s, x, op, "s", "x_t");

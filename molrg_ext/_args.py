@@ -224,8 +224,9 @@ def values_readable(v) -> bool:
     ``bool(t)`` fails with a data-dependent-control-flow error, and not on the meta device."""
     if torch.compiler.is_compiling():
         return False
-    return not (isinstance(v, torch.Tensor) and (v.device.type == "meta" or
-                                                 torch._C._functorch.is_functorch_wrapped_tensor(v)))
+    if not isinstance(v, torch.Tensor):
+        return True
+    return not (v.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(v))
 
 
 def needs_composite(*args) -> bool:

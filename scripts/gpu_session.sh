@@ -107,7 +107,8 @@ fi
 if has 4; then
   # the time left of 570 s (cold torch.compile builds make this stage the longest), 150 s at least
   left=$(( 570 - ($(date +%s) - t0) ))
-  PYTHONPATH=. timeout "${BENCH_S:-$(( left > 150 ? left : 150 ))}" "$PY" -m pytest -q benchmarks/bench_cuda.py \
+  bench_s=${BENCH_S:-$(( left > 150 ? left : 150 ))}
+  PYTHONPATH=. timeout "$bench_s" "$PY" -m pytest -q benchmarks/bench_cuda.py \
     benchmarks/bench_optimal_denoiser_cuda.py -p no:cacheprovider --benchmark-only \
     --benchmark-columns=min,median,rounds --benchmark-json="$OUT/bench_cuda.json" \
     > "$OUT/bench_cuda.log" 2>&1
