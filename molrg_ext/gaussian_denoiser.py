@@ -21,8 +21,8 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from ._args import (as_int_list, check_float_pair, check_number_or_tensor, real_number,
-                    real_tensor, values_readable)
+from ._args import (as_int_list, check_float_pair, check_number_or_tensor, check_range,
+                    real_number, real_tensor, values_readable)
 
 __all__ = ["GaussianDenoiser"]
 
@@ -40,9 +40,7 @@ def _sigma_per_sample(sigma: Number, x: torch.Tensor, where: str) -> torch.Tenso
                              f"got shape {tuple(sigma.shape)}")
     else:
         sig = torch.tensor([float(sigma)], dtype=x.dtype, device=x.device)
-    if values_readable(sig) and not (torch.isfinite(sig).all() and (sig >= 0).all()):
-        raise ValueError(f"{where}: sigma must be finite and >= 0")
-    return sig.reshape(-1, 1)
+    return check_range(sig, "sigma", where, 0.0, what="finite and >= 0").reshape(-1, 1)
 
 
 class GaussianDenoiser(nn.Module):

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
-from ._args import (as_int, check_float_pair, check_number_or_tensor, needs_composite,
-                    real_number, values_readable)
+from ._args import (as_int, check_float_pair, check_number_or_tensor, check_positive,
+                    needs_composite, real_number)
 from .gaussian_denoiser import GaussianDenoiser
 from .linear_distill import LinearDenoiser, linear_distill
 from .metrics.linearity import linearity_score
@@ -105,11 +105,8 @@ def _per_query(v: Number, name: str, like: torch.Tensor, B: int) -> torch.Tensor
             raise ValueError(
                 f"{where}: {name} of shape {tuple(v.shape)} does not broadcast to the batch ({B},)"
             ) from e
-        # Value check where values can be read (not while compiling, not inside torch.func
-        # transforms); the kernel checks gamma again.
-        if values_readable(v) and B > 0:
-            if not bool((torch.isfinite(v) & (v > 0)).all()):
-                raise ValueError(f"{where}: {name} must be finite and > 0")
+        # (skipped where values cannot be read: compiling, torch.func; the kernel checks gamma)
+        check_positive(v, name, where)
     else:
         # (compiling with dynamic=True, v may be a symbolic number: the kernel checks gamma)
         if not torch.compiler.is_compiling():
