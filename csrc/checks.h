@@ -158,19 +158,17 @@ inline std::pair<int, int> assign_shifts(double xmax, double umax, int emax) {
   return {xs, us};
 }
 
-// optimal_denoiser's shift (of x_t, X_train and gamma together): X_train to unit scale when it
-// lies outside 2^+-(emax/4), unless that would move the largest |x_t| or the gamma range out of
+// Whether optimal_denoiser's shift e (of x_t, X_train and gamma together; X_train to unit scale,
+// range_shift(max |X_train|, emax / 4, 0)) keeps the largest |x_t| and the gamma range inside
 // 2^+-(emax - 30): queries at a scale far from the data's (x_t = X + 1e9 noise on X ~ 1e-30) ran
 // right unshifted (the cross terms go to double there) and would overflow shifted.
-inline int od_shift(double Xmax, double xmax, double gmin, double gmax, int emax) {
-  const int e = range_shift(Xmax, emax / 4, 0);
-  if (e == 0) return 0;
+inline bool od_shift_keeps_range(int e, double xmax, double gmin, double gmax, int emax) {
   const auto stays = [&](double v) {
     if (!(v > 0.0)) return true;
     const int ev = binary_exponent(v) - e;
     return ev > -(emax - 30) && ev < emax - 30;
   };
-  return stays(xmax) && stays(gmin) && stays(gmax) ? e : 0;
+  return stays(xmax) && stays(gmin) && stays(gmax);
 }
 
 // t * 2^k, exactly (for values that stay normal): one multiplication where 2^k is a normal number

@@ -29,8 +29,9 @@ inline OdSizes check_od_args(const at::Tensor& x, const at::Tensor& X, const at:
   const auto tangent = [](const at::Tensor& t) { return t._fw_grad(0).defined(); };
   TORCH_CHECK_NOT_IMPLEMENTED(
       !(tangent(x) || tangent(X) || tangent(s) || tangent(gamma)), op,
-      ": forward-mode AD (torch.func.jvp, jacfwd, forward_ad dual tensors) is not implemented by the kernel op; outside torch.compile, "
-      "molrg_ext.hidden_gaussian.optimal_denoiser runs a pure-PyTorch composition for it");
+      ": forward-mode AD (torch.func.jvp, jacfwd, forward_ad dual tensors) is not implemented "
+      "by the kernel op; outside torch.compile, molrg_ext.hidden_gaussian.optimal_denoiser "
+      "runs a pure-PyTorch composition for it");
   check_like(X, x, op, "X_train", "x_t");
   check_like(s, x, op, "s", "x_t");
   check_like(gamma, x, op, "gamma", "x_t");
@@ -80,15 +81,17 @@ inline void check_od_backward_args(const at::Tensor& grad_y, const at::Tensor& y
 }
 
 // The NaN/Inf scans of x_t and X_train, and the power-of-two shift of x_t, X_train and gamma
-// (od_shift, checks.h; 0 for data near unit scale, with no pass beyond the scans).
+// (checks.h: range_shift, od_shift_keeps_range; 0 for data near unit scale, with no pass beyond
+// the scans).
 inline int od_range_shift(const at::Tensor& x, const at::Tensor& X, const at::Tensor& gamma,
                           const char* op) {
   const double xmax = check_finite_absmax(x, op, "x_t");
   const double Xmax = check_finite_absmax(X, op, "X_train");
   const int emax = dtype_emax(x);
-  if (range_shift(Xmax, emax / 4, 0) == 0 || gamma.numel() == 0) return 0;
+  const int e = range_shift(Xmax, emax / 4, 0);
+  if (e == 0 || gamma.numel() == 0) return 0;
   auto [gmin, gmax] = at::aminmax(gamma);
-  return od_shift(Xmax, xmax, gmin.item<double>(), gmax.item<double>(), emax);
+  return od_shift_keeps_range(e, xmax, gmin.item<double>(), gmax.item<double>(), emax) ? e : 0;
 }
 
 // The forward's error when a query's log-sum-exp is not finite although gamma is in range: the

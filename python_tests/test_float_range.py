@@ -4,8 +4,9 @@ In float32, squared norms of values above ~1e19 overflow and products of values 
 flushed to zero (the CPU kernels run with FTZ/DAZ); before the rescaling hard_assign put every
 sample of data at 1e-20 in cluster 0 and optimal_denoiser's output at 1e19 was 86% off, both
 without an error. Both ops are scale-equivariant, so data far from unit scale is scaled by a
-power of two (csrc/checks.h: od_shift, assign_shifts) and the results are the numbers of a
-call at a safe scale. The shift never moves queries or small rows out of range.
+power of two (csrc/checks.h: range_shift, od_shift_keeps_range, assign_shifts) and the results
+are the numbers of a call at a safe scale. The shift never moves queries or small rows out of
+range.
 """
 from __future__ import annotations
 

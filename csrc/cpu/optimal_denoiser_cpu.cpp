@@ -14,7 +14,7 @@
 // ||x||^2 included); the backward recomputes the weights exp(l_j - lse) tile by tile the same way.
 // Training data far from unit scale (float32: max |X| outside 2^+-32) is first scaled by a power
 // of two (x, X and gamma alike, exact; y is scaled back, lse and dx do not change): float32
-// cross terms and squared norms then stay inside float32's range (od_shift, checks.h).
+// cross terms and squared norms then stay inside float32's range (od_range_shift).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
