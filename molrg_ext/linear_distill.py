@@ -97,17 +97,24 @@ class LinearDenoiser(nn.Module):
             raise TypeError(f"{where}: sigma must be a floating-point tensor, got {sigma.dtype}")
         grid = self.sigmas.double()
         # membership check on the concrete values (under vmap: those of every sample at once)
-        vals = _plain(sigma).detach().reshape(-1, 1).to(device=grid.device, dtype=torch.float64)
-        finite = torch.isfinite(vals[:, 0])  # for +-inf the relative tolerance would be inf
-        ok = finite & ((vals - grid).abs().min(dim=1).values
-                       <= 1e-6 * vals[:, 0].abs().clamp_min(1e-12))
-        if not bool(ok.all()):
-            if not bool(finite.all()):
+        # (functorch off: torch <= 2.8 wrapped the results of ops on the plain tensor again)
+        with torch._C._DisableFuncTorch():
+            vals = _plain(sigma).detach().reshape(-1, 1).to(device=grid.device,
+                                                            dtype=torch.float64)
+            finite = torch.isfinite(vals[:, 0])  # for +-inf the relative tolerance would be inf
+            ok = finite & ((vals - grid).abs().min(dim=1).values
+                           <= 1e-6 * vals[:, 0].abs().clamp_min(1e-12))
+            if bool(ok.all()):
+                bad = []
+            elif not bool(finite.all()):
                 raise ValueError(f"{where}: sigma must be finite, got "
                                  f"{vals[~finite, 0][0].item()}")
-            bad = vals[~ok, 0].tolist()
+            else:
+                bad = vals[~ok, 0].tolist()
+                levels = self.sigmas.tolist()
+        if bad:
             raise ValueError(f"{where}: sigma = {bad[0] if len(bad) == 1 else bad} is not one of "
-                             f"the distilled levels {self.sigmas.tolist()}")
+                             f"the distilled levels {levels}")
         sig = sigma.reshape(-1, 1).to(device=grid.device, dtype=torch.float64)
         return (sig - grid).abs().argmin(dim=1)
 
@@ -121,7 +128,9 @@ class LinearDenoiser(nn.Module):
                              f"{n} entries, got shape {tuple(x.shape)}")
         if x.dtype != self.W.dtype:
             raise TypeError(f"{where}: x has dtype {x.dtype} but the denoiser has {self.W.dtype}")
-        if not torch.isfinite(_plain(x)).all():
+        with torch._C._DisableFuncTorch():
+            finite = bool(torch.isfinite(_plain(x)).all())
+        if not finite:
             raise ValueError(f"{where}: x contains NaN or Inf values")
         x2 = x.reshape(x.shape[0], n)
         if not isinstance(sigma, torch.Tensor):

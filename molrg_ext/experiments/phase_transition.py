@@ -238,8 +238,7 @@ def plot_heatmap(out: Path, K, method, ds, Ns, results):
     for d in ds:
         for N in Ns:
             grid[d - d0, N - n0] = results[(d, N)]["success_rate"]
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad("#f2dede")
+    cmap = plt.get_cmap("gray").with_extremes(bad="#f2dede")  # a copy (set_bad is deprecated)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", cmap=cmap, vmin=0, vmax=1,
                    aspect="auto", extent=(n0 - 0.5, n1 + 0.5, d0 - 0.5, d1 + 0.5))
