@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -282,6 +283,14 @@ def _orth(A: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(A).Q
 
 
+# torch.func.jvp enters a forward-AD level, and PyTorch keeps those levels process-wide: two
+# threads inside jvp at once deleted each other's level (RuntimeError: "Trying to access a forward
+# AD level with an invalid index") or got wrong tangents. The lock serialises our JVPs; the VJPs
+# and everything else still run concurrently. Forward AD that other code runs in other threads at
+# the same time is beyond it.
+_JVP_LOCK = threading.Lock()
+
+
 def _lanczos(f, xf, sig, k: int, iters: int, oversample: int, probes: int,
              generator, check) -> JacobianSpectrum:
     """Randomized block subspace iteration on J^T J (Halko, Martinsson, Tropp 2011, alg. 4.4)
@@ -305,7 +314,8 @@ def _lanczos(f, xf, sig, k: int, iters: int, oversample: int, probes: int,
     def jv(V):
         m = V.shape[-1]
         X, S = rep(m)
-        y, t = torch.func.jvp(lambda z: f(z, S), (X,), (stack(V),))
+        with _JVP_LOCK:
+            y, t = torch.func.jvp(lambda z: f(z, S), (X,), (stack(V),))
         if unchecked:
             check(y, X)
             unchecked.clear()

@@ -609,3 +609,25 @@ def test_network_jacobian_records_no_parameter_graph(method, monkeypatch):
         p.requires_grad_(False)
     kw = dict(k=4, generator=torch.Generator().manual_seed(2)) if method == "lanczos" else {}
     torch.testing.assert_close(sv, M.jacobian_spectrum(net, x, 0.5, method=method, **kw).svals)
+
+
+def test_lanczos_from_several_threads_matches_serial():
+    """torch.func.jvp's forward-AD levels are process-wide: two threads in jacobian_spectrum's
+    Lanczos at once had each other's level deleted (RuntimeError) or got wrong spectra. The JVPs
+    are serialised by a lock; every concurrent result equals its serial twin bit for bit."""
+    import concurrent.futures
+
+    net = nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 24)).double()
+    den = lambda x, s: net(x) / (1 + s[:, None] ** 2)  # noqa: E731
+    xs = [torch.randn(4, 24, generator=_gen(40 + i), dtype=F64) for i in range(4)]
+
+    def spectrum(i):
+        with torch.no_grad():
+            return M.jacobian_spectrum(den, xs[i], 0.3, "lanczos", k=5, iters=2,
+                                       generator=_gen(50 + i)).svals
+
+    want = [spectrum(i) for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(spectrum, [i % 4 for i in range(48)]))
+    for i, sv in enumerate(got):
+        assert torch.equal(sv, want[i % 4]), i
