@@ -96,3 +96,17 @@ def test_cli_help_shows_zero_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["gl-score", "--help"])
     assert "--seed SEED           (default: 0)" in capsys.readouterr().out
+
+
+def test_no_module_uses_pyplot_or_switches_the_backend():
+    """Library code draws on matplotlib.figure.Figure (experiments._common.new_figure): pyplot is
+    not thread-safe and keeps figures alive, and matplotlib.use switches the whole process's
+    backend (a notebook's too)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(molrg_ext.__file__).parent
+    bad = re.compile(r"matplotlib\.use\(|import matplotlib\.pyplot|from matplotlib import pyplot")
+    found = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    assert found == []

@@ -169,3 +169,25 @@ def test_heatmap_of_a_grid_with_gaps_draws_only_measured_cells(tmp_path):
     assert not g.mask[0, 0] and g[0, 0] == 1.0 and not g.mask[4, 10] and g[4, 10] == 0.25
     assert g.mask[1:4].all() and g.mask[:, 2:10].all()  # d = 3..5 and N_k = 4..11: not measured
     assert parse_range("5,3,5") == [3, 5]
+
+
+def test_plots_leave_the_callers_matplotlib_alone(tmp_path):
+    """The figures are made without pyplot: the caller's backend (matplotlib.use("Agg") used to
+    switch a notebook's) and pyplot's list of open figures stay as they were."""
+    import matplotlib
+    from matplotlib import pyplot as plt
+    from molrg_ext.experiments import phase_transition as pt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        figs = plt.get_fignums()
+        res = {(d, N): {"success_rate": 0.5} for d in (2, 3) for N in (2, 3)}
+        pt.plot_heatmap(tmp_path, 2, "svd", [2, 3], [2, 3], res)
+        pt._plot_total(tmp_path, 2, "svd", [2, 3], [2, 3], res)
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == figs
+    finally:
+        matplotlib.use(before)
+    for name in ("K2_svd.png", "K2_svd_total.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

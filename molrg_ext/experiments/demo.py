@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import FLOAT32_MAX, finite_float, int_at_least, out_dir, seed_int
+from ._common import FLOAT32_MAX, finite_float, int_at_least, new_figure, out_dir, seed_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,12 +70,9 @@ def run(args) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "steps_run": tr.n_steps_, "seconds": seconds, "distances": dist.tolist(),
         "success": ok.tolist(), "loss": loss.mean(1).tolist()}, indent=1))
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig = new_figure(figsize=(9, 3.4))
+    a, b = fig.subplots(1, 2)
     a.plot(loss.mean(1).numpy())
     a.set_xlabel("SGD step")
     a.set_ylabel("training loss (6), batch mean")
@@ -87,5 +84,4 @@ def run(args) -> int:
     b.legend()
     fig.tight_layout()
     fig.savefig(args.out / "demo.png", dpi=120)
-    plt.close(fig)
     return 0

@@ -27,7 +27,7 @@ from ..jacobian import jacobian_spectrum
 from ..models import make_unet_denoiser
 from ..sampling import default_sigma_steps, heun_sample
 from ..train.network import NetworkTrainer
-from ._common import (FLOAT32_MAX, check_settings, finite_float, int_at_least, out_dir,
+from ._common import (FLOAT32_MAX, check_settings, finite_float, int_at_least, new_figure, out_dir,
                       seed_everything, seed_int, width_int, write_json)
 
 PRESETS = {
@@ -64,10 +64,6 @@ def invert(denoiser, x0: torch.Tensor, sigma: float, steps: int = 18) -> torch.T
 
 
 def run(args) -> int:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cfg = dict(PRESETS[args.preset])
     for k in ("steps", "channels", "sigma", "images"):
         if getattr(args, k) is not None:
@@ -141,7 +137,8 @@ def run(args) -> int:
         w.writeheader()
         w.writerows(rows)
     nrow = sum(len(p) for p in panels)
-    fig, axes = plt.subplots(nrow, len(alphas), figsize=(1.3 * len(alphas), 1.3 * nrow), squeeze=False)
+    fig = new_figure(figsize=(1.3 * len(alphas), 1.3 * nrow))
+    axes = fig.subplots(nrow, len(alphas), squeeze=False)
     r = 0
     for b, per_dir in enumerate(panels):
         for name, out in per_dir:
@@ -158,7 +155,6 @@ def run(args) -> int:
     fig.suptitle(f"Editing x_t (sigma={sigma:g}) along Jacobian singular vectors", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "edit.png"), dpi=120)
-    plt.close(fig)
     print("top singular values per image:", [[round(s, 3) for s in row] for row in svals])
     print("mean ||x_theta(x_t + alpha v) - x_theta(x_t)|| at |alpha| = max:", summary)
     return 0

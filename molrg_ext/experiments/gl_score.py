@@ -30,8 +30,8 @@ from ..metrics.generation import gl_score
 from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..sampling import heun_sample
 from ..train.network import NetworkTrainer
-from ._common import (INDEX_MAX, finite_float, int_at_least, out_dir, read_json, seed_everything,
-                      seed_int, threads_int, width_int, write_json)
+from ._common import (INDEX_MAX, finite_float, int_at_least, new_figure, out_dir, read_json,
+                      seed_everything, seed_int, threads_int, width_int, write_json)
 
 PRESETS = {
     "quick": dict(dims=[3, 4, 5, 6], ratios=[2, 10, 40], steps=300, batch=64, lr=1e-3, gen=300,
@@ -127,9 +127,6 @@ def crossing(ratios, scores, level: float = 0.5) -> dict:
 
 
 def run(args) -> int:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
     cfg = dict(PRESETS[args.preset])
@@ -189,7 +186,8 @@ def run(args) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = new_figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     for d in cfg["dims"]:
         rs = sorted((row for row in rows if row["d"] == d), key=lambda x: x["N_k"])
         ax.plot([x["N_k_over_d_k"] for x in rs], [x["gl"] for x in rs], marker="o",
@@ -204,7 +202,6 @@ def run(args) -> int:
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "gl_score.png"), dpi=120)
-    plt.close(fig)
     for row in rows:
         asked = "" if row["N_k"] == row["ratio"] * row["d"] else f" (asked {row['ratio']:g})"
         print(f"d_k={row['d']} N_k={row['N_k']} N_k/d_k={row['N_k_over_d_k']:.4g}{asked}: "

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ._common import (int_at_least, int_list, out_dir, read_json, seed_int, threads_int, width_int,
-                      write_json)
+from ._common import (int_at_least, int_list, new_figure, out_dir, read_json, seed_int, threads_int,
+                      width_int, write_json)
 
 PRESETS = {
     "quick": dict(sizes=[16, 128, 1024], steps=2000, hidden=128, batch=128, n_eval=200,
@@ -191,23 +191,19 @@ def run_one(cfg: RunConfig, progress=None) -> dict:
 
 # ------------------------------------------------------------------------------------- plotting
 def plot(results: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     datasets = sorted({r["config"]["dataset"] for r in results})
     cols = [("rmse_gaussian", "RMSE to Gaussian denoiser"),
             ("rmse_optimal", "RMSE to multi-delta (optimal) denoiser"),
             ("rmse_posterior", "RMSE to MoLRG posterior mean"),
             ("linearity", "linearity score")]
-    fig, axes = plt.subplots(len(datasets), len(cols), figsize=(4.2 * len(cols),
-                                                                 3.4 * len(datasets)),
-                             squeeze=False)
+    fig = new_figure(figsize=(4.2 * len(cols), 3.4 * len(datasets)))
+    axes = fig.subplots(len(datasets), len(cols), squeeze=False)
     for i, ds in enumerate(datasets):
         rs = sorted((r for r in results if r["config"]["dataset"] == ds),
                     key=lambda r: r["config"]["N"])
-        cmap = plt.get_cmap("viridis")
+        cmap = colormaps["viridis"]
         for j, (key, title) in enumerate(cols):
             ax = axes[i, j]
             for m, r in enumerate(rs):
@@ -225,7 +221,6 @@ def plot(results: list[dict], path: str) -> None:
                  "(dotted: linearity of the multi-delta denoiser)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -54,8 +54,8 @@ from pathlib import Path
 
 import torch
 
-from ._common import (INDEX_MAX, finite_float, int_at_least, out_dir, seed_int, threads_int,
-                      write_json)
+from ._common import (INDEX_MAX, finite_float, int_at_least, new_figure, out_dir, seed_int,
+                      threads_int, write_json)
 
 METHODS = ("svd", "kss", "ensc", "sgd-hard", "sgd-soft")
 N_AMBIENT = 48
@@ -224,10 +224,6 @@ def write_table(out: Path, K, method, ds, Ns, results):
 
 
 def plot_heatmap(out: Path, K, method, ds, Ns, results):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     # one unit cell per integer (d, N_k) from the smallest to the largest measured; the cells a
@@ -238,8 +234,11 @@ def plot_heatmap(out: Path, K, method, ds, Ns, results):
     for d in ds:
         for N in Ns:
             grid[d - d0, N - n0] = results[(d, N)]["success_rate"]
-    cmap = plt.get_cmap("gray").with_extremes(bad="#f2dede")  # a copy (set_bad is deprecated)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    from matplotlib import colormaps
+
+    cmap = colormaps["gray"].with_extremes(bad="#f2dede")  # a copy (set_bad is deprecated)
+    fig = new_figure(figsize=(5.5, 3.6))
+    ax = fig.subplots()
     im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", cmap=cmap, vmin=0, vmax=1,
                    aspect="auto", extent=(n0 - 0.5, n1 + 0.5, d0 - 0.5, d1 + 0.5))
     line = np.linspace(min(n0, d0) - 0.5, max(n1, d1) + 0.5, 10)
@@ -253,7 +252,6 @@ def plot_heatmap(out: Path, K, method, ds, Ns, results):
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out / f"K{K}_{method}.png", dpi=120)
-    plt.close(fig)
 
 
 # the panels of Fig. 4 (a)-(d) and Fig. 8 (a)-(b)
@@ -312,14 +310,11 @@ def run(args) -> int:
 
 def _plot_total(out, K, method, ds, Ns, results):
     """The same heat map with the total sample count N = K N_k on the x axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     grid = np.array([[results[(d, N)]["success_rate"] for N in Ns] for d in ds])
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig = new_figure(figsize=(5.5, 3.6))
+    ax = fig.subplots()
     im = ax.imshow(grid, origin="lower", cmap="gray", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(Ns)), [str(K * N) for N in Ns], fontsize=7)
     ax.set_yticks(range(len(ds)), [str(d) for d in ds])
@@ -329,7 +324,6 @@ def _plot_total(out, K, method, ds, Ns, results):
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out / f"K{K}_{method}_total.png", dpi=120)
-    plt.close(fig)
 
 
 def format_table(ds, Ns, results) -> str:

@@ -42,8 +42,8 @@ from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..modules import SubspaceDAE
 from ..sampling import default_sigma_steps, heun_sample
 from ..train.network import NetworkTrainer
-from ._common import (check_settings, int_at_least, out_dir, read_json, seed_everything, seed_int,
-                      threads_int, width_int, write_json)
+from ._common import (check_settings, int_at_least, new_figure, out_dir, read_json, seed_everything,
+                      seed_int, threads_int, width_int, write_json)
 
 PRESETS = {
     # checkpoints: training steps at which the network is evaluated
@@ -148,9 +148,6 @@ def _train_and_eval(name, data, image_shape, cfg, checkpoints, out, results, pro
 
 
 def run(args) -> int:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
     cfg = dict(PRESETS[args.preset])
@@ -226,7 +223,7 @@ def run(args) -> int:
     shown["gap_to_dae"] = results["gap_to_dae"]
     write_json(path, results)
     _write_csv(os.path.join(args.out, "rank_vs_snr.csv"), shown)
-    _plot(plt, os.path.join(args.out, "rank_vs_snr.png"), shown)
+    _plot(os.path.join(args.out, "rank_vs_snr.png"), shown)
     dae = results["subspace_dae"]
     print(f"subspace DAE rank range along trajectories: [{min(dae['rank_mean']):.1f}, "
           f"{max(dae['rank_mean']):.1f}] (Lemma 2: [6, 12])")
@@ -278,8 +275,9 @@ def _write_csv(path, results) -> None:
                 w.writerow([k, v.get("step", ""), s, snr, rm, rs, rr])
 
 
-def _plot(plt, path, results) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+def _plot(path, results) -> None:
+    fig = new_figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     curves = _curves(results)
     for k, v in curves.items():
         if k == "subspace_dae" or "_molrg@" in k:
@@ -308,4 +306,3 @@ def _plot(plt, path, results) -> None:
         axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
