@@ -146,3 +146,26 @@ def test_trained_denoiser_memorises_small_sets_and_is_gaussian_on_large_ones():
     # 0.990-0.991 vs 0.905-0.969 over seeds)
     assert large["linearity"][i047] > 0.98, large["linearity"]
     assert large["linearity"][i047] > small["linearity"][i047] + 0.01
+
+
+def test_seeded_training_leaves_the_global_rng_alone():
+    """train_denoiser seeds the network's initialisation without replacing the caller's RNG
+    state (it called torch.manual_seed), and the same seed gives the same network, also from
+    several threads at once."""
+    import concurrent.futures
+
+    X = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+
+    def params(seed):
+        net = hg.train_denoiser(X, 3, 16, 8, seed=seed)
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
+    want = {s: params(s) for s in (5, 6)}
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not torch.equal(want[5], want[6])
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(params, [5, 6] * 6))
+    for i, p in enumerate(got):
+        assert torch.equal(p, want[5 + i % 2]), i

@@ -3,10 +3,12 @@ keeps a rerun from mixing its results with an earlier run's, and argparse value 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -37,6 +39,21 @@ def new_figure(**kwargs):
     with ``savefig`` and is freed with its last reference."""
     from matplotlib.figure import Figure
     return Figure(**kwargs)
+
+
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int):
+    """torch's global RNG seeded with ``seed`` while a network is built (nn.Module constructors
+    draw their initial weights from it and take no generator); the caller's RNG state comes back
+    afterwards, and the lock keeps two threads' seeded initialisations apart. Calling
+    torch.manual_seed directly replaced the caller's RNG state, and threads doing it at once got
+    each other's weights."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def write_json(path: str, obj) -> None:

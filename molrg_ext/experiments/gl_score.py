@@ -31,7 +31,7 @@ from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..sampling import heun_sample
 from ..train.network import NetworkTrainer
 from ._common import (INDEX_MAX, finite_float, int_at_least, new_figure, out_dir, read_json,
-                      seed_everything, seed_int, threads_int, width_int, write_json)
+                      seed_everything, seed_int, seeded_init, threads_int, width_int, write_json)
 
 PRESETS = {
     "quick": dict(dims=[3, 4, 5, 6], ratios=[2, 10, 40], steps=300, batch=64, lr=1e-3, gen=300,
@@ -76,15 +76,15 @@ def run_cell(d: int, ratio: float, cfg: dict, model_kind: str, seed: int, progre
     Nk = n_per_component(ratio, d)
     data = sample_molrg(48, [d, d], counts=[Nk, Nk], seed=seed)
     X = data.X[0]
-    torch.manual_seed(seed)
     sd = float(X.std())
     precond = cfg.get("precond", "edm")
-    if model_kind == "unet":
-        model = make_unet_denoiser((3, 4, 4), model_channels=cfg["channels"], sigma_data=sd,
-                                   precond=precond)
-    else:
-        model = make_mlp_denoiser(48, hidden=4 * cfg["channels"], depth=3, sigma_data=sd,
-                                  precond=precond)
+    with seeded_init(seed):
+        if model_kind == "unet":
+            model = make_unet_denoiser((3, 4, 4), model_channels=cfg["channels"], sigma_data=sd,
+                                       precond=precond)
+        else:
+            model = make_mlp_denoiser(48, hidden=4 * cfg["channels"], depth=3, sigma_data=sd,
+                                      precond=precond)
     tr = NetworkTrainer(model, X, batch_size=cfg["batch"], lr=cfg["lr"], ema_decay=0.99, seed=seed,
                         weighting=cfg.get("weighting", "edm"))
     tr.train(cfg["steps"], progress=progress)

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ._common import (int_at_least, int_list, new_figure, out_dir, read_json, seed_int, threads_int,
-                      width_int, write_json)
+from ._common import (int_at_least, int_list, new_figure, out_dir, read_json, seed_int,
+                      seeded_init, threads_int, width_int, write_json)
 
 PRESETS = {
     "quick": dict(sizes=[16, 128, 1024], steps=2000, hidden=128, batch=128, n_eval=200,
@@ -91,9 +91,9 @@ def train_denoiser(X: torch.Tensor, steps: int, hidden: int, batch: int, seed: i
     from ..models import make_mlp_denoiser
     from ..train.network import NetworkTrainer
 
-    torch.manual_seed(seed)  # network initialisation
     sigma_data = float(X.std())
-    model = make_mlp_denoiser(X.shape[1], hidden=hidden, depth=3, sigma_data=sigma_data)
+    with seeded_init(seed):
+        model = make_mlp_denoiser(X.shape[1], hidden=hidden, depth=3, sigma_data=sigma_data)
     trainer = NetworkTrainer(model, X, batch_size=batch, lr=1e-3, ema_decay=0.99,
                              noise=LogUniformSigma(), t_min=1e-6, sigma_data=sigma_data,
                              seed=seed)

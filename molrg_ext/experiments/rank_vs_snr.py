@@ -43,7 +43,7 @@ from ..modules import SubspaceDAE
 from ..sampling import default_sigma_steps, heun_sample
 from ..train.network import NetworkTrainer
 from ._common import (check_settings, int_at_least, new_figure, out_dir, read_json, seed_everything,
-                      seed_int, threads_int, width_int, write_json)
+                      seed_int, seeded_init, threads_int, width_int, write_json)
 
 PRESETS = {
     # checkpoints: training steps at which the network is evaluated
@@ -110,13 +110,13 @@ def _train_and_eval(name, data, image_shape, cfg, checkpoints, out, results, pro
         data = data.reshape(data.shape[0], -1)
 
     def trainer(resume: bool) -> NetworkTrainer:
-        torch.manual_seed(seed)
-        if cfg["model"] == "unet":
-            model = make_unet_denoiser(image_shape, model_channels=cfg["channels"], sigma_data=sd,
-                                       precond=cfg["precond"])
-        else:
-            model = make_mlp_denoiser(data.shape[1], hidden=4 * cfg["channels"], depth=3,
-                                      sigma_data=sd, precond=cfg["precond"])
+        with seeded_init(seed):
+            if cfg["model"] == "unet":
+                model = make_unet_denoiser(image_shape, model_channels=cfg["channels"],
+                                           sigma_data=sd, precond=cfg["precond"])
+            else:
+                model = make_mlp_denoiser(data.shape[1], hidden=4 * cfg["channels"], depth=3,
+                                          sigma_data=sd, precond=cfg["precond"])
         t = NetworkTrainer(model, data, batch_size=cfg["batch"], lr=cfg["lr"], ema_decay=0.99,
                            seed=seed, checkpoint=ckpt if resume else None,
                            weighting=cfg["weighting"])
