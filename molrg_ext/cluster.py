@@ -34,6 +34,7 @@ from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ._args import as_int, as_int_list, dims_list, real_number
+from ._warnings import ignoring, recording
 
 __all__ = ["PCASubspace", "KSubspaces", "EnSC", "top_subspace", "match_dims"]
 
@@ -360,8 +361,7 @@ def _spectral_labels(W: np.ndarray, K: int, seed) -> np.ndarray:
     np.fill_diagonal(W, diag)
     sc = SpectralClustering(n_clusters=K, affinity="precomputed", random_state=seed,
                             assign_labels="kmeans")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with ignoring(("", Warning)):
         return sc.fit_predict(W).astype(np.int64)
 
 
@@ -534,8 +534,9 @@ class EnSC(_Base):
         unconverged = 0
         for i in range(N):
             others = np.delete(np.arange(N), i)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ConvergenceWarning)
+            # sklearn's ConvergenceWarning is the only sign of a fit that ran out of sweeps
+            # (n_iter_ == max_iter also when the last sweep converged); fit() warns once
+            with recording(ConvergenceWarning) as caught:
                 model.fit(Xn[others].T, Xn[i])
             unconverged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
             for w in caught:  # other warnings pass through as they would have

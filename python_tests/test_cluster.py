@@ -522,3 +522,29 @@ def test_ensc_counts_unconverged_fits_and_says_alpha_is_absolute():
         small.fit(X)
     assert small.n_unconverged_ == est.n_unconverged_
     np.testing.assert_allclose(est.affinity_, small.affinity_, rtol=1e-6, atol=1e-9)
+
+
+def test_ensc_fits_in_threads_leave_the_warnings_state_alone():
+    """EnSC silences sklearn inside warnings.catch_warnings, which swaps the process-wide filter
+    list: fits in several threads at once left one fit's recorder or filters installed for good
+    (a user's warning was then swallowed). The package's own catch_warnings blocks take a lock;
+    afterwards the filters are the caller's and the labels and counts equal the serial ones."""
+    import concurrent.futures
+
+    datas = [sample_molrg(12, [2, 3], counts=[20, 20], noise_std=0.01, seed=s,
+                          dtype=torch.float64).X[0].numpy() for s in range(4)]
+
+    def fit(X):
+        m = EnSC(2, [2, 3], alpha=1e-5).fit(X)  # alpha small enough for some fits to hit max_iter
+        return m.n_unconverged_, m.labels_.tolist()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # EnSC's own summary warnings
+        filters = list(warnings.filters)
+        want = [fit(X) for X in datas]
+        assert any(w[0] > 0 for w in want)  # some fits do hit max_iter
+        for _ in range(3):
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(fit, datas))
+            assert warnings.filters == filters
+            assert got == want

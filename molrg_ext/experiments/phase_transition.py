@@ -49,11 +49,11 @@ import csv
 import functools
 import json
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
+from .._warnings import ignoring
 from ._common import (INDEX_MAX, finite_float, int_at_least, new_figure, out_dir, seed_int,
                       threads_int, write_json)
 
@@ -152,11 +152,10 @@ def run_cell(K: int, method: str, d: int, Nk: int, instances: int, noise: float,
         extra = {"settings": dict(cfg)}
         bases = []
         for p in range(instances):
-            with warnings.catch_warnings():
-                # below the threshold EnSC leaves samples without an edge (its warning): the
-                # cell's success rate is what is measured, and the count is kept with it
-                warnings.filterwarnings("ignore", "EnSC: .* no nonzero self-expressive")
-                warnings.filterwarnings("ignore", "EnSC: .* without converging")
+            # below the threshold EnSC leaves samples without an edge (its warning): the cell's
+            # success rate is what is measured, and the count is kept with it
+            with ignoring(("EnSC: .* no nonzero self-expressive", UserWarning),
+                          ("EnSC: .* without converging", UserWarning)):
                 bases.append(est.fit(data.X[p]).bases_)
             if method == "ensc":
                 extra.setdefault("isolated_samples", []).append(est.n_isolated_)
