@@ -1,9 +1,10 @@
 """Silencing a library's warnings around one call, for this package's own code.
 
-warnings.catch_warnings saves and restores the process-wide filter list, so two threads inside it
-at once (Python < 3.14) could leave one thread's filters installed for good and swallow the
-user's warnings. The lock keeps this package's own uses apart; warnings that other code raises in
-other threads meanwhile still meet the filters set here.
+warnings.catch_warnings saves and restores the process-wide filter list (unless Python's
+context-aware warnings are on), so two threads inside it at once could leave one thread's filters
+installed for good and swallow the user's warnings. The lock keeps this package's own uses apart,
+which also runs those calls one thread at a time. Warnings that other code raises in other
+threads meanwhile still meet the filters set here, and ``recording`` records them too.
 """
 from __future__ import annotations
 

@@ -287,8 +287,9 @@ def _orth(A: torch.Tensor) -> torch.Tensor:
 # threads inside jvp at once deleted each other's level (RuntimeError: "Trying to access a forward
 # AD level with an invalid index") or got wrong tangents. The lock serialises our JVPs; the VJPs
 # and everything else still run concurrently. Forward AD that other code runs in other threads at
-# the same time is beyond it.
-_JVP_LOCK = threading.Lock()
+# the same time is beyond it. Re-entrant: it is held while the denoiser runs, and a denoiser may
+# itself take a Lanczos spectrum.
+_JVP_LOCK = threading.RLock()
 
 
 def _lanczos(f, xf, sig, k: int, iters: int, oversample: int, probes: int,

@@ -97,7 +97,8 @@ class LinearDenoiser(nn.Module):
             raise TypeError(f"{where}: sigma must be a floating-point tensor, got {sigma.dtype}")
         grid = self.sigmas.double()
         # membership check on the concrete values (under vmap: those of every sample at once)
-        # (functorch off: torch <= 2.8 wrapped the results of ops on the plain tensor again)
+        # (functorch off: torch 2.8, not 2.11, wrapped the results of ops on the plain tensor
+        # again)
         with torch._C._DisableFuncTorch():
             vals = _plain(sigma).detach().reshape(-1, 1).to(device=grid.device,
                                                             dtype=torch.float64)

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.skipif(not (ROOT / "CMakeLists.txt").exists(), reason="needs the source tree"),
-    pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake"),
+    pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("make") is None,
+                       reason="needs cmake and make"),
 ]
 
 

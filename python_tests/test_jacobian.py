@@ -631,3 +631,30 @@ def test_lanczos_from_several_threads_matches_serial():
         got = list(pool.map(spectrum, [i % 4 for i in range(48)]))
     for i, sv in enumerate(got):
         assert torch.equal(sv, want[i % 4]), i
+
+
+def test_lanczos_inside_a_denoiser_does_not_deadlock():
+    """The JVP lock is held while the denoiser runs; a denoiser that takes a Lanczos spectrum
+    itself re-enters it (a plain Lock hung there). Run in a daemon thread so a hang fails."""
+    import threading
+
+    net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    inner = lambda x, s: net(x)  # noqa: E731
+
+    def outer(x, s):
+        M.jacobian_spectrum(inner, x.detach(), 0.5, "lanczos", k=2, iters=1, probes=0)
+        return net(x)
+
+    x = torch.randn(2, 8, generator=_gen(60), dtype=F64)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault(
+        "svals", M.jacobian_spectrum(outer, x, 0.5, "lanczos", k=2, iters=1, probes=0,
+                                     generator=_gen(61)).svals),
+        daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "deadlock"
+    with torch.no_grad():
+        want = M.jacobian_spectrum(inner, x, 0.5, "lanczos", k=2, iters=1, probes=0,
+                                   generator=_gen(61)).svals
+    assert torch.equal(out["svals"], want)

@@ -41,18 +41,19 @@ def new_figure(**kwargs):
     return Figure(**kwargs)
 
 
-_INIT_LOCK = threading.Lock()
+_INIT_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def seeded_init(seed: int):
-    """torch's global RNG seeded with ``seed`` while a network is built (nn.Module constructors
-    draw their initial weights from it and take no generator); the caller's RNG state comes back
-    afterwards, and the lock keeps two threads' seeded initialisations apart. Calling
-    torch.manual_seed directly replaced the caller's RNG state, and threads doing it at once got
-    each other's weights."""
+    """torch's default CPU generator seeded with ``seed`` while a network is built on the CPU
+    (nn.Module constructors draw their initial weights from it and take no generator), and its
+    state before the block put back afterwards; accelerator generators are not touched. The lock
+    keeps this package's seeded initialisations in different threads apart (torch.manual_seed
+    replaced the caller's RNG state, and threads doing it at once got each other's weights); CPU
+    draws that other code makes from the default generator meanwhile are not kept apart."""
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+        torch.random.default_generator.manual_seed(int(seed))
         yield
 
 
