@@ -20,6 +20,10 @@ out="$root/build/op_ref/$hash${extra:+-$(echo "$extra" | md5sum | cut -c1-8)}"
 if ! ls "$out"/build/_C*.so >/dev/null 2>&1; then
   rm -rf "$out" && mkdir -p "$out/src"
   git -C "$root" archive "$hash" | tar -x -C "$out/src"
+  # torch <= 2.8 stringizes TORCH_LIBRARY*'s namespace argument without expanding it (-D does not
+  # reach it: the reference build registered "molrg" a second time and aborted); name it here
+  find "$out/src/csrc" -name '*.cpp' -exec sed -i -E \
+    's/\b(TORCH_LIBRARY(_FRAGMENT|_IMPL)?)\(molrg,/\1(molrg_ref,/g' {} +
   { cmake -S "$out/src" -B "$out/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOLRG_CUDA=OFF \
       -DPython_EXECUTABLE="$("$PY" -c 'import sys; print(sys.executable)')" \
       -DCMAKE_CXX_FLAGS="-Dmolrg=molrg_ref" $extra && cmake --build "$out/build"; } >"$out/build.log" 2>&1 ||
