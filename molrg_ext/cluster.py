@@ -533,6 +533,11 @@ class EnSC(_Base):
                            max_iter=_ENET_MAX_ITER)
         unconverged = 0
         for i in range(N):
+            if not Xn[i].any():
+                # a zero sample's coefficients are zero (the objective's only minimiser);
+                # scikit-learn 1.3 scaled its tolerance by |x_i|^2 = 0, ran all max_iter sweeps
+                # and warned that the fit had not converged
+                continue
             others = np.delete(np.arange(N), i)
             # sklearn's ConvergenceWarning is the only sign of a fit that ran out of sweeps
             # (n_iter_ == max_iter also when the last sweep converged); fit() warns once
