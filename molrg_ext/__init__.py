@@ -5,19 +5,53 @@ with it) together with their autograd and fake kernels.
 """
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
+
+def _release(version: str) -> tuple:
+    """(major, minor) of a torch version string: '2.13.0+cpu' -> ('2', '13')."""
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def _build_mismatch(built: str, running: str):
+    """The warning for an extension built against another torch release than the running one
+    (None when the releases agree or the build did not record its torch)."""
+    if built == "unknown" or _release(built) == _release(running):
+        return None
+    return (f"molrg_ext was built against torch {built} but runs with torch {running}: a build "
+            "for one torch release may fail or misbehave with another. Rebuild it with this "
+            "torch: pip install --no-build-isolation --force-reinstall --no-deps . (from the "
+            "source tree), or scripts/build_inplace.sh for an in-place build.")
+
+
 try:
     from . import _C
-except ImportError as _err:  # a source checkout without the built extension, e.g. the repo root
+except ImportError as _err:
+    import importlib.machinery as _machinery
     import os as _os
 
     _here = _os.path.dirname(_os.path.abspath(__file__))
+    _built = [f for f in (_os.path.join(_here, "_C" + s)
+                          for s in _machinery.EXTENSION_SUFFIXES) if _os.path.exists(f)]
+    if _built:  # there is a build for this Python, and it did not load
+        raise ImportError(
+            f"molrg_ext's compiled module {_built[0]} did not load with torch "
+            f"{torch.__version__}: {_err}. An undefined symbol usually means it was built "
+            "against another torch release; rebuild it with this torch: pip install "
+            "--no-build-isolation --force-reinstall --no-deps . (from the source tree), or "
+            "scripts/build_inplace.sh for an in-place build."
+        ) from _err
+    # a source checkout without the built extension, e.g. the repo root
     raise ImportError(
-        f"molrg_ext was imported from {_here}, which holds no built extension (_C): a source "
-        "tree on sys.path (Python puts the current directory first for 'python -m' and "
-        "'python -c') hides an installed molrg_ext. Build it in place "
+        f"molrg_ext was imported from {_here}, which holds no built extension (_C) for this "
+        "Python: a source tree on sys.path (Python puts the current directory first for "
+        "'python -m' and 'python -c') hides an installed molrg_ext. Build it in place "
         "(scripts/build_inplace.sh), or use the installed entry points ('molrg bench', "
         "'pytest'), or run from another directory."
     ) from _err
+if _build_mismatch(_C.torch_version, torch.__version__):
+    import warnings as _warnings
+
+    _warnings.warn(_build_mismatch(_C.torch_version, torch.__version__), RuntimeWarning,
+                   stacklevel=2)
 from . import reference
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients

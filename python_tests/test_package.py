@@ -110,3 +110,48 @@ def test_no_module_uses_pyplot_or_switches_the_backend():
     found = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py"))
              for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
     assert found == []
+
+
+def test_build_records_its_torch_and_mismatches_are_named():
+    # the build in use was made against the running torch
+    assert molrg_ext._C.torch_version == torch.__version__
+    assert molrg_ext._build_mismatch("2.13.0+cpu", "2.13.1") is None
+    assert molrg_ext._build_mismatch("unknown", "2.14.0") is None
+    msg = molrg_ext._build_mismatch("2.13.0+cpu", "2.14.1+cu130")
+    assert "built against torch 2.13.0+cpu but runs with torch 2.14.1+cu130" in msg
+    assert "--no-build-isolation" in msg
+
+
+def test_a_build_that_does_not_load_is_named(tmp_path):
+    """A compiled module for this Python that fails to load (another torch release's build gives
+    an undefined symbol) is reported as such, not as a source tree without a build."""
+    import importlib.machinery
+    import shutil
+
+    src = os.path.dirname(os.path.abspath(molrg_ext.__file__))
+    pkg = tmp_path / "molrg_ext"
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not a library")
+    out = subprocess.run([sys.executable, "-c", "import molrg_ext"], capture_output=True,
+                         text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert out.returncode != 0
+    assert "compiled module" in out.stderr and "did not load with torch" in out.stderr
+    assert "holds no built extension" not in out.stderr
+
+
+def test_version_is_written_once_in_effect():
+    """__version__ and pyproject.toml's version (source tree) or the installed metadata agree."""
+    import importlib.metadata
+    import pathlib
+    import re
+
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.exists():
+        m = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M)
+        assert m and m.group(1) == molrg_ext.__version__
+    try:
+        installed = importlib.metadata.version("molrg_ext")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is not None and not pyproject.exists():
+        assert installed == molrg_ext.__version__
