@@ -32,10 +32,14 @@ def digits_images() -> torch.Tensor:
 def camera_patches(N: int, size: int = 8, seed: int = 0, image: str = "camera") -> torch.Tensor:
     """``N`` random ``size x size`` grey patches of a scikit-image sample image, ``[N, 1, size, size]``
     in [-1, 1], drawn with a seeded generator. ``image``: one of ``CAMERA_IMAGES``."""
-    import skimage.data
-    from skimage.color import rgb2gray
-
     where = "camera_patches"
+    try:
+        import skimage.data
+        from skimage.color import rgb2gray
+    except ImportError as e:
+        raise ImportError(f"{where} needs scikit-image: pip install scikit-image (the package's "
+                          "'images' extra)") from e
+
     N, size = as_int(N, "N", where, 1), as_int(size, "size", where, 1)
     seed = as_int(seed, "seed", where, 0)
     if not isinstance(image, str):

@@ -340,6 +340,8 @@ def test_readme_benchmark_command_collects_every_suite():
     """`pytest benchmarks --benchmark-only` (README) collects the bench_*.py suites: with
     pytest's default file pattern (test_*.py) it collected nothing and exited with status 5."""
     root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks").is_dir():
+        pytest.skip("needs the source tree (benchmarks/)")
     # pytest's entry script, as a user runs it: `python -m pytest` from the repository root would
     # import the source tree's molrg_ext, which has no built extension in a clean clone (CI)
     script = Path(sys.executable).with_name("pytest")
@@ -359,6 +361,8 @@ def test_source_tree_without_extension_says_why_it_cannot_import(tmp_path):
     name '_C' from partially initialized module". The error now says what happened and what to
     run instead (`make bench` runs the `molrg bench` entry point)."""
     src = Path(__file__).resolve().parents[1] / "molrg_ext"
+    if not src.is_dir():
+        pytest.skip("needs the source tree (molrg_ext/)")
     shutil.copytree(src, tmp_path / "molrg_ext",
                     ignore=shutil.ignore_patterns("_C*", "__pycache__"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

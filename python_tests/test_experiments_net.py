@@ -14,6 +14,7 @@ from molrg_ext.experiments.gl_score import crossing
 
 
 def test_offline_datasets():
+    pytest.importorskip("skimage")  # camera_patches (the images extra)
     d = digits_images()
     assert d.shape == (1797, 1, 8, 8) and d.min() == -1 and d.max() == 1
     p = camera_patches(50, size=8, seed=1)
@@ -40,6 +41,7 @@ def test_crossing_interpolates_on_log_scale():
 
 
 def test_rank_vs_snr_cli(tmp_path):
+    pytest.importorskip("skimage")  # its default dataset is camera patches (the images extra)
     out = str(tmp_path / "rank")
     args = ["rank-vs-snr", "--out", out, "--checkpoints", "3", "--noises", "2", "--real-steps", "2",
             "--channels", "8", "--no-progress"]

@@ -229,6 +229,7 @@ def test_molrg_counts_refuses_labels_out_of_range():
 
 # -------------------------------------------------------------------------------- camera_patches
 def test_camera_patches_takes_only_2d_grey_or_colour_images():
+    pytest.importorskip("skimage")  # the images extra
     for name in ("lfw_subset", "stereo_motorcycle", "file_hash", "download_all", "brain",
                  "lbp_frontal_face_cascade_filename", "cells3d", "load", "CAMERA", "_fetch"):
         with pytest.raises(ValueError, match=f"^camera_patches: scikit-image has no sample image "
@@ -241,3 +242,13 @@ def test_camera_patches_takes_only_2d_grey_or_colour_images():
     for name in CAMERA_IMAGES:
         p = camera_patches(2, size=4, image=name)
         assert p.shape == (2, 1, 4, 4) and p.min() >= -1 and p.max() <= 1, name
+
+
+def test_camera_patches_without_scikit_image_names_the_extra(monkeypatch):
+    import sys
+
+    from molrg_ext.datasets_offline import camera_patches
+    for name in ("skimage", "skimage.data", "skimage.color"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"camera_patches needs scikit-image.*'images' extra"):
+        camera_patches(3)
