@@ -47,11 +47,12 @@ except ImportError as _err:
         "(scripts/build_inplace.sh), or use the installed entry points ('molrg bench', "
         "'pytest'), or run from another directory."
     ) from _err
-if _build_mismatch(_C.torch_version, torch.__version__):
+# (a build older than the attribute records nothing)
+_mismatch = _build_mismatch(getattr(_C, "torch_version", "unknown"), torch.__version__)
+if _mismatch:
     import warnings as _warnings
 
-    _warnings.warn(_build_mismatch(_C.torch_version, torch.__version__), RuntimeWarning,
-                   stacklevel=2)
+    _warnings.warn(_mismatch, RuntimeWarning, stacklevel=2)
 from . import reference
 from .ops import hard_assign, subspace_dae
 from .posterior import posterior_mean_coefficients

@@ -20,8 +20,8 @@ out="$root/build/op_ref/$hash${extra:+-$(echo "$extra" | md5sum | cut -c1-8)}"
 if ! ls "$out"/build/_C*.so >/dev/null 2>&1; then
   rm -rf "$out" && mkdir -p "$out/src"
   git -C "$root" archive "$hash" | tar -x -C "$out/src"
-  # torch <= 2.8 stringizes TORCH_LIBRARY*'s namespace argument without expanding it (-D does not
-  # reach it: the reference build registered "molrg" a second time and aborted); name it here
+  # torch 2.8 (not 2.11 and later) stringizes TORCH_LIBRARY*'s namespace argument unexpanded
+  # (-D did not reach it: the reference build registered "molrg" a second time and aborted)
   find "$out/src/csrc" -name '*.cpp' -exec sed -i -E \
     's/\b(TORCH_LIBRARY(_FRAGMENT|_IMPL)?)\(molrg,/\1(molrg_ref,/g' {} +
   { cmake -S "$out/src" -B "$out/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOLRG_CUDA=OFF \
