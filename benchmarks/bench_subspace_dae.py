@@ -1,7 +1,6 @@
 """Denoiser fwd+bwd (grad wrt U): fused op vs eager PyTorch vs torch.compile (vs CuPy / CUDA
 when present). One pytest-benchmark group per shape."""
 import pytest
-import torch
 
 from molrg_ext._cuda_check import cuda_skip_reason
 from molrg_ext.bench import make_dae_case

@@ -1,5 +1,4 @@
 """The fused subspace-denoiser ops against the pure-PyTorch reference, autograd, opcheck, compile."""
-import itertools
 
 import pytest
 import torch

@@ -4,8 +4,6 @@ import torch
 import molrg_ext
 from molrg_ext.data import sample_molrg
 from molrg_ext.metrics import recovery_success, subspace_distance
-from molrg_ext.ops import subspace_dae
-from molrg_ext.posterior import posterior_mean_coefficients
 from molrg_ext.schedules import VP
 from molrg_ext.train import SubspaceTrainer
 from molrg_ext.train.subspace import paper_init, retract

@@ -40,7 +40,7 @@ from ..data import sample_molrg
 from ..jacobian import jacobian_rank
 from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..modules import SubspaceDAE
-from ..sampling import default_sigma_steps, heun_sample
+from ..sampling import heun_sample
 from ..train.network import NetworkTrainer
 from ._common import (check_settings, int_at_least, new_figure, out_dir, read_json, seed_everything,
                       seed_int, seeded_init, threads_int, width_int, write_json)

@@ -8,8 +8,6 @@ non-orthonormal estimate is penalised).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 
