@@ -99,7 +99,7 @@ def test_cli_help_shows_zero_defaults(capsys):
 
 
 def test_no_module_uses_pyplot_or_switches_the_backend():
-    """Library code draws on matplotlib.figure.Figure (experiments._common.new_figure): pyplot is
+    """Library code draws on matplotlib.figure.Figure (experiments._common.subplots): pyplot is
     not thread-safe and keeps figures alive, and matplotlib.use switches the whole process's
     backend (a notebook's too)."""
     import pathlib

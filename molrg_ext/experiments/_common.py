@@ -32,13 +32,15 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def new_figure(**kwargs):
-    """A matplotlib Figure made without pyplot: the caller's backend, pyplot's list of figures and
-    any GUI are left alone (pyplot is not thread-safe, and switching to the Agg backend, as the
-    plots did before, switched it for the whole process, a notebook's too); it renders to files
-    with ``savefig`` and is freed with its last reference."""
+def subplots(*args, figsize=None, **kwargs):
+    """``(figure, axes)`` as ``pyplot.subplots(*args, figsize=figsize, **kwargs)`` returns them,
+    on a matplotlib Figure made without pyplot: the caller's backend, pyplot's list of figures
+    and any GUI are left alone (pyplot is not thread-safe, and switching to the Agg backend, as
+    the plots did before, switched it for the whole process, a notebook's too); the figure
+    renders to files with ``savefig`` and is freed with its last reference."""
     from matplotlib.figure import Figure
-    return Figure(**kwargs)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 _INIT_LOCK = threading.RLock()

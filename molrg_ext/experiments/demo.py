@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import FLOAT32_MAX, finite_float, int_at_least, new_figure, out_dir, seed_int
+from ._common import FLOAT32_MAX, finite_float, int_at_least, out_dir, seed_int, subplots
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,8 +71,7 @@ def run(args) -> int:
         "steps_run": tr.n_steps_, "seconds": seconds, "distances": dist.tolist(),
         "success": ok.tolist(), "loss": loss.mean(1).tolist()}, indent=1))
 
-    fig = new_figure(figsize=(9, 3.4))
-    a, b = fig.subplots(1, 2)
+    fig, (a, b) = subplots(1, 2, figsize=(9, 3.4))
     a.plot(loss.mean(1).numpy())
     a.set_xlabel("SGD step")
     a.set_ylabel("training loss (6), batch mean")

@@ -27,8 +27,8 @@ from ..jacobian import jacobian_spectrum
 from ..models import make_unet_denoiser
 from ..sampling import default_sigma_steps, heun_sample
 from ..train.network import NetworkTrainer
-from ._common import (FLOAT32_MAX, check_settings, finite_float, int_at_least, new_figure, out_dir,
-                      seed_everything, seed_int, width_int, write_json)
+from ._common import (FLOAT32_MAX, check_settings, finite_float, int_at_least, out_dir,
+                      seed_everything, seed_int, subplots, width_int, write_json)
 
 PRESETS = {
     "quick": dict(steps=800, batch=64, lr=1e-3, channels=16, sigma=1.0, images=2),
@@ -137,8 +137,8 @@ def run(args) -> int:
         w.writeheader()
         w.writerows(rows)
     nrow = sum(len(p) for p in panels)
-    fig = new_figure(figsize=(1.3 * len(alphas), 1.3 * nrow))
-    axes = fig.subplots(nrow, len(alphas), squeeze=False)
+    fig, axes = subplots(nrow, len(alphas), squeeze=False,
+                         figsize=(1.3 * len(alphas), 1.3 * nrow))
     r = 0
     for b, per_dir in enumerate(panels):
         for name, out in per_dir:

@@ -30,8 +30,9 @@ from ..metrics.generation import gl_score
 from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..sampling import heun_sample
 from ..train.network import NetworkTrainer
-from ._common import (INDEX_MAX, finite_float, int_at_least, new_figure, out_dir, read_json,
-                      seed_everything, seed_int, seeded_init, threads_int, width_int, write_json)
+from ._common import (INDEX_MAX, finite_float, int_at_least, out_dir, read_json,
+                      seed_everything, seed_int, seeded_init, subplots, threads_int, width_int,
+                      write_json)
 
 PRESETS = {
     "quick": dict(dims=[3, 4, 5, 6], ratios=[2, 10, 40], steps=300, batch=64, lr=1e-3, gen=300,
@@ -186,8 +187,7 @@ def run(args) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    fig = new_figure(figsize=(5.5, 4))
-    ax = fig.subplots()
+    fig, ax = subplots(figsize=(5.5, 4))
     for d in cfg["dims"]:
         rs = sorted((row for row in rows if row["d"] == d), key=lambda x: x["N_k"])
         ax.plot([x["N_k_over_d_k"] for x in rs], [x["gl"] for x in rs], marker="o",

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ._common import (int_at_least, int_list, new_figure, out_dir, read_json, seed_int,
-                      seeded_init, threads_int, width_int, write_json)
+from ._common import (int_at_least, int_list, out_dir, read_json, seed_int,
+                      seeded_init, subplots, threads_int, width_int, write_json)
 
 PRESETS = {
     "quick": dict(sizes=[16, 128, 1024], steps=2000, hidden=128, batch=128, n_eval=200,
@@ -198,8 +198,8 @@ def plot(results: list[dict], path: str) -> None:
             ("rmse_optimal", "RMSE to multi-delta (optimal) denoiser"),
             ("rmse_posterior", "RMSE to MoLRG posterior mean"),
             ("linearity", "linearity score")]
-    fig = new_figure(figsize=(4.2 * len(cols), 3.4 * len(datasets)))
-    axes = fig.subplots(len(datasets), len(cols), squeeze=False)
+    fig, axes = subplots(len(datasets), len(cols), squeeze=False,
+                         figsize=(4.2 * len(cols), 3.4 * len(datasets)))
     for i, ds in enumerate(datasets):
         rs = sorted((r for r in results if r["config"]["dataset"] == ds),
                     key=lambda r: r["config"]["N"])

@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 
 from .._warnings import ignoring
-from ._common import (INDEX_MAX, finite_float, int_at_least, new_figure, out_dir, seed_int,
-                      threads_int, write_json)
+from ._common import (INDEX_MAX, finite_float, int_at_least, out_dir, seed_int,
+                      subplots, threads_int, write_json)
 
 METHODS = ("svd", "kss", "ensc", "sgd-hard", "sgd-soft")
 N_AMBIENT = 48
@@ -236,8 +236,7 @@ def plot_heatmap(out: Path, K, method, ds, Ns, results):
     from matplotlib import colormaps
 
     cmap = colormaps["gray"].with_extremes(bad="#f2dede")  # a copy (set_bad is deprecated)
-    fig = new_figure(figsize=(5.5, 3.6))
-    ax = fig.subplots()
+    fig, ax = subplots(figsize=(5.5, 3.6))
     im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", cmap=cmap, vmin=0, vmax=1,
                    aspect="auto", extent=(n0 - 0.5, n1 + 0.5, d0 - 0.5, d1 + 0.5))
     line = np.linspace(min(n0, d0) - 0.5, max(n1, d1) + 0.5, 10)
@@ -312,8 +311,7 @@ def _plot_total(out, K, method, ds, Ns, results):
     import numpy as np
 
     grid = np.array([[results[(d, N)]["success_rate"] for N in Ns] for d in ds])
-    fig = new_figure(figsize=(5.5, 3.6))
-    ax = fig.subplots()
+    fig, ax = subplots(figsize=(5.5, 3.6))
     im = ax.imshow(grid, origin="lower", cmap="gray", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(Ns)), [str(K * N) for N in Ns], fontsize=7)
     ax.set_yticks(range(len(ds)), [str(d) for d in ds])

@@ -42,8 +42,8 @@ from ..models import make_mlp_denoiser, make_unet_denoiser
 from ..modules import SubspaceDAE
 from ..sampling import heun_sample
 from ..train.network import NetworkTrainer
-from ._common import (check_settings, int_at_least, new_figure, out_dir, read_json, seed_everything,
-                      seed_int, seeded_init, threads_int, width_int, write_json)
+from ._common import (check_settings, int_at_least, out_dir, read_json, seed_everything,
+                      seed_int, seeded_init, subplots, threads_int, width_int, write_json)
 
 PRESETS = {
     # checkpoints: training steps at which the network is evaluated
@@ -276,8 +276,7 @@ def _write_csv(path, results) -> None:
 
 
 def _plot(path, results) -> None:
-    fig = new_figure(figsize=(15, 4))
-    axes = fig.subplots(1, 3)
+    fig, axes = subplots(1, 3, figsize=(15, 4))
     curves = _curves(results)
     for k, v in curves.items():
         if k == "subspace_dae" or "_molrg@" in k:
