@@ -6,6 +6,11 @@ with it) together with their autograd and fake kernels.
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
 
+_REBUILD = ("rebuild it with this torch: pip install --no-build-isolation --force-reinstall "
+            "--no-deps . (from the source tree), or scripts/build_inplace.sh for an in-place "
+            "build.")
+
+
 def _release(version: str) -> tuple:
     """(major, minor) of a torch version string: '2.13.0+cpu' -> ('2', '13')."""
     return tuple(version.split("+")[0].split(".")[:2])
@@ -17,9 +22,7 @@ def _build_mismatch(built: str, running: str):
     if built == "unknown" or _release(built) == _release(running):
         return None
     return (f"molrg_ext was built against torch {built} but runs with torch {running}: a build "
-            "for one torch release may fail or misbehave with another. Rebuild it with this "
-            "torch: pip install --no-build-isolation --force-reinstall --no-deps . (from the "
-            "source tree), or scripts/build_inplace.sh for an in-place build.")
+            f"for one torch release may fail or misbehave with another: {_REBUILD}")
 
 
 try:
@@ -35,9 +38,7 @@ except ImportError as _err:
         raise ImportError(
             f"molrg_ext's compiled module {_built[0]} did not load with torch "
             f"{torch.__version__}: {_err}. An undefined symbol usually means it was built "
-            "against another torch release; rebuild it with this torch: pip install "
-            "--no-build-isolation --force-reinstall --no-deps . (from the source tree), or "
-            "scripts/build_inplace.sh for an in-place build."
+            f"against another torch release; {_REBUILD}"
         ) from _err
     # a source checkout without the built extension, e.g. the repo root
     raise ImportError(

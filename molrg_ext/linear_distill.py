@@ -105,17 +105,13 @@ class LinearDenoiser(nn.Module):
             finite = torch.isfinite(vals[:, 0])  # for +-inf the relative tolerance would be inf
             ok = finite & ((vals - grid).abs().min(dim=1).values
                            <= 1e-6 * vals[:, 0].abs().clamp_min(1e-12))
-            if bool(ok.all()):
-                bad = []
-            elif not bool(finite.all()):
-                raise ValueError(f"{where}: sigma must be finite, got "
-                                 f"{vals[~finite, 0][0].item()}")
-            else:
+            if not bool(ok.all()):
+                if not bool(finite.all()):
+                    raise ValueError(f"{where}: sigma must be finite, got "
+                                     f"{vals[~finite, 0][0].item()}")
                 bad = vals[~ok, 0].tolist()
-                levels = self.sigmas.tolist()
-        if bad:
-            raise ValueError(f"{where}: sigma = {bad[0] if len(bad) == 1 else bad} is not one of "
-                             f"the distilled levels {levels}")
+                raise ValueError(f"{where}: sigma = {bad[0] if len(bad) == 1 else bad} is not one "
+                                 f"of the distilled levels {self.sigmas.tolist()}")
         sig = sigma.reshape(-1, 1).to(device=grid.device, dtype=torch.float64)
         return (sig - grid).abs().argmin(dim=1)
 

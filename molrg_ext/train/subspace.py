@@ -311,7 +311,6 @@ class SubspaceTrainer:
         return self
 
 
-
 def _projector_change(U: torch.Tensor, V: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per instance ``sqrt(sum_k ||A_k A_k^T - B_k B_k^T||_F^2)`` (A, B: U, V with the columns
     past d_k masked) without forming the n x n projectors ([P, K, n, n]: 360 MB at n = 3072,
