@@ -5,6 +5,10 @@
 #endif
 #include <pybind11/pybind11.h>
 
+#include <string>
+
+#include "cpu_features.h"
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "molrg_ext native operators (registered as torch.ops.molrg.*)";
 #ifdef MOLRG_WITH_CUDA
@@ -13,4 +17,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_cuda") = false;
 #endif
   m.attr("torch_version") = MOLRG_TORCH_VERSION;  // torch.__version__ of the build
+  // the instruction-set extensions the build uses (space-separated /proc/cpuinfo names); the
+  // import reads the same record from the file before loading it
+  const std::string record = molrg::kCpuFeaturesRecord;
+  const auto open = record.find('['), close = record.rfind(']');
+  std::string features = record.substr(open + 1, close - open - 1);
+  const auto first = features.find_first_not_of(' '), last = features.find_last_not_of(' ');
+  m.attr("cpu_features") = first == std::string::npos ? std::string()
+                                                       : features.substr(first, last - first + 1);
 }

@@ -25,6 +25,20 @@ def _build_mismatch(built: str, running: str):
             f"for one torch release may fail or misbehave with another: {_REBUILD}")
 
 
+def _check_cpu() -> None:
+    """Refuse, before it loads, a compiled module built for instructions this CPU lacks (it
+    would stop the interpreter with SIGILL): see _cpu_features."""
+    import importlib.util as _util
+    import os as _os
+
+    from . import _cpu_features
+
+    _spec = _util.find_spec(__name__ + "._C")
+    if _spec is not None and _spec.origin and _os.path.isfile(_spec.origin):
+        _cpu_features.check(_spec.origin)
+
+
+_check_cpu()
 try:
     from . import _C
 except ImportError as _err:

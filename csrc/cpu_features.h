@@ -1,0 +1,16 @@
+// The x86 instruction-set extensions this library was compiled to use (-march=native by default,
+// MOLRG_NATIVE=ON), in Linux's /proc/cpuinfo names, as one string literal stored in the shared
+// library: "MOLRG_CPU_FEATURES[avx avx2 fma ...]". molrg_ext's import finds it by reading the
+// file before loading it (molrg_ext/_cpu_features.py) and refuses a build that needs extensions
+// the running CPU lacks, which would otherwise stop the interpreter with an illegal instruction
+// (SIGILL) in the library's own code. Only families a compiler emits for numeric code are listed;
+// the baseline (x86-64: SSE2) is always there. Compiled with the same flags as every kernel.
+#pragma once
+
+namespace molrg {
+
+// Defined in cpu_features.cpp (a separate object, kept with `used`, so the bytes are in the file
+// even where a compiler could fold a use of them away).
+extern const char kCpuFeaturesRecord[];
+
+}  // namespace molrg

@@ -1,0 +1,169 @@
+"""The CPU check before the compiled module loads (molrg_ext/_cpu_features.py): a build that uses
+instructions the running CPU lacks is refused with an ImportError instead of SIGILL."""
+import importlib.machinery
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import molrg_ext
+from molrg_ext import _cpu_features as cf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "csrc" / "cpu_features.cpp"
+
+
+def _cpuinfo(tmp_path, *flag_lines, name="cpuinfo"):
+    text = "".join(f"processor\t: {i}\nvendor_id\t: Test\nflags\t\t: {flags}\n\n"
+                   for i, flags in enumerate(flag_lines))
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _library(tmp_path, features, name="lib.so"):
+    path = tmp_path / name
+    path.write_bytes(b"\x7fELF" + b"\0" * 100 + b"MOLRG_CPU_FEATURES[" + features.encode()
+                     + b"]\0" + b"\1" * 100)
+    return str(path)
+
+
+def test_the_build_in_use_records_what_it_was_compiled_for():
+    recorded = cf.recorded_features(molrg_ext._C.__file__)
+    assert recorded is not None
+    assert " ".join(recorded) == molrg_ext._C.cpu_features
+    # it loaded and runs here, so this CPU has all of them
+    assert cf.missing_features(molrg_ext._C.__file__) == []
+    flags = cf.cpu_flags()
+    if flags is not None and platform.machine() in ("x86_64", "AMD64"):
+        assert set(recorded) <= flags
+
+
+def test_missing_features_are_named_with_the_way_out(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOLRG_CPU_CHECK", raising=False)
+    lib = _library(tmp_path, " avx2 fma avx512f avx512bw ")
+    cpu = _cpuinfo(tmp_path, "fpu sse sse2 avx avx2 fma")
+    assert cf.recorded_features(lib) == ["avx2", "fma", "avx512f", "avx512bw"]
+    assert cf.missing_features(lib, cpu) == ["avx512f", "avx512bw"]
+    with pytest.raises(ImportError) as err:
+        cf.check(lib, cpu)
+    msg = str(err.value)
+    assert lib in msg and "avx512f avx512bw" in msg and "illegal instruction" in msg
+    assert "MOLRG_NATIVE=OFF" in msg and "MOLRG_CPU_CHECK=0" in msg
+    # all there: no error
+    cf.check(lib, _cpuinfo(tmp_path, "sse2 avx2 fma avx512f avx512bw avx512vl", name="big"))
+    # the escape hatch
+    monkeypatch.setenv("MOLRG_CPU_CHECK", "0")
+    cf.check(lib, cpu)
+
+
+def test_every_processor_must_have_them(tmp_path):
+    lib = _library(tmp_path, "avx2 avx512f")
+    cpu = _cpuinfo(tmp_path, "sse2 avx2 avx512f", "sse2 avx2")
+    assert cf.cpu_flags(cpu) == {"sse2", "avx2"}
+    assert cf.missing_features(lib, cpu) == ["avx512f"]
+
+
+def test_nothing_to_compare_means_no_refusal(tmp_path):
+    lib = _library(tmp_path, "avx512f")
+    # no such file (another system), or no flags line (another architecture's cpuinfo)
+    assert cf.cpu_flags(str(tmp_path / "absent")) is None
+    assert cf.missing_features(lib, str(tmp_path / "absent")) == []
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm\n")
+    assert cf.cpu_flags(str(arm)) is None and cf.missing_features(lib, str(arm)) == []
+    # a library without the record (built before it existed), an empty record, an empty file
+    old = tmp_path / "old.so"
+    old.write_bytes(b"\x7fELF" + b"\0" * 64)
+    empty = tmp_path / "empty.so"
+    empty.write_bytes(b"")
+    cpu = _cpuinfo(tmp_path, "sse2")
+    for path in (str(old), _library(tmp_path, " ", name="base.so"), str(empty)):
+        assert cf.missing_features(path, cpu) == []
+        cf.check(path, cpu)
+
+
+@pytest.mark.skipif(not SOURCE.exists(), reason="needs the source tree (csrc/)")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
+@pytest.mark.parametrize("march, has, lacks", [
+    ("x86-64", [], ["avx", "avx2", "avx512f"]),
+    ("haswell", ["avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe", "sse4_2"],
+     ["avx512f"]),
+    ("skylake-avx512", ["avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"],
+     ["avx512_bf16", "avx512_fp16", "avx512ifma"]),
+    ("znver3", ["avx2", "fma", "vaes", "vpclmulqdq"], ["avx512f"]),
+    ("icelake-server", ["avx512f", "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_vnni",
+                        "avx512_bitalg", "avx512_vpopcntdq", "gfni", "vaes"],
+     ["avx512_bf16", "avx512_fp16", "avx_vnni"]),
+    ("sapphirerapids", ["avx512f", "avx512_fp16", "avx512_bf16", "avx_vnni"], []),
+])
+def test_the_record_follows_the_compiler_target(tmp_path, march, has, lacks):
+    """csrc/cpu_features.cpp compiled for several targets records their extensions under the
+    names Linux's /proc/cpuinfo uses."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    obj = tmp_path / f"{march}.o"
+    out = subprocess.run([cxx, "-std=c++20", "-O2", f"-march={march}", "-c", str(SOURCE),
+                          "-I", str(SOURCE.parent), "-o", str(obj)], capture_output=True, text=True)
+    if out.returncode != 0 and "march" in out.stderr:
+        pytest.skip(f"{cxx} does not know -march={march}")
+    assert out.returncode == 0, out.stderr
+    recorded = cf.recorded_features(str(obj))
+    assert recorded is not None
+    assert set(has) <= set(recorded) and not set(lacks) & set(recorded)
+    if march == "x86-64":
+        assert recorded == []
+    # the names this machine's kernel reports, where it reports flags
+    flags = cf.cpu_flags()
+    if flags is not None:
+        known = flags | {"avx512_fp16", "avx_vnni", "avx512ifma", "avx512vbmi", "avx512_vbmi2",
+                         "avx512_vnni", "avx512_bitalg", "avx512_vpopcntdq", "avx512_bf16",
+                         "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512f", "gfni",
+                         "vaes", "vpclmulqdq"}
+        assert set(recorded) <= known
+
+
+def _copy_package(tmp_path, library_bytes):
+    src = os.path.dirname(os.path.abspath(molrg_ext.__file__))
+    pkg = tmp_path / "molrg_ext"
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(library_bytes)
+
+
+def _import(tmp_path, **env):
+    return subprocess.run([sys.executable, "-c", "import molrg_ext; print('imported')"],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path), **env))
+
+
+@pytest.mark.skipif(cf.cpu_flags() is None, reason="needs /proc/cpuinfo flags (Linux, x86)")
+def test_import_refuses_a_build_for_another_cpu(tmp_path):
+    """The real compiled module with its record patched to an extension no CPU has: the import
+    stops with the ImportError before loading it; with MOLRG_CPU_CHECK=0 the very same file loads
+    (so the check, not a broken file, refused it)."""
+    data = pathlib.Path(molrg_ext._C.__file__).read_bytes()
+    start = data.find(cf.MARKER)
+    assert start >= 0
+    start += len(cf.MARKER)
+    end = data.index(b"]", start)
+    names = data[start:end].split()
+    if not names:
+        pytest.skip("this build records no extensions (MOLRG_NATIVE=OFF)")
+    first = data.index(names[0], start)
+    fake = b"z" * len(names[0])  # same length: the library stays a valid ELF file
+    _copy_package(tmp_path, data[:first] + fake + data[first + len(names[0]):])
+
+    out = _import(tmp_path, MOLRG_CPU_CHECK="1")
+    assert out.returncode != 0
+    assert "ImportError" in out.stderr and "built for another CPU" in out.stderr
+    assert "uses " + fake.decode() + "," in out.stderr
+    assert "Segmentation" not in out.stderr and "did not load" not in out.stderr
+
+    out = _import(tmp_path, MOLRG_CPU_CHECK="0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "imported"
