@@ -30,6 +30,7 @@ from torch import nn
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
 from ._args import (as_int, check_float_pair, check_number_or_tensor, check_positive,
                     needs_composite, real_number)
+from ._autocast import to_float32
 from .gaussian_denoiser import GaussianDenoiser
 from .linear_distill import LinearDenoiser, linear_distill
 from .metrics.linearity import linearity_score
@@ -138,7 +139,8 @@ def optimal_denoiser(
         block: training points per tile of the kernel (speed only; 512 suits CPU caches).
 
     Returns:
-        ``[B, *shape]``; differentiable w.r.t. ``x_t``.
+        ``[B, *shape]``; differentiable w.r.t. ``x_t``. Under ``torch.autocast`` float16 /
+        bfloat16 inputs are cast to float32 and the result is float32.
 
     The op is scale-equivariant, and when max |X_train| lies far from 1 (float32: outside
     2^+-32; float64: 2^+-256) it runs on x_t, X_train and s sigma scaled by a power of two
@@ -152,6 +154,7 @@ def optimal_denoiser(
     between thread counts (a few ulp).
     """
     where = "optimal_denoiser"
+    x_t, X_train, sigma, s = to_float32(x_t, X_train, sigma, s)  # under torch.autocast
     check_float_pair(x_t, X_train, "x_t", "X_train", where)
     if x_t.dim() < 2:
         raise ValueError(f"{where}: x_t must be [B, *shape], got shape {tuple(x_t.shape)}")

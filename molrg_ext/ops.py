@@ -5,7 +5,8 @@ The fake (meta) kernels are registered here; the denoiser's autograd kernel is C
 ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck``. Under torch.func transforms
 (grad, jacrev, jacfwd, jvp, vmap) and forward-mode AD, :func:`subspace_dae` runs the same math
 as a pure-PyTorch composition (``molrg_ext.reference``): the kernels have reverse-mode autograd
-only. Double backward (``create_graph=True`` through the backward) raises an error.
+only. Double backward (``create_graph=True`` through the backward) raises an error. Under
+``torch.autocast`` they run in float32 (float16 / bfloat16 inputs are cast; ``_autocast``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from . import _C  # noqa: F401  (loads the shared library that registers torch.ops.molrg.*)
 from . import reference
 from ._args import needs_composite, prepare_dae_args, restore
+from ._autocast import to_float32
 
 __all__ = ["subspace_dae", "hard_assign"]
 
@@ -69,6 +71,8 @@ def subspace_dae(
 
     Returns:
         ``y`` with the shape of ``x``. Differentiable w.r.t. ``x``, ``U``, ``c``, ``phi``, ``bias``.
+        Under ``torch.autocast`` float16 / bfloat16 inputs are cast to float32 and ``y`` is
+        float32 (the float32 policy of torch's softmax and norms); outside it they are refused.
 
     On CPU the kernels flush subnormal values (below 1.2e-38 in float32) to zero: far components'
     soft-max weights fall there, and x86 cores are many times slower on them. Results differ from
@@ -85,6 +89,7 @@ def subspace_dae(
     Unlike :func:`hard_assign` this op does not rescale its input (that would cost a pass over
     x in every call); use float64 for data beyond that range.
     """
+    x, U, c, phi, bias = to_float32(x, U, c, phi, bias)  # under torch.autocast
     if needs_composite(x, U, c, phi, bias):  # torch.func transforms, forward-mode AD
         return reference.subspace_dae(x, U, c, phi, bias, dims, mode, assign, where="subspace_dae")
     a = prepare_dae_args(x, U, c, phi, bias, dims, mode, assign)
@@ -105,6 +110,7 @@ def hard_assign(x0: torch.Tensor, U: torch.Tensor, dims=None) -> torch.Tensor:
     largest of its call keeps normal energies; one smaller still has energies below float32's
     range, and its label is 0.
     """
+    x0, U = to_float32(x0, U)  # under torch.autocast
     a = prepare_dae_args(x0, U, 0.0, 0.0, dims=dims, where="hard_assign", x_name="x0")
     out = torch.ops.molrg.hard_assign(a.x, a.U, a.dims)
     return restore(out, a)
