@@ -178,7 +178,10 @@ def train_step(X: torch.Tensor, U: torch.Tensor, dims, levels: Levels, batch: in
     as long as P >= 2 x threads in both runs (each instance is then one thread's, block after
     block) or P < 2 x threads in both (instances split into chunks summed in chunk order). With
     batch > 256 a run on either side of that line sums an instance's blocks in another order, so
-    ``grad_U`` can differ in the last bits between the two.
+    ``grad_U`` can differ in the last bits between the two. On CUDA ``grad_U`` is summed with
+    atomic adds, so its last bits can differ from run to run: under
+    ``torch.use_deterministic_algorithms(True)`` the CUDA op raises (``warn_only=True``: warns),
+    as torch's own nondeterministic kernels do.
 
     Range: as in :func:`molrg_ext.subspace_dae`, float32 needs the squared projections and the
     weighted loss inside its normal range (training data of norm about 1e-19 to 1e19 at most,
