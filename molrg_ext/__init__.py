@@ -28,14 +28,15 @@ def _build_mismatch(built: str, running: str):
 def _check_cpu() -> None:
     """Refuse, before it loads, a compiled module built for instructions this CPU lacks (it
     would stop the interpreter with SIGILL): see _cpu_features."""
-    import importlib.util as _util
-    import os as _os
+    import importlib.util
+    import os
 
     from . import _cpu_features
 
-    _spec = _util.find_spec(__name__ + "._C")
-    if _spec is not None and _spec.origin and _os.path.isfile(_spec.origin):
-        _cpu_features.check(_spec.origin)
+    # where the import below will load _C from (an editable install's build folder too)
+    spec = importlib.util.find_spec(__name__ + "._C")
+    if spec is not None and spec.origin and os.path.isfile(spec.origin):
+        _cpu_features.check(spec.origin)
 
 
 _check_cpu()
