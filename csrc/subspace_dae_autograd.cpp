@@ -16,6 +16,8 @@
 
 #include <tuple>
 
+#include "op_name.h"
+
 namespace molrg {
 namespace {
 
@@ -23,14 +25,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
-
-// The ops' qualified names from the namespace token: a build whose namespace is renamed
-// (-Dmolrg=molrg_ref, the paired timing's reference build in benchmarks/paired/op_run.sh) then
-// calls its own kernels. As string literals, which the macro does not reach, the renamed build's
-// autograd kernel called the other build's forward.
-#define MOLRG_OP_STR2(ns) #ns
-#define MOLRG_OP_STR(ns) MOLRG_OP_STR2(ns)
-#define MOLRG_OP_NAME(op) MOLRG_OP_STR(molrg) "::" op
 
 const auto& forward_op() {
   static const auto op =
