@@ -63,9 +63,6 @@ except ImportError as _err:
         "(scripts/build_inplace.sh), or use the installed entry points ('molrg bench', "
         "'pytest'), or run from another directory."
     ) from _err
-from . import _autocast
-
-_autocast.register()  # the ops run in float32 under torch.autocast
 # (a build older than the attribute records nothing)
 _mismatch = _build_mismatch(getattr(_C, "torch_version", "unknown"), torch.__version__)
 if _mismatch:

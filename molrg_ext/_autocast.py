@@ -4,21 +4,23 @@ The kernels take float32 and float64. Inside an autocast region a network's laye
 float16 / bfloat16 activations, and a denoiser behind them then failed with "x must be float32
 or float64". The ops follow the float32 policy of torch's own precision-sensitive ops (softmax,
 norms, losses): float16 and bfloat16 tensors on a device where autocast is enabled are cast to
-float32, float64 and other tensors are left as they are, and the outputs are float32. Gradients
-flow back through the casts. Outside autocast nothing changes: half-precision input is still
-refused with the TypeError naming the argument.
+float32, float64 and other tensors are left as they are, and the floating outputs are float32.
+Gradients flow back through the casts. Outside autocast nothing changes: half-precision input
+is still refused with the TypeError naming the argument.
 
-Two layers do it: the Python API casts before its checks (:func:`to_float32`), and autocast
-kernels registered on the ops (:func:`register`) do it for code that calls ``torch.ops.molrg.*``
-directly.
+Three layers do it: the Python API casts before its checks (:func:`to_float32`); the
+pure-PyTorch compositions that run under torch.func transforms run with autocast off
+(:func:`disabled`), or their matrix products would be bfloat16; and C++ autocast kernels on the
+ops (``csrc/autocast.cpp``) cast for code that calls ``torch.ops.molrg.*`` directly. A
+transform's backward called inside an autocast region (``jacrev`` within ``torch.autocast``)
+is autocast as any PyTorch backward is: call transforms outside the region.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-# the ops that take activations; train_step, philox_draws, the backward ops and the Jacobian
-# spectrum take parameters, data or gradients, and fall through autocast unchanged
-OPS = ("molrg::subspace_dae", "molrg::hard_assign", "molrg::optimal_denoiser")
 _HALF = (torch.float16, torch.bfloat16)
 _DEVICES = ("cpu", "cuda")
 
@@ -34,9 +36,10 @@ def to_float32(*values):
     return out
 
 
-def register() -> None:
-    """Autocast kernels (float32) for :data:`OPS` on every device type autocast supports here."""
-    for device in _DEVICES:
-        if torch._C._is_autocast_available(device):
-            for op in OPS:
-                torch.library.register_autocast(op, device, torch.float32)
+def disabled(x: torch.Tensor):
+    """A context that turns autocast off for ``x``'s device while a float32 composition runs
+    (a no-op context when it is not on)."""
+    device = x.device.type
+    if device in _DEVICES and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()

@@ -30,7 +30,7 @@ from torch import nn
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
 from ._args import (as_int, check_float_pair, check_number_or_tensor, check_positive,
                     needs_composite, real_number)
-from ._autocast import to_float32
+from ._autocast import disabled, to_float32
 from .gaussian_denoiser import GaussianDenoiser
 from .linear_distill import LinearDenoiser, linear_distill
 from .metrics.linearity import linearity_score
@@ -177,7 +177,8 @@ def optimal_denoiser(
     x2 = x_t.reshape(B, n).contiguous()
     X2 = X_train.reshape(X_train.shape[0], n).contiguous()
     if needs_composite(x_t, X_train, s_t, g_t):  # torch.func transforms, forward-mode AD
-        return _optimal_composite(x2, X2, s_t, g_t).reshape(x_t.shape)
+        with disabled(x2):
+            return _optimal_composite(x2, X2, s_t, g_t).reshape(x_t.shape)
     y, _ = torch.ops.molrg.optimal_denoiser(x2, X2, s_t, g_t, block)
     return y.reshape(x_t.shape)
 

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.molrg.*)
+from ._autocast import disabled, to_float32
 from ._args import (as_int, check_denoiser_output, check_number_or_tensor, check_positive,
                     prepare_dae_args, restore)
 
@@ -112,8 +113,9 @@ def dae_jacobian_spectrum(
     Not differentiable (outputs never require grad).
     """
     where = "dae_jacobian_spectrum"
+    x, U, c, phi, bias = to_float32(x, U, c, phi, bias)  # under torch.autocast
     a = prepare_dae_args(x, U, c, phi, bias, dims, mode, assign, where=where)
-    with torch.no_grad():
+    with torch.no_grad(), disabled(a.x):  # QR and the vectors' product in float32 too
         Ub = stack_bases(a.U.detach(), a.dims)
         Q, R = torch.linalg.qr(Ub)  # reduced: Q [P, n, r], R [P, r, D]
         sv, V = torch.ops.molrg.dae_jacobian_spectrum(

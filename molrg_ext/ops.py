@@ -17,7 +17,7 @@ import torch
 from . import _C  # noqa: F401  (loads the shared library that registers torch.ops.molrg.*)
 from . import reference
 from ._args import needs_composite, prepare_dae_args, restore
-from ._autocast import to_float32
+from ._autocast import disabled, to_float32
 
 __all__ = ["subspace_dae", "hard_assign"]
 
@@ -91,7 +91,9 @@ def subspace_dae(
     """
     x, U, c, phi, bias = to_float32(x, U, c, phi, bias)  # under torch.autocast
     if needs_composite(x, U, c, phi, bias):  # torch.func transforms, forward-mode AD
-        return reference.subspace_dae(x, U, c, phi, bias, dims, mode, assign, where="subspace_dae")
+        with disabled(x):
+            return reference.subspace_dae(x, U, c, phi, bias, dims, mode, assign,
+                                          where="subspace_dae")
     a = prepare_dae_args(x, U, c, phi, bias, dims, mode, assign)
     y, _, _ = torch.ops.molrg.subspace_dae(a.x, a.U, a.c, a.phi, a.bias, a.assign, a.dims, a.mode)
     return restore(y, a)

@@ -95,6 +95,9 @@ def test_float64_is_left_alone_and_half_is_refused_outside_autocast():
         yo = optimal_denoiser(x, x[:5], 0.4)
     assert y.dtype == yo.dtype == torch.float64
     assert torch.equal(y, subspace_dae(x, U, 0.9, 3.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 beside a cast half: a mix
+        with pytest.raises(TypeError, match="U has dtype torch.float32 but x has dtype"):
+            subspace_dae(x, U.bfloat16(), 0.9, 3.0)
     with pytest.raises(TypeError, match="x must be float32 or float64, got torch.bfloat16"):
         subspace_dae(x.bfloat16(), U.float(), 0.9, 3.0)
     with pytest.raises(TypeError, match="x0 must be float32 or float64"):
@@ -104,6 +107,45 @@ def test_float64_is_left_alone_and_half_is_refused_outside_autocast():
         with torch.autocast("cuda", dtype=torch.float16):
             with pytest.raises(TypeError, match="x must be float32 or float64"):
                 subspace_dae(x.half(), U.float(), 0.9, 3.0)
+
+
+def test_jacobian_spectrum_under_autocast():
+    U, x, lin = _problem(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(x)
+        sv, vecs = molrg_ext.dae_jacobian_spectrum(h, U, 0.8, 2.0, return_vectors=True)
+    assert sv.dtype == vecs.dtype == torch.float32
+    ref_sv, ref_vecs = molrg_ext.dae_jacobian_spectrum(h.float(), U, 0.8, 2.0,
+                                                       return_vectors=True)
+    assert torch.equal(sv, ref_sv) and torch.equal(vecs, ref_vecs)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_transforms_of_a_function_that_enters_autocast(mode):
+    """torch.func runs the pure-PyTorch composition: with autocast on it must still compute in
+    float32 (its products would otherwise be bfloat16). jacrev and vmap of a function that enters
+    autocast equal those of the same function handing the op float32."""
+    from torch.func import jacrev, vmap
+    U, x, lin = _problem(5)
+    X_train = torch.randn(30, N, generator=torch.Generator().manual_seed(6))
+
+    def f(xi, cast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = lin(xi).reshape(-1, N)  # the ops take [B, n]; vmap hands on one sample
+            # one cast per op, as the ops do (two bfloat16 gradients summed, not one cast of
+            # the float32 sum: that rounds differently)
+            h1, h2 = (h.float(), h.float()) if cast else (h, h)
+            y = subspace_dae(h1, U, 0.9, 3.0, mode=mode) + optimal_denoiser(h2, X_train, 0.7)
+            return y.reshape(xi.shape)
+
+    J = jacrev(lambda xi: f(xi, False))(x[0])
+    assert J.dtype == torch.float32 and J.abs().sum() > 0
+    assert torch.equal(J, jacrev(lambda xi: f(xi, True))(x[0]))
+    Y = vmap(lambda xi: f(xi, False))(x)
+    assert Y.dtype == torch.float32
+    assert torch.equal(Y, vmap(lambda xi: f(xi, True))(x))
+    # the vmapped composition agrees with the kernels (float32 rounding apart)
+    torch.testing.assert_close(Y, f(x, False), rtol=1e-5, atol=1e-5)
 
 
 def test_module_under_autocast_compiles():
