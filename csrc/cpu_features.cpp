@@ -44,8 +44,29 @@ __attribute__((used)) extern const char kCpuFeaturesRecord[] = "MOLRG_CPU_FEATUR
 #ifdef __MOVBE__
     " movbe"
 #endif
+#ifdef __LAHF_SAHF__
+    " lahf_lm"
+#endif
+#ifdef __PRFCHW__
+    " 3dnowprefetch"
+#endif
+#ifdef __FMA4__
+    " fma4"
+#endif
+#ifdef __XOP__
+    " xop"
+#endif
+#ifdef __TBM__
+    " tbm"
+#endif
 #ifdef __AVX512F__
     " avx512f"
+#endif
+#ifdef __AVX512ER__
+    " avx512er"
+#endif
+#ifdef __AVX512PF__
+    " avx512pf"
 #endif
 #ifdef __AVX512CD__
     " avx512cd"

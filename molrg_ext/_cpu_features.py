@@ -7,8 +7,13 @@ instruction (SIGILL), possibly in its own static initialisers, before Python cou
 the build stores the extensions it uses as a plain string in the shared library
 (``csrc/cpu_features.cpp``: ``MOLRG_CPU_FEATURES[avx2 fma ...]``, Linux's ``/proc/cpuinfo``
 names), and the import reads that string from the file and compares it with the CPU's flags
-before loading the file. ``MOLRG_CPU_CHECK=0`` skips the check (e.g. where a hypervisor hides
-flags the CPU does run).
+before loading the file. ``MOLRG_CPU_CHECK=0`` (or ``false``, ``off``, ``no``) skips the check.
+
+Limits: the flags are what the kernel reports. A kernel older than an extension's name (e.g.
+``avx512_fp16`` before Linux 5.11) does not list it, and the check then refuses a build of this
+very machine (the message says so, and how to skip it); a hypervisor may hide flags the CPU
+runs. Where there is no flags line (other systems; x86 emulated on ARM, whose cpuinfo is
+ARM's) nothing is checked.
 """
 from __future__ import annotations
 
@@ -67,7 +72,7 @@ def missing_features(path: str, cpuinfo: str = CPUINFO) -> List[str]:
 
 def check(path: str, cpuinfo: str = CPUINFO) -> None:
     """Raise ImportError when the library at ``path`` needs instructions this CPU lacks."""
-    if os.environ.get("MOLRG_CPU_CHECK", "1").strip() == "0":
+    if os.environ.get("MOLRG_CPU_CHECK", "1").strip().lower() in ("0", "false", "off", "no"):
         return
     try:
         missing = missing_features(path, cpuinfo)
@@ -76,9 +81,11 @@ def check(path: str, cpuinfo: str = CPUINFO) -> None:
     if missing:
         raise ImportError(
             f"molrg_ext's compiled module {path} was built for another CPU: it uses "
-            f"{' '.join(missing)}, which this CPU does not have, and loading it would stop "
-            "Python with an illegal instruction. The default build compiles for the building "
-            "machine (MOLRG_NATIVE=ON, -march=native). Build it on this machine, or build a "
-            "portable one: MOLRG_NATIVE=OFF pip install --no-build-isolation --force-reinstall "
-            "--no-deps . (from the source tree). MOLRG_CPU_CHECK=0 skips this check."
+            f"{' '.join(missing)}, which this CPU does not report ({cpuinfo}), and loading it "
+            "would stop Python with an illegal instruction. The default build compiles for the "
+            "building machine (MOLRG_NATIVE=ON, -march=native). Build it on this machine, or "
+            "build a portable one: MOLRG_NATIVE=OFF pip install --no-build-isolation "
+            "--force-reinstall --no-deps . (from the source tree). If this machine built it "
+            "(a kernel too old to name a newer extension does not list it), MOLRG_CPU_CHECK=0 "
+            "skips this check."
         )
