@@ -22,11 +22,6 @@ std::tuple<at::Tensor, at::Tensor> train_step_cuda(const at::Tensor& X, const at
                                                    int64_t seed, int64_t step, int64_t mode) {
   check_dae_mode(mode, kTs);
   TORCH_CHECK(X.is_cuda(), kTs, ": X must be a CUDA tensor, got device ", X.device());
-  // dU is summed with atomicAdd (train_step.cu), so its last bits vary run to run: under
-  // torch.use_deterministic_algorithms(True) this raises (warn_only=True: warns), as torch's own
-  // nondeterministic kernels do. The CPU op is deterministic and does not alert.
-  at::globalContext().alertNotDeterministic(
-      "molrg::train_step (CUDA: grad_U is summed with atomicAdd)");
   DaeSizes s = check_dae_xU(X, U, dims, kTs, "X", "[P, N, n]");  // s.B is N
   const c10::cuda::CUDAGuard guard(X.device());
   TORCH_CHECK(X.size(1) > 0, kTs, ": X holds no training samples (N = 0)");
@@ -47,6 +42,12 @@ std::tuple<at::Tensor, at::Tensor> train_step_cuda(const at::Tensor& X, const at
                 ": the CUDA kernel keeps 2 n + 2 K dmax + 2 K values per slot in shared memory (",
                 need, " bytes), more than ", cuda::train_step_max_smem_bytes(),
                 "; n = ", n, " is too large for it");
+    // dU is summed with atomicAdd (train_step.cu), so its last bits vary run to run: under
+    // torch.use_deterministic_algorithms(True) this raises (warn_only=True: warns), as torch's
+    // own nondeterministic kernels do; after every check, so a bad argument is named first.
+    // The CPU op is deterministic and does not alert.
+    at::globalContext().alertNotDeterministic(
+        "molrg::train_step (CUDA: grad_U is summed with atomicAdd)");
     C10_CUDA_CHECK(cuda::launch_train_step<scalar_t>(
         X.data_ptr<scalar_t>(), s.B, U.data_ptr<scalar_t>(), levels.data_ptr<scalar_t>(),
         level_bias ? level_bias->data_ptr<scalar_t>() : nullptr, L, d_dims.data_ptr<int32_t>(),
