@@ -55,6 +55,17 @@ if has 2; then
           2>/dev/null | head -1)
   [ -n "$nvrtc" ] && extra+=("-DCUDA_nvrtc_LIBRARY=$nvrtc")
   nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  # torch's CMake config finds the toolkit from nvcc's folder: a wrapper script on PATH (this
+  # machine's /usr/local/bin/nvcc) leads it to /usr/local, and it stops with "cannot find the
+  # CUDA libraries". Take the toolkit's own nvcc then, and name the toolkit folder.
+  cuda_root=$(dirname "$(dirname "$(readlink -f "$nvcc_bin")")")
+  if [ ! -f "$cuda_root/include/cuda_runtime.h" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+    nvcc_bin=/usr/local/cuda/bin/nvcc cuda_root=/usr/local/cuda
+  fi
+  extra+=("-DCUDA_TOOLKIT_ROOT_DIR=$cuda_root")
+  # the interpreter's own CMake/Ninja first (a venv's pip cmake 4.x): the system CMake 3.25
+  # does not know nvcc 13's C++20 dialect, and torch's CMake config then fails to find CUDA
+  [ -x "$(dirname "$PY")/cmake" ] && export PATH="$(dirname "$PY"):$PATH"
   export TORCH_CUDA_ARCH_LIST="${arch:0:${#arch}-1}.${arch: -1}"
   rm -rf build/gpu
   timeout "${BUILD_S:-240}" bash -c '
@@ -72,11 +83,17 @@ import glob, sys, torch
 torch.ops.load_library(glob.glob('build/gpu/_C*.so')[0])
 ops = ['subspace_dae', 'subspace_dae_backward', 'hard_assign', 'train_step',
        'dae_jacobian_spectrum', 'sym_eig', 'optimal_denoiser', 'optimal_denoiser_backward']
-ok = [torch._C._dispatch_has_kernel_for_dispatch_key('molrg::' + op, 'CUDA') for op in ops]
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+ok = [has('molrg::' + op, 'CUDA') for op in ops]
 for op, k in zip(ops, ok):
     print(op, k)
-sys.exit(0 if all(ok) else 1)
-" >> "$OUT/build.log" 2>&1 || { failed=1; built=0; rc="$rc, not every op has a CUDA kernel"; }
+# the float32 autocast kernels (csrc/autocast.cpp) of the ops that take activations
+cast = [has('molrg::' + op, 'AutocastCUDA')
+        for op in ('subspace_dae', 'hard_assign', 'dae_jacobian_spectrum', 'optimal_denoiser')]
+print('AutocastCUDA', cast)
+sys.exit(0 if all(ok) and all(cast) else 1)
+" >> "$OUT/build.log" 2>&1 || { failed=1; built=0;
+      rc="$rc, not every op has its CUDA and autocast kernels"; }
     # installed next to the Python sources for the tests only where there is a GPU (a dry run
     # here keeps the working tree's CPU build); renamed over the old module, as build_inplace.sh
     if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
