@@ -38,4 +38,4 @@ check-cuda:
 	bash scripts/check_cuda.sh
 
 clean:
-	rm -rf build $(VENV) molrg_ext/_C*.so
+	rm -rf build $(VENV) molrg_ext/_C*.so molrg_ext/_cpuid*.so

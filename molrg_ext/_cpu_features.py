@@ -6,14 +6,16 @@ server installed on an AVX2 laptop), the library would stop the interpreter with
 instruction (SIGILL), possibly in its own static initialisers, before Python could say why. So
 the build stores the extensions it uses as a plain string in the shared library
 (``csrc/cpu_features.cpp``: ``MOLRG_CPU_FEATURES[avx2 fma ...]``, Linux's ``/proc/cpuinfo``
-names), and the import reads that string from the file and compares it with the CPU's flags
-before loading the file. ``MOLRG_CPU_CHECK=0`` (or ``false``, ``off``, ``no``) skips the check.
+names), and the import reads that string from the file before loading it and compares it with
+two accounts of what this CPU runs: the kernel's flags in ``/proc/cpuinfo`` and the processor's
+own CPUID (with XGETBV for the registers the OS saves), asked by ``molrg_ext._cpuid``, a
+separate module compiled for the baseline. An extension either names is taken as present, so a
+kernel older than an extension's name (``avx512_fp16`` before Linux 5.11) does not refuse a
+build of the same machine; only one that neither names refuses the build, with an ImportError
+naming them. ``MOLRG_CPU_CHECK=0`` (or ``false``, ``off``, ``no``) skips the check.
 
-Limits: the flags are what the kernel reports. A kernel older than an extension's name (e.g.
-``avx512_fp16`` before Linux 5.11) does not list it, and the check then refuses a build of this
-very machine (the message says so, and how to skip it); a hypervisor may hide flags the CPU
-runs. Where there is no flags line (other systems; x86 emulated on ARM, whose cpuinfo is
-ARM's) nothing is checked.
+Limits: a hypervisor may hide from both accounts extensions the CPU runs (a refusal the skip
+answers). Without either (not x86 and no flags line) nothing is checked.
 """
 from __future__ import annotations
 
@@ -60,32 +62,56 @@ def cpu_flags(cpuinfo: str = CPUINFO) -> Optional[Set[str]]:
     return flags
 
 
-def missing_features(path: str, cpuinfo: str = CPUINFO) -> List[str]:
-    """The extensions the library at ``path`` needs and this CPU does not report (empty when it
-    has them all, or when either side cannot be read)."""
+def cpuid_features() -> Optional[Set[str]]:
+    """The recordable extensions the processor reports itself (CPUID) and the operating system
+    has enabled (XGETBV), from ``molrg_ext._cpuid``: a module of its own compiled for the
+    baseline, never ``-march=native``, so it is safe to load anywhere. None where the probe is
+    absent (a build older than it) or the CPU is not x86."""
+    try:
+        from . import _cpuid
+    except ImportError:
+        return None
+    names = _cpuid.features()
+    return None if names is None else set(names.split())
+
+
+def _accounts(cpuinfo: str, probe: bool):
+    """(name, extension set) for each source that answers here."""
+    out = [(cpuinfo, cpu_flags(cpuinfo))]
+    if probe:
+        out.append(("CPUID", cpuid_features()))
+    return [(name, have) for name, have in out if have is not None]
+
+
+def missing_features(path: str, cpuinfo: str = CPUINFO, probe: bool = True) -> List[str]:
+    """The extensions the library at ``path`` needs that this CPU has by no account: neither the
+    kernel's flags in ``cpuinfo`` nor, when ``probe``, CPUID names them. Either naming one is
+    enough (a kernel older than an extension does not list it; CPUID does). Empty when it has
+    them all, or when nothing can be read."""
     needed = recorded_features(path)
-    have = cpu_flags(cpuinfo)
-    if not needed or have is None:
+    accounts = _accounts(cpuinfo, probe) if needed else []
+    if not accounts:
         return []
+    have = set().union(*(h for _, h in accounts))
     return [f for f in needed if f not in have]
 
 
-def check(path: str, cpuinfo: str = CPUINFO) -> None:
+def check(path: str, cpuinfo: str = CPUINFO, probe: bool = True) -> None:
     """Raise ImportError when the library at ``path`` needs instructions this CPU lacks."""
     if os.environ.get("MOLRG_CPU_CHECK", "1").strip().lower() in ("0", "false", "off", "no"):
         return
     try:
-        missing = missing_features(path, cpuinfo)
+        missing = missing_features(path, cpuinfo, probe)
     except OSError:  # unreadable: the loader will report it
         return
     if missing:
+        asked = " nor ".join(name for name, _ in _accounts(cpuinfo, probe))
         raise ImportError(
             f"molrg_ext's compiled module {path} was built for another CPU: it uses "
-            f"{' '.join(missing)}, which this CPU does not report ({cpuinfo}), and loading it "
-            "would stop Python with an illegal instruction. The default build compiles for the "
-            "building machine (MOLRG_NATIVE=ON, -march=native). Build it on this machine, or "
-            "build a portable one: MOLRG_NATIVE=OFF pip install --no-build-isolation "
-            "--force-reinstall --no-deps . (from the source tree). If this machine built it "
-            "(a kernel too old to name a newer extension does not list it), MOLRG_CPU_CHECK=0 "
-            "skips this check."
+            f"{' '.join(missing)}, which this CPU does not report (neither {asked} names "
+            f"{'it' if len(missing) == 1 else 'them'}), and loading it would stop Python with an "
+            "illegal instruction. The default build compiles for the building machine "
+            "(MOLRG_NATIVE=ON, -march=native). Build it on this machine, or build a portable "
+            "one: MOLRG_NATIVE=OFF pip install --no-build-isolation --force-reinstall --no-deps . "
+            "(from the source tree). MOLRG_CPU_CHECK=0 skips this check."
         )

@@ -18,6 +18,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cpu_features.cpp"
 
 
+@pytest.fixture
+def no_probe(monkeypatch):
+    """The kernel's flags as the only account (tests with a made-up /proc/cpuinfo)."""
+    monkeypatch.setattr(cf, "cpuid_features", lambda: None)
+
+
 def _cpuinfo(tmp_path, *flag_lines, name="cpuinfo"):
     text = "".join(f"processor\t: {i}\nvendor_id\t: Test\nflags\t\t: {flags}\n\n"
                    for i, flags in enumerate(flag_lines))
@@ -44,7 +50,7 @@ def test_the_build_in_use_records_what_it_was_compiled_for():
     assert data.count(cf.MARKER) == 1
 
 
-def test_missing_features_are_named_with_the_way_out(tmp_path, monkeypatch):
+def test_missing_features_are_named_with_the_way_out(tmp_path, monkeypatch, no_probe):
     monkeypatch.delenv("MOLRG_CPU_CHECK", raising=False)
     lib = _library(tmp_path, " avx2 fma avx512f avx512bw ")
     cpu = _cpuinfo(tmp_path, "fpu sse sse2 avx avx2 fma")
@@ -54,6 +60,7 @@ def test_missing_features_are_named_with_the_way_out(tmp_path, monkeypatch):
         cf.check(lib, cpu)
     msg = str(err.value)
     assert lib in msg and "avx512f avx512bw" in msg and "illegal instruction" in msg
+    assert f"neither {cpu} names them" in msg
     assert "MOLRG_NATIVE=OFF" in msg and "MOLRG_CPU_CHECK=0" in msg
     # all there: no error
     cf.check(lib, _cpuinfo(tmp_path, "sse2 avx2 fma avx512f avx512bw avx512vl", name="big"))
@@ -66,14 +73,14 @@ def test_missing_features_are_named_with_the_way_out(tmp_path, monkeypatch):
         cf.check(lib, cpu)
 
 
-def test_every_processor_must_have_them(tmp_path):
+def test_every_processor_must_have_them(tmp_path, no_probe):
     lib = _library(tmp_path, "avx2 avx512f")
     cpu = _cpuinfo(tmp_path, "sse2 avx2 avx512f", "sse2 avx2")
     assert cf.cpu_flags(cpu) == {"sse2", "avx2"}
     assert cf.missing_features(lib, cpu) == ["avx512f"]
 
 
-def test_nothing_to_compare_means_no_refusal(tmp_path):
+def test_nothing_to_compare_means_no_refusal(tmp_path, no_probe):
     lib = _library(tmp_path, "avx512f")
     # no such file (another system), or no flags line (another architecture's cpuinfo)
     assert cf.cpu_flags(str(tmp_path / "absent")) is None
@@ -90,6 +97,68 @@ def test_nothing_to_compare_means_no_refusal(tmp_path):
     for path in (str(old), _library(tmp_path, " ", name="base.so"), str(empty)):
         assert cf.missing_features(path, cpu) == []
         cf.check(path, cpu)
+
+
+def test_either_account_naming_an_extension_is_enough(tmp_path, monkeypatch):
+    """A kernel older than an extension does not list it in /proc/cpuinfo, while CPUID reports it:
+    not a refusal. An extension neither names is; with no flags line, CPUID alone decides."""
+    lib = _library(tmp_path, "avx2 avx512f avx512_fp16")
+    old_kernel = _cpuinfo(tmp_path, "sse2 avx2 avx512f")
+    monkeypatch.setattr(cf, "cpuid_features", lambda: {"avx2", "avx512f", "avx512_fp16"})
+    assert cf.missing_features(lib, old_kernel) == []
+    cf.check(lib, old_kernel)
+    monkeypatch.setattr(cf, "cpuid_features", lambda: {"avx2"})
+    assert cf.missing_features(lib, old_kernel) == ["avx512_fp16"]
+    with pytest.raises(ImportError, match=f"avx512_fp16, which this CPU does not report "
+                                          f"\\(neither {old_kernel} nor CPUID names it\\)"):
+        cf.check(lib, old_kernel)
+    assert cf.missing_features(lib, old_kernel, probe=False) == ["avx512_fp16"]
+    absent = str(tmp_path / "absent")
+    assert cf.missing_features(lib, absent) == ["avx512f", "avx512_fp16"]
+    with pytest.raises(ImportError, match="neither CPUID names them"):
+        cf.check(lib, absent)
+
+
+_PROBE = pytest.mark.skipif(cf.cpuid_features() is None,
+                            reason="needs the CPUID probe (molrg_ext._cpuid, x86)")
+
+
+@_PROBE
+@pytest.mark.skipif(not SOURCE.exists(), reason="needs the source tree (csrc/)")
+@pytest.mark.skipif(cf.cpu_flags() is None, reason="needs /proc/cpuinfo flags")
+def test_cpuid_agrees_with_the_kernel_on_every_recordable_name():
+    """The probe's bit table against the kernel's own decoding of CPUID, for every name the
+    record can hold: those this CPU has and those it lacks (the kernel here is newer than the
+    extensions, so both accounts should say the same)."""
+    names = set(re.findall(r'^\s*" ([a-z0-9_]+)"$', SOURCE.read_text(), re.M))
+    assert len(names) >= 37
+    # the probe has a bit for every name the record can hold
+    table = set(re.findall(r'\{"([a-z0-9_]+)", [0-5], ',
+                           (ROOT / "csrc" / "probe" / "cpuid.cpp").read_text()))
+    assert table == names
+    assert cf.cpuid_features() <= names
+    assert cf.cpuid_features() == cf.cpu_flags() & names
+
+
+@_PROBE
+def test_the_probe_itself_is_built_for_the_baseline():
+    """The probe is loaded before the record is checked, so it must not use any extension: no
+    record in its file, and (where objdump exists) no VEX/EVEX instruction in its code."""
+    from molrg_ext import _cpuid
+
+    assert cf.recorded_features(_cpuid.__file__) is None
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("no objdump to disassemble the probe")
+    code = subprocess.run([objdump, "-d", "--no-show-raw-insn", _cpuid.__file__],
+                          capture_output=True, text=True, check=True).stdout
+    mnemonics = {line.split("\t")[1].split()[0] for line in code.splitlines()
+                 if line.count("\t") >= 1 and line.startswith(" ") and len(line.split("\t")) > 1
+                 and line.split("\t")[1].strip()}
+    assert len(mnemonics) > 20
+    vex = sorted(m for m in mnemonics if m.startswith("v") or m.startswith("k"))
+    assert vex == [], vex
+    assert not re.search(r"%[yz]mm|%k[0-7]", code)
 
 
 @pytest.mark.skipif(not SOURCE.exists(), reason="needs the source tree (csrc/)")
@@ -212,6 +281,8 @@ def test_import_refuses_a_build_for_another_cpu(tmp_path):
     assert out.returncode != 0
     assert "ImportError" in out.stderr and "built for another CPU" in out.stderr
     assert "uses " + fake.decode() + ", which this CPU does not report" in out.stderr
+    if cf.cpuid_features() is not None:  # both accounts asked
+        assert "/proc/cpuinfo nor CPUID names it" in out.stderr
     assert "Segmentation" not in out.stderr and "did not load" not in out.stderr
 
     out = _import(tmp_path, MOLRG_CPU_CHECK="0")

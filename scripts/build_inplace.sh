@@ -16,7 +16,7 @@ fi
 cmake --build build/inplace
 # copied beside the target, then renamed over it: a process that has the old module loaded keeps
 # its inode (cp over it rewrote the mapped file, and a test run in progress crashed)
-for so in build/inplace/_C*.so; do
+for so in build/inplace/_C*.so build/inplace/_cpuid*.so; do
   cp -f "$so" "molrg_ext/.$(basename "$so").tmp"
   mv -f "molrg_ext/.$(basename "$so").tmp" "molrg_ext/$(basename "$so")"
 done
