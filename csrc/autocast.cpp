@@ -14,6 +14,9 @@ namespace {
 constexpr const char* kOps[] = {"subspace_dae", "hard_assign", "optimal_denoiser",
                                 "dae_jacobian_spectrum"};
 
+// Handles Tensor and Tensor? arguments (replaced on the stack by their casts): an op with a
+// Tensor[] argument or one written in place needs more here (python_tests/test_autocast.py
+// checks the four schemas).
 template <c10::DeviceType D>
 void float32_below_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet,
                             torch::jit::Stack* stack) {

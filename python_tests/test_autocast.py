@@ -148,6 +148,19 @@ def test_transforms_of_a_function_that_enters_autocast(mode):
     torch.testing.assert_close(Y, f(x, False), rtol=1e-5, atol=1e-5)
 
 
+def test_the_autocast_kernels_only_see_arguments_they_handle():
+    """csrc/autocast.cpp casts plain and optional Tensor arguments and replaces them on the stack:
+    a Tensor[] argument would pass uncast, and an argument written in place would be written in
+    a copy. None of the ops it is registered for has either; an op that gains one must extend
+    the kernel first."""
+    for name in ("subspace_dae", "hard_assign", "optimal_denoiser", "dae_jacobian_spectrum"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"molrg::{name}", "AutocastCPU")
+        for arg in getattr(torch.ops.molrg, name).default._schema.arguments:
+            assert arg.alias_info is None or not arg.alias_info.is_write, (name, arg.name)
+            assert "Tensor" not in str(arg.type) or str(arg.type) in (
+                "Tensor", "Optional[Tensor]"), (name, arg.name, str(arg.type))
+
+
 def test_module_under_autocast_compiles():
     """SubspaceDAE behind a half-precision layer, eager and torch.compile(fullgraph=True)."""
     torch.manual_seed(0)
