@@ -56,12 +56,16 @@ if has 2; then
   [ -n "$nvrtc" ] && extra+=("-DCUDA_nvrtc_LIBRARY=$nvrtc")
   nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
   # torch's CMake config finds the toolkit from nvcc's folder: a wrapper script on PATH (this
-  # machine's /usr/local/bin/nvcc) leads it to /usr/local, and it stops with "cannot find the
-  # CUDA libraries". Take the toolkit's own nvcc then, and name the toolkit folder.
-  cuda_root=$(dirname "$(dirname "$(readlink -f "$nvcc_bin")")")
-  if [ ! -f "$cuda_root/include/cuda_runtime.h" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
-    nvcc_bin=/usr/local/cuda/bin/nvcc cuda_root=/usr/local/cuda
-  fi
+  # machine's /usr/local/bin/nvcc) led it to /usr/local, and it stopped with "cannot find the
+  # CUDA libraries". Ask nvcc where its toolkit is (its TOP), and use that toolkit's own nvcc.
+  probe=$(mktemp -d)
+  echo 'int main() {}' > "$probe/e.cu"
+  top=$("$nvcc_bin" --dryrun -c "$probe/e.cu" -o "$probe/e.o" 2>&1 | sed -n 's/^#\$ TOP=//p' \
+        | head -1)
+  rm -rf "$probe"
+  cuda_root=$(readlink -f "${top:-$(dirname "$(readlink -f "$nvcc_bin")")/..}")
+  [ -x "$cuda_root/bin/nvcc" ] && nvcc_bin=$cuda_root/bin/nvcc
+  echo "nvcc: $nvcc_bin (toolkit $cuda_root)" >> "$OUT/env.txt"
   extra+=("-DCUDA_TOOLKIT_ROOT_DIR=$cuda_root")
   # the interpreter's own CMake/Ninja first (a venv's pip cmake 4.x): the system CMake 3.25
   # does not know nvcc 13's C++20 dialect, and torch's CMake config then fails to find CUDA
