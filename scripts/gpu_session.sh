@@ -101,7 +101,7 @@ sys.exit(0 if all(ok) and all(cast) else 1)
     # installed next to the Python sources for the tests only where there is a GPU (a dry run
     # here keeps the working tree's CPU build); renamed over the old module, as build_inplace.sh
     if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-      for so in build/gpu/_C*.so; do
+      for so in build/gpu/_C*.so build/gpu/_cpuid*.so; do
         cp -f "$so" "molrg_ext/.$(basename "$so").tmp"
         mv -f "molrg_ext/.$(basename "$so").tmp" "molrg_ext/$(basename "$so")"
       done
