@@ -347,7 +347,10 @@ def nominal_peak_gflops(threads: Optional[int] = None,
     Boost clocks make the real peak higher; some Intel AVX-512 cores have one 512-bit FMA unit and
     so half this. None when the clock cannot be read."""
     try:
-        lines = (cpuinfo if cpuinfo is not None else open("/proc/cpuinfo").read()).splitlines()
+        if cpuinfo is None:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        lines = cpuinfo.splitlines()
         mhz = [float(l.split(":")[1]) for l in lines if l.startswith("cpu MHz")]
     except (OSError, ValueError, IndexError):
         return None
