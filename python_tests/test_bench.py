@@ -214,8 +214,8 @@ def test_paired_harness_builds_and_compares(tmp_path):
 
 def _has_avx512():
     try:
-        return any(line.startswith("flags") and "avx512f" in line.split()
-                   for line in open("/proc/cpuinfo"))
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
     except OSError:
         return False
 

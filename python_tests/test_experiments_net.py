@@ -13,6 +13,21 @@ from molrg_ext.datasets_offline import camera_patches, digits_images
 from molrg_ext.experiments.gl_score import crossing
 
 
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def test_offline_datasets():
     pytest.importorskip("skimage")  # camera_patches (the images extra)
     d = digits_images()
@@ -46,7 +61,7 @@ def test_rank_vs_snr_cli(tmp_path):
     args = ["rank-vs-snr", "--out", out, "--checkpoints", "3", "--noises", "2", "--real-steps", "2",
             "--channels", "8", "--no-progress"]
     assert cli.main(args) == 0
-    res = json.load(open(os.path.join(out, "rank_vs_snr.json")))
+    res = _json(os.path.join(out, "rank_vs_snr.json"))
     dae = res["subspace_dae"]
     assert len(dae["sigma"]) == 18
     # Lemma 2 for the exact subspace DAE: 6 <= rank <= 12, D = 12 at high noise, d = 6 at low noise
@@ -60,7 +75,7 @@ def test_rank_vs_snr_cli(tmp_path):
     # rerun with one more checkpoint: the first is reused, training resumes from step 3
     before = os.path.getmtime(os.path.join(out, "ckpt", "unet_digits.pt"))
     assert cli.main(args[:4] + ["3", "5"] + args[5:]) == 0
-    res2 = json.load(open(os.path.join(out, "rank_vs_snr.json")))
+    res2 = _json(os.path.join(out, "rank_vs_snr.json"))
     assert res2["unet_molrg@3"] == net and res2["unet_molrg@5"]["kimg"] == pytest.approx(0.32)
     assert len(res2["unet_molrg:grad_norm"]) == 5
     assert os.path.getmtime(os.path.join(out, "ckpt", "unet_digits.pt")) == before
@@ -71,14 +86,14 @@ def test_gl_score_cli(tmp_path):
     args = ["gl-score", "--out", out, "--dims", "3", "--ratios", "2", "8", "--steps", "5",
             "--gen", "30", "--channels", "8", "--model", "mlp", "--no-progress"]
     assert cli.main(args) == 0
-    res = json.load(open(os.path.join(out, "gl_score.json")))
+    res = _json(os.path.join(out, "gl_score.json"))
     cells = res["cells"]
     assert len(cells) == 2
     for c in cells.values():
         assert c["gl"] > 0 and np.isfinite(c["gl"]) and c["N_k"] in (6, 24)
     assert os.path.exists(os.path.join(out, "gl_score.png"))
     assert cli.main(args) == 0  # resumes: nothing recomputed, same numbers
-    assert json.load(open(os.path.join(out, "gl_score.json")))["cells"] == cells
+    assert _json(os.path.join(out, "gl_score.json"))["cells"] == cells
 
 
 def test_edit_cli(tmp_path):
@@ -98,7 +113,7 @@ def test_edit_cli(tmp_path):
     assert cli.main(["edit", "--out", out, "--steps", "100", "--channels", "8", "--images", "4",
                      "--directions", "1", "2", "--alphas", *map(str, alphas),
                      "--no-progress"]) == 0
-    res = json.load(open(os.path.join(out, "edit.json")))
+    res = _json(os.path.join(out, "edit.json"))
     images, svs = res["images"], res["top_singular_values"]
     assert len(images) == len(svs) == 4
     assert all(len(sv) == 2 and sv[0] >= sv[1] > 0 for sv in svs)
@@ -191,19 +206,19 @@ def test_rank_vs_snr_rerun_settings_and_earlier_checkpoints(tmp_path, capsys):
     assert e.value.code == 2 and "seed: 0 -> 1" in capsys.readouterr().err
     assert cli.main(["rank-vs-snr", "--out", a, "--checkpoints", "3", "6", *base]) == 0
     assert cli.main(["rank-vs-snr", "--out", b, "--checkpoints", "3", "6", *base]) == 0
-    ra, rb = (json.load(open(os.path.join(d, "rank_vs_snr.json"))) for d in (a, b))
+    ra, rb = (_json(os.path.join(d, "rank_vs_snr.json")) for d in (a, b))
     for k in ("unet_molrg@3", "unet_molrg@6"):
         assert _curve_fields(ra[k]) == _curve_fields(rb[k]), k
     assert ra["unet_molrg:grad_norm"] == rb["unet_molrg:grad_norm"] and len(rb["unet_molrg:grad_norm"]) == 6
-    csv_a, csv_b = (open(os.path.join(d, "rank_vs_snr.csv")).read() for d in (a, b))
+    csv_a, csv_b = (_text(os.path.join(d, "rank_vs_snr.csv")) for d in (a, b))
     assert csv_a == csv_b
     # the CSV shows the checkpoints asked for; the JSON keeps the others
     assert cli.main(["rank-vs-snr", "--out", a, "--checkpoints", "6", *base]) == 0
-    assert "unet_molrg@3," not in open(os.path.join(a, "rank_vs_snr.csv")).read()
-    assert "unet_molrg@3" in json.load(open(os.path.join(a, "rank_vs_snr.json")))
+    assert "unet_molrg@3," not in _text(os.path.join(a, "rank_vs_snr.csv"))
+    assert "unet_molrg@3" in _json(os.path.join(a, "rank_vs_snr.json"))
     assert cli.main(["rank-vs-snr", "--out", a, "--checkpoints", "6", "--seed", "1", "--fresh",
                      *base]) == 0
-    ra = json.load(open(os.path.join(a, "rank_vs_snr.json")))
+    ra = _json(os.path.join(a, "rank_vs_snr.json"))
     assert ra["config"]["seed"] == 1 and "unet_molrg@3" not in ra
     assert _curve_fields(ra["unet_molrg@6"]) != _curve_fields(rb["unet_molrg@6"])
 
@@ -219,7 +234,7 @@ def test_gl_score_ratios_with_the_same_n_k_are_one_cell(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "N_k/d_k = 0.3 gives N_k = 1, as 0.1 does; computed once" in text
     assert "d_k=3 N_k=2 N_k/d_k=0.6667 (asked 0.5)" in text
-    cells = json.load(open(os.path.join(out, "gl_score.json")))["cells"]
+    cells = _json(os.path.join(out, "gl_score.json"))["cells"]
     assert sorted(c["N_k"] for c in cells.values()) == [1, 2]
     with open(os.path.join(out, "gl_score.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -232,7 +247,7 @@ def test_gl_score_cells_are_keyed_by_seed(tmp_path):
             "8", "--channels", "4", "--model", "mlp", "--no-progress"]
     assert cli.main(args) == 0
     assert cli.main(args + ["--seed", "1"]) == 0
-    cells = json.load(open(os.path.join(out, "gl_score.json")))["cells"]
+    cells = _json(os.path.join(out, "gl_score.json"))["cells"]
     assert len(cells) == 2 and len({c["gl"] for c in cells.values()}) == 2
 
 
@@ -246,7 +261,7 @@ def test_edit_sample_change_is_from_the_unedited_sample(tmp_path):
     for name, alphas in (("with0", ["-3", "0", "3"]), ("without0", ["-3", "3"])):
         out = str(tmp_path / name)
         assert cli.main(base + ["--out", out, "--alphas", *alphas]) == 0
-        rows = json.load(open(os.path.join(out, "edit.json")))["rows"]
+        rows = _json(os.path.join(out, "edit.json"))["rows"]
         got.append({(r["direction"], r["alpha"]): r["sample_change"] for r in rows})
     for key, v in got[1].items():
         assert v == pytest.approx(got[0][key], rel=1e-4, abs=1e-6), key
@@ -261,10 +276,10 @@ def test_edit_refuses_a_model_of_other_settings(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(args + ["--steps", "5"])
     assert e.value.code == 2 and "steps: 10 -> 5" in capsys.readouterr().err
-    open(os.path.join(out, "mine.txt"), "w").write("not the command's")
+    _write(os.path.join(out, "mine.txt"), "not the command's")
     assert cli.main(args + ["--steps", "5", "--fresh"]) == 0
     assert os.path.exists(os.path.join(out, "mine.txt"))  # --fresh deletes only its own files
-    assert json.load(open(os.path.join(out, "edit.settings.json")))["steps"] == 5
+    assert _json(os.path.join(out, "edit.settings.json"))["steps"] == 5
 
 
 def test_commands_sharing_an_out_keep_their_own_settings_and_files(tmp_path):
@@ -316,12 +331,12 @@ def test_a_corrupt_results_file_is_moved_aside_and_recomputed(tmp_path):
             "8", "--channels", "4", "--model", "mlp", "--no-progress"]
     assert cli.main(args) == 0
     path = os.path.join(out, "gl_score.json")
-    cells = json.load(open(path))["cells"]
-    text = open(path).read()
-    open(path, "w").write(text[: len(text) // 2])
+    cells = _json(path)["cells"]
+    text = _text(path)
+    _write(path, text[: len(text) // 2])
     with pytest.warns(RuntimeWarning, match="not valid JSON"):
         assert cli.main(args) == 0
-    again = json.load(open(path))["cells"]
+    again = _json(path)["cells"]
     assert {k: _curve_fields(v) for k, v in again.items()} == {
         k: _curve_fields(v) for k, v in cells.items()}  # recomputed: the same but for the timing
     assert os.path.exists(path + ".corrupt")
@@ -338,7 +353,7 @@ def test_rank_vs_snr_old_folder_without_settings(tmp_path, capsys):
     os.remove(os.path.join(out, "rank-vs-snr.settings.json"))
     assert cli.main(args) == 0  # same settings as the results' config: accepted
     os.remove(os.path.join(out, "rank-vs-snr.settings.json"))
-    open(os.path.join(out, "rank_vs_snr.json"), "w").write("{")
+    _write(os.path.join(out, "rank_vs_snr.json"), "{")
     for _ in range(2):
         with pytest.raises(SystemExit) as e:
             with pytest.warns(RuntimeWarning) if _ == 0 else contextlib.nullcontext():

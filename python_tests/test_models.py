@@ -1,6 +1,7 @@
 """Network denoisers (EDM preconditioning, U-Net, MLP) and the network trainer."""
 import math
 import os
+import pathlib
 import warnings
 
 import pytest
@@ -205,8 +206,8 @@ def test_trainer_resume_reproduces_loss_curve(tmp_path):
         torch.testing.assert_close(pe, pf)
     assert resumed.history["kimg"][-1] == pytest.approx(12 * 16 / 1000)
     # a checkpoint torch cannot read (cut short by hand) is moved aside, and training restarts
-    raw = open(ckpt, "rb").read()
-    open(ckpt, "wb").write(raw[: len(raw) // 2])
+    raw = pathlib.Path(ckpt).read_bytes()
+    pathlib.Path(ckpt).write_bytes(raw[: len(raw) // 2])
     with pytest.warns(RuntimeWarning, match="could not be read"):
         again = make(ckpt)
     assert again.step == 0 and os.path.exists(ckpt + ".corrupt") and not os.path.exists(ckpt)
