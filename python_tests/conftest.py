@@ -68,3 +68,33 @@ def two_point_queries():
     """_two_point_queries(X, s, gamma, g): queries where the posterior over training points
     mixes two of them (the optimal denoiser's tests)."""
     return _two_point_queries
+
+
+@pytest.fixture
+def package_copy(tmp_path):
+    """A copy of the imported molrg_ext package under tmp_path whose compiled module ``_C`` is
+    given bytes: ``package_copy(library_bytes)`` makes it and returns a function running
+    ``import molrg_ext; print('imported')`` on it in a fresh interpreter (keyword arguments: extra
+    environment variables), which returns the CompletedProcess."""
+    import importlib.machinery
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import molrg_ext
+
+    def make(library_bytes):
+        src = os.path.dirname(os.path.abspath(molrg_ext.__file__))
+        pkg = tmp_path / "molrg_ext"
+        shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+        (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(library_bytes)
+
+        def import_(**env):
+            return subprocess.run([sys.executable, "-c", "import molrg_ext; print('imported')"],
+                                  capture_output=True, text=True, cwd=tmp_path,
+                                  env=dict(os.environ, PYTHONPATH=str(tmp_path), **env))
+
+        return import_
+
+    return make

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from molrg_ext import bench
+from molrg_ext._cpu_features import cpu_flags
 from molrg_ext._cuda_check import cuda_skip_reason
 
 
@@ -213,11 +214,8 @@ def test_paired_harness_builds_and_compares(tmp_path):
 
 
 def _has_avx512():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
-    except OSError:
-        return False
+    flags = cpu_flags()
+    return flags is not None and "avx512f" in flags
 
 
 @pytest.mark.skipif(shutil.which("g++") is None or shutil.which("git") is None,

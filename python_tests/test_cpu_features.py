@@ -1,13 +1,11 @@
 """The CPU check before the compiled module loads (molrg_ext/_cpu_features.py): a build that uses
 instructions the running CPU lacks is refused with an ImportError instead of SIGILL."""
-import importlib.machinery
 import os
 import pathlib
 import platform
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -278,37 +276,22 @@ def test_every_extension_a_target_enables_is_recorded_or_intrinsics_only():
     assert "native" in tried and len(tried) >= 5
 
 
-def _copy_package(tmp_path, library_bytes):
-    src = os.path.dirname(os.path.abspath(molrg_ext.__file__))
-    pkg = tmp_path / "molrg_ext"
-    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
-    (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(library_bytes)
-
-
-def _import(tmp_path, **env):
-    return subprocess.run([sys.executable, "-c", "import molrg_ext; print('imported')"],
-                          capture_output=True, text=True, cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=str(tmp_path), **env))
-
-
 @pytest.mark.skipif(cf.cpu_flags() is None, reason="needs /proc/cpuinfo flags (Linux, x86)")
-def test_import_refuses_a_build_for_another_cpu(tmp_path):
+def test_import_refuses_a_build_for_another_cpu(package_copy):
     """The real compiled module with its record patched to an extension no CPU has: the import
     stops with the ImportError before loading it; with MOLRG_CPU_CHECK=0 the very same file loads
     (so the check, not a broken file, refused it)."""
-    data = pathlib.Path(molrg_ext._C.__file__).read_bytes()
-    start = data.find(cf.MARKER)
-    assert start >= 0
-    start += len(cf.MARKER)
-    end = data.index(b"]", start)
-    names = data[start:end].split()
+    names = cf.recorded_features(molrg_ext._C.__file__)
+    assert names is not None
     if not names:
         pytest.skip("this build records no extensions (MOLRG_NATIVE=OFF)")
-    first = data.index(names[0], start)
-    fake = b"z" * len(names[0])  # same length: the library stays a valid ELF file
-    _copy_package(tmp_path, data[:first] + fake + data[first + len(names[0]):])
+    data = pathlib.Path(molrg_ext._C.__file__).read_bytes()
+    name = names[0].encode()
+    first = data.index(name, data.index(cf.MARKER))
+    fake = b"z" * len(name)  # same length: the library stays a valid ELF file
+    import_ = package_copy(data[:first] + fake + data[first + len(name):])
 
-    out = _import(tmp_path, MOLRG_CPU_CHECK="1")
+    out = import_(MOLRG_CPU_CHECK="1")
     assert out.returncode != 0
     assert "ImportError" in out.stderr and "built for another CPU" in out.stderr
     assert "uses " + fake.decode() + ", which this CPU does not report" in out.stderr
@@ -316,6 +299,6 @@ def test_import_refuses_a_build_for_another_cpu(tmp_path):
         assert "/proc/cpuinfo nor CPUID names it" in out.stderr
     assert "Segmentation" not in out.stderr and "did not load" not in out.stderr
 
-    out = _import(tmp_path, MOLRG_CPU_CHECK="0")
+    out = import_(MOLRG_CPU_CHECK="0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "imported"

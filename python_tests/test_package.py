@@ -122,18 +122,10 @@ def test_build_records_its_torch_and_mismatches_are_named():
     assert "--no-build-isolation" in msg
 
 
-def test_a_build_that_does_not_load_is_named(tmp_path):
+def test_a_build_that_does_not_load_is_named(package_copy):
     """A compiled module for this Python that fails to load (another torch release's build gives
     an undefined symbol) is reported as such, not as a source tree without a build."""
-    import importlib.machinery
-    import shutil
-
-    src = os.path.dirname(os.path.abspath(molrg_ext.__file__))
-    pkg = tmp_path / "molrg_ext"
-    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
-    (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not a library")
-    out = subprocess.run([sys.executable, "-c", "import molrg_ext"], capture_output=True,
-                         text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    out = package_copy(b"not a library")()
     assert out.returncode != 0
     assert "compiled module" in out.stderr and "did not load with torch" in out.stderr
     assert "holds no built extension" not in out.stderr
