@@ -16,6 +16,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cpu_features.cpp"
 
 
+def _cxx():
+    """The C++ compiler ($CXX, g++ or c++); skips the test without one."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    return cxx
+
+
 def _record_names():
     """Every name csrc/cpu_features.cpp can put in the record."""
     return set(re.findall(r'^\s*" ([a-z0-9_]+)"$', SOURCE.read_text(), re.M))
@@ -102,7 +110,7 @@ def test_nothing_to_compare_means_no_refusal(tmp_path, no_probe):
         cf.check(path, cpu)
 
 
-def test_either_account_naming_an_extension_is_enough(tmp_path, monkeypatch):
+def test_cpuid_settles_names_the_kernel_does_not_list(tmp_path, monkeypatch):
     """A kernel older than an extension does not list it in /proc/cpuinfo, while CPUID reports it:
     not a refusal. An extension neither names is; with no flags line, CPUID alone decides."""
     lib = _library(tmp_path, "avx2 avx512f avx512_fp16")
@@ -180,9 +188,11 @@ def test_the_probe_itself_is_built_for_the_baseline():
         pytest.skip("no objdump to disassemble the probe")
     code = subprocess.run([objdump, "-d", "--no-show-raw-insn", _cpuid.__file__],
                           capture_output=True, text=True, check=True).stdout
-    mnemonics = {line.split("\t")[1].split()[0] for line in code.splitlines()
-                 if line.count("\t") >= 1 and line.startswith(" ") and len(line.split("\t")) > 1
-                 and line.split("\t")[1].strip()}
+    mnemonics = set()
+    for line in code.splitlines():  # instruction lines: "  addr:\tmnemonic operands"
+        fields = line.split("\t")
+        if line.startswith(" ") and len(fields) > 1 and fields[1].strip():
+            mnemonics.add(fields[1].split()[0])
     assert len(mnemonics) > 20
     vex = sorted(m for m in mnemonics if m.startswith("v") or m.startswith("k"))
     assert vex == [], vex
@@ -208,9 +218,7 @@ def test_the_probe_itself_is_built_for_the_baseline():
 def test_the_record_follows_the_compiler_target(tmp_path, march, has, lacks):
     """csrc/cpu_features.cpp compiled for several targets records their extensions under the
     names Linux's /proc/cpuinfo uses."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
+    cxx = _cxx()
     obj = tmp_path / f"{march}.o"
     out = subprocess.run([cxx, "-std=c++20", "-O2", f"-march={march}", "-c", str(SOURCE),
                           "-I", str(SOURCE.parent), "-o", str(obj)], capture_output=True, text=True)
@@ -226,14 +234,14 @@ def test_the_record_follows_the_compiler_target(tmp_path, march, has, lacks):
     assert set(recorded) <= _record_names()
 
 
-# Extensions GCC reaches only through intrinsics (or that another listed name covers): a build
-# may enable them without the record naming them. Anything else a target enables must be in
-# csrc/cpu_features.cpp, so that a new compiler's extension fails here instead of slipping by.
 # Macros a target defines beside AVX-512 that are no extension of their own to a CPU: newer
 # compilers (GCC 14, clang 18) define the EVEX vector widths for every AVX-512 target, and
 # AVX10.1 is the AVX-512 instruction set under a new CPUID leaf (its CPUs list avx512f and the
 # rest). Covered by the avx512 names the record holds.
 _COVERED_BY_AVX512 = {"EVEX512", "EVEX256", "AVX10_1", "AVX10_1_256", "AVX10_1_512"}
+# Extensions GCC reaches only through intrinsics (or that another listed name covers): a build
+# may enable them without the record naming them. Anything else a target enables must be in
+# csrc/cpu_features.cpp, so that a new compiler's extension fails here instead of slipping by.
 _INTRINSICS_ONLY = {
     "ABM",  # LZCNT + POPCNT, recorded under their own macros
     "ADX", "AES", "AMX_BF16", "AMX_INT8", "AMX_TILE", "AVX5124FMAPS", "AVX5124VNNIW",
@@ -256,9 +264,7 @@ def _isa_macros(cxx, march):
 @pytest.mark.skipif(not SOURCE.exists(), reason="needs the source tree (csrc/)")
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
 def test_every_extension_a_target_enables_is_recorded_or_intrinsics_only():
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
+    cxx = _cxx()
     mapped = set(re.findall(r"#ifdef __([A-Z0-9_]+)__", SOURCE.read_text()))
     base = _isa_macros(cxx, "x86-64")
     assert base is not None and "SSE2" in base
