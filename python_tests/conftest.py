@@ -98,3 +98,37 @@ def package_copy(tmp_path):
         return import_
 
     return make
+
+
+@pytest.fixture
+def fresh_interpreter():
+    """A function returning the stdout (stripped) of `python -c code` run in a new interpreter
+    in ``cwd``. It runs outside the source tree (where ./molrg_ext may be an unbuilt checkout),
+    pointed at the very copy of the package this session imported (installed or in-place
+    build); a non-zero exit fails the test with the end of its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    import molrg_ext
+
+    def run(code, cwd):
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(molrg_ext.__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=cwd, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip()
+
+    return run
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms, with the process's setting (and warn_only) restored
+    after the test."""
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(was[0], warn_only=was[1])

@@ -315,7 +315,7 @@ def test_train_step_cuda_non_finite_training_sample_is_named():
 
 
 @cuda_test
-def test_train_step_cuda_alerts_under_deterministic_algorithms():
+def test_train_step_cuda_alerts_under_deterministic_algorithms(deterministic_algorithms):
     """grad_U is summed with atomicAdd on CUDA: torch.use_deterministic_algorithms(True) makes
     the op raise (warn_only: warn), as torch's nondeterministic kernels do."""
     if not torch._C._dispatch_has_kernel_for_dispatch_key("molrg::train_step", "CUDA"):
@@ -324,18 +324,13 @@ def test_train_step_cuda_alerts_under_deterministic_algorithms():
     X, U, _, _, _ = _problem(2, 40, 21, dims, 3, torch.float32, seed=14, bias=False)
     table, _ = _levels(16, 2, torch.float32, seed=15)
     args = (X.cuda(), U.cuda(), table.cuda(), None, dims, 64, 1, 1, 1)
-    was, was_warn = (torch.are_deterministic_algorithms_enabled(),
-                     torch.is_deterministic_algorithms_warn_only_enabled())
-    try:
-        torch.use_deterministic_algorithms(True)
-        with pytest.raises(RuntimeError, match="molrg::train_step"):
-            torch.ops.molrg.train_step(*args)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        with pytest.warns(UserWarning, match="molrg::train_step"):
-            loss, _ = torch.ops.molrg.train_step(*args)
-        assert torch.isfinite(loss).all()
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+    deterministic_algorithms(True)
+    with pytest.raises(RuntimeError, match="molrg::train_step"):
+        torch.ops.molrg.train_step(*args)
+    deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="molrg::train_step"):
+        loss, _ = torch.ops.molrg.train_step(*args)
+    assert torch.isfinite(loss).all()
 
 
 @cuda_test

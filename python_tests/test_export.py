@@ -1,14 +1,10 @@
 """Deployment paths: torch.export (static and dynamic batch, saved and loaded in a fresh
 interpreter) and AOTInductor packages of models that call the molrg ops. They rely on the ops'
 schemas and fake kernels, as torch.compile does."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import molrg_ext
 from molrg_ext import OptimalDenoiser, SubspaceDAE, hard_assign
 
 N = 16
@@ -69,7 +65,7 @@ def test_export_with_a_dynamic_batch(name):
         _same(ep.module()(x, sigma), model(x, sigma))
 
 
-def test_saved_program_runs_in_a_fresh_interpreter(tmp_path):
+def test_saved_program_runs_in_a_fresh_interpreter(tmp_path, fresh_interpreter):
     """torch.export.save / load: the loading process needs the ops, i.e. `import molrg_ext`."""
     model = _models()["soft"]
     args = _inputs(20)
@@ -81,12 +77,7 @@ def test_saved_program_runs_in_a_fresh_interpreter(tmp_path):
             "r = torch.load(r'{r}'); out = ep.module()(*r['args']); "
             "print(all(torch.equal(a, b) for a, b in zip(out, r['out'])))").format(
                 p=path, r=tmp_path / "ref.pt")
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(molrg_ext.__file__)))
-    env = dict(os.environ, PYTHONPATH=pkg_root)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=tmp_path, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip().splitlines()[-1] == "True"
+    assert fresh_interpreter(code, tmp_path).splitlines()[-1] == "True"
 
 
 @pytest.mark.slow

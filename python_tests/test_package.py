@@ -1,7 +1,4 @@
 """Package-level behaviour: import in a fresh interpreter, op registration, CLI dispatch."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,30 +7,18 @@ import molrg_ext
 from molrg_ext import cli
 
 
-def _fresh_interpreter(code, cwd):
-    """stdout of `python -c code` in a new interpreter. It runs outside the source tree (where
-    ./molrg_ext may be an unbuilt checkout), pointed at the very copy of the package this session
-    imported (installed or in-place build)."""
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(molrg_ext.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=cwd, env=env)
-    return out.stdout.strip()
-
-
-def test_import_first_in_fresh_interpreter_registers_ops(tmp_path):
+def test_import_first_in_fresh_interpreter_registers_ops(tmp_path, fresh_interpreter):
     code = ("import molrg_ext, torch; "
             "print(torch._C._dispatch_has_kernel_for_dispatch_key('molrg::subspace_dae', 'CPU'))")
-    assert _fresh_interpreter(code, tmp_path) == "True"
+    assert fresh_interpreter(code, tmp_path) == "True"
 
 
-def test_import_does_not_load_scipy_or_sklearn(tmp_path):
+def test_import_does_not_load_scipy_or_sklearn(tmp_path, fresh_interpreter):
     # scipy.optimize (Hungarian matching) and scikit-learn are imported where they are used:
     # importing them with the package had added 0.4-0.6 s to every `import molrg_ext`
     code = ("import sys, molrg_ext; "
             "print(sorted(m for m in ('scipy', 'sklearn') if m in sys.modules))")
-    assert _fresh_interpreter(code, tmp_path) == "[]"
+    assert fresh_interpreter(code, tmp_path) == "[]"
 
 
 def test_ops_have_cpu_kernels_and_flag():

@@ -563,26 +563,21 @@ def test_soft_step_with_unequal_dims_warns_without_a_bias():
         M.train_step(X2, U2, [3, 3], plain, 8, seed=0, step=0, mode="soft")
 
 
-def test_cpu_ops_run_under_deterministic_algorithms():
+def test_cpu_ops_run_under_deterministic_algorithms(deterministic_algorithms):
     """torch.use_deterministic_algorithms(True): the CPU ops are deterministic (only the CUDA
     train_step alerts, tested in test_cuda.py), so they run and repeat bit for bit."""
     dims = [3, 2]
     X, U = _problem(4, 30, 12, dims, torch.float32, seed=3)
     levels = M.make_levels(TinySchedule(), L=8, dims=dims)
-    was, was_warn = (torch.are_deterministic_algorithms_enabled(),
-                     torch.is_deterministic_algorithms_warn_only_enabled())
-    try:
-        torch.use_deterministic_algorithms(True)
-        runs = []
-        for _ in range(2):
-            loss, grad = M.train_step(X, U, dims, levels, 300, seed=9, step=4, mode="soft")
-            x = X[:, :7].clone().requires_grad_(True)
-            Ug = U.clone().requires_grad_(True)
-            y = M.subspace_dae(x, Ug, 0.8, 2.0, dims=dims)
-            y.square().sum().backward()
-            od = M.optimal_denoiser(X[0, :5], X[0], 0.3)
-            runs.append((loss, grad, y.detach(), x.grad, Ug.grad, od))
-        for a, b in zip(*runs):
-            assert torch.equal(a, b)
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+    deterministic_algorithms(True)
+    runs = []
+    for _ in range(2):
+        loss, grad = M.train_step(X, U, dims, levels, 300, seed=9, step=4, mode="soft")
+        x = X[:, :7].clone().requires_grad_(True)
+        Ug = U.clone().requires_grad_(True)
+        y = M.subspace_dae(x, Ug, 0.8, 2.0, dims=dims)
+        y.square().sum().backward()
+        od = M.optimal_denoiser(X[0, :5], X[0], 0.3)
+        runs.append((loss, grad, y.detach(), x.grad, Ug.grad, od))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
